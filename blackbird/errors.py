@@ -1,0 +1,127 @@
+"""Every error Blackbird raises, under one base class.
+
+Each error carries structured fields (``field``, ``used``, ``limit``, ...) as well as a message
+that says what happened, which input, and what was expected.  Errors that cross the wire (an
+actor host answering over NATS) are rebuilt from their ``code`` by :func:`error_from_rejection`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class BlackbirdError(Exception):
+    """Base class of every error raised by Blackbird."""
+
+    code = "blackbird_error"
+
+    def __init__(self, message: str, **fields: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        for name, value in fields.items():
+            setattr(self, name, value)
+        self.fields = fields
+
+
+class ValidationError(BlackbirdError, ValueError):
+    """An argument was malformed. ``field`` names it, ``expected`` says what was expected."""
+
+    code = "validation_error"
+
+    def __init__(self, message: str, *, field: str, expected: str, got: Any = None) -> None:
+        super().__init__(message, field=field, expected=expected, got=got)
+
+
+class PayloadTooLargeError(ValidationError):
+    """An encoded command or event exceeds the configured maximum payload size."""
+
+    code = "payload_too_large"
+
+
+class SessionNotFoundError(BlackbirdError, LookupError):
+    """The session id is unknown in this tenant."""
+
+    code = "session_not_found"
+
+
+class SessionExistsError(BlackbirdError):
+    """A session with this id already exists."""
+
+    code = "session_exists"
+
+
+class SessionInactiveError(BlackbirdError):
+    """The session was terminated or has expired (idle timeout or maximum age); ``reason`` says which."""
+
+    code = "session_inactive"
+
+
+class ConcurrencyConflictError(BlackbirdError):
+    """Another writer kept winning the race for an aggregate; the command was not applied."""
+
+    code = "concurrency_conflict"
+
+
+class QuotaExceededError(BlackbirdError):
+    """A quota would be exceeded; nothing was counted."""
+
+    code = "quota_exceeded"
+
+
+class RateLimitError(BlackbirdError):
+    """A rate or concurrency limit was hit; ``retry_after`` is in seconds."""
+
+    code = "rate_limited"
+
+
+class CommandTimeoutError(BlackbirdError, TimeoutError):
+    """No actor host answered in time. The command may or may not have been applied; retry it
+    with the same command id to find out without applying it twice."""
+
+    code = "command_timeout"
+
+
+class EmbeddedServerError(BlackbirdError):
+    """The embedded nats-server could not be found, started or reached."""
+
+    code = "embedded_server_error"
+
+
+class LogError(BlackbirdError):
+    """The JetStream log refused or failed an operation."""
+
+    code = "log_error"
+
+
+class ClosedError(BlackbirdError):
+    """The client was used after ``close()``."""
+
+    code = "closed"
+
+
+_BY_CODE: dict[str, type[BlackbirdError]] = {
+    cls.code: cls
+    for cls in (
+        BlackbirdError,
+        ValidationError,
+        PayloadTooLargeError,
+        SessionNotFoundError,
+        SessionExistsError,
+        SessionInactiveError,
+        ConcurrencyConflictError,
+        QuotaExceededError,
+        RateLimitError,
+        CommandTimeoutError,
+        EmbeddedServerError,
+        LogError,
+        ClosedError,
+    )
+}
+
+
+def error_from_code(code: str, message: str, fields: dict[str, Any]) -> BlackbirdError:
+    """Rebuild a typed error from its wire form (code, message, structured fields)."""
+    cls = _BY_CODE.get(code, BlackbirdError)
+    err = cls.__new__(cls)
+    BlackbirdError.__init__(err, message, **fields)
+    return err
