@@ -1,0 +1,279 @@
+"""The actor host: one mailbox per aggregate, one command at a time, persist then reply.
+
+* Activation: an actor is loaded on its first message from its latest snapshot (if any) and
+  the commits after it.
+* Each command: ``decide`` on the current state; if it produced events they are appended with
+  ``expected_seq`` = the last sequence this actor applied (optimistic concurrency) and
+  ``msg_id`` = the command id (idempotency); only after JetStream acknowledged the append is
+  the state evolved and the caller answered.
+* Group commit: many actors' appends are in flight at once (each actor drains its mailbox in
+  its own task), so throughput comes from pipelining, not from skipping durability.
+* A conflict (another host wrote first) reloads the tail and re-decides, up to ``max_retries``.
+* Idle actors are passivated; every ``snapshot_every`` commits a snapshot is written.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Generic, Protocol, TypeVar
+
+import anyio
+import msgspec
+import structlog
+from anyio.abc import TaskGroup
+
+from actors.events import Commit, Rejection
+from actors.ports import AggregateKey, AppendConflict, Journal, SnapshotStore
+
+S = TypeVar("S")
+C = TypeVar("C")
+
+log = structlog.get_logger("blackbird.actors")
+
+
+class Behaviour(Protocol[S, C]):
+    """The pure logic of one aggregate kind."""
+
+    state_type: type
+
+    def initial_state(self, key: AggregateKey) -> S: ...
+
+    def decide(self, state: S, command: C, now: float) -> Any: ...  # -> Decision
+
+    def apply_commit(self, state: S, commit: Commit) -> S: ...
+
+    def recent_commands(self, state: S) -> tuple[str, ...]: ...
+
+    def version(self, state: S) -> int: ...
+
+
+class Outcome(msgspec.Struct, Generic[S]):
+    """The host's answer to one command: the state after it and, if refused, why."""
+
+    state: Any
+    sequence: int
+    rejection: Rejection | None = None
+    duplicate: bool = False
+
+
+class ConflictRetriesExhausted(Exception):
+    def __init__(self, key: AggregateKey, attempts: int) -> None:
+        super().__init__(f"{key.kind} {key.id!r}: lost the append race {attempts} times")
+        self.key = key
+        self.attempts = attempts
+
+
+class _Snapshot(msgspec.Struct, Generic[S]):
+    seq: int
+    state: S
+
+
+class _Request:
+    __slots__ = ("command", "command_id", "principal", "done", "outcome", "error")
+
+    def __init__(self, command: Any, command_id: str, principal: str) -> None:
+        self.command = command
+        self.command_id = command_id
+        self.principal = principal
+        self.done = anyio.Event()
+        self.outcome: Outcome | None = None
+        self.error: BaseException | None = None
+
+
+class _Actor:
+    __slots__ = ("key", "state", "seq", "mailbox", "busy", "last_used", "since_snapshot", "log")
+
+    def __init__(self, key: AggregateKey) -> None:
+        self.key = key
+        self.state: Any = None
+        self.seq = 0
+        self.mailbox: deque[_Request] = deque()
+        self.busy = False
+        self.last_used = 0.0
+        self.since_snapshot = 0
+        self.log = log.bind(tenant=key.tenant, kind=key.kind, id=key.id)
+
+
+class ActorHost:
+    """Hosts actors of one behaviour. Use as ``async with ActorHost(...) as host``."""
+
+    def __init__(
+        self,
+        behaviour: Behaviour,
+        journal: Journal,
+        snapshots: SnapshotStore,
+        *,
+        snapshot_every: int = 500,
+        passivate_after: float = 300.0,
+        max_retries: int = 8,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._behaviour = behaviour
+        self._journal = journal
+        self._snapshots = snapshots
+        self._snapshot_every = snapshot_every
+        self._passivate_after = passivate_after
+        self._max_retries = max_retries
+        self._clock = clock
+        self._actors: dict[AggregateKey, _Actor] = {}
+        self._tg: TaskGroup | None = None
+        self._snapshot_codec = msgspec.msgpack.Encoder()
+        self._snapshot_decoder = msgspec.msgpack.Decoder(_Snapshot[behaviour.state_type])
+
+    async def __aenter__(self) -> ActorHost:
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._tg.start_soon(self._passivation_loop)
+        return self
+
+    async def __aexit__(self, *exc: object) -> bool | None:
+        assert self._tg is not None
+        self._tg.cancel_scope.cancel()
+        return await self._tg.__aexit__(*exc)
+
+    @property
+    def active_actors(self) -> int:
+        return len(self._actors)
+
+    async def ask(self, key: AggregateKey, command: Any, command_id: str, principal: str) -> Outcome:
+        """Run ``command`` on the actor for ``key`` and return its outcome once it is durable.
+
+        Commands to one actor run one at a time in arrival order; commands to different actors
+        run concurrently. Raises :class:`ConflictRetriesExhausted` if other writers keep winning.
+        """
+        if self._tg is None:
+            raise RuntimeError("ActorHost is not running; use it as an async context manager")
+        actor = self._actors.get(key)
+        if actor is None:
+            actor = self._actors[key] = _Actor(key)
+        request = _Request(command, command_id, principal)
+        actor.mailbox.append(request)
+        actor.last_used = time.monotonic()
+        if not actor.busy:
+            actor.busy = True
+            self._tg.start_soon(self._drain, actor)
+        await request.done.wait()
+        if request.error is not None:
+            raise request.error
+        assert request.outcome is not None
+        return request.outcome
+
+    async def _drain(self, actor: _Actor) -> None:
+        try:
+            while actor.mailbox:
+                request = actor.mailbox.popleft()
+                try:
+                    request.outcome = await self._handle(actor, request)
+                except Exception as exc:  # the caller gets it; the actor reloads next time
+                    actor.state = None
+                    request.error = exc
+                finally:
+                    request.done.set()
+                if actor.since_snapshot >= self._snapshot_every and actor.state is not None:
+                    await self._save_snapshot(actor)
+        finally:
+            actor.busy = False
+            actor.last_used = time.monotonic()
+
+    async def _handle(self, actor: _Actor, request: _Request) -> Outcome:
+        b = self._behaviour
+        if actor.state is None:
+            await self._activate(actor)
+        else:
+            # Another host may have written since we last looked; queries and decisions must
+            # see it. One cheap read-your-writes lookup, and the tail only when it moved.
+            await self._catch_up(actor)
+        for _attempt in range(self._max_retries):
+            if request.command_id in b.recent_commands(actor.state):
+                return Outcome(actor.state, actor.seq, duplicate=True)
+            now = self._clock()
+            decision = b.decide(actor.state, request.command, now)
+            if not decision.events:
+                return Outcome(actor.state, actor.seq, decision.rejection)
+            commit = Commit(
+                command_id=request.command_id,
+                principal=request.principal,
+                at=now,
+                version=b.version(actor.state) + 1,
+                events=decision.events,
+            )
+            try:
+                result = await self._journal.append(
+                    actor.key, commit, expected_seq=actor.seq, msg_id=request.command_id
+                )
+            except AppendConflict:
+                actor.log.debug("append_conflicted", expected_seq=actor.seq)
+                await self._catch_up(actor)
+                continue
+            if result.duplicate:
+                await self._catch_up(actor)
+                return Outcome(actor.state, actor.seq, duplicate=True)
+            actor.state = b.apply_commit(actor.state, commit)
+            actor.seq = result.seq
+            actor.since_snapshot += 1
+            return Outcome(actor.state, actor.seq, decision.rejection)
+        raise ConflictRetriesExhausted(actor.key, self._max_retries)
+
+    async def _activate(self, actor: _Actor) -> None:
+        started = time.perf_counter()
+        state = self._behaviour.initial_state(actor.key)
+        seq = 0
+        raw = await self._snapshots.load(actor.key)
+        if raw is not None:
+            snapshot = self._snapshot_decoder.decode(raw)
+            state, seq = snapshot.state, snapshot.seq
+        actor.state, actor.seq = state, seq
+        replayed = await self._catch_up(actor)
+        actor.since_snapshot = replayed
+        actor.log.debug(
+            "actor_activated",
+            snapshot_seq=seq,
+            replayed=replayed,
+            ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+
+    async def _catch_up(self, actor: _Actor) -> int:
+        last = await self._journal.last_seq(actor.key)
+        if last <= actor.seq:
+            return 0
+        commits = await self._journal.read(actor.key, actor.seq, last)
+        state = actor.state
+        for seq, commit in commits:
+            state = self._behaviour.apply_commit(state, commit)
+            actor.seq = seq
+        actor.state = state
+        return len(commits)
+
+    async def _save_snapshot(self, actor: _Actor) -> None:
+        data = self._snapshot_codec.encode(_Snapshot(seq=actor.seq, state=actor.state))
+        try:
+            await self._snapshots.save(actor.key, data)
+            actor.since_snapshot = 0
+        except Exception as exc:  # a missed snapshot only slows the next activation
+            actor.log.warning("snapshot_failed", error=str(exc))
+
+    async def snapshot_all(self) -> None:
+        """Snapshot every active actor that has commits since its last snapshot."""
+        for actor in list(self._actors.values()):
+            if actor.state is not None and actor.since_snapshot and not actor.busy:
+                await self._save_snapshot(actor)
+
+    def passivate_idle(self, idle_for: float) -> int:
+        """Drop actors idle for ``idle_for`` seconds; they reactivate from the log on demand."""
+        cutoff = time.monotonic() - idle_for
+        idle = [k for k, a in self._actors.items() if not a.busy and a.last_used <= cutoff]
+        for key in idle:
+            del self._actors[key]
+        return len(idle)
+
+    async def _passivation_loop(self) -> None:
+        if not math.isfinite(self._passivate_after):
+            return
+        while True:
+            await anyio.sleep(max(self._passivate_after / 4, 0.05))
+            dropped = self.passivate_idle(self._passivate_after)
+            if dropped:
+                log.debug("actors_passivated", count=dropped, active=len(self._actors))

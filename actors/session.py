@@ -1,0 +1,256 @@
+"""The session aggregate: pure ``decide`` and ``evolve``.
+
+No clock reads, no I/O, no logging: ``now`` and the tier ``policy`` are arguments, so replay
+is deterministic and every rule is unit-testable.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from actors.events import (
+    ChangeTier,
+    Commit,
+    CreateSession,
+    Event,
+    GetSession,
+    Rejection,
+    SessionCommand,
+    SessionCreated,
+    SessionExpired,
+    SessionStatus,
+    SessionTerminated,
+    SessionTouched,
+    SessionView,
+    TerminateSession,
+    TierChanged,
+    TouchSession,
+)
+from actors.policy import Policy
+from actors.ports import AggregateKey
+
+#: How many recent command ids a session remembers for idempotency (beyond JetStream's
+#: duplicate window). A retry of any of a session's last RECENT_COMMANDS commands is a no-op.
+RECENT_COMMANDS = 256
+
+
+class SessionState(msgspec.Struct, frozen=True, kw_only=True):
+    tenant: str
+    session_id: str
+    exists: bool = False
+    user_id: str = ""
+    tier: str = ""
+    status: SessionStatus = SessionStatus.ACTIVE
+    metadata: dict = {}
+    created_at: float = 0.0
+    last_activity: float = 0.0
+    idle_timeout: float = 0.0
+    max_age: float = 0.0
+    policy_version: int = 0
+    version: int = 0  # commits applied
+    recent_commands: tuple[str, ...] = ()
+
+    def view(self, sequence: int = 0) -> SessionView:
+        return SessionView(
+            session_id=self.session_id,
+            user_id=self.user_id,
+            tenant=self.tenant,
+            tier=self.tier,
+            status=self.status,
+            metadata=self.metadata,
+            created_at=self.created_at,
+            last_activity=self.last_activity,
+            idle_timeout=self.idle_timeout,
+            max_age=self.max_age,
+            version=self.version,
+            sequence=sequence,
+        )
+
+
+class Decision(msgspec.Struct, frozen=True):
+    """What a command decided: events to append (possibly none) and, if refused, why.
+
+    A refusal may still carry events (e.g. ``SessionExpired``) so the log records the decision.
+    """
+
+    events: tuple[Event, ...] = ()
+    rejection: Rejection | None = None
+
+
+def initial_state(tenant: str, session_id: str) -> SessionState:
+    return SessionState(tenant=tenant, session_id=session_id)
+
+
+def expiry_reason(state: SessionState, now: float) -> str | None:
+    """Why an active session has lapsed at ``now`` ("idle_timeout" or "max_age"), else None."""
+    if now - state.created_at >= state.max_age:
+        return "max_age"
+    if now - state.last_activity >= state.idle_timeout:
+        return "idle_timeout"
+    return None
+
+
+def _reject(code: str, message: str, **fields: str | int | float | bool | None) -> Decision:
+    return Decision(rejection=Rejection(code, message, fields))
+
+
+def _unknown_tier(tier: str, policy: Policy) -> Decision:
+    known = ", ".join(sorted(policy.tiers))
+    return _reject(
+        "validation_error",
+        f"tier: expected one of {known}, got {tier!r}",
+        field="tier",
+        expected=f"one of {known}",
+        got=tier,
+    )
+
+
+def decide(state: SessionState, command: SessionCommand, now: float, policy: Policy) -> Decision:
+    """Decide what ``command`` does to a session at instant ``now`` under ``policy``."""
+    if isinstance(command, CreateSession):
+        if state.exists:
+            return _reject(
+                "session_exists",
+                f"session {state.session_id!r} already exists",
+                session_id=state.session_id,
+            )
+        tier = policy.tier(command.tier)
+        if tier is None:
+            return _unknown_tier(command.tier, policy)
+        return Decision(
+            events=(
+                SessionCreated(
+                    at=now,
+                    session_id=state.session_id,
+                    user_id=command.user_id,
+                    tier=command.tier,
+                    metadata=command.metadata,
+                    idle_timeout=tier.idle_timeout,
+                    max_age=tier.max_age,
+                    policy_version=policy.version,
+                ),
+            )
+        )
+    if not state.exists:
+        return _reject(
+            "session_not_found",
+            f"session {state.session_id!r} does not exist in tenant {state.tenant!r}",
+            session_id=state.session_id,
+            tenant=state.tenant,
+        )
+    if isinstance(command, GetSession):
+        return Decision()
+    if state.status is not SessionStatus.ACTIVE:
+        return _reject(
+            "session_inactive",
+            f"session {state.session_id!r} is {state.status.value}; start a new session",
+            session_id=state.session_id,
+            reason=state.status.value,
+        )
+    reason = expiry_reason(state, now)
+    if reason is not None:
+        return Decision(
+            events=(SessionExpired(at=now, reason=reason),),
+            rejection=Rejection(
+                "session_inactive",
+                f"session {state.session_id!r} expired ({reason.replace('_', ' ')}); "
+                "start a new session",
+                {"session_id": state.session_id, "reason": reason},
+            ),
+        )
+    if isinstance(command, TouchSession):
+        return Decision(events=(SessionTouched(at=now, operation=command.operation),))
+    if isinstance(command, TerminateSession):
+        return Decision(events=(SessionTerminated(at=now, reason=command.reason),))
+    if isinstance(command, ChangeTier):
+        tier = policy.tier(command.tier)
+        if tier is None:
+            return _unknown_tier(command.tier, policy)
+        if command.tier == state.tier:
+            return Decision(events=(SessionTouched(at=now, operation="change_tier"),))
+        return Decision(
+            events=(
+                TierChanged(
+                    at=now,
+                    old_tier=state.tier,
+                    new_tier=command.tier,
+                    idle_timeout=tier.idle_timeout,
+                    max_age=tier.max_age,
+                    policy_version=policy.version,
+                ),
+            )
+        )
+    raise TypeError(f"not a session command: {command!r}")  # unreachable for typed input
+
+
+def evolve(state: SessionState, event: Event) -> SessionState:
+    """Apply one event to a session's state (pure)."""
+    replace = msgspec.structs.replace
+    if isinstance(event, SessionCreated):
+        return replace(
+            state,
+            exists=True,
+            user_id=event.user_id,
+            tier=event.tier,
+            status=SessionStatus.ACTIVE,
+            metadata=event.metadata,
+            created_at=event.at,
+            last_activity=event.at,
+            idle_timeout=event.idle_timeout,
+            max_age=event.max_age,
+            policy_version=event.policy_version,
+        )
+    if isinstance(event, SessionTouched):
+        return replace(state, last_activity=event.at)
+    if isinstance(event, TierChanged):
+        return replace(
+            state,
+            tier=event.new_tier,
+            idle_timeout=event.idle_timeout,
+            max_age=event.max_age,
+            policy_version=event.policy_version,
+            last_activity=event.at,
+        )
+    if isinstance(event, SessionExpired):
+        return replace(state, status=SessionStatus.EXPIRED)
+    if isinstance(event, SessionTerminated):
+        return replace(state, status=SessionStatus.TERMINATED, last_activity=event.at)
+    raise TypeError(f"not a session event: {event!r}")
+
+
+def apply_commit(state: SessionState, commit: Commit) -> SessionState:
+    """Fold one commit: its events, then its command id into the idempotency window."""
+    for event in commit.events:
+        state = evolve(state, event)
+    recent = state.recent_commands[-(RECENT_COMMANDS - 1) :] + (commit.command_id,)
+    return msgspec.structs.replace(state, version=commit.version, recent_commands=recent)
+
+
+def fold(state: SessionState, commits: list[Commit]) -> SessionState:
+    for commit in commits:
+        state = apply_commit(state, commit)
+    return state
+
+
+class SessionBehaviour:
+    """Binds the session aggregate's pure functions and a tier policy for the actor host."""
+
+    state_type = SessionState
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+
+    def initial_state(self, key: AggregateKey) -> SessionState:
+        return initial_state(key.tenant, key.id)
+
+    def decide(self, state: SessionState, command: SessionCommand, now: float) -> Decision:
+        return decide(state, command, now, self.policy)
+
+    def apply_commit(self, state: SessionState, commit: Commit) -> SessionState:
+        return apply_commit(state, commit)
+
+    def recent_commands(self, state: SessionState) -> tuple[str, ...]:
+        return state.recent_commands
+
+    def version(self, state: SessionState) -> int:
+        return state.version

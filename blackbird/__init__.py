@@ -1,0 +1,56 @@
+"""Blackbird: durable, event-sourced sessions for AI agents on NATS JetStream.
+
+>>> from blackbird import BlackbirdSDK
+>>> sdk = BlackbirdSDK(development_mode=True)
+>>> session = sdk.session_manager.create_session(user_id="user123", tier="pro")
+"""
+
+from blackbird._logging import configure_default_logging
+
+configure_default_logging()
+
+from blackbird._client import AsyncBlackbird  # noqa: E402
+from blackbird._sessions import AsyncSessionManager  # noqa: E402
+from blackbird._sync import BlackbirdSDK, SessionManager  # noqa: E402
+from blackbird.config import Settings  # noqa: E402
+from blackbird.errors import (  # noqa: E402
+    BlackbirdError,
+    ClosedError,
+    CommandTimeoutError,
+    ConcurrencyConflictError,
+    EmbeddedServerError,
+    LogError,
+    PayloadTooLargeError,
+    QuotaExceededError,
+    RateLimitError,
+    SessionExistsError,
+    SessionInactiveError,
+    SessionNotFoundError,
+    ValidationError,
+)
+from blackbird.types import Session, SessionStatus  # noqa: E402
+
+__all__ = [
+    "AsyncBlackbird",
+    "AsyncSessionManager",
+    "BlackbirdError",
+    "BlackbirdSDK",
+    "ClosedError",
+    "CommandTimeoutError",
+    "ConcurrencyConflictError",
+    "EmbeddedServerError",
+    "LogError",
+    "PayloadTooLargeError",
+    "QuotaExceededError",
+    "RateLimitError",
+    "Session",
+    "SessionExistsError",
+    "SessionInactiveError",
+    "SessionManager",
+    "SessionNotFoundError",
+    "SessionStatus",
+    "Settings",
+    "ValidationError",
+]
+
+__version__ = "0.1.0"

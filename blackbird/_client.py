@@ -1,0 +1,177 @@
+"""AsyncBlackbird: the one implementation of the public API (BlackbirdSDK mirrors it)."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import anyio
+import nats
+import structlog
+from nats.aio.client import Client as NATS
+
+from actors.host import ActorHost
+from actors.policy import Policy, PolicyError, default_policy, load_policy
+from actors.session import SessionBehaviour
+from blackbird._dispatch import Dispatcher, LocalDispatcher, RemoteDispatcher
+from blackbird._server import EmbeddedServer
+from blackbird._service import CommandService
+from blackbird._sessions import AsyncSessionManager
+from blackbird.config import Settings, build_settings
+from blackbird.errors import ClosedError, EmbeddedServerError, ValidationError
+from blackbird.journal import Journal
+from blackbird.subjects import validate_token
+
+log = structlog.get_logger("blackbird")
+
+DEFAULT_DATA_DIR = "blackbird-data"
+
+
+def _load_policy(settings: Settings) -> Policy:
+    if settings.policy_file is None:
+        return default_policy()
+    try:
+        return load_policy(Path(settings.policy_file).read_bytes())
+    except (OSError, PolicyError) as exc:
+        raise ValidationError(
+            f"policy_file: {exc}", field="policy_file", expected="a readable tier policy TOML file"
+        ) from None
+
+
+class AsyncBlackbird:
+    """Durable agent sessions over NATS JetStream. Use as ``async with AsyncBlackbird(...) as bb``.
+
+    Where the data lives:
+
+    * ``development_mode=True``: an embedded nats-server on a temporary folder, removed on close;
+    * ``data_dir="path"``: an embedded nats-server whose store is under ``path`` (persistent;
+      processes opening the same folder share one server);
+    * ``nats_url="nats://..."`` (or ``BLACKBIRD_NATS_URL``): an external server or cluster.
+
+    With none of them, ``./blackbird-data`` is used. ``remote=True`` hosts no actors in this
+    process and sends every command to the hosts serving the command subjects (``blackbird
+    serve``); ``serve_commands=True`` makes this process one of those hosts.
+    """
+
+    def __init__(
+        self,
+        *,
+        development_mode: bool = False,
+        data_dir: str | Path | None = None,
+        nats_url: str | None = None,
+        tenant: str | None = None,
+        remote: bool = False,
+        **options: Any,
+    ) -> None:
+        self.settings = build_settings(data_dir=data_dir, nats_url=nats_url, tenant=tenant, **options)
+        validate_token(self.settings.tenant, "tenant")
+        self.development_mode = development_mode
+        self.remote = remote
+        self.policy = _load_policy(self.settings)
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._session_manager: AsyncSessionManager | None = None
+        self._nc: NATS | None = None
+        self._journal: Journal | None = None
+        self._host: ActorHost | None = None
+        self.data_dir: Path | None = None
+        self.nats_url: str | None = self.settings.nats_url
+
+    @property
+    def session_manager(self) -> AsyncSessionManager:
+        """Sessions: create, get, touch, change tier, terminate (coroutines)."""
+        if self._session_manager is None:
+            raise ClosedError("AsyncBlackbird is not open; use `async with AsyncBlackbird(...)`")
+        return self._session_manager
+
+    @property
+    def journal(self) -> Journal:
+        """The event log (read history, follow a tenant's or a session's commits)."""
+        if self._journal is None:
+            raise ClosedError("AsyncBlackbird is not open; use `async with AsyncBlackbird(...)`")
+        return self._journal
+
+    @property
+    def host(self) -> ActorHost | None:
+        return self._host
+
+    async def __aenter__(self) -> AsyncBlackbird:
+        stack = contextlib.AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            await self._open(stack)
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+        return self
+
+    async def _open(self, stack: contextlib.AsyncExitStack) -> None:
+        s = self.settings
+        url = s.nats_url
+        if url is None:
+            if self.development_mode and s.data_dir is None:
+                tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="blackbird-dev-"))
+                self.data_dir = Path(tmp)
+            else:
+                self.data_dir = Path(s.data_dir or DEFAULT_DATA_DIR).resolve()
+            server = await stack.enter_async_context(EmbeddedServer(self.data_dir))
+            url = server.url
+        self.nats_url = url
+        try:
+            nc = await nats.connect(
+                url, name="blackbird", connect_timeout=5, max_reconnect_attempts=-1,
+                allow_reconnect=True, reconnect_time_wait=0.5,
+            )
+        except Exception as exc:
+            raise EmbeddedServerError(
+                f"could not connect to NATS at {url}: {exc}", nats_url=url
+            ) from None
+        self._nc = nc
+        stack.push_async_callback(self._drain_connection, nc)
+        journal = await Journal.open(nc, s)
+        self._journal = journal
+        dispatcher: Dispatcher
+        if self.remote:
+            dispatcher = RemoteDispatcher(nc, journal.subjects, s.command_timeout)
+        else:
+            host = ActorHost(
+                SessionBehaviour(self.policy),
+                journal,
+                journal,
+                snapshot_every=s.snapshot_every,
+                passivate_after=s.passivate_after,
+                max_retries=s.max_retries,
+            )
+            await stack.enter_async_context(host)
+            self._host = host
+            dispatcher = LocalDispatcher(host)
+            if s.serve_commands:
+                service = CommandService(nc, journal.subjects, dispatcher, s.queue_group)
+                tg = await stack.enter_async_context(anyio.create_task_group())
+                stack.callback(tg.cancel_scope.cancel)
+                await tg.start(service.run)
+        self._session_manager = AsyncSessionManager(
+            dispatcher, self.policy, tenant=s.tenant, principal=s.principal
+        )
+        log.info("blackbird_opened", nats_url=url, data_dir=str(self.data_dir), remote=self.remote)
+
+    @staticmethod
+    async def _drain_connection(nc: NATS) -> None:
+        with anyio.CancelScope(shield=True):
+            try:
+                await nc.drain()
+            except Exception:  # already closed or the server is gone: nothing left to flush
+                await nc.close()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop hosting actors, flush the connection and stop the embedded server if we own it."""
+        stack, self._stack = self._stack, None
+        self._session_manager = None
+        if stack is not None:
+            await stack.aclose()
+            log.info("blackbird_closed")

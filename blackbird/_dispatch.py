@@ -1,0 +1,102 @@
+"""How a command reaches its actor: in this process (the local host) or over NATS request/reply.
+
+Both return the same :class:`~actors.events.CommandReply`, so the session manager, the NATS
+command service and the CLI share one code path for turning a reply into a result or an error.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import msgspec
+import nats.errors
+import structlog
+from nats.aio.client import Client as NATS
+
+from actors.events import CommandReply, CommandRequest, Rejection, SessionCommand
+from actors.host import ActorHost, ConflictRetriesExhausted
+from actors.ports import AggregateKey
+from blackbird.errors import BlackbirdError, CommandTimeoutError, error_from_code
+from blackbird.subjects import Subjects
+
+log = structlog.get_logger("blackbird.dispatch")
+
+
+class Dispatcher(Protocol):
+    async def dispatch(
+        self, tenant: str, session_id: str, command: SessionCommand, command_id: str, principal: str
+    ) -> CommandReply: ...
+
+
+def raise_for_rejection(reply: CommandReply) -> None:
+    """Raise the typed error a rejected reply stands for."""
+    if reply.rejection is not None:
+        r = reply.rejection
+        raise error_from_code(r.code, r.message, dict(r.fields))
+
+
+def rejection_from_error(exc: BlackbirdError) -> Rejection:
+    fields = {
+        k: v if isinstance(v, str | int | float | bool | type(None)) else str(v)
+        for k, v in getattr(exc, "fields", {}).items()
+    }
+    return Rejection(exc.code, exc.message, fields)
+
+
+class LocalDispatcher:
+    """Runs commands on the actor host in this process."""
+
+    def __init__(self, host: ActorHost) -> None:
+        self._host = host
+
+    async def dispatch(
+        self, tenant: str, session_id: str, command: SessionCommand, command_id: str, principal: str
+    ) -> CommandReply:
+        key = AggregateKey(tenant, "session", session_id)
+        try:
+            outcome = await self._host.ask(key, command, command_id, principal)
+        except ConflictRetriesExhausted as exc:
+            return CommandReply(
+                rejection=Rejection(
+                    "concurrency_conflict",
+                    f"session {session_id!r}: {exc}; retry with the same command id",
+                    {"session_id": session_id, "attempts": exc.attempts},
+                )
+            )
+        except BlackbirdError as exc:
+            return CommandReply(rejection=rejection_from_error(exc))
+        state = outcome.state
+        view = state.view(outcome.sequence) if state.exists else None
+        return CommandReply(
+            session=view,
+            rejection=outcome.rejection,
+            sequence=outcome.sequence,
+            duplicate=outcome.duplicate,
+        )
+
+
+class RemoteDispatcher:
+    """Sends commands to whichever actor host serves ``<prefix>cmd.<tenant>.<session_id>``."""
+
+    def __init__(self, nc: NATS, subjects: Subjects, timeout: float) -> None:
+        self._nc = nc
+        self._subjects = subjects
+        self._timeout = timeout
+        self._encode = msgspec.json.Encoder().encode
+        self._decode = msgspec.json.Decoder(CommandReply).decode
+
+    async def dispatch(
+        self, tenant: str, session_id: str, command: SessionCommand, command_id: str, principal: str
+    ) -> CommandReply:
+        body = self._encode(CommandRequest(command=command, command_id=command_id, principal=principal))
+        subject = self._subjects.command(tenant, session_id)
+        try:
+            msg = await self._nc.request(subject, body, timeout=self._timeout)
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+            raise CommandTimeoutError(
+                f"no actor host answered on {subject} within {self._timeout}s "
+                f"({type(exc).__name__}); is `blackbird serve` running?",
+                subject=subject,
+                command_id=command_id,
+            ) from None
+        return self._decode(msg.data)

@@ -1,0 +1,36 @@
+"""Default log output when the application has not configured structlog itself.
+
+Blackbird logs through structlog with tenant/session bound. If the host application never
+called ``structlog.configure``, we install a level filter (``BLACKBIRD_LOG_LEVEL``, default
+``warning``) so a library import does not flood stdout; an application's own configuration,
+made before or after, always wins.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import structlog
+
+
+def configure_default_logging(level: str | None = None, *, force: bool = False) -> None:
+    """Install Blackbird's default structlog configuration unless one exists (or ``force``)."""
+    if structlog.is_configured() and not force:
+        return
+    name = (level or os.environ.get("BLACKBIRD_LOG_LEVEL") or "warning").upper()
+    numeric = logging.getLevelName(name)
+    if not isinstance(numeric, int):
+        numeric = logging.WARNING
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.dev.ConsoleRenderer(colors=False),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )

@@ -1,0 +1,131 @@
+"""BlackbirdSDK: the synchronous mirror of AsyncBlackbird.
+
+It runs one AsyncBlackbird on an anyio blocking portal (an event loop in a background thread)
+and forwards each call to it; calls are thread-safe. Method names, arguments and docs are
+those of the async API, generated from it so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from pathlib import Path
+from typing import Any, TypeVar
+
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+
+from blackbird._client import AsyncBlackbird
+from blackbird._sessions import AsyncSessionManager
+from blackbird.errors import ClosedError
+
+T = TypeVar("T")
+
+
+class _SyncMirror:
+    """Forwards every coroutine method of an async object through a blocking portal."""
+
+    _async_type: type
+
+    def __init__(self, target: Any, portal: BlockingPortal) -> None:
+        self._target = target
+        self._portal = portal
+
+    def __init_subclass__(cls, mirrors: type, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._async_type = mirrors
+        for name, member in inspect.getmembers(mirrors, inspect.iscoroutinefunction):
+            if not name.startswith("_") and name not in cls.__dict__:
+                setattr(cls, name, cls._forwarder(name, member))
+
+    @staticmethod
+    def _forwarder(name: str, member: Any) -> Any:
+        @functools.wraps(member)
+        def method(self: _SyncMirror, *args: Any, **kwargs: Any) -> Any:
+            return self._portal.call(functools.partial(getattr(self._target, name), *args, **kwargs))
+
+        return method
+
+
+class SessionManager(_SyncMirror, mirrors=AsyncSessionManager):
+    """Synchronous session manager: same methods as :class:`AsyncSessionManager`, blocking."""
+
+
+class BlackbirdSDK:
+    """Synchronous Blackbird client. Same constructor as :class:`AsyncBlackbird`.
+
+    ``BlackbirdSDK(development_mode=True)`` starts an embedded nats-server on a temporary folder;
+    ``data_dir=`` keeps data; ``nats_url=`` connects to an external server. Close it with
+    :meth:`close` or use it as a context manager. Safe to call from several threads.
+    """
+
+    def __init__(
+        self,
+        *,
+        development_mode: bool = False,
+        data_dir: str | Path | None = None,
+        nats_url: str | None = None,
+        tenant: str | None = None,
+        remote: bool = False,
+        **options: Any,
+    ) -> None:
+        client = AsyncBlackbird(
+            development_mode=development_mode, data_dir=data_dir, nats_url=nats_url,
+            tenant=tenant, remote=remote, **options,
+        )
+        self._stack = contextlib.ExitStack()
+        try:
+            portal = self._stack.enter_context(start_blocking_portal(backend="asyncio"))
+            self._client = self._stack.enter_context(portal.wrap_async_context_manager(client))
+        except BaseException:
+            self._stack.close()
+            raise
+        self._portal: BlockingPortal | None = portal
+        self._session_manager = SessionManager(self._client.session_manager, portal)
+
+    @property
+    def session_manager(self) -> SessionManager:
+        """Sessions: create, get, touch, change tier, terminate (blocking)."""
+        if self._portal is None:
+            raise ClosedError("BlackbirdSDK is closed")
+        return self._session_manager
+
+    @property
+    def settings(self) -> Any:
+        return self._client.settings
+
+    @property
+    def nats_url(self) -> str | None:
+        return self._client.nats_url
+
+    @property
+    def data_dir(self) -> Path | None:
+        return self._client.data_dir
+
+    @property
+    def async_client(self) -> AsyncBlackbird:
+        """The AsyncBlackbird this facade runs (use only from its portal's event loop)."""
+        return self._client
+
+    def run(self, func: Any, *args: Any) -> Any:
+        """Run ``await func(*args)`` on this SDK's event loop and return its result."""
+        if self._portal is None:
+            raise ClosedError("BlackbirdSDK is closed")
+        return self._portal.call(func, *args)
+
+    def close(self) -> None:
+        """Stop actors, flush, stop the embedded server if this process owns it. Idempotent."""
+        if self._portal is None:
+            return
+        self._portal = None
+        self._stack.close()
+
+    def __enter__(self) -> BlackbirdSDK:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # a forgotten close() must not leave a thread and server behind
+        with contextlib.suppress(Exception):
+            self.close()

@@ -1,0 +1,234 @@
+"""The log: one JetStream stream of commits, plus the snapshot KV bucket.
+
+Implements :class:`actors.ports.Journal` and :class:`actors.ports.SnapshotStore`.
+An append is one message (one commit) carrying ``Nats-Expected-Last-Subject-Sequence``
+(optimistic concurrency) and ``Nats-Msg-Id`` = command id (idempotency within the stream's
+duplicate window; beyond it, the aggregate's own memory of recent command ids).
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator
+from typing import NamedTuple
+
+import anyio
+import msgspec
+import nats.js.errors
+import structlog
+from nats.aio.client import Client as NATS
+from nats.js.api import DeliverPolicy, DiscardPolicy, StorageType, StreamConfig
+from nats.js.kv import KeyValue
+
+from actors.events import Commit, upcast
+from actors.ports import AggregateKey, AppendConflict, AppendResult
+from blackbird.config import Settings
+from blackbird.errors import LogError, PayloadTooLargeError
+from blackbird.subjects import Subjects
+
+log = structlog.get_logger("blackbird.journal")
+
+WRONG_LAST_SEQUENCE = 10071  # JetStream err_code for a failed expected-last-subject-sequence
+STREAM_NAME_IN_USE = 10058  # stream exists with a different configuration
+
+
+class Entry(NamedTuple):
+    seq: int
+    subject: str
+    commit: Commit
+
+
+class Journal:
+    """The JetStream-backed event log. Create with :meth:`open`."""
+
+    def __init__(self, nc: NATS, settings: Settings) -> None:
+        self._nc = nc
+        self._js = nc.jetstream(timeout=settings.command_timeout)
+        self._settings = settings
+        self.subjects = Subjects(settings.subject_prefix)
+        self.stream = settings.stream
+        self._encode = msgspec.json.Encoder().encode
+        self._decode = msgspec.json.Decoder(Commit).decode
+        self._kv: KeyValue | None = None
+
+    @classmethod
+    async def open(cls, nc: NATS, settings: Settings) -> Journal:
+        journal = cls(nc, settings)
+        await journal._ensure_stream()
+        await journal._ensure_snapshot_bucket()
+        return journal
+
+    def _stream_config(self) -> StreamConfig:
+        s = self._settings
+        return StreamConfig(
+            name=self.stream,
+            subjects=self.subjects.stream_subjects,
+            storage=StorageType.FILE,
+            num_replicas=s.replicas,
+            duplicate_window=s.duplicate_window,
+            max_msg_size=s.max_payload + 4096,
+            discard=DiscardPolicy.NEW,
+            allow_direct=True,
+        )
+
+    async def _ensure_stream(self) -> None:
+        """Create the stream, or update it to this configuration; idempotent."""
+        config = self._stream_config()
+        try:
+            await self._js.add_stream(config)
+            log.info("stream_ready", stream=self.stream, subjects=config.subjects)
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != STREAM_NAME_IN_USE:
+                raise LogError(f"could not create stream {self.stream}: {exc.description}") from None
+            await self._js.update_stream(config)
+            log.info("stream_updated", stream=self.stream)
+
+    async def _ensure_snapshot_bucket(self) -> None:
+        bucket = self._settings.snapshot_bucket
+        try:
+            self._kv = await self._js.key_value(bucket)
+        except nats.js.errors.BucketNotFoundError:
+            self._kv = await self._js.create_key_value(
+                bucket=bucket, history=1, replicas=self._settings.replicas
+            )
+
+    # ------------------------------------------------------------------ Journal port
+
+    async def append(
+        self, key: AggregateKey, commit: Commit, *, expected_seq: int, msg_id: str
+    ) -> AppendResult:
+        payload = self._encode(commit)
+        if len(payload) > self._settings.max_payload:
+            raise PayloadTooLargeError(
+                f"command: encoded commit is {len(payload)} bytes, expected at most "
+                f"{self._settings.max_payload} (max_payload)",
+                field="command",
+                expected=f"at most {self._settings.max_payload} bytes",
+                got=len(payload),
+            )
+        headers = {
+            "Nats-Expected-Last-Subject-Sequence": str(expected_seq),
+            "Nats-Msg-Id": msg_id,
+        }
+        subject = self.subjects.aggregate(key)
+        try:
+            future = await self._js.publish_async(subject, payload, headers=headers)
+            with anyio.fail_after(self._settings.command_timeout):
+                ack = await future
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == WRONG_LAST_SEQUENCE:
+                raise AppendConflict(exc.description) from None
+            raise LogError(f"append to {subject} failed: {exc.description}") from None
+        except TimeoutError:
+            raise LogError(
+                f"append to {subject}: no acknowledgement within {self._settings.command_timeout}s"
+            ) from None
+        return AppendResult(ack.seq, bool(ack.duplicate))
+
+    async def last_seq(self, key: AggregateKey) -> int:
+        return await self.last_seq_of(self.subjects.aggregate(key))
+
+    async def last_seq_of(self, subject: str) -> int:
+        """Sequence of the last message on ``subject`` (0 if none), read from the stream leader."""
+        try:
+            msg = await self._js.get_last_msg(self.stream, subject)
+        except nats.js.errors.NotFoundError:
+            return 0
+        return int(msg.seq or 0)
+
+    async def read(
+        self, key: AggregateKey, after_seq: int, until_seq: int | None = None
+    ) -> list[tuple[int, Commit]]:
+        subject = self.subjects.aggregate(key)
+        if until_seq is None:
+            until_seq = await self.last_seq_of(subject)
+        return [(e.seq, e.commit) async for e in self.entries(subject, after_seq, until_seq)]
+
+    # ------------------------------------------------------------------ reading
+
+    async def stream_last_seq(self) -> int:
+        info = await self._js.stream_info(self.stream)
+        return int(info.state.last_seq)
+
+    async def entries(
+        self, subject_filter: str, after_seq: int = 0, until_seq: int | None = None
+    ) -> AsyncIterator[Entry]:
+        """Commits on ``subject_filter`` with ``after_seq < seq <= until_seq`` (default: up to now).
+
+        Uses an ordered consumer (no acks, recreated on a gap), the fastest way to replay.
+        """
+        if until_seq is None:
+            until_seq = await self.stream_last_seq()
+        if until_seq <= after_seq:
+            return
+        async for entry in self._ordered(subject_filter, after_seq, until_seq):
+            yield entry
+
+    async def follow(self, subject_filter: str, after_seq: int = 0) -> AsyncIterator[Entry]:
+        """Replay ``subject_filter`` from ``after_seq`` and keep yielding new commits live."""
+        async for entry in self._ordered(subject_filter, after_seq, None):
+            yield entry
+
+    async def _ordered(
+        self, subject_filter: str, after_seq: int, until_seq: int | None
+    ) -> AsyncIterator[Entry]:
+        sub = await self._js.subscribe(
+            subject_filter,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=after_seq + 1,
+            pending_msgs_limit=-1,
+            pending_bytes_limit=-1,
+        )
+        try:
+            while True:
+                if until_seq is None:
+                    msg = await sub.next_msg(timeout=None)
+                else:
+                    msg = await sub.next_msg(timeout=self._settings.command_timeout)
+                seq = msg.metadata.sequence.stream
+                if until_seq is not None and seq > until_seq:
+                    return
+                yield Entry(seq, msg.subject, upcast(self._decode(msg.data)))
+                if until_seq is not None and seq >= until_seq:
+                    return
+        except nats.errors.TimeoutError:
+            raise LogError(
+                f"replay of {subject_filter} stalled before sequence {until_seq}"
+            ) from None
+        finally:
+            await sub.unsubscribe()
+
+    # ------------------------------------------------------------------ SnapshotStore port
+
+    @staticmethod
+    def _kv_key(key: AggregateKey) -> str:
+        # KV keys allow only [-/_=.a-zA-Z0-9]; ids may hold other characters.
+        raw = f"{key.tenant}\x00{key.kind}\x00{key.id}".encode()
+        return base64.urlsafe_b64encode(raw).decode()
+
+    async def load(self, key: AggregateKey) -> bytes | None:
+        assert self._kv is not None
+        try:
+            entry = await self._kv.get(self._kv_key(key))
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return entry.value
+
+    async def save(self, key: AggregateKey, data: bytes) -> None:
+        assert self._kv is not None
+        await self._kv.put(self._kv_key(key), data)
+
+    async def purge_snapshots(self) -> None:
+        """Delete every snapshot (they are caches; the log is the truth)."""
+        assert self._kv is not None
+        await self._kv.purge_deletes()
+        for k in await self._safe_keys():
+            await self._kv.purge(k)
+
+    async def _safe_keys(self) -> list[str]:
+        assert self._kv is not None
+        try:
+            return await self._kv.keys()
+        except nats.js.errors.NoKeysError:
+            return []

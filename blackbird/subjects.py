@@ -1,0 +1,86 @@
+"""Subject layout and token validation.
+
+Events:   ``<prefix>.<tenant>.session.<session_id>``, ``<prefix>.<tenant>.user.<user_id>``,
+          ``<prefix>.<tenant>.tenant``
+Commands: ``<prefix>cmd.<tenant>.<session_id>`` (request/reply, served by queue-grouped hosts)
+
+Tenant isolation, per-session replay and live subscription are subject filters, so a tenant or
+id that could change a subject's shape (``.``, ``*``, ``>``, whitespace) is refused up front.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from actors.ports import AggregateKey
+from blackbird.errors import ValidationError
+
+MAX_TOKEN_LENGTH = 128
+_BAD = re.compile(r"[.*>\s]")
+_PRINTABLE = re.compile(r"^[\x21-\x7e\u00a0-\U0010ffff]+$")
+
+
+def validate_token(value: Any, field: str) -> str:
+    """Return ``value`` if it is usable as one subject token, else raise ValidationError naming ``field``."""
+    expected = (
+        f"a non-empty string of at most {MAX_TOKEN_LENGTH} characters "
+        "without '.', '*', '>' or whitespace"
+    )
+    if not isinstance(value, str):
+        raise ValidationError(
+            f"{field}: expected {expected}, got {type(value).__name__}",
+            field=field,
+            expected=expected,
+            got=type(value).__name__,
+        )
+    if not value or len(value) > MAX_TOKEN_LENGTH or _BAD.search(value) or not _PRINTABLE.match(value):
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        raise ValidationError(
+            f"{field}: expected {expected}, got {shown!r}", field=field, expected=expected, got=shown
+        )
+    return value
+
+
+class Subjects:
+    """Builds subjects under one prefix (``bb`` by default)."""
+
+    def __init__(self, prefix: str = "bb") -> None:
+        self.prefix = validate_token(prefix, "subject_prefix")
+        self.command_prefix = f"{prefix}cmd"
+
+    @property
+    def stream_subjects(self) -> list[str]:
+        p = self.prefix
+        return [f"{p}.*.session.*", f"{p}.*.user.*", f"{p}.*.tenant"]
+
+    def aggregate(self, key: AggregateKey) -> str:
+        if key.kind == "tenant":
+            return f"{self.prefix}.{key.tenant}.tenant"
+        return f"{self.prefix}.{key.tenant}.{key.kind}.{key.id}"
+
+    def session(self, tenant: str, session_id: str) -> str:
+        return f"{self.prefix}.{tenant}.session.{session_id}"
+
+    def tenant_filter(self, tenant: str) -> str:
+        """Everything one tenant owns, and nothing else."""
+        return f"{self.prefix}.{tenant}.>"
+
+    def command(self, tenant: str, session_id: str) -> str:
+        return f"{self.command_prefix}.{tenant}.{session_id}"
+
+    @property
+    def command_wildcard(self) -> str:
+        return f"{self.command_prefix}.*.*"
+
+    def parse_command(self, subject: str) -> tuple[str, str]:
+        """(tenant, session_id) from a command subject; raises ValidationError if malformed."""
+        parts = subject.split(".")
+        if len(parts) != 3 or parts[0] != self.command_prefix:
+            raise ValidationError(
+                f"subject: expected {self.command_prefix}.<tenant>.<session_id>, got {subject!r}",
+                field="subject",
+                expected=f"{self.command_prefix}.<tenant>.<session_id>",
+                got=subject,
+            )
+        return validate_token(parts[1], "tenant"), validate_token(parts[2], "session_id")

@@ -1,0 +1,67 @@
+"""Public value types: Session and SessionStatus."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+
+from actors.events import SessionStatus, SessionView
+
+__all__ = ["Session", "SessionStatus"]
+
+
+class Session(msgspec.Struct, frozen=True):
+    """A session as of the moment it was read. Time-derived properties use the current clock."""
+
+    session_id: str
+    user_id: str
+    tenant: str
+    tier: str
+    status: SessionStatus
+    metadata: dict[str, Any]
+    created_at: float
+    last_activity: float
+    idle_timeout: float
+    max_age: float
+    concurrent_operations: int = 0
+    version: int = 0
+    sequence: int = 0  # stream sequence of the session's last commit
+
+    @classmethod
+    def from_view(cls, view: SessionView) -> Session:
+        return cls(**msgspec.structs.asdict(view))
+
+    @property
+    def age_seconds(self) -> float:
+        return max(0.0, time.time() - self.created_at)
+
+    @property
+    def idle_seconds(self) -> float:
+        return max(0.0, time.time() - self.last_activity)
+
+    @property
+    def is_active(self) -> bool:
+        """Active, not terminated, within its idle timeout and maximum age."""
+        return (
+            self.status is SessionStatus.ACTIVE
+            and self.idle_seconds < self.idle_timeout
+            and self.age_seconds < self.max_age
+        )
+
+    @property
+    def effective_status(self) -> SessionStatus:
+        """``status`` with lapsed time limits applied (an active session past them is expired)."""
+        if self.status is SessionStatus.ACTIVE and not self.is_active:
+            return SessionStatus.EXPIRED
+        return self.status
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of the session, including the derived fields."""
+        data = msgspec.to_builtins(self)
+        data["status"] = self.effective_status.value
+        data["is_active"] = self.is_active
+        data["age_seconds"] = self.age_seconds
+        data["idle_seconds"] = self.idle_seconds
+        return data
