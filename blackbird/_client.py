@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +54,8 @@ class AsyncBlackbird:
 
     With none of them, ``./blackbird-data`` is used. ``remote=True`` hosts no actors in this
     process and sends every command to the hosts serving the command subjects (``blackbird
-    serve``); ``serve_commands=True`` makes this process one of those hosts.
+    serve``); ``serve_commands=True`` makes this process one of those hosts. ``clock`` (seconds
+    since the epoch) is what actors decide with; tests pass a controllable one.
     """
 
     def __init__(
@@ -63,12 +66,14 @@ class AsyncBlackbird:
         nats_url: str | None = None,
         tenant: str | None = None,
         remote: bool = False,
+        clock: Callable[[], float] = time.time,
         **options: Any,
     ) -> None:
         self.settings = build_settings(data_dir=data_dir, nats_url=nats_url, tenant=tenant, **options)
         validate_token(self.settings.tenant, "tenant")
         self.development_mode = development_mode
         self.remote = remote
+        self._clock = clock
         self.policy = _load_policy(self.settings)
         self._stack: contextlib.AsyncExitStack | None = None
         self._session_manager: AsyncSessionManager | None = None
@@ -143,6 +148,7 @@ class AsyncBlackbird:
                 snapshot_every=s.snapshot_every,
                 passivate_after=s.passivate_after,
                 max_retries=s.max_retries,
+                clock=self._clock,
             )
             await stack.enter_async_context(host)
             self._host = host

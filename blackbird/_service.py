@@ -18,7 +18,7 @@ from nats.aio.msg import Msg
 
 from actors.events import CommandReply, CommandRequest, Rejection
 from blackbird._dispatch import Dispatcher, rejection_from_error
-from blackbird.errors import BlackbirdError
+from blackbird.errors import BlackbirdError, field_of
 from blackbird.subjects import Subjects
 
 log = structlog.get_logger("blackbird.service")
@@ -64,10 +64,9 @@ class CommandService:
         try:
             request = self._decode(msg.data)
         except msgspec.ValidationError as exc:
-            text = str(exc)
-            field = text.rsplit("$.", 1)[-1] if "$." in text else "body"
+            field = field_of(exc, "body")
             return CommandReply(
-                rejection=Rejection("validation_error", f"{field}: {text}", {"field": field})
+                rejection=Rejection("validation_error", f"{field}: {exc}", {"field": field})
             )
         except msgspec.DecodeError as exc:
             return CommandReply(

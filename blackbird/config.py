@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from blackbird.errors import ValidationError
+from blackbird.errors import ValidationError, field_of
 
 ENV_PREFIX = "BLACKBIRD_"
 
@@ -64,8 +64,7 @@ def build_settings(**overrides: Any) -> Settings:
         # strict=False lets environment strings like "30" or "true" convert to their field types
         return msgspec.convert(merged, Settings, strict=False)
     except msgspec.ValidationError as exc:
-        text = str(exc)
-        field = text.rsplit("$.", 1)[-1] if "$." in text else "settings"
+        field = field_of(exc, "settings")
         raise ValidationError(
-            f"{field}: {text}", field=field, expected="see blackbird.config.Settings"
+            f"{field}: {exc}", field=field, expected="see blackbird.config.Settings"
         ) from None

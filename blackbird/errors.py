@@ -125,3 +125,11 @@ def error_from_code(code: str, message: str, fields: dict[str, Any]) -> Blackbir
     err = cls.__new__(cls)
     BlackbirdError.__init__(err, message, **fields)
     return err
+
+
+def field_of(exc: Exception, default: str) -> str:
+    """The field path msgspec names in a validation error (``$.a.b`` -> ``a.b``), else ``default``."""
+    text = str(exc)
+    if "`$." not in text:
+        return default
+    return text.rsplit("`$.", 1)[-1].split("`", 1)[0] or default

@@ -17,7 +17,7 @@ import msgspec
 import nats.js.errors
 import structlog
 from nats.aio.client import Client as NATS
-from nats.js.api import DeliverPolicy, DiscardPolicy, StorageType, StreamConfig
+from nats.js.api import ConsumerConfig, DeliverPolicy, DiscardPolicy, StorageType, StreamConfig
 from nats.js.kv import KeyValue
 
 from actors.events import Commit, upcast
@@ -142,7 +142,9 @@ class Journal:
         subject = self.subjects.aggregate(key)
         if until_seq is None:
             until_seq = await self.last_seq_of(subject)
-        return [(e.seq, e.commit) async for e in self.entries(subject, after_seq, until_seq)]
+        if until_seq <= after_seq:
+            return []
+        return [(e.seq, e.commit) async for e in self._ordered(subject, after_seq, until_seq)]
 
     # ------------------------------------------------------------------ reading
 
@@ -157,8 +159,8 @@ class Journal:
 
         Uses an ordered consumer (no acks, recreated on a gap), the fastest way to replay.
         """
-        if until_seq is None:
-            until_seq = await self.stream_last_seq()
+        last = await self.last_seq_of(subject_filter)
+        until_seq = last if until_seq is None else min(until_seq, last)
         if until_seq <= after_seq:
             return
         async for entry in self._ordered(subject_filter, after_seq, until_seq):
@@ -174,9 +176,11 @@ class Journal:
     ) -> AsyncIterator[Entry]:
         sub = await self._js.subscribe(
             subject_filter,
+            stream=self.stream,
             ordered_consumer=True,
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=after_seq + 1,
+            config=ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after_seq + 1
+            ),
             pending_msgs_limit=-1,
             pending_bytes_limit=-1,
         )

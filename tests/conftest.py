@@ -1,0 +1,92 @@
+"""Shared fixtures: a real nats-server (JetStream on) per test module, on a free port, with its
+own temporary store. Nothing here mocks NATS, JetStream or LanceDB."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from blackbird import AsyncBlackbird
+from blackbird._server import _free_port, find_nats_server_binary
+
+os.environ.setdefault("BLACKBIRD_LOG_LEVEL", "warning")
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@dataclass
+class NatsServer:
+    url: str
+    port: int
+    store: Path
+    process: subprocess.Popen[bytes]
+
+    def kill(self) -> None:
+        """SIGKILL the server (no graceful shutdown) and wait for it to die."""
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+    def start(self) -> None:
+        """(Re)start the server on the same port and store."""
+        self.process = _spawn(self.port, self.store)
+
+
+def _spawn(port: int, store: Path) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [find_nats_server_binary(), "-js", "-sd", str(store), "-a", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    # The server prints "Server is ready" once it accepts clients: wait for that line, not a delay.
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 15
+    for raw in proc.stderr:
+        if b"Server is ready" in raw:
+            break
+        if time.monotonic() > deadline:
+            break
+    else:
+        raise RuntimeError(f"nats-server on port {port} exited with {proc.wait()}")
+    # keep draining stderr so the server never blocks on a full pipe
+    import threading
+
+    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # type: ignore[union-attr]
+    return proc
+
+
+def start_nats(store: Path) -> NatsServer:
+    store.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    return NatsServer(f"nats://127.0.0.1:{port}", port, store, _spawn(port, store))
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A fresh nats-server with JetStream for one test."""
+    server = start_nats(tmp_path / "js")
+    try:
+        yield server
+    finally:
+        server.process.kill()
+        server.process.wait()
+
+
+@pytest.fixture
+async def bb(nats_server: NatsServer) -> AsyncIterator[AsyncBlackbird]:
+    """An AsyncBlackbird hosting actors in this process, on the test's nats-server."""
+    async with AsyncBlackbird(nats_url=nats_server.url, tenant="acme") as client:
+        yield client
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex

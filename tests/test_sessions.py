@@ -1,0 +1,265 @@
+"""Sessions end to end on a real nats-server: durability, idempotency, validation, tenants."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from actors.events import SessionStatus
+from actors.ports import AggregateKey
+from blackbird import (
+    AsyncBlackbird,
+    BlackbirdError,
+    BlackbirdSDK,
+    PayloadTooLargeError,
+    SessionExistsError,
+    SessionInactiveError,
+    SessionNotFoundError,
+    ValidationError,
+)
+
+from .conftest import NatsServer, new_id
+
+pytestmark = pytest.mark.anyio
+
+
+async def stream_count(bb: AsyncBlackbird) -> int:
+    return await bb.journal.stream_last_seq()
+
+
+async def test_created_session_is_in_the_log_before_the_reply(bb: AsyncBlackbird) -> None:
+    s = await bb.session_manager.create_session("user123", tier="pro", metadata={"dept": "research"})
+    assert (s.user_id, s.tier, s.tenant, s.status) == ("user123", "pro", "acme", SessionStatus.ACTIVE)
+    assert s.status == "active" and s.is_active and s.sequence > 0
+    # the ack came from JetStream: the commit is readable straight from the stream
+    entries = [e async for e in bb.journal.entries(bb.journal.subjects.session("acme", s.session_id))]
+    assert [type(ev).__name__ for e in entries for ev in e.commit.events] == ["SessionCreated"]
+    assert entries[0].seq == s.sequence
+
+
+async def test_get_session_data_is_json_serialisable(bb: AsyncBlackbird) -> None:
+    s = await bb.session_manager.create_session("u1", metadata={"n": 1, "tags": ["a"]})
+    data = await bb.session_manager.get_session_data(s.session_id)
+    assert data is not None
+    assert json.loads(json.dumps(data))["metadata"] == {"n": 1, "tags": ["a"]}
+    assert data["status"] == "active" and data["is_active"] is True
+
+
+async def test_unknown_session_reads_as_none(bb: AsyncBlackbird) -> None:
+    assert await bb.session_manager.get_session(new_id()) is None
+    assert await bb.session_manager.get_session_data(new_id()) is None
+    with pytest.raises(SessionNotFoundError):
+        await bb.session_manager.touch_session(new_id())
+
+
+async def test_activity_moves_last_activity(bb: AsyncBlackbird) -> None:
+    s = await bb.session_manager.create_session("u1")
+    t = await bb.session_manager.touch_session(s.session_id, "chat")
+    assert t.last_activity >= s.last_activity and t.version == s.version + 1
+
+
+async def test_terminated_session_refuses_commands(bb: AsyncBlackbird) -> None:
+    s = await bb.session_manager.create_session("u1")
+    await bb.session_manager.terminate_session(s.session_id)
+    got = await bb.session_manager.get_session(s.session_id)
+    assert got is not None and got.status is SessionStatus.TERMINATED and not got.is_active
+    with pytest.raises(SessionInactiveError) as err:
+        await bb.session_manager.touch_session(s.session_id)
+    assert err.value.reason == "terminated"
+
+
+async def test_tier_change_is_an_event_and_applies_limits(bb: AsyncBlackbird) -> None:
+    s = await bb.session_manager.create_session("u1", tier="free")
+    up = await bb.session_manager.change_tier(s.session_id, "enterprise")
+    assert up.tier == "enterprise" and up.idle_timeout == bb.policy.tiers["enterprise"].idle_timeout
+    entries = [e async for e in bb.journal.entries(bb.journal.subjects.session("acme", s.session_id))]
+    assert type(entries[-1].commit.events[0]).__name__ == "TierChanged"
+
+
+async def test_idle_session_expires_and_refuses_commands(nats_server: NatsServer) -> None:
+    now = [1_800_000_000.0]
+    async with AsyncBlackbird(nats_url=nats_server.url, clock=lambda: now[0]) as bb:
+        s = await bb.session_manager.create_session("u1", tier="free")
+        now[0] += bb.policy.tiers["free"].idle_timeout + 1
+        with pytest.raises(SessionInactiveError) as err:
+            await bb.session_manager.touch_session(s.session_id)
+        assert err.value.reason == "idle_timeout"
+        got = await bb.session_manager.get_session(s.session_id)
+        assert got is not None and got.status is SessionStatus.EXPIRED and not got.is_active
+
+
+async def test_retried_command_is_applied_once(bb: AsyncBlackbird) -> None:
+    sm = bb.session_manager
+    s = await sm.create_session("u1", command_id="create-1", session_id="s-retry")
+    again = await sm.create_session("u1", command_id="create-1", session_id="s-retry")
+    assert again.session_id == s.session_id and again.version == 1
+    for _ in range(3):
+        await sm.touch_session("s-retry", command_id="touch-1")
+    got = await sm.get_session("s-retry")
+    assert got is not None and got.version == 2
+    assert await stream_count(bb) == 2
+    # a fresh host (no cached state, as after a crash) still recognises the retry
+    assert bb.host is not None
+    bb.host.passivate_idle(0)
+    await sm.touch_session("s-retry", command_id="touch-1")
+    assert await stream_count(bb) == 2
+    with pytest.raises(SessionExistsError):
+        await sm.create_session("u1", session_id="s-retry")
+
+
+async def test_restart_on_the_same_data_folder_restores_every_session(tmp_path: Path) -> None:
+    created = {}
+    async with AsyncBlackbird(data_dir=tmp_path / "data", snapshot_every=3) as bb:
+        for i in range(5):
+            s = await bb.session_manager.create_session(f"user{i}", tier="basic", metadata={"i": i})
+            for _ in range(i):
+                s = await bb.session_manager.touch_session(s.session_id)
+            created[s.session_id] = s
+        await bb.session_manager.terminate_session(s.session_id)
+        created[s.session_id] = await bb.session_manager.get_session(s.session_id)
+    # the server was stopped with the last client; a new process-equivalent starts it again
+    async with AsyncBlackbird(data_dir=tmp_path / "data") as bb:
+        for sid, before in created.items():
+            after = await bb.session_manager.get_session(sid)
+            assert after == before
+
+
+async def test_killed_server_keeps_every_acknowledged_command(nats_server: NatsServer) -> None:
+    acked = []
+    async with AsyncBlackbird(nats_url=nats_server.url) as bb:
+        for i in range(20):
+            acked.append(await bb.session_manager.create_session(f"u{i}"))
+    nats_server.kill()  # SIGKILL: no graceful flush
+    nats_server.start()
+    async with AsyncBlackbird(nats_url=nats_server.url) as bb:
+        for s in acked:
+            assert await bb.session_manager.get_session(s.session_id) == s
+
+
+async def test_snapshot_and_full_replay_give_the_same_session(nats_server: NatsServer) -> None:
+    async with AsyncBlackbird(nats_url=nats_server.url, snapshot_every=4) as bb:
+        s = await bb.session_manager.create_session("u1")
+        for _ in range(10):
+            await bb.session_manager.touch_session(s.session_id)
+        with_snapshot = await bb.session_manager.get_session(s.session_id)
+        assert await bb.journal.load(AggregateKey("default", "session", s.session_id)) is not None
+        await bb.journal.purge_snapshots()
+        assert bb.host is not None
+        bb.host.passivate_idle(0)
+        assert await bb.session_manager.get_session(s.session_id) == with_snapshot
+
+
+BAD_INPUTS = [
+    ("user_id", {"user_id": ""}),
+    ("user_id", {"user_id": 42}),
+    ("user_id", {"user_id": None}),
+    ("user_id", {"user_id": "a.b"}),
+    ("user_id", {"user_id": "a b"}),
+    ("user_id", {"user_id": "a*"}),
+    ("user_id", {"user_id": "a>"}),
+    ("user_id", {"user_id": "x" * 10_000}),
+    ("tier", {"tier": "gold"}),
+    ("tier", {"tier": 3}),
+    ("metadata", {"metadata": {"when": object()}}),
+    ("metadata", {"metadata": {"x": float("nan")}}),
+    ("metadata", ["not", "a", "dict"]),
+    ("metadata", {"metadata": {"blob": "x" * 200_000}}),
+    ("session_id", {"session_id": "s.1"}),
+    ("session_id", {"session_id": "s 1"}),
+    ("session_id", {"session_id": "*"}),
+    ("tenant", {"tenant": "acme.corp"}),
+    ("tenant", {"tenant": ">"}),
+    ("command_id", {"command_id": "c 1"}),
+]
+
+
+@pytest.mark.parametrize(("field", "kwargs"), BAD_INPUTS, ids=[f"{f}-{i}" for i, (f, _) in enumerate(BAD_INPUTS)])
+async def test_bad_input_gets_a_typed_error_naming_the_field_and_appends_nothing(
+    bb: AsyncBlackbird, field: str, kwargs: object
+) -> None:
+    args = {"user_id": "u1"}
+    if isinstance(kwargs, dict):
+        args.update(kwargs)
+    else:
+        args["metadata"] = kwargs  # type: ignore[assignment]
+    before = await stream_count(bb)
+    with pytest.raises(ValidationError) as err:
+        await bb.session_manager.create_session(**args)  # type: ignore[arg-type]
+    assert err.value.field == field
+    assert field in str(err.value)
+    assert isinstance(err.value, BlackbirdError)
+    assert await stream_count(bb) == before
+
+
+async def test_huge_metadata_is_refused_as_too_large(bb: AsyncBlackbird) -> None:
+    with pytest.raises(PayloadTooLargeError):
+        await bb.session_manager.create_session("u1", metadata={"blob": "x" * 1_000_000})
+    assert await stream_count(bb) == 0
+
+
+async def test_tenants_cannot_see_or_terminate_each_others_sessions(bb: AsyncBlackbird) -> None:
+    sm = bb.session_manager
+    mine = await sm.create_session("u1", tenant="acme", session_id="shared-name")
+    assert await sm.get_session("shared-name", tenant="globex") is None
+    with pytest.raises(SessionNotFoundError):
+        await sm.terminate_session("shared-name", tenant="globex")
+    theirs = await sm.create_session("u9", tenant="globex", session_id="shared-name")
+    assert theirs.tenant == "globex" and theirs.user_id == "u9"
+    still = await sm.get_session("shared-name", tenant="acme")
+    assert still is not None and still.user_id == mine.user_id and still.is_active
+    # the log keeps them apart too: acme's subject filter sees only acme's commit
+    acme = [e async for e in bb.journal.entries(bb.journal.subjects.tenant_filter("acme"))]
+    assert [e.subject for e in acme] == ["bb.acme.session.shared-name"]
+
+
+def test_seed_session_example_runs_on_the_sync_facade() -> None:
+    sdk = BlackbirdSDK(development_mode=True)
+    try:
+        session = sdk.session_manager.create_session(
+            user_id="user123",
+            tier="pro",
+            metadata={"department": "research", "project": "ai_analysis", "created_by": "admin"},
+        )
+        assert session.status == "active" and session.user_id == "user123"
+        data = sdk.session_manager.get_session_data(session.session_id)
+        json.dumps(data)
+        got = sdk.session_manager.get_session(session.session_id)
+        assert got is not None and got.is_active and got.concurrent_operations == 0
+        assert got.age_seconds >= 0 and got.idle_seconds >= 0
+        data_dir = sdk.data_dir
+    finally:
+        sdk.close()
+    assert data_dir is not None and not data_dir.exists()  # development mode cleans up
+    sdk.close()  # idempotent
+
+
+def test_sync_facade_is_thread_safe() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with BlackbirdSDK(development_mode=True) as sdk:
+        s = sdk.session_manager.create_session("u1")
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda _: sdk.session_manager.touch_session(s.session_id), range(64)))
+        got = sdk.session_manager.get_session(s.session_id)
+        assert got is not None and got.version == 65
+
+
+def test_sync_and_async_managers_expose_the_same_methods() -> None:
+    import inspect
+
+    from blackbird import AsyncSessionManager, SessionManager
+
+    async_names = {n for n, m in inspect.getmembers(AsyncSessionManager, inspect.iscoroutinefunction) if not n.startswith("_")}
+    sync_names = {n for n, m in inspect.getmembers(SessionManager, inspect.isfunction) if not n.startswith("_")}
+    assert async_names <= sync_names
+    assert {"create_session", "get_session", "get_session_data", "terminate_session"} <= async_names
+
+
+def test_bad_settings_name_the_setting() -> None:
+    with pytest.raises(ValidationError) as err:
+        AsyncBlackbird(snapshot_every="often")
+    assert err.value.field == "snapshot_every"
+    with pytest.raises(ValidationError):
+        AsyncBlackbird(tenant="a.b")
