@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections import deque
 from collections.abc import Callable
@@ -186,7 +187,7 @@ class ActorHost:
             # Another host may have written since we last looked; queries and decisions must
             # see it. One cheap read-your-writes lookup, and the tail only when it moved.
             await self._catch_up(actor)
-        for _attempt in range(self._max_retries):
+        for attempt in range(self._max_retries):
             if request.command_id in b.recent_commands(actor.state):
                 return Outcome(actor.state, actor.seq, duplicate=True)
             now = self._clock()
@@ -205,7 +206,10 @@ class ActorHost:
                     actor.key, commit, expected_seq=actor.seq, msg_id=request.command_id
                 )
             except AppendConflict:
-                actor.log.debug("append_conflicted", expected_seq=actor.seq)
+                actor.log.debug("append_conflicted", expected_seq=actor.seq, attempt=attempt)
+                # Back off a random, growing moment so two hosts racing on one actor do not
+                # collide in lockstep, then reload what the winner wrote and decide again.
+                await anyio.sleep(random.uniform(0, min(0.001 * 2**attempt, 0.1)))
                 await self._catch_up(actor)
                 continue
             if result.duplicate:

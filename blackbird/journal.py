@@ -12,8 +12,8 @@ import base64
 from collections.abc import AsyncIterator
 from typing import NamedTuple
 
-import anyio
 import msgspec
+import nats.errors
 import nats.js.errors
 import structlog
 from nats.aio.client import Client as NATS
@@ -30,6 +30,19 @@ log = structlog.get_logger("blackbird.journal")
 
 WRONG_LAST_SEQUENCE = 10071  # JetStream err_code for a failed expected-last-subject-sequence
 STREAM_NAME_IN_USE = 10058  # stream exists with a different configuration
+
+
+class _ApiError(msgspec.Struct):
+    code: int = 0
+    err_code: int = 0
+    description: str = ""
+
+
+class _PubAck(msgspec.Struct):
+    stream: str = ""
+    seq: int = 0
+    duplicate: bool = False
+    error: _ApiError | None = None
 
 
 class Entry(NamedTuple):
@@ -49,6 +62,7 @@ class Journal:
         self.stream = settings.stream
         self._encode = msgspec.json.Encoder().encode
         self._decode = msgspec.json.Decoder(Commit).decode
+        self._decode_ack = msgspec.json.Decoder(_PubAck).decode
         self._kv: KeyValue | None = None
 
     @classmethod
@@ -111,19 +125,26 @@ class Journal:
             "Nats-Msg-Id": msg_id,
         }
         subject = self.subjects.aggregate(key)
+        # A plain request (the connection's shared reply inbox, pipelined across tasks) rather
+        # than js.publish_async: nats-py 2.16 never completes a publish_async future whose ack
+        # is an API error (its reply handler raises instead of setting the exception), so an
+        # OCC conflict would hang until the timeout.
         try:
-            future = await self._js.publish_async(subject, payload, headers=headers)
-            with anyio.fail_after(self._settings.command_timeout):
-                ack = await future
-        except nats.js.errors.APIError as exc:
-            if exc.err_code == WRONG_LAST_SEQUENCE:
-                raise AppendConflict(exc.description) from None
-            raise LogError(f"append to {subject} failed: {exc.description}") from None
-        except TimeoutError:
+            msg = await self._nc.request(
+                subject, payload, timeout=self._settings.command_timeout, headers=headers
+            )
+        except nats.errors.NoRespondersError:
+            raise LogError(f"append to {subject}: no stream {self.stream} captures it") from None
+        except nats.errors.TimeoutError:
             raise LogError(
                 f"append to {subject}: no acknowledgement within {self._settings.command_timeout}s"
             ) from None
-        return AppendResult(ack.seq, bool(ack.duplicate))
+        ack = self._decode_ack(msg.data)
+        if ack.error is not None:
+            if ack.error.err_code == WRONG_LAST_SEQUENCE:
+                raise AppendConflict(ack.error.description)
+            raise LogError(f"append to {subject} failed: {ack.error.description}")
+        return AppendResult(ack.seq, ack.duplicate)
 
     async def last_seq(self, key: AggregateKey) -> int:
         return await self.last_seq_of(self.subjects.aggregate(key))

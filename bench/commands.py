@@ -1,0 +1,408 @@
+"""Benchmark: durable session commands through the actor host vs. raw JetStream publishing.
+
+Run as ``python bench/commands.py [--quick] [--profile FILE]``.
+
+It starts its own nats-server (``blackbird._server.EmbeddedServer`` on a temporary data dir,
+default fsync mode: JetStream's ``sync_interval`` of 2 minutes, acks after the write to the
+page cache), connects ``AsyncBlackbird(nats_url=..., tenant="bench")`` and measures
+
+1. ``touch_session`` commands/s and per-command latency (p50/p99) with 1, 100 and 1,000
+   concurrent sessions, one worker per session; every call returns after the JetStream ack;
+2. a raw baseline on the same server: nats-py ``js.publish_async`` of payloads the size of one
+   of our commits, pipelined in batches of 1,000, into a separate stream ("RAW"); a second
+   variant carries the same headers our appends carry (``Nats-Msg-Id`` and
+   ``Nats-Expected-Last-Subject-Sequence``) so the server-side cost of those is visible;
+3. activation time of a session with 10,000 events, without and with a snapshot.
+
+A human-readable table goes to stdout; the very last line is one JSON object.
+``--profile FILE`` runs cProfile over the 1,000-session phase only and writes its stats to FILE
+(the throughput of that phase is then distorted by the profiler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+os.environ.setdefault("BLACKBIRD_LOG_LEVEL", "warning")
+
+import anyio  # noqa: E402
+import msgspec  # noqa: E402
+import nats  # noqa: E402
+from nats.js.api import StorageType, StreamConfig  # noqa: E402
+
+from actors.events import Commit, SessionTouched  # noqa: E402
+from actors.ports import AggregateKey  # noqa: E402
+from blackbird import AsyncBlackbird  # noqa: E402
+from blackbird._server import EmbeddedServer  # noqa: E402
+
+FSYNC = "default (JetStream sync_interval 2m)"
+TENANT = "bench"
+ACTIVATION_EVENTS = 10_000
+RAW_BATCH = 1_000
+RAW_SUBJECTS = 1_000  # raw messages go round-robin to raw.0 .. raw.999, like 1,000 sessions
+
+
+@dataclass(frozen=True)
+class Config:
+    quick: bool
+    concurrency: tuple[int, ...] = (1, 100, 1_000)
+    seconds: dict[int, float] = field(default_factory=dict)  # timed run per concurrency level
+    warmup: float = 0.5  # seconds of untimed load before each level
+    raw_seconds: float = 3.0
+    activation_repeats: int = 5
+
+
+def make_config(quick: bool) -> Config:
+    if quick:
+        return Config(quick=True, seconds={1: 3.0, 100: 3.0, 1_000: 4.0}, raw_seconds=2.5,
+                      activation_repeats=5)
+    return Config(quick=False, seconds={1: 10.0, 100: 15.0, 1_000: 20.0}, raw_seconds=10.0,
+                  activation_repeats=11)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an already sorted list (q in 0..1)."""
+    if not sorted_values:
+        return float("nan")
+    rank = max(1, min(len(sorted_values), round(q * len(sorted_values) + 0.5)))
+    return sorted_values[rank - 1]
+
+
+def row(name: str, value: str, detail: str = "") -> None:
+    print(f"{name:<44} {value:>16}  {detail}", flush=True)
+
+
+def server_cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` from /proc (Linux); NaN elsewhere."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+class CpuMeter:
+    """Share of one core used by this process and by nats-server over a window."""
+
+    def __init__(self, server_pid: int) -> None:
+        self._pid = server_pid
+        self._wall = time.perf_counter()
+        self._client = time.process_time()
+        self._server = server_cpu_seconds(server_pid)
+
+    def text(self) -> str:
+        wall = time.perf_counter() - self._wall
+        client = (time.process_time() - self._client) / wall * 100
+        server = (server_cpu_seconds(self._pid) - self._server) / wall * 100
+        return f"cpu: client {client:.0f}% server {server:.0f}%"
+
+
+@dataclass
+class PhaseResult:
+    sessions: int
+    commands: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    cpu: str = ""
+
+    @property
+    def per_s(self) -> float:
+        return self.commands / self.seconds
+
+
+# --------------------------------------------------------------------------- 1. commands
+
+
+async def create_sessions(bb: AsyncBlackbird, n: int, label: str) -> list[str]:
+    sm = bb.session_manager
+    ids = [f"{label}-{i}-{uuid.uuid4().hex[:8]}" for i in range(n)]
+    limiter = anyio.CapacityLimiter(200)
+
+    async def one(sid: str) -> None:
+        async with limiter:
+            await sm.create_session(f"user-{sid}", tier="enterprise", session_id=sid)
+
+    async with anyio.create_task_group() as tg:
+        for sid in ids:
+            tg.start_soon(one, sid)
+    return ids
+
+
+async def run_touch_phase(
+    bb: AsyncBlackbird, ids: list[str], warmup: float, seconds: float, server_pid: int,
+    profiler: cProfile.Profile | None = None,
+) -> PhaseResult:
+    """One worker per session, each touching its session in a loop; latencies after warmup."""
+    touch = bb.session_manager.touch_session
+    clock = time.perf_counter
+    latencies: list[list[float]] = [[] for _ in ids]
+    begin = clock()
+    measure_from = begin + warmup
+    deadline = measure_from + seconds
+    finished: list[float] = []
+    meter: list[CpuMeter] = []
+
+    async def start_meter() -> None:
+        await anyio.sleep(max(0.0, measure_from - clock()))
+        meter.append(CpuMeter(server_pid))
+
+    async def worker(sid: str, lat: list[float]) -> None:
+        while True:
+            t0 = clock()
+            if t0 >= deadline:
+                break
+            await touch(sid)
+            t1 = clock()
+            if t0 >= measure_from:
+                lat.append(t1 - t0)
+        finished.append(clock())
+
+    if profiler is not None:
+        profiler.enable()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(start_meter)
+            for i, sid in enumerate(ids):
+                tg.start_soon(worker, sid, latencies[i])
+    finally:
+        if profiler is not None:
+            profiler.disable()
+    # Commands started in [measure_from, deadline); the window ends when the last one returns.
+    end = max(finished)
+    cpu = meter[0].text() if meter else ""
+    flat = sorted(x for lat in latencies for x in lat)
+    return PhaseResult(
+        sessions=len(ids),
+        commands=len(flat),
+        seconds=end - measure_from,
+        p50_ms=percentile(flat, 0.50) * 1000,
+        p99_ms=percentile(flat, 0.99) * 1000,
+        cpu=cpu,
+    )
+
+
+async def commit_payload(bb: AsyncBlackbird, sid: str) -> tuple[bytes, int]:
+    """The stored bytes of a real TouchSession commit, and the size of one built by hand."""
+    msg = await bb.journal._js.get_last_msg(bb.journal.stream, bb.journal.subjects.session(TENANT, sid))
+    stored = bytes(msg.data or b"")
+    commit = Commit(
+        command_id=uuid.uuid4().hex,
+        principal=bb.settings.principal,
+        at=time.time(),
+        version=12_345,
+        events=(SessionTouched(at=time.time(), operation="activity"),),
+    )
+    return stored, len(msgspec.json.encode(commit))
+
+
+# --------------------------------------------------------------------------- 2. raw baseline
+
+
+async def raw_baseline(url: str, payload: bytes, seconds: float, *, with_headers: bool) -> tuple[int, float]:
+    """Pipelined js.publish_async into stream RAW; returns (messages, seconds)."""
+    nc = await nats.connect(url, name="bench-raw")
+    try:
+        js = nc.jetstream(timeout=30)
+        stream = "RAWH" if with_headers else "RAW"
+        prefix = "rawh" if with_headers else "raw"
+        await js.add_stream(
+            StreamConfig(name=stream, subjects=[f"{prefix}.>"], storage=StorageType.FILE,
+                         duplicate_window=120.0)
+        )
+        subjects = [f"{prefix}.{i}" for i in range(RAW_SUBJECTS)]
+        last_seq = [0] * RAW_SUBJECTS
+        sent = 0
+
+        async def batch() -> None:
+            nonlocal sent
+            futures = []
+            for j in range(RAW_BATCH):
+                k = (sent + j) % RAW_SUBJECTS
+                headers = None
+                if with_headers:
+                    headers = {
+                        "Nats-Expected-Last-Subject-Sequence": str(last_seq[k]),
+                        "Nats-Msg-Id": uuid.uuid4().hex,
+                    }
+                futures.append((k, await js.publish_async(subjects[k], payload, headers=headers)))
+            for k, fut in futures:
+                ack = await fut
+                last_seq[k] = ack.seq
+            sent += RAW_BATCH
+
+        await batch()  # warm-up (stream files, subject index)
+        sent_before = sent
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            await batch()
+        elapsed = time.perf_counter() - start
+        return sent - sent_before, elapsed
+    finally:
+        await nc.close()
+
+
+# --------------------------------------------------------------------------- 3. activation
+
+
+async def fill(bb: AsyncBlackbird, sid: str, events: int) -> None:
+    """Create ``sid`` and touch it until it has ``events`` events (sequential, durable)."""
+    sm = bb.session_manager
+    await sm.create_session(f"user-{sid}", tier="enterprise", session_id=sid)
+    for _ in range(events - 1):
+        await sm.touch_session(sid)
+
+
+async def time_activation(bb: AsyncBlackbird, sid: str, repeats: int) -> list[float]:
+    host = bb.host
+    assert host is not None
+    times = []
+    for _ in range(repeats):
+        host.passivate_idle(0)
+        assert host.active_actors == 0
+        t0 = time.perf_counter()
+        session = await bb.session_manager.get_session(sid)
+        times.append((time.perf_counter() - t0) * 1000)
+        assert session is not None and session.version == ACTIVATION_EVENTS, session
+    return times
+
+
+async def time_call(fn: Any, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        await fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+# --------------------------------------------------------------------------- main
+
+
+async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    result: dict[str, Any] = {"bench": "commands"}
+    with tempfile.TemporaryDirectory(prefix="bb-bench-") as tmp:
+        async with EmbeddedServer(tmp) as server:
+            url = server.url
+            print(f"nats-server {url} (embedded, store {server.store_dir}), fsync: {FSYNC}")
+            print(f"mode: {'quick' if cfg.quick else 'full'}; python {sys.version.split()[0]}; "
+                  f"{os.cpu_count()} cpus")
+            print()
+            row("measurement", "value", "detail")
+            row("-" * 44, "-" * 16, "-" * 40)
+
+            # ---------------------------------------------------------------- 1. commands
+            phases: dict[int, PhaseResult] = {}
+            async with AsyncBlackbird(nats_url=url, tenant=TENANT) as bb:
+                ids = {n: await create_sessions(bb, n, f"s{n}") for n in cfg.concurrency}
+                for n in cfg.concurrency:
+                    profiler = cProfile.Profile() if (profile_path and n == max(cfg.concurrency)) else None
+                    res = await run_touch_phase(bb, ids[n], cfg.warmup, cfg.seconds[n], server.pid, profiler)
+                    if profiler is not None:
+                        profiler.dump_stats(profile_path)
+                    phases[n] = res
+                    row(f"touch_session, {n} concurrent session(s)", f"{res.per_s:,.0f} cmd/s",
+                        f"p50 {res.p50_ms:.2f} ms  p99 {res.p99_ms:.2f} ms  "
+                        f"({res.commands:,} cmds in {res.seconds:.1f} s; {res.cpu}"
+                        f"{', under cProfile' if profiler else ''})")
+                payload, built_size = await commit_payload(bb, ids[1][0])
+                settings = bb.settings
+            row("commit payload (TouchSession, stored)", f"{len(payload)} B",
+                f"msgspec.json of a hand-built commit: {built_size} B; "
+                f"snapshot_every={settings.snapshot_every} (default)")
+
+            # ---------------------------------------------------------------- 2. raw baseline
+            n_raw, s_raw = await raw_baseline(url, payload, cfg.raw_seconds, with_headers=False)
+            raw_rate = n_raw / s_raw
+            row("raw js.publish_async (no headers)", f"{raw_rate:,.0f} msg/s",
+                f"{len(payload)} B, batches of {RAW_BATCH}, {RAW_SUBJECTS} subjects, "
+                f"{n_raw:,} msgs in {s_raw:.1f} s")
+            n_rawh, s_rawh = await raw_baseline(url, payload, cfg.raw_seconds, with_headers=True)
+            rawh_rate = n_rawh / s_rawh
+            row("raw js.publish_async (+msg-id, expected-seq)", f"{rawh_rate:,.0f} msg/s",
+                f"same, with the 2 headers our appends carry; {n_rawh:,} msgs in {s_rawh:.1f} s")
+            top = max(cfg.concurrency)
+            ratio = phases[top].per_s / raw_rate
+            row(f"ratio cmds/s @{top} ÷ raw msgs/s", f"{ratio:.3f}", "target >= 0.5")
+
+            # ---------------------------------------------------------------- 3. activation
+            async with AsyncBlackbird(nats_url=url, tenant=TENANT, snapshot_every=10**9) as bb:
+                host = bb.host
+                assert host is not None
+                sid_plain = f"act-plain-{uuid.uuid4().hex[:8]}"
+                sid_snap = f"act-snap-{uuid.uuid4().hex[:8]}"
+                t0 = time.perf_counter()
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(fill, bb, sid_plain, ACTIVATION_EVENTS)
+                    tg.start_soon(fill, bb, sid_snap, ACTIVATION_EVENTS)
+                fill_s = time.perf_counter() - t0
+                row("write 2 x 10,000 events (sequential/session)",
+                    f"{2 * ACTIVATION_EVENTS / fill_s:,.0f} cmd/s", f"{fill_s:.1f} s")
+
+                plain = await time_activation(bb, sid_plain, cfg.activation_repeats)
+                row("activation, 10,000 events, no snapshot", f"{statistics.median(plain):.1f} ms",
+                    f"median of {len(plain)} (min {min(plain):.1f}, max {max(plain):.1f})")
+
+                # snapshot the second session only: activate it alone, then snapshot_all()
+                host.passivate_idle(0)
+                await bb.session_manager.get_session(sid_snap)
+                await host.snapshot_all()
+                key = AggregateKey(TENANT, "session", sid_snap)
+                raw_snapshot = await bb.journal.load(key)
+                assert raw_snapshot is not None, "snapshot was not written"
+                snap = await time_activation(bb, sid_snap, cfg.activation_repeats)
+                row("activation, 10,000 events, with snapshot", f"{statistics.median(snap):.2f} ms",
+                    f"median of {len(snap)} (min {min(snap):.2f}, max {max(snap):.2f}); "
+                    f"snapshot {len(raw_snapshot)} B; target <= 20 ms")
+                kv_ms = await time_call(lambda: bb.journal.load(key), cfg.activation_repeats)
+                last_ms = await time_call(lambda: bb.journal.last_seq(key), cfg.activation_repeats)
+                row("  of which: snapshot KV get", f"{kv_ms:.2f} ms", "median, Journal.load")
+                row("  of which: last_seq (STREAM.MSG.GET)", f"{last_ms:.2f} ms", "median, Journal.last_seq")
+
+    total = time.perf_counter() - t_start
+    row("total wall time", f"{total:.1f} s", "")
+    result.update(
+        ratio_vs_raw=round(ratio, 4),
+        raw_msgs_per_s=round(raw_rate, 1),
+        raw_with_headers_msgs_per_s=round(rawh_rate, 1),
+        cmds_per_s={str(n): round(p.per_s, 1) for n, p in phases.items()},
+        p50_ms={str(n): round(p.p50_ms, 3) for n, p in phases.items()},
+        p99_ms={str(n): round(p.p99_ms, 3) for n, p in phases.items()},
+        payload_bytes=len(payload),
+        activation_ms={
+            "no_snapshot": round(statistics.median(plain), 3),
+            "snapshot": round(statistics.median(snap), 3),
+        },
+        fsync=FSYNC,
+        quick=cfg.quick,
+    )
+    return result
+
+
+def cli() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small counts, under 60 s")
+    parser.add_argument("--profile", metavar="FILE", help="cProfile the 1,000-session phase into FILE")
+    args = parser.parse_args()
+    cfg = make_config(args.quick)
+    result = anyio.run(main, cfg, args.profile)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    cli()

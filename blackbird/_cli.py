@@ -1,0 +1,446 @@
+"""The ``blackbird`` command line.
+
+``blackbird serve`` runs an actor host that answers session commands on
+``bbcmd.<tenant>.<session_id>`` (NATS request/reply, queue group ``blackbird-hosts``) until
+SIGINT or SIGTERM. ``blackbird session create|get|terminate`` drive a running host over NATS.
+
+Exit codes: 0 success, 1 an error (unknown session, nothing listening, ...), 2 bad input
+(a :class:`~blackbird.errors.ValidationError` or a usage error). Typed errors are printed as
+one ``error: <message>`` line on stderr, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+
+from blackbird._client import DEFAULT_DATA_DIR, AsyncBlackbird
+from blackbird._logging import configure_default_logging
+from blackbird._server import _nats_running
+from blackbird.errors import BlackbirdError, ValidationError
+
+log = structlog.get_logger("blackbird.cli")
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+DEFAULT_CONNECT_TIMEOUT = 10.0  # seconds to reach NATS before a session command gives up
+DEFAULT_START_TIMEOUT = 30.0  # seconds `serve` gets to start (embedded server, stream, service)
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+class CliError(Exception):
+    """A problem reported as ``error: <message>`` with an exit code, without a traceback."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _out(line: str = "") -> None:
+    print(line, flush=True)
+
+
+def _err(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+class _OneLineFormatter(logging.Formatter):
+    """stdlib log records (nats-py's) as one line each: the exception's text, no traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            text += f": {type(exc).__name__}: {exc}"
+        return text
+
+
+class _DropRepeats(logging.Filter):
+    """Drop a record identical to the previous one (nats-py retries a dead server every 0.5s)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: tuple[Any, ...] | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        key = (record.levelno, record.getMessage(), type(exc), str(exc))
+        repeated = key == self._last
+        self._last = key
+        return not repeated
+
+
+def _configure_logging(level: str | None, default: str) -> None:
+    """structlog at ``level`` (else BLACKBIRD_LOG_LEVEL, else ``default``), all on stderr.
+
+    nats-py logs every failed connection attempt through the stdlib ``nats`` logger with a full
+    traceback; route that logger to stderr as one line per record at the same level.
+    """
+    name = level or os.environ.get("BLACKBIRD_LOG_LEVEL") or default
+    configure_default_logging(name, force=True)
+    numeric = logging.getLevelName(name.upper())
+    nats_logger = logging.getLogger("nats")
+    for handler in list(nats_logger.handlers):
+        if getattr(handler, "_blackbird_cli", False):
+            nats_logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLineFormatter())
+    handler.addFilter(_DropRepeats())
+    handler._blackbird_cli = True  # type: ignore[attr-defined]
+    nats_logger.addHandler(handler)
+    nats_logger.setLevel(numeric if isinstance(numeric, int) else logging.WARNING)
+    nats_logger.propagate = False
+
+
+def _data_dir(arg: str | None) -> Path:
+    return Path(arg or os.environ.get("BLACKBIRD_DATA_DIR") or DEFAULT_DATA_DIR).resolve()
+
+
+def _running_server_url(data_dir: Path) -> str | None:
+    """The url in ``<data_dir>/nats/server.json`` if that nats-server is still running."""
+    try:
+        state = json.loads((data_dir / "nats" / "server.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(state, dict) or type(state.get("pid")) is not int:
+        return None
+    if not _nats_running(state["pid"]):
+        return None
+    url = state.get("url")
+    if isinstance(url, str) and url:
+        return url
+    port = state.get("port")
+    return f"nats://127.0.0.1:{port}" if type(port) is int else None
+
+
+def _resolve_nats_url(args: argparse.Namespace) -> str:
+    """--nats-url, else the server of --data-dir, else BLACKBIRD_NATS_URL, else ./blackbird-data's."""
+    if args.nats_url:
+        return str(args.nats_url)
+    if args.data_dir is None and os.environ.get("BLACKBIRD_NATS_URL"):
+        return os.environ["BLACKBIRD_NATS_URL"]
+    data_dir = _data_dir(args.data_dir)
+    url = _running_server_url(data_dir)
+    if url is None:
+        raise CliError(
+            f"no running `blackbird serve` for data folder {data_dir}; start it or pass --nats-url"
+        )
+    return url
+
+
+def _parse_metadata(raw: str | None) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise CliError(f"metadata: expected a JSON object, got invalid JSON ({exc})", EXIT_USAGE) from None
+    if not isinstance(value, dict):
+        raise CliError(f"metadata: expected a JSON object, got {type(value).__name__}", EXIT_USAGE)
+    return value
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The single error inside (nested) exception groups, else ``exc`` itself."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _run(func: Callable[[], Awaitable[int]]) -> int:
+    try:
+        return anyio.run(func, backend="asyncio")
+    except BaseExceptionGroup as group:
+        inner = _unwrap(group)
+        if inner is group:
+            raise
+        raise inner from None
+
+
+# --------------------------------------------------------------------------- serve
+
+
+def _announce(bb: AsyncBlackbird, args: argparse.Namespace) -> None:
+    subjects = bb.journal.subjects
+    url = bb.nats_url
+    command_pattern = f"{subjects.command_prefix}.<tenant>.<session_id>"
+    if bb.data_dir is not None:
+        store = f"{bb.data_dir}  (embedded nats-server, store in {bb.data_dir / 'nats' / 'store'})"
+    else:
+        store = "(none: JetStream on the external NATS server keeps the data)"
+    _out("Blackbird is serving session commands")
+    _out(f"  nats:        {url}")
+    _out(
+        f"  commands:    {command_pattern}  (request/reply on {subjects.command_wildcard}, "
+        f"queue group {bb.settings.queue_group})"
+    )
+    _out(f"  events:      {', '.join(subjects.stream_subjects)}  (JetStream stream {bb.journal.stream})")
+    _out(f"  data folder: {store}")
+    _out(f"  tenant:      {bb.settings.tenant}  (default; a command's subject names its tenant)")
+    _out(f"  try:         blackbird session create --user-id u1 --nats-url {url}")
+    _out("  stop:        Ctrl-C or SIGTERM")
+    _out(f"blackbird ready nats_url={url} commands={subjects.command_wildcard} pid={os.getpid()}")
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    stop = anyio.Event()
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with anyio.create_task_group() as tg:
+            # The client's actor host and command service run in task groups that live as long
+            # as the client, so the scope bounding start-up must enclose its whole lifetime:
+            # it gets a deadline while starting, lifted once ready.
+            lifetime = anyio.CancelScope(deadline=anyio.current_time() + args.start_timeout)
+
+            async def watch_signals() -> None:
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    if not stop.is_set():
+                        log.info("serve_stopping", signal=name)
+                        stop.set()
+                        if lifetime.deadline != math.inf:  # still starting: abandon start-up
+                            lifetime.cancel()
+                    else:  # a second signal: stop waiting for a clean close
+                        log.warning("serve_forced_stop", signal=name)
+                        lifetime.cancel()
+
+            tg.start_soon(watch_signals)
+            started = False
+            try:
+                with lifetime:
+                    async with AsyncBlackbird(
+                        data_dir=args.data_dir,
+                        nats_url=args.nats_url,
+                        tenant=args.tenant,
+                        serve_commands=True,
+                    ) as bb:
+                        lifetime.deadline = math.inf
+                        started = True
+                        _announce(bb, args)
+                        await stop.wait()
+            finally:
+                tg.cancel_scope.cancel()
+    if lifetime.cancelled_caught and not stop.is_set():
+        where = args.nats_url or _data_dir(args.data_dir)
+        raise CliError(
+            f"could not start within {args.start_timeout:g}s (is NATS at {where} reachable?)"
+        )
+    log.info("serve_stopped", before_ready=not started)
+    return EXIT_OK
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    _configure_logging(args.log_level, "info")
+    return _run(lambda: _serve(args))
+
+
+# --------------------------------------------------------------------------- session commands
+
+
+async def _with_client(
+    args: argparse.Namespace, action: Callable[[AsyncBlackbird], Awaitable[int]]
+) -> int:
+    url = _resolve_nats_url(args)
+    # nats-py retries an unreachable server forever (AsyncBlackbird connects with
+    # max_reconnect_attempts=-1), so bound the connection here. The scope encloses the client's
+    # whole lifetime (a client may hold task groups); its deadline is lifted once connected.
+    with anyio.CancelScope(deadline=anyio.current_time() + args.connect_timeout) as scope:
+        async with AsyncBlackbird(nats_url=url, tenant=args.tenant, remote=True) as bb:
+            scope.deadline = math.inf
+            return await action(bb)
+    raise CliError(
+        f"could not reach NATS at {url} within {args.connect_timeout:g}s; "
+        "is it running? (check --nats-url / --data-dir)"
+    )
+
+
+def _print_session(session: Any) -> None:
+    _out(json.dumps(session.to_dict(), indent=2))
+
+
+def _cmd_session_create(args: argparse.Namespace) -> int:
+    metadata = _parse_metadata(args.metadata)
+
+    async def action(bb: AsyncBlackbird) -> int:
+        session = await bb.session_manager.create_session(
+            args.user_id,
+            args.tier,
+            metadata,
+            session_id=args.session_id,
+            command_id=args.command_id,
+        )
+        _print_session(session)
+        return EXIT_OK
+
+    return _run(lambda: _with_client(args, action))
+
+
+def _cmd_session_get(args: argparse.Namespace) -> int:
+    async def action(bb: AsyncBlackbird) -> int:
+        session = await bb.session_manager.get_session(args.session_id)
+        if session is None:
+            _err(f"error: session {args.session_id!r} not found in tenant {bb.settings.tenant!r}")
+            return EXIT_ERROR
+        _print_session(session)
+        return EXIT_OK
+
+    return _run(lambda: _with_client(args, action))
+
+
+def _cmd_session_terminate(args: argparse.Namespace) -> int:
+    async def action(bb: AsyncBlackbird) -> int:
+        session = await bb.session_manager.terminate_session(
+            args.session_id, args.reason, command_id=args.command_id
+        )
+        _print_session(session)
+        return EXIT_OK
+
+    return _run(lambda: _with_client(args, action))
+
+
+def _cmd_session(args: argparse.Namespace) -> int:
+    _configure_logging(args.log_level, "warning")
+    return int(args.session_func(args))
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _add_location(parser: argparse.ArgumentParser, *, serve: bool) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--nats-url",
+        metavar="URL",
+        help="an external NATS server (default: BLACKBIRD_NATS_URL)"
+        if serve
+        else "the NATS server `blackbird serve` listens on",
+    )
+    where.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="data folder of the embedded nats-server (default: BLACKBIRD_DATA_DIR or ./blackbird-data)"
+        if serve
+        else "find the NATS url of the `blackbird serve` using this data folder "
+        "(default: BLACKBIRD_DATA_DIR or ./blackbird-data)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="blackbird",
+        description="Durable, event-sourced agent sessions on NATS JetStream.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = commands.add_parser(
+        "serve",
+        help="host session actors and answer commands over NATS until SIGINT/SIGTERM",
+        description="Host session actors and answer commands on bbcmd.<tenant>.<session_id> "
+        "(NATS request/reply, queue group blackbird-hosts) until SIGINT or SIGTERM.",
+    )
+    _add_location(serve, serve=True)
+    serve.add_argument("--tenant", help="default tenant of this host (default: default)")
+    serve.add_argument(
+        "--log-level", choices=LOG_LEVELS, type=str.lower,
+        help="log level on stderr (default: BLACKBIRD_LOG_LEVEL or info)",
+    )
+    serve.add_argument(
+        "--start-timeout", type=_positive_float, default=DEFAULT_START_TIMEOUT, metavar="SECONDS",
+        help=f"give up if not ready within this many seconds (default: {DEFAULT_START_TIMEOUT:g})",
+    )
+    serve.set_defaults(func=_cmd_serve)
+
+    session = commands.add_parser("session", help="create, read or terminate sessions on a running host")
+    session_commands = session.add_subparsers(dest="session_command", metavar="ACTION", required=True)
+
+    common = argparse.ArgumentParser(add_help=False)
+    _add_location(common, serve=False)
+    common.add_argument("--tenant", help="tenant of the session (default: BLACKBIRD_TENANT or default)")
+    common.add_argument(
+        "--connect-timeout", type=_positive_float, default=DEFAULT_CONNECT_TIMEOUT, metavar="SECONDS",
+        help=f"give up reaching NATS after this many seconds (default: {DEFAULT_CONNECT_TIMEOUT:g})",
+    )
+    common.add_argument(
+        "--log-level", choices=LOG_LEVELS, type=str.lower,
+        help="log level on stderr (default: BLACKBIRD_LOG_LEVEL or warning)",
+    )
+
+    create = session_commands.add_parser(
+        "create", parents=[common], help="create a session and print it as JSON"
+    )
+    create.add_argument("--user-id", required=True, help="the user the session belongs to")
+    create.add_argument("--tier", default="free", help="policy tier (default: free)")
+    create.add_argument("--metadata", metavar="JSON", help="a JSON object stored with the session")
+    create.add_argument("--session-id", metavar="ID", help="the session id (default: a new random id)")
+    create.add_argument(
+        "--command-id", metavar="ID", help="idempotency key: resending it does not create twice"
+    )
+    create.set_defaults(func=_cmd_session, session_func=_cmd_session_create)
+
+    get = session_commands.add_parser(
+        "get", parents=[common], help="print a session as JSON (exit 1 if unknown)"
+    )
+    get.add_argument("session_id", metavar="SESSION_ID")
+    get.set_defaults(func=_cmd_session, session_func=_cmd_session_get)
+
+    terminate = session_commands.add_parser(
+        "terminate", parents=[common], help="terminate a session and print it as JSON"
+    )
+    terminate.add_argument("session_id", metavar="SESSION_ID")
+    terminate.add_argument("--reason", default="terminated", help="recorded reason (default: terminated)")
+    terminate.add_argument("--command-id", metavar="ID", help="idempotency key")
+    terminate.set_defaults(func=_cmd_session, session_func=_cmd_session_terminate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``blackbird`` command line; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error argparse already reported
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        return int(args.func(args))
+    except CliError as exc:
+        _err(f"error: {exc.message}")
+        return exc.code
+    except ValidationError as exc:
+        _err(f"error: {exc.message}")
+        return EXIT_USAGE
+    except BlackbirdError as exc:
+        _err(f"error: {exc.message}")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        _err("error: interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
