@@ -213,8 +213,10 @@ async def commit_payload(bb: AsyncBlackbird, sid: str) -> tuple[bytes, int]:
 # --------------------------------------------------------------------------- 2. raw baseline
 
 
-async def raw_baseline(url: str, payload: bytes, seconds: float, *, with_headers: bool) -> tuple[int, float]:
-    """Pipelined js.publish_async into stream RAW; returns (messages, seconds)."""
+async def raw_baseline(
+    url: str, payload: bytes, seconds: float, server_pid: int, *, with_headers: bool
+) -> tuple[int, float, str]:
+    """Pipelined js.publish_async into stream RAW; returns (messages, seconds, cpu use)."""
     nc = await nats.connect(url, name="bench-raw")
     try:
         js = nc.jetstream(timeout=30)
@@ -247,11 +249,12 @@ async def raw_baseline(url: str, payload: bytes, seconds: float, *, with_headers
 
         await batch()  # warm-up (stream files, subject index)
         sent_before = sent
+        meter = CpuMeter(server_pid)
         start = time.perf_counter()
         while time.perf_counter() - start < seconds:
             await batch()
         elapsed = time.perf_counter() - start
-        return sent - sent_before, elapsed
+        return sent - sent_before, elapsed, meter.text()
     finally:
         await nc.close()
 
@@ -327,15 +330,19 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
                 f"snapshot_every={settings.snapshot_every} (default)")
 
             # ---------------------------------------------------------------- 2. raw baseline
-            n_raw, s_raw = await raw_baseline(url, payload, cfg.raw_seconds, with_headers=False)
+            n_raw, s_raw, cpu_raw = await raw_baseline(
+                url, payload, cfg.raw_seconds, server.pid, with_headers=False
+            )
             raw_rate = n_raw / s_raw
             row("raw js.publish_async (no headers)", f"{raw_rate:,.0f} msg/s",
                 f"{len(payload)} B, batches of {RAW_BATCH}, {RAW_SUBJECTS} subjects, "
-                f"{n_raw:,} msgs in {s_raw:.1f} s")
-            n_rawh, s_rawh = await raw_baseline(url, payload, cfg.raw_seconds, with_headers=True)
+                f"{n_raw:,} msgs in {s_raw:.1f} s; {cpu_raw}")
+            n_rawh, s_rawh, cpu_rawh = await raw_baseline(
+                url, payload, cfg.raw_seconds, server.pid, with_headers=True
+            )
             rawh_rate = n_rawh / s_rawh
             row("raw js.publish_async (+msg-id, expected-seq)", f"{rawh_rate:,.0f} msg/s",
-                f"same, with the 2 headers our appends carry; {n_rawh:,} msgs in {s_rawh:.1f} s")
+                f"same, with the 2 headers our appends carry; {n_rawh:,} msgs in {s_rawh:.1f} s; {cpu_rawh}")
             top = max(cfg.concurrency)
             ratio = phases[top].per_s / raw_rate
             row(f"ratio cmds/s @{top} ÷ raw msgs/s", f"{ratio:.3f}", "target >= 0.5")

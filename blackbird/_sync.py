@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import threading
+import weakref
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -82,6 +84,11 @@ class BlackbirdSDK:
             raise
         self._portal: BlockingPortal | None = portal
         self._session_manager = SessionManager(self._client.session_manager, portal)
+        # The portal's event-loop thread is not a daemon, and the interpreter joins such threads
+        # before atexit handlers run: without this hook a script that forgets close() would hang
+        # on exit instead of flushing and stopping its embedded server.
+        ref = weakref.ref(self)
+        threading._register_atexit(lambda: (sdk := ref()) is not None and sdk.close())  # type: ignore[attr-defined]
 
     @property
     def session_manager(self) -> SessionManager:
