@@ -131,7 +131,7 @@ def _running_server_url(data_dir: Path) -> str | None:
 
 
 def _resolve_nats_url(args: argparse.Namespace) -> str:
-    """--nats-url, else the server of --data-dir, else BLACKBIRD_NATS_URL, else ./blackbird-data's."""
+    """--nats-url; else --data-dir's server; else BLACKBIRD_NATS_URL; else the default folder's."""
     if args.nats_url:
         return str(args.nats_url)
     if args.data_dir is None and os.environ.get("BLACKBIRD_NATS_URL"):
@@ -151,7 +151,9 @@ def _parse_metadata(raw: str | None) -> dict[str, Any] | None:
     try:
         value = json.loads(raw)
     except ValueError as exc:
-        raise CliError(f"metadata: expected a JSON object, got invalid JSON ({exc})", EXIT_USAGE) from None
+        raise CliError(
+            f"metadata: expected a JSON object, got invalid JSON ({exc})", EXIT_USAGE
+        ) from None
     if not isinstance(value, dict):
         raise CliError(f"metadata: expected a JSON object, got {type(value).__name__}", EXIT_USAGE)
     return value
@@ -177,7 +179,7 @@ def _run(func: Callable[[], Awaitable[int]]) -> int:
 # --------------------------------------------------------------------------- serve
 
 
-def _announce(bb: AsyncBlackbird, args: argparse.Namespace) -> None:
+def _announce(bb: AsyncBlackbird) -> None:
     subjects = bb.journal.subjects
     url = bb.nats_url
     command_pattern = f"{subjects.command_prefix}.<tenant>.<session_id>"
@@ -191,7 +193,8 @@ def _announce(bb: AsyncBlackbird, args: argparse.Namespace) -> None:
         f"  commands:    {command_pattern}  (request/reply on {subjects.command_wildcard}, "
         f"queue group {bb.settings.queue_group})"
     )
-    _out(f"  events:      {', '.join(subjects.stream_subjects)}  (JetStream stream {bb.journal.stream})")
+    events = ", ".join(subjects.stream_subjects)
+    _out(f"  events:      {events}  (JetStream stream {bb.journal.stream})")
     _out(f"  data folder: {store}")
     _out(f"  tenant:      {bb.settings.tenant}  (default; a command's subject names its tenant)")
     _out(f"  try:         blackbird session create --user-id u1 --nats-url {url}")
@@ -201,6 +204,7 @@ def _announce(bb: AsyncBlackbird, args: argparse.Namespace) -> None:
 
 async def _serve(args: argparse.Namespace) -> int:
     stop = anyio.Event()
+    started = forced = False
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with anyio.create_task_group() as tg:
             # The client's actor host and command service run in task groups that live as long
@@ -209,19 +213,20 @@ async def _serve(args: argparse.Namespace) -> int:
             lifetime = anyio.CancelScope(deadline=anyio.current_time() + args.start_timeout)
 
             async def watch_signals() -> None:
+                nonlocal forced
                 async for signum in signals:
                     name = signal.Signals(signum).name
                     if not stop.is_set():
                         log.info("serve_stopping", signal=name)
                         stop.set()
-                        if lifetime.deadline != math.inf:  # still starting: abandon start-up
+                        if not started:  # still starting: abandon start-up
                             lifetime.cancel()
                     else:  # a second signal: stop waiting for a clean close
                         log.warning("serve_forced_stop", signal=name)
+                        forced = True
                         lifetime.cancel()
 
             tg.start_soon(watch_signals)
-            started = False
             try:
                 with lifetime:
                     async with AsyncBlackbird(
@@ -232,7 +237,7 @@ async def _serve(args: argparse.Namespace) -> int:
                     ) as bb:
                         lifetime.deadline = math.inf
                         started = True
-                        _announce(bb, args)
+                        _announce(bb)
                         await stop.wait()
             finally:
                 tg.cancel_scope.cancel()
@@ -241,8 +246,8 @@ async def _serve(args: argparse.Namespace) -> int:
         raise CliError(
             f"could not start within {args.start_timeout:g}s (is NATS at {where} reachable?)"
         )
-    log.info("serve_stopped", before_ready=not started)
-    return EXIT_OK
+    log.info("serve_stopped", before_ready=not started, forced=forced)
+    return EXIT_ERROR if forced else EXIT_OK
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -344,7 +349,8 @@ def _add_location(parser: argparse.ArgumentParser, *, serve: bool) -> None:
     where.add_argument(
         "--data-dir",
         metavar="DIR",
-        help="data folder of the embedded nats-server (default: BLACKBIRD_DATA_DIR or ./blackbird-data)"
+        help="data folder of the embedded nats-server "
+        "(default: BLACKBIRD_DATA_DIR or ./blackbird-data)"
         if serve
         else "find the NATS url of the `blackbird serve` using this data folder "
         "(default: BLACKBIRD_DATA_DIR or ./blackbird-data)",
@@ -376,15 +382,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(func=_cmd_serve)
 
-    session = commands.add_parser("session", help="create, read or terminate sessions on a running host")
-    session_commands = session.add_subparsers(dest="session_command", metavar="ACTION", required=True)
+    session = commands.add_parser(
+        "session", help="create, read or terminate sessions on a running host"
+    )
+    session_commands = session.add_subparsers(
+        dest="session_command", metavar="ACTION", required=True
+    )
 
     common = argparse.ArgumentParser(add_help=False)
     _add_location(common, serve=False)
-    common.add_argument("--tenant", help="tenant of the session (default: BLACKBIRD_TENANT or default)")
     common.add_argument(
-        "--connect-timeout", type=_positive_float, default=DEFAULT_CONNECT_TIMEOUT, metavar="SECONDS",
-        help=f"give up reaching NATS after this many seconds (default: {DEFAULT_CONNECT_TIMEOUT:g})",
+        "--tenant", help="tenant of the session (default: BLACKBIRD_TENANT or default)"
+    )
+    common.add_argument(
+        "--connect-timeout", type=_positive_float, default=DEFAULT_CONNECT_TIMEOUT,
+        metavar="SECONDS",
+        help="give up reaching NATS after this many seconds "
+        f"(default: {DEFAULT_CONNECT_TIMEOUT:g})",
     )
     common.add_argument(
         "--log-level", choices=LOG_LEVELS, type=str.lower,
@@ -397,7 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--user-id", required=True, help="the user the session belongs to")
     create.add_argument("--tier", default="free", help="policy tier (default: free)")
     create.add_argument("--metadata", metavar="JSON", help="a JSON object stored with the session")
-    create.add_argument("--session-id", metavar="ID", help="the session id (default: a new random id)")
+    create.add_argument(
+        "--session-id", metavar="ID", help="the session id (default: a new random id)"
+    )
     create.add_argument(
         "--command-id", metavar="ID", help="idempotency key: resending it does not create twice"
     )
@@ -413,7 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
         "terminate", parents=[common], help="terminate a session and print it as JSON"
     )
     terminate.add_argument("session_id", metavar="SESSION_ID")
-    terminate.add_argument("--reason", default="terminated", help="recorded reason (default: terminated)")
+    terminate.add_argument(
+        "--reason", default="terminated", help="recorded reason (default: terminated)"
+    )
     terminate.add_argument("--command-id", metavar="ID", help="idempotency key")
     terminate.set_defaults(func=_cmd_session, session_func=_cmd_session_terminate)
     return parser

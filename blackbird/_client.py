@@ -11,6 +11,7 @@ from typing import Any
 
 import anyio
 import nats
+import nats.errors
 import structlog
 from nats.aio.client import Client as NATS
 
@@ -124,18 +125,12 @@ class AsyncBlackbird:
             server = await stack.enter_async_context(EmbeddedServer(self.data_dir))
             url = server.url
         self.nats_url = url
-        try:
-            nc = await nats.connect(
-                url, name="blackbird", connect_timeout=5, max_reconnect_attempts=-1,
-                allow_reconnect=True, reconnect_time_wait=0.5,
-            )
-        except Exception as exc:
-            raise EmbeddedServerError(
-                f"could not connect to NATS at {url}: {exc}", nats_url=url
-            ) from None
+        nc = await self._connect(url)
         self._nc = nc
         stack.push_async_callback(self._drain_connection, nc)
-        journal = await Journal.open(nc, s)
+        # A remote client only sends commands: it must not need the rights to (re)configure the
+        # stream, nor reconfigure it with settings that differ from the hosts'.
+        journal = Journal(nc, s) if self.remote else await Journal.open(nc, s)
         self._journal = journal
         dispatcher: Dispatcher
         if self.remote:
@@ -162,6 +157,31 @@ class AsyncBlackbird:
             dispatcher, self.policy, tenant=s.tenant, principal=s.principal
         )
         log.info("blackbird_opened", nats_url=url, data_dir=str(self.data_dir), remote=self.remote)
+
+    async def _connect(self, url: str) -> NATS:
+        """Connect within ``command_timeout``; once connected, reconnect forever on blips."""
+        timeout = self.settings.command_timeout
+
+        async def on_error(exc: Exception) -> None:
+            log.warning("nats_connection_error", nats_url=url, error=str(exc) or type(exc).__name__)
+
+        try:
+            with anyio.fail_after(timeout):
+                return await nats.connect(
+                    url,
+                    name="blackbird",
+                    connect_timeout=min(timeout, 5),
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    error_cb=on_error,
+                )
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            raise EmbeddedServerError(
+                f"could not connect to NATS at {url} within {timeout}s "
+                f"({type(exc).__name__}); is the server running?",
+                nats_url=url,
+            ) from None
 
     @staticmethod
     async def _drain_connection(nc: NATS) -> None:
