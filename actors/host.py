@@ -79,7 +79,7 @@ class _Request:
         self.command = command
         self.command_id = command_id
         self.principal = principal
-        self.done = anyio.Event()
+        self.done: anyio.Event | None = None  # only for requests that wait in a mailbox
         self.outcome: Outcome | None = None
         self.error: BaseException | None = None
 
@@ -150,13 +150,22 @@ class ActorHost:
         actor = self._actors.get(key)
         if actor is None:
             actor = self._actors[key] = _Actor(key)
-        request = _Request(command, command_id, principal)
-        actor.mailbox.append(request)
         actor.last_used = time.monotonic()
-        if not actor.busy:
+        request = _Request(command, command_id, principal)
+        if actor.busy:
+            request.done = anyio.Event()
+            actor.mailbox.append(request)
+            await request.done.wait()
+        else:
+            # The actor is idle: run the command in the caller's task (no task spawn, no event).
+            # Shielded, so a cancelled caller cannot leave an append acknowledged but unapplied.
             actor.busy = True
-            self._tg.start_soon(self._drain, actor)
-        await request.done.wait()
+            with anyio.CancelScope(shield=True):
+                await self._run(actor, request)
+                if actor.mailbox:
+                    self._tg.start_soon(self._drain, actor)
+                else:
+                    actor.busy = False
         if request.error is not None:
             raise request.error
         assert request.outcome is not None
@@ -167,33 +176,44 @@ class ActorHost:
             while actor.mailbox:
                 request = actor.mailbox.popleft()
                 try:
-                    request.outcome = await self._handle(actor, request)
-                except Exception as exc:  # the caller gets it; the actor reloads next time
-                    actor.state = None
-                    request.error = exc
+                    await self._run(actor, request)
                 finally:
+                    assert request.done is not None
                     request.done.set()
-                if actor.since_snapshot >= self._snapshot_every and actor.state is not None:
-                    await self._save_snapshot(actor)
         finally:
             actor.busy = False
             actor.last_used = time.monotonic()
 
+    async def _run(self, actor: _Actor, request: _Request) -> None:
+        try:
+            request.outcome = await self._handle(actor, request)
+        except Exception as exc:  # the caller gets it; the actor reloads from the log next time
+            actor.state = None
+            request.error = exc
+        if actor.since_snapshot >= self._snapshot_every and actor.state is not None:
+            actor.since_snapshot = 0
+            self._tg.start_soon(self._save_snapshot, actor, actor.seq, actor.state)  # type: ignore[union-attr]
+
     async def _handle(self, actor: _Actor, request: _Request) -> Outcome:
         b = self._behaviour
-        if actor.state is None:
+        fresh = actor.state is None
+        if fresh:
             await self._activate(actor)
-        else:
-            # Another host may have written since we last looked; queries and decisions must
-            # see it. One cheap read-your-writes lookup, and the tail only when it moved.
-            await self._catch_up(actor)
         for attempt in range(self._max_retries):
             if request.command_id in b.recent_commands(actor.state):
                 return Outcome(actor.state, actor.seq, duplicate=True)
             now = self._clock()
             decision = b.decide(actor.state, request.command, now)
             if not decision.events:
+                # A query or a refusal appends nothing, so no conflict would tell us that
+                # another host wrote since we last looked: check (read-your-writes) and, if the
+                # aggregate moved, decide again on the fresh state.
+                if not fresh and await self._catch_up(actor):
+                    fresh = True
+                    continue
                 return Outcome(actor.state, actor.seq, decision.rejection)
+            # A write needs no such check: it carries the sequence it was decided on, and a
+            # stale decision comes back as a conflict.
             commit = Commit(
                 command_id=request.command_id,
                 principal=request.principal,
@@ -211,6 +231,7 @@ class ActorHost:
                 # collide in lockstep, then reload what the winner wrote and decide again.
                 await anyio.sleep(random.uniform(0, min(0.001 * 2**attempt, 0.1)))
                 await self._catch_up(actor)
+                fresh = True
                 continue
             if result.duplicate:
                 await self._catch_up(actor)
@@ -251,19 +272,19 @@ class ActorHost:
         actor.state = state
         return len(commits)
 
-    async def _save_snapshot(self, actor: _Actor) -> None:
-        data = self._snapshot_codec.encode(_Snapshot(seq=actor.seq, state=actor.state))
+    async def _save_snapshot(self, actor: _Actor, seq: int, state: Any) -> None:
+        data = self._snapshot_codec.encode(_Snapshot(seq=seq, state=state))
         try:
             await self._snapshots.save(actor.key, data)
-            actor.since_snapshot = 0
         except Exception as exc:  # a missed snapshot only slows the next activation
-            actor.log.warning("snapshot_failed", error=str(exc))
+            actor.log.warning("snapshot_failed", seq=seq, error=str(exc))
 
     async def snapshot_all(self) -> None:
         """Snapshot every active actor that has commits since its last snapshot."""
         for actor in list(self._actors.values()):
-            if actor.state is not None and actor.since_snapshot and not actor.busy:
-                await self._save_snapshot(actor)
+            if actor.state is not None and actor.since_snapshot:
+                actor.since_snapshot = 0
+                await self._save_snapshot(actor, actor.seq, actor.state)
 
     def passivate_idle(self, idle_for: float) -> int:
         """Drop actors idle for ``idle_for`` seconds; they reactivate from the log on demand."""

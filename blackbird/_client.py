@@ -130,7 +130,7 @@ class AsyncBlackbird:
         stack.push_async_callback(self._drain_connection, nc)
         # A remote client only sends commands: it must not need the rights to (re)configure the
         # stream, nor reconfigure it with settings that differ from the hosts'.
-        journal = Journal(nc, s) if self.remote else await Journal.open(nc, s)
+        journal = await stack.enter_async_context(Journal.open(nc, s, configure=not self.remote))
         self._journal = journal
         dispatcher: Dispatcher
         if self.remote:

@@ -8,15 +8,21 @@ duplicate window; beyond it, the aggregate's own memory of recent command ids).
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import NamedTuple
 
+import anyio
+import anyio.abc
 import msgspec
 import nats.errors
 import nats.js.errors
 import structlog
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy, DiscardPolicy, StorageType, StreamConfig
 from nats.js.kv import KeyValue
 
@@ -45,6 +51,57 @@ class _PubAck(msgspec.Struct):
     error: _ApiError | None = None
 
 
+class _AckInbox:
+    """Pipelined request/reply for appends over one wildcard reply subscription.
+
+    Why not ``js.publish_async``: nats-py 2.16 never completes its future when the ack is an API
+    error (the reply handler raises instead), so an OCC conflict would hang. Why not
+    ``nc.request``: it arms a timer per request, the top cost of an append under load. Here a
+    single sweeper expires overdue requests instead.
+    """
+
+    def __init__(self, nc: NATS) -> None:
+        self._nc = nc
+        self._prefix = nc.new_inbox() + "."
+        self._pending: dict[str, tuple[asyncio.Future[Msg], float]] = {}
+        self._counter = 0
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
+        task_status.started()
+        try:
+            while True:
+                await anyio.sleep(0.25)
+                self._expire(time.monotonic())
+        finally:
+            self._expire(float("inf"))
+            with anyio.CancelScope(shield=True):
+                await sub.unsubscribe()
+
+    async def _on_reply(self, msg: Msg) -> None:
+        entry = self._pending.pop(msg.subject[len(self._prefix) :], None)
+        if entry is not None and not entry[0].done():
+            entry[0].set_result(msg)
+
+    def _expire(self, now: float) -> None:
+        overdue = [token for token, (_, deadline) in self._pending.items() if deadline <= now]
+        for token in overdue:
+            future, _ = self._pending.pop(token)
+            if not future.done():
+                future.set_exception(TimeoutError())
+
+    async def request(self, subject: str, payload: bytes, headers: dict[str, str], timeout: float) -> Msg:
+        self._counter += 1
+        token = str(self._counter)
+        future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        self._pending[token] = (future, time.monotonic() + timeout)
+        try:
+            await self._nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
+            return await future
+        finally:
+            self._pending.pop(token, None)
+
+
 class Entry(NamedTuple):
     seq: int
     subject: str
@@ -52,7 +109,7 @@ class Entry(NamedTuple):
 
 
 class Journal:
-    """The JetStream-backed event log. Create with :meth:`open`."""
+    """The JetStream-backed event log. Use ``async with Journal.open(nc, settings) as journal``."""
 
     def __init__(self, nc: NATS, settings: Settings) -> None:
         self._nc = nc
@@ -64,13 +121,24 @@ class Journal:
         self._decode = msgspec.json.Decoder(Commit).decode
         self._decode_ack = msgspec.json.Decoder(_PubAck).decode
         self._kv: KeyValue | None = None
+        self._acks = _AckInbox(nc)
 
     @classmethod
-    async def open(cls, nc: NATS, settings: Settings) -> Journal:
+    @contextlib.asynccontextmanager
+    async def open(
+        cls, nc: NATS, settings: Settings, *, configure: bool = True
+    ) -> AsyncIterator[Journal]:
+        """Open the log; with ``configure`` also create/update the stream and snapshot bucket."""
         journal = cls(nc, settings)
-        await journal._ensure_stream()
-        await journal._ensure_snapshot_bucket()
-        return journal
+        if configure:
+            await journal._ensure_stream()
+            await journal._ensure_snapshot_bucket()
+        async with anyio.create_task_group() as tg:
+            await tg.start(journal._acks.run)
+            try:
+                yield journal
+            finally:
+                tg.cancel_scope.cancel()
 
     def _stream_config(self) -> StreamConfig:
         s = self._settings
@@ -147,12 +215,15 @@ class Journal:
         return AppendResult(ack.seq, ack.duplicate)
 
     async def last_seq(self, key: AggregateKey) -> int:
-        return await self.last_seq_of(self.subjects.aggregate(key))
+        # On a single replica the direct-get API answers from the one copy, so it is
+        # read-your-writes and much cheaper; with replicas, a follower could answer stale.
+        direct = self._settings.replicas == 1
+        return await self.last_seq_of(self.subjects.aggregate(key), direct=direct)
 
-    async def last_seq_of(self, subject: str) -> int:
-        """Sequence of the last message on ``subject`` (0 if none), read from the stream leader."""
+    async def last_seq_of(self, subject: str, *, direct: bool = False) -> int:
+        """Sequence of the last message on ``subject`` (wildcards allowed; 0 if none)."""
         try:
-            msg = await self._js.get_last_msg(self.stream, subject)
+            msg = await self._js.get_last_msg(self.stream, subject, direct=direct)
         except nats.js.errors.NotFoundError:
             return 0
         return int(msg.seq or 0)
