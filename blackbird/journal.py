@@ -193,20 +193,14 @@ class Journal:
             "Nats-Msg-Id": msg_id,
         }
         subject = self.subjects.aggregate(key)
-        # A plain request (the connection's shared reply inbox, pipelined across tasks) rather
-        # than js.publish_async: nats-py 2.16 never completes a publish_async future whose ack
-        # is an API error (its reply handler raises instead of setting the exception), so an
-        # OCC conflict would hang until the timeout.
         try:
-            msg = await self._nc.request(
-                subject, payload, timeout=self._settings.command_timeout, headers=headers
-            )
-        except nats.errors.NoRespondersError:
-            raise LogError(f"append to {subject}: no stream {self.stream} captures it") from None
-        except nats.errors.TimeoutError:
+            msg = await self._acks.request(subject, payload, headers, self._settings.command_timeout)
+        except TimeoutError:
             raise LogError(
                 f"append to {subject}: no acknowledgement within {self._settings.command_timeout}s"
             ) from None
+        if not msg.data and msg.headers and msg.headers.get("Status") == "503":
+            raise LogError(f"append to {subject}: no stream {self.stream} captures it")
         ack = self._decode_ack(msg.data)
         if ack.error is not None:
             if ack.error.err_code == WRONG_LAST_SEQUENCE:
