@@ -19,6 +19,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
+from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
 
 import anyio
@@ -30,19 +31,19 @@ from actors.events import Commit, Rejection
 from actors.ports import AggregateKey, AppendConflict, Journal, SnapshotStore
 
 S = TypeVar("S")
-C = TypeVar("C")
 
 log = structlog.get_logger("blackbird.actors")
 
 
-class Behaviour(Protocol[S, C]):
+class Behaviour(Protocol[S]):
     """The pure logic of one aggregate kind."""
 
-    state_type: type
+    @property
+    def state_type(self) -> type[S]: ...
 
     def initial_state(self, key: AggregateKey) -> S: ...
 
-    def decide(self, state: S, command: C, now: float) -> Any: ...  # -> Decision
+    def decide(self, state: S, command: Any, now: float) -> Any: ...  # -> Decision
 
     def apply_commit(self, state: S, commit: Commit) -> S: ...
 
@@ -73,7 +74,7 @@ class _Snapshot(msgspec.Struct, Generic[S]):
 
 
 class _Request:
-    __slots__ = ("command", "command_id", "principal", "done", "outcome", "error")
+    __slots__ = ("command", "command_id", "done", "error", "outcome", "principal")
 
     def __init__(self, command: Any, command_id: str, principal: str) -> None:
         self.command = command
@@ -85,7 +86,7 @@ class _Request:
 
 
 class _Actor:
-    __slots__ = ("key", "state", "seq", "mailbox", "busy", "last_used", "since_snapshot", "log")
+    __slots__ = ("busy", "key", "last_used", "log", "mailbox", "seq", "since_snapshot", "state")
 
     def __init__(self, key: AggregateKey) -> None:
         self.key = key
@@ -103,7 +104,7 @@ class ActorHost:
 
     def __init__(
         self,
-        behaviour: Behaviour,
+        behaviour: Behaviour[Any],
         journal: Journal,
         snapshots: SnapshotStore,
         *,
@@ -122,7 +123,7 @@ class ActorHost:
         self._actors: dict[AggregateKey, _Actor] = {}
         self._tg: TaskGroup | None = None
         self._snapshot_codec = msgspec.msgpack.Encoder()
-        self._snapshot_decoder = msgspec.msgpack.Decoder(_Snapshot[behaviour.state_type])
+        self._snapshot_decoder = msgspec.msgpack.Decoder(_Snapshot[behaviour.state_type])  # type: ignore[name-defined]
 
     async def __aenter__(self) -> ActorHost:
         self._tg = anyio.create_task_group()
@@ -130,10 +131,15 @@ class ActorHost:
         self._tg.start_soon(self._passivation_loop)
         return self
 
-    async def __aexit__(self, *exc: object) -> bool | None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
         assert self._tg is not None
         self._tg.cancel_scope.cancel()
-        return await self._tg.__aexit__(*exc)
+        return await self._tg.__aexit__(exc_type, exc, tb)
 
     @property
     def active_actors(self) -> int:

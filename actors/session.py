@@ -90,7 +90,7 @@ def expiry_reason(state: SessionState, now: float) -> str | None:
     return None
 
 
-def _reject(code: str, message: str, **fields: str | int | float | bool | None) -> Decision:
+def _reject(code: str, message: str, **fields: str | float | bool | None) -> Decision:
     return Decision(rejection=Rejection(code, message, fields))
 
 
@@ -235,7 +235,7 @@ def fold(state: SessionState, commits: list[Commit]) -> SessionState:
 class SessionBehaviour:
     """Binds the session aggregate's pure functions and a tier policy for the actor host."""
 
-    state_type = SessionState
+    state_type: type[SessionState] = SessionState
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy

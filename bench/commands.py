@@ -35,15 +35,15 @@ from typing import Any
 
 os.environ.setdefault("BLACKBIRD_LOG_LEVEL", "warning")
 
-import anyio  # noqa: E402
-import msgspec  # noqa: E402
-import nats  # noqa: E402
-from nats.js.api import StorageType, StreamConfig  # noqa: E402
+import anyio
+import msgspec
+import nats
+from nats.js.api import StorageType, StreamConfig
 
-from actors.events import Commit, SessionTouched  # noqa: E402
-from actors.ports import AggregateKey  # noqa: E402
-from blackbird import AsyncBlackbird  # noqa: E402
-from blackbird._server import EmbeddedServer  # noqa: E402
+from actors.events import Commit, SessionTouched
+from actors.ports import AggregateKey
+from blackbird import AsyncBlackbird
+from blackbird._server import EmbeddedServer
 
 FSYNC = "default (JetStream sync_interval 2m)"
 TENANT = "bench"

@@ -9,11 +9,11 @@ from blackbird._logging import configure_default_logging
 
 configure_default_logging()
 
-from blackbird._client import AsyncBlackbird  # noqa: E402
-from blackbird._sessions import AsyncSessionManager  # noqa: E402
-from blackbird._sync import BlackbirdSDK, SessionManager  # noqa: E402
-from blackbird.config import Settings  # noqa: E402
-from blackbird.errors import (  # noqa: E402
+from blackbird._client import AsyncBlackbird
+from blackbird._sessions import AsyncSessionManager
+from blackbird._sync import BlackbirdSDK, SessionManager
+from blackbird.config import Settings
+from blackbird.errors import (
     BlackbirdError,
     ClosedError,
     CommandTimeoutError,
@@ -28,7 +28,7 @@ from blackbird.errors import (  # noqa: E402
     SessionNotFoundError,
     ValidationError,
 )
-from blackbird.types import Session, SessionStatus  # noqa: E402
+from blackbird.types import Session, SessionStatus
 
 __all__ = [
     "AsyncBlackbird",

@@ -88,7 +88,13 @@ class BlackbirdSDK:
         # before atexit handlers run: without this hook a script that forgets close() would hang
         # on exit instead of flushing and stopping its embedded server.
         ref = weakref.ref(self)
-        threading._register_atexit(lambda: (sdk := ref()) is not None and sdk.close())  # type: ignore[attr-defined]
+
+        def close_at_exit() -> None:
+            sdk = ref()
+            if sdk is not None:
+                sdk.close()
+
+        threading._register_atexit(close_at_exit)  # type: ignore[attr-defined]
 
     @property
     def session_manager(self) -> SessionManager:

@@ -52,7 +52,7 @@ def build_settings(**overrides: Any) -> Settings:
     """
     unknown = set(overrides) - {f.name for f in msgspec.structs.fields(Settings)}
     if unknown:
-        name = sorted(unknown)[0]
+        name = min(unknown)
         raise ValidationError(
             f"{name}: unknown setting", field=name, expected="a Settings field", got=name
         )

@@ -12,26 +12,13 @@ from actors.events import SessionStatus, SessionView
 __all__ = ["Session", "SessionStatus"]
 
 
-class Session(msgspec.Struct, frozen=True):
-    """A session as of the moment it was read. Time-derived properties use the current clock."""
-
-    session_id: str
-    user_id: str
-    tenant: str
-    tier: str
-    status: SessionStatus
-    metadata: dict[str, Any]
-    created_at: float
-    last_activity: float
-    idle_timeout: float
-    max_age: float
-    concurrent_operations: int = 0
-    version: int = 0
-    sequence: int = 0  # stream sequence of the session's last commit
+class Session(SessionView, frozen=True):
+    """A session as of the moment it was read (fields from :class:`SessionView`, times in seconds
+    since the epoch). Time-derived properties use the current clock."""
 
     @classmethod
     def from_view(cls, view: SessionView) -> Session:
-        return cls(**msgspec.structs.asdict(view))
+        return cls(*(getattr(view, f) for f in view.__struct_fields__))
 
     @property
     def age_seconds(self) -> float:

@@ -140,7 +140,7 @@ def session_json(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
 def extract_snippet() -> str:
     text = (REPO_ROOT / "docs" / "cli.md").read_text()
     marker = text.index("<!-- raw-request-snippet -->")
-    block = re.search(r"```python\n(.*?)```", text[marker:], re.S)
+    block = re.search(r"```python\n(.*?)```", text[marker:], re.DOTALL)
     assert block is not None, "docs/cli.md: no python block after the snippet marker"
     return block.group(1)
 
