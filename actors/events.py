@@ -70,15 +70,30 @@ SessionEvent = SessionCreated | SessionTouched | TierChanged | SessionExpired | 
 Event = SessionEvent
 
 
-class Commit(msgspec.Struct, frozen=True, kw_only=True):
-    """One JetStream message: the events one command produced, appended atomically."""
+class Applied(msgspec.Struct, frozen=True):
+    """One command's effect inside a commit: who asked, under which id, and what it caused."""
 
-    schema: int = SCHEMA_VERSION
     command_id: str
     principal: str
-    at: float
-    version: int  # the aggregate's own version after this commit (1, 2, ...)
     events: tuple[Event, ...]
+
+
+class Commit(msgspec.Struct, frozen=True, kw_only=True):
+    """One JetStream message, appended atomically: the effects of 1..n commands to one aggregate
+    (an actor batches the commands that queued up while its previous append was in flight)."""
+
+    schema: int = SCHEMA_VERSION
+    at: float  # host clock when the commands were decided
+    version: int  # the aggregate's own version after this commit (1, 2, ...)
+    commands: tuple[Applied, ...]
+
+    @property
+    def events(self) -> tuple[Event, ...]:
+        return tuple(e for c in self.commands for e in c.events)
+
+    @property
+    def command_ids(self) -> tuple[str, ...]:
+        return tuple(c.command_id for c in self.commands)
 
 
 def upcast(commit: Commit) -> Commit:

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import time
@@ -27,7 +28,7 @@ import msgspec
 import structlog
 from anyio.abc import TaskGroup
 
-from actors.events import Commit, Rejection
+from actors.events import Applied, Commit, Rejection
 from actors.ports import AggregateKey, AppendConflict, Journal, SnapshotStore
 
 S = TypeVar("S")
@@ -47,6 +48,8 @@ class Behaviour(Protocol[S]):
 
     def apply_commit(self, state: S, commit: Commit) -> S: ...
 
+    def apply_commands(self, state: S, applied: tuple[Applied, ...]) -> S: ...
+
     def recent_commands(self, state: S) -> tuple[str, ...]: ...
 
     def version(self, state: S) -> int: ...
@@ -59,6 +62,13 @@ class Outcome(msgspec.Struct, Generic[S]):
     sequence: int
     rejection: Rejection | None = None
     duplicate: bool = False
+
+
+def _msg_id(commit: Commit) -> str:
+    """JetStream's dedup id for a commit: its command id, or a digest of a batch's ids."""
+    if len(commit.commands) == 1:
+        return commit.commands[0].command_id
+    return hashlib.sha256("\x00".join(commit.command_ids).encode()).hexdigest()
 
 
 class ConflictRetriesExhausted(Exception):
@@ -111,6 +121,7 @@ class ActorHost:
         snapshot_every: int = 500,
         passivate_after: float = 300.0,
         max_retries: int = 8,
+        max_batch: int = 256,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._behaviour = behaviour
@@ -119,6 +130,7 @@ class ActorHost:
         self._snapshot_every = snapshot_every
         self._passivate_after = passivate_after
         self._max_retries = max_retries
+        self._max_batch = max_batch
         self._clock = clock
         self._actors: dict[AggregateKey, _Actor] = {}
         self._tg: TaskGroup | None = None
@@ -167,7 +179,7 @@ class ActorHost:
             # Shielded, so a cancelled caller cannot leave an append acknowledged but unapplied.
             actor.busy = True
             with anyio.CancelScope(shield=True):
-                await self._run(actor, request)
+                await self._run(actor, [request])
                 if actor.mailbox:
                     self._tg.start_soon(self._drain, actor)
                 else:
@@ -180,56 +192,68 @@ class ActorHost:
     async def _drain(self, actor: _Actor) -> None:
         try:
             while actor.mailbox:
-                request = actor.mailbox.popleft()
+                # Everything that queued up while the previous append was in flight goes into
+                # one commit: one round trip for the lot, each still answered individually.
+                batch = [actor.mailbox.popleft() for _ in range(min(len(actor.mailbox), self._max_batch))]
                 try:
-                    await self._run(actor, request)
+                    await self._run(actor, batch)
                 finally:
-                    assert request.done is not None
-                    request.done.set()
+                    for request in batch:
+                        assert request.done is not None
+                        request.done.set()
         finally:
             actor.busy = False
             actor.last_used = time.monotonic()
 
-    async def _run(self, actor: _Actor, request: _Request) -> None:
+    async def _run(self, actor: _Actor, batch: list[_Request]) -> None:
         try:
-            request.outcome = await self._handle(actor, request)
-        except Exception as exc:  # the caller gets it; the actor reloads from the log next time
+            await self._handle(actor, batch)
+        except Exception as exc:  # the callers get it; the actor reloads from the log next time
             actor.state = None
-            request.error = exc
+            for request in batch:
+                request.error = exc
         if actor.since_snapshot >= self._snapshot_every and actor.state is not None:
             actor.since_snapshot = 0
             self._tg.start_soon(self._save_snapshot, actor, actor.seq, actor.state)  # type: ignore[union-attr]
 
-    async def _handle(self, actor: _Actor, request: _Request) -> Outcome:
+    async def _handle(self, actor: _Actor, batch: list[_Request]) -> None:
+        """Decide every request of ``batch`` in order, append their events as one commit, and
+        only then set each request's outcome."""
         b = self._behaviour
         fresh = actor.state is None
         if fresh:
             await self._activate(actor)
         for attempt in range(self._max_retries):
-            if request.command_id in b.recent_commands(actor.state):
-                return Outcome(actor.state, actor.seq, duplicate=True)
             now = self._clock()
-            decision = b.decide(actor.state, request.command, now)
-            if not decision.events:
-                # A query or a refusal appends nothing, so no conflict would tell us that
-                # another host wrote since we last looked: check (read-your-writes) and, if the
-                # aggregate moved, decide again on the fresh state.
+            state = actor.state
+            applied: list[Applied] = []
+            answers: list[tuple[Any, Rejection | None, bool]] = []  # state after, why, duplicate
+            for request in batch:
+                if request.command_id in b.recent_commands(state):
+                    answers.append((state, None, True))
+                    continue
+                decision = b.decide(state, request.command, now)
+                if decision.events:
+                    record = Applied(request.command_id, request.principal, decision.events)
+                    state = b.apply_commands(state, (record,))
+                    applied.append(record)
+                answers.append((state, decision.rejection, False))
+            if not applied:
+                # Queries and refusals append nothing, so no conflict would tell us that another
+                # host wrote since we last looked: check (read-your-writes) and, if the aggregate
+                # moved, decide again on the fresh state.
                 if not fresh and await self._catch_up(actor):
                     fresh = True
                     continue
-                return Outcome(actor.state, actor.seq, decision.rejection)
+                for request, (after, rejection, duplicate) in zip(batch, answers, strict=True):
+                    request.outcome = Outcome(after, actor.seq, rejection, duplicate)
+                return
             # A write needs no such check: it carries the sequence it was decided on, and a
             # stale decision comes back as a conflict.
-            commit = Commit(
-                command_id=request.command_id,
-                principal=request.principal,
-                at=now,
-                version=b.version(actor.state) + 1,
-                events=decision.events,
-            )
+            commit = Commit(at=now, version=b.version(actor.state) + 1, commands=tuple(applied))
             try:
                 result = await self._journal.append(
-                    actor.key, commit, expected_seq=actor.seq, msg_id=request.command_id
+                    actor.key, commit, expected_seq=actor.seq, msg_id=_msg_id(commit)
                 )
             except AppendConflict:
                 actor.log.debug("append_conflicted", expected_seq=actor.seq, attempt=attempt)
@@ -239,13 +263,17 @@ class ActorHost:
                 await self._catch_up(actor)
                 fresh = True
                 continue
-            if result.duplicate:
+            if result.duplicate:  # this very commit was stored before: adopt it, decide again
                 await self._catch_up(actor)
-                return Outcome(actor.state, actor.seq, duplicate=True)
-            actor.state = b.apply_commit(actor.state, commit)
+                fresh = True
+                continue
+            actor.state = msgspec.structs.replace(state, version=commit.version)  # type: ignore[type-var]
             actor.seq = result.seq
             actor.since_snapshot += 1
-            return Outcome(actor.state, actor.seq, decision.rejection)
+            for request, (after, rejection, duplicate) in zip(batch, answers, strict=True):
+                after = msgspec.structs.replace(after, version=commit.version)
+                request.outcome = Outcome(after, actor.seq, rejection, duplicate)
+            return
         raise ConflictRetriesExhausted(actor.key, self._max_retries)
 
     async def _activate(self, actor: _Actor) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import msgspec
 
 from actors.events import (
+    Applied,
     ChangeTier,
     Commit,
     CreateSession,
@@ -218,12 +219,19 @@ def evolve(state: SessionState, event: Event) -> SessionState:
     raise TypeError(f"not a session event: {event!r}")
 
 
+def apply_commands(state: SessionState, applied: tuple[Applied, ...]) -> SessionState:
+    """Fold commands' events, and their ids into the idempotency window (version unchanged)."""
+    for command in applied:
+        for event in command.events:
+            state = evolve(state, event)
+    ids = tuple(c.command_id for c in applied)
+    recent = (state.recent_commands + ids)[-RECENT_COMMANDS:]
+    return msgspec.structs.replace(state, recent_commands=recent)
+
+
 def apply_commit(state: SessionState, commit: Commit) -> SessionState:
-    """Fold one commit: its events, then its command id into the idempotency window."""
-    for event in commit.events:
-        state = evolve(state, event)
-    recent = state.recent_commands[-(RECENT_COMMANDS - 1) :] + (commit.command_id,)
-    return msgspec.structs.replace(state, version=commit.version, recent_commands=recent)
+    """Fold one commit: its commands' events and ids, then the aggregate version."""
+    return msgspec.structs.replace(apply_commands(state, commit.commands), version=commit.version)
 
 
 def fold(state: SessionState, commits: list[Commit]) -> SessionState:
@@ -248,6 +256,9 @@ class SessionBehaviour:
 
     def apply_commit(self, state: SessionState, commit: Commit) -> SessionState:
         return apply_commit(state, commit)
+
+    def apply_commands(self, state: SessionState, applied: tuple[Applied, ...]) -> SessionState:
+        return apply_commands(state, applied)
 
     def recent_commands(self, state: SessionState) -> tuple[str, ...]:
         return state.recent_commands

@@ -40,7 +40,7 @@ import msgspec
 import nats
 from nats.js.api import StorageType, StreamConfig
 
-from actors.events import Commit, SessionTouched
+from actors.events import Applied, Commit, SessionTouched
 from actors.ports import AggregateKey
 from blackbird import AsyncBlackbird
 from blackbird._server import EmbeddedServer
@@ -204,11 +204,11 @@ async def commit_payload(url: str, stream: str, subject: str, principal: str) ->
     finally:
         await nc.close()
     commit = Commit(
-        command_id=uuid.uuid4().hex,
-        principal=principal,
         at=time.time(),
         version=12_345,
-        events=(SessionTouched(at=time.time(), operation="activity"),),
+        commands=(
+            Applied(uuid.uuid4().hex, principal, (SessionTouched(at=time.time(), operation="activity"),)),
+        ),
     )
     return bytes(msg.data or b""), len(msgspec.json.encode(commit))
 

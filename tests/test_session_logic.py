@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from actors.events import (
+    Applied,
     ChangeTier,
     Commit,
     CreateSession,
@@ -35,7 +36,7 @@ def created(tier: str = "pro", at: float = T0) -> SessionState:
 
 
 def commit(events: tuple, command_id: str, version: int, at: float = T0) -> Commit:
-    return Commit(command_id=command_id, principal="test", at=at, version=version, events=events)
+    return Commit(at=at, version=version, commands=(Applied(command_id, "test", events),))
 
 
 def test_create_records_the_tier_policy_in_force() -> None:

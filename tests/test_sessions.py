@@ -241,9 +241,15 @@ def test_sync_facade_is_thread_safe() -> None:
     with BlackbirdSDK(development_mode=True) as sdk:
         s = sdk.session_manager.create_session("u1")
         with ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda _: sdk.session_manager.touch_session(s.session_id), range(64)))
-        got = sdk.session_manager.get_session(s.session_id)
-        assert got is not None and got.version == 65
+            list(pool.map(lambda i: sdk.session_manager.touch_session(s.session_id, command_id=f"t{i}"), range(64)))
+        journal = sdk.async_client.journal
+
+        async def command_ids() -> list[str]:
+            subject = journal.subjects.session("default", s.session_id)
+            return [cid async for e in journal.entries(subject) for cid in e.commit.command_ids]
+
+        ids = sdk.run(command_ids)
+        assert sorted(ids[1:]) == sorted(f"t{i}" for i in range(64))  # each applied exactly once
 
 
 def test_sync_and_async_managers_expose_the_same_methods() -> None:
@@ -291,3 +297,54 @@ async def test_following_a_tenant_replays_history_then_streams_live_commits(bb: 
     # resuming after the first event yields exactly the rest: nothing lost, nothing repeated
     rest = [e.seq async for e in bb.journal.entries(bb.journal.subjects.tenant_filter("acme"), first.sequence)]
     assert rest == [live.sequence]
+
+
+async def test_concurrent_commands_to_one_session_share_commits_and_apply_once(bb: AsyncBlackbird) -> None:
+    import anyio
+
+    sm = bb.session_manager
+    s = await sm.create_session("u1", session_id="busy")
+    answers: dict[str, object] = {}
+
+    async def touch(i: int) -> None:
+        answers[f"t{i}"] = await sm.touch_session("busy", command_id=f"t{i}")
+
+    async with anyio.create_task_group() as tg:
+        for i in range(200):
+            tg.start_soon(touch, i)
+    commits = [e.commit async for e in bb.journal.entries(bb.journal.subjects.session("acme", "busy"))]
+    ids = [cid for c in commits for cid in c.command_ids]
+    assert sorted(ids[1:]) == sorted(answers) and len(set(ids)) == len(ids) == 201
+    assert len(commits) < 201  # queued commands were batched into shared commits
+    assert [c.version for c in commits] == list(range(1, len(commits) + 1))
+    final = await sm.get_session("busy")
+    assert final is not None and final.version == len(commits) and s.version == 1
+
+
+async def test_a_refusal_inside_a_batch_does_not_block_the_others(bb: AsyncBlackbird) -> None:
+    import anyio
+
+    sm = bb.session_manager
+    await sm.create_session("u1", session_id="mixed")
+    outcomes: list[str] = []
+
+    async def run(coro_fn, label: str) -> None:  # type: ignore[no-untyped-def]
+        try:
+            await coro_fn()
+            outcomes.append(f"{label}:ok")
+        except SessionInactiveError:
+            outcomes.append(f"{label}:inactive")
+
+    async with anyio.create_task_group() as tg:
+        for i in range(20):
+            tg.start_soon(run, lambda: sm.touch_session("mixed"), f"touch{i}")
+        tg.start_soon(run, lambda: sm.terminate_session("mixed"), "terminate")
+        for i in range(20, 40):
+            tg.start_soon(run, lambda: sm.touch_session("mixed"), f"touch{i}")
+    assert "terminate:ok" in outcomes and len(outcomes) == 41
+    # whatever ran after the termination was refused, and nothing after it reached the log
+    entries = [e async for e in bb.journal.entries(bb.journal.subjects.session("acme", "mixed"))]
+    kinds = [type(ev).__name__ for e in entries for ev in e.commit.events]
+    assert kinds.count("SessionTerminated") == 1 and kinds[-1] == "SessionTerminated"
+    ok_touches = sum(1 for o in outcomes if o.startswith("touch") and o.endswith(":ok"))
+    assert ok_touches == kinds.count("SessionTouched")
