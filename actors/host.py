@@ -267,12 +267,15 @@ class ActorHost:
                 await self._catch_up(actor)
                 fresh = True
                 continue
-            actor.state = msgspec.structs.replace(state, version=commit.version)  # type: ignore[type-var]
-            actor.seq = result.seq
+            final = msgspec.structs.replace(state, version=commit.version)  # type: ignore[type-var]
+            actor.state, actor.seq = final, result.seq
             actor.since_snapshot += 1
             for request, (after, rejection, duplicate) in zip(batch, answers, strict=True):
-                after = msgspec.structs.replace(after, version=commit.version)
-                request.outcome = Outcome(after, actor.seq, rejection, duplicate)
+                if after is state:
+                    after = final
+                elif after is not actor.state:
+                    after = msgspec.structs.replace(after, version=commit.version)
+                request.outcome = Outcome(after, result.seq, rejection, duplicate)
             return
         raise ConflictRetriesExhausted(actor.key, self._max_retries)
 

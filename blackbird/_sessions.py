@@ -7,7 +7,7 @@ Every argument is validated here, before anything is sent, so bad input gets a
 from __future__ import annotations
 
 import json
-import uuid
+import os
 from typing import Any
 
 import structlog
@@ -74,11 +74,13 @@ class AsyncSessionManager:
     def __init__(self, dispatcher: Dispatcher, policy: Policy, *, tenant: str, principal: str) -> None:
         self._dispatcher = dispatcher
         self._policy = policy
-        self._tenant = tenant
+        self._tenant = validate_token(tenant, "tenant")
         self._principal = principal
 
     def _tenant_of(self, tenant: str | None) -> str:
-        return validate_token(self._tenant if tenant is None else tenant, "tenant")
+        if tenant is None or tenant == self._tenant:
+            return self._tenant  # validated once, in __init__
+        return validate_token(tenant, "tenant")
 
     def _tier(self, tier: Any) -> str:
         known = sorted(self._policy.tiers)
@@ -97,7 +99,7 @@ class AsyncSessionManager:
         if command_id is not None:
             validate_token(command_id, "command_id")
         reply = await self._dispatcher.dispatch(
-            tenant, session_id, command, command_id or uuid.uuid4().hex, self._principal
+            tenant, session_id, command, command_id or os.urandom(16).hex(), self._principal
         )
         raise_for_rejection(reply)
         return Session.from_view(reply.session) if reply.session is not None else None
@@ -129,7 +131,7 @@ class AsyncSessionManager:
         """
         user_id = validate_token(user_id, "user_id")
         command = CreateSession(user_id=user_id, tier=self._tier(tier), metadata=_check_metadata(metadata))
-        sid = uuid.uuid4().hex if session_id is None else session_id
+        sid = os.urandom(16).hex() if session_id is None else session_id
         return await self._send_existing(tenant, sid, command, command_id)
 
     async def get_session(self, session_id: str, *, tenant: str | None = None) -> Session | None:
