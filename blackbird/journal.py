@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import math
 import contextlib
 import time
-from collections.abc import AsyncIterator
-from typing import NamedTuple
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NamedTuple
 
 import anyio
 import anyio.abc
@@ -230,7 +231,7 @@ class Journal:
             until_seq = await self.last_seq_of(subject)
         if until_seq <= after_seq:
             return []
-        return [(e.seq, e.commit) async for e in self._ordered(subject, after_seq, until_seq)]
+        return [(e.seq, e.commit) for e in await self._collect(subject, after_seq, until_seq)]
 
     # ------------------------------------------------------------------ reading
 
@@ -249,7 +250,7 @@ class Journal:
         until_seq = last if until_seq is None else min(until_seq, last)
         if until_seq <= after_seq:
             return
-        async for entry in self._ordered(subject_filter, after_seq, until_seq):
+        for entry in await self._collect(subject_filter, after_seq, until_seq):
             yield entry
 
     async def follow(self, subject_filter: str, after_seq: int = 0) -> AsyncIterator[Entry]:
@@ -257,12 +258,42 @@ class Journal:
         async for entry in self._ordered(subject_filter, after_seq, None):
             yield entry
 
-    async def _ordered(
-        self, subject_filter: str, after_seq: int, until_seq: int | None
-    ) -> AsyncIterator[Entry]:
-        sub = await self._js.subscribe(
+    async def _collect(self, subject_filter: str, after_seq: int, until_seq: int) -> list[Entry]:
+        """A bounded replay, decoded inside the delivery callback: no hand-off between tasks per
+        message (that wake-up per message, not decoding, is what bounds a replay's speed)."""
+        entries: list[Entry] = []
+        done = anyio.Event()
+
+        async def deliver(msg: Msg) -> None:
+            if done.is_set():
+                return
+            seq = msg.metadata.sequence.stream
+            if seq <= until_seq:
+                entries.append(Entry(seq, msg.subject, upcast(self._decode(msg.data))))
+            if seq >= until_seq:
+                done.set()
+
+        sub = await self._subscribe_ordered(subject_filter, after_seq, deliver)
+        try:
+            with anyio.fail_after(self._settings.command_timeout):
+                await done.wait()
+        except TimeoutError:
+            got = entries[-1].seq if entries else after_seq
+            raise LogError(
+                f"replay of {subject_filter} stalled at sequence {got} before {until_seq}"
+            ) from None
+        finally:
+            with anyio.CancelScope(shield=True):
+                await sub.unsubscribe()
+        return entries
+
+    async def _subscribe_ordered(
+        self, subject_filter: str, after_seq: int, deliver: Callable[[Msg], Awaitable[None]]
+    ) -> Any:
+        return await self._js.subscribe(
             subject_filter,
             stream=self.stream,
+            cb=deliver,
             ordered_consumer=True,
             config=ConsumerConfig(
                 deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after_seq + 1
@@ -270,24 +301,43 @@ class Journal:
             pending_msgs_limit=-1,
             pending_bytes_limit=-1,
         )
+
+    async def _ordered(
+        self, subject_filter: str, after_seq: int, until_seq: int | None
+    ) -> AsyncIterator[Entry]:
+        # Messages arrive through a callback into a bounded buffer that we drain without
+        # waiting while it has items: nats-py's next_msg() costs a task and a timer per message,
+        # most of a replay's time. A full buffer blocks delivery (flow control does the rest).
+        send, receive = anyio.create_memory_object_stream[Msg](max_buffer_size=4096)
+
+        async def deliver(msg: Msg) -> None:
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                await send.send(msg)  # after an early stop, stragglers are dropped
+
+        sub = await self._subscribe_ordered(subject_filter, after_seq, deliver)
+        stall = self._settings.command_timeout if until_seq is not None else math.inf
         try:
-            while True:
-                if until_seq is None:
-                    msg = await sub.next_msg(timeout=None)
-                else:
-                    msg = await sub.next_msg(timeout=self._settings.command_timeout)
-                seq = msg.metadata.sequence.stream
-                if until_seq is not None and seq > until_seq:
-                    return
-                yield Entry(seq, msg.subject, upcast(self._decode(msg.data)))
-                if until_seq is not None and seq >= until_seq:
-                    return
-        except nats.errors.TimeoutError:
+            with receive:
+                while True:
+                    try:
+                        msg = receive.receive_nowait()
+                    except anyio.WouldBlock:
+                        with anyio.fail_after(stall):
+                            msg = await receive.receive()
+                    seq = msg.metadata.sequence.stream
+                    if until_seq is not None and seq > until_seq:
+                        return
+                    yield Entry(seq, msg.subject, upcast(self._decode(msg.data)))
+                    if until_seq is not None and seq >= until_seq:
+                        return
+        except TimeoutError:
             raise LogError(
                 f"replay of {subject_filter} stalled before sequence {until_seq}"
             ) from None
         finally:
-            await sub.unsubscribe()
+            with anyio.CancelScope(shield=True):
+                await sub.unsubscribe()
+            send.close()
 
     # ------------------------------------------------------------------ SnapshotStore port
 
