@@ -1,5 +1,8 @@
 """Every event, command, reply and the commit envelope: the one source of truth for their shapes.
 
+Hot, acyclic shapes are declared ``gc=False``: a busy host creates thousands per second and
+the garbage collector need not scan them (they can never be part of a reference cycle).
+
 Events are facts named in the past tense, frozen, tagged with their class name. A shipped
 event's meaning never changes: a new version is a new class plus an upcaster in
 :func:`upcast`. Commands are imperative. All of them are msgspec Structs, encoded as JSON
@@ -32,7 +35,7 @@ class SessionStatus(str, enum.Enum):
 # --------------------------------------------------------------------------- events
 
 
-class _Event(msgspec.Struct, frozen=True, tag=True, kw_only=True):
+class _Event(msgspec.Struct, frozen=True, tag=True, kw_only=True, gc=False):
     at: float  # host clock, seconds since the epoch
 
 
@@ -70,7 +73,7 @@ SessionEvent = SessionCreated | SessionTouched | TierChanged | SessionExpired | 
 Event = SessionEvent
 
 
-class Applied(msgspec.Struct, frozen=True):
+class Applied(msgspec.Struct, frozen=True, gc=False):
     """One command's effect inside a commit: who asked, under which id, and what it caused."""
 
     command_id: str
@@ -78,7 +81,7 @@ class Applied(msgspec.Struct, frozen=True):
     events: tuple[Event, ...]
 
 
-class Commit(msgspec.Struct, frozen=True, kw_only=True):
+class Commit(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One JetStream message, appended atomically: the effects of 1..n commands to one aggregate
     (an actor batches the commands that queued up while its previous append was in flight)."""
 
@@ -131,7 +134,7 @@ class GetSession(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=Tr
 SessionCommand = CreateSession | TouchSession | ChangeTier | TerminateSession | GetSession
 
 
-class Rejection(msgspec.Struct, frozen=True):
+class Rejection(msgspec.Struct, frozen=True, gc=False):
     """Why a command was refused; the API layer turns it into a typed error by ``code``."""
 
     code: str
@@ -150,7 +153,7 @@ class CommandRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     principal: str = "anonymous"
 
 
-class SessionView(msgspec.Struct, frozen=True):
+class SessionView(msgspec.Struct, frozen=True, gc=False):
     """A session as the API reports it (times in seconds since the epoch)."""
 
     session_id: str
@@ -168,7 +171,7 @@ class SessionView(msgspec.Struct, frozen=True):
     sequence: int = 0
 
 
-class CommandReply(msgspec.Struct, frozen=True):
+class CommandReply(msgspec.Struct, frozen=True, gc=False):
     session: SessionView | None = None
     rejection: Rejection | None = None
     sequence: int = 0

@@ -50,12 +50,12 @@ class Behaviour(Protocol[S]):
 
     def apply_commands(self, state: S, applied: tuple[Applied, ...]) -> S: ...
 
-    def recent_commands(self, state: S) -> tuple[str, ...]: ...
+    def has_seen(self, state: S, command_id: str) -> bool: ...
 
     def version(self, state: S) -> int: ...
 
 
-class Outcome(msgspec.Struct, Generic[S]):
+class Outcome(msgspec.Struct, Generic[S], gc=False):
     """The host's answer to one command: the state after it and, if refused, why."""
 
     state: Any
@@ -229,7 +229,7 @@ class ActorHost:
             applied: list[Applied] = []
             answers: list[tuple[Any, Rejection | None, bool]] = []  # state after, why, duplicate
             for request in batch:
-                if request.command_id in b.recent_commands(state):
+                if b.has_seen(state, request.command_id):
                     answers.append((state, None, True))
                     continue
                 decision = b.decide(state, request.command, now)

@@ -27,15 +27,16 @@ from actors.events import (
     TierChanged,
     TouchSession,
 )
+from actors import idempotency
 from actors.policy import Policy
 from actors.ports import AggregateKey
 
 #: How many recent command ids a session remembers for idempotency (beyond JetStream's
 #: duplicate window). A retry of any of a session's last RECENT_COMMANDS commands is a no-op.
-RECENT_COMMANDS = 256
+RECENT_COMMANDS = idempotency.WINDOW
 
 
-class SessionState(msgspec.Struct, frozen=True, kw_only=True):
+class SessionState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     tenant: str
     session_id: str
     exists: bool = False
@@ -49,7 +50,7 @@ class SessionState(msgspec.Struct, frozen=True, kw_only=True):
     max_age: float = 0.0
     policy_version: int = 0
     version: int = 0  # commits applied
-    recent_commands: tuple[str, ...] = ()
+    recent_commands: bytes = b""  # fingerprints of the last RECENT_COMMANDS command ids
 
     def view(self, sequence: int = 0) -> SessionView:
         return SessionView(
@@ -68,7 +69,7 @@ class SessionState(msgspec.Struct, frozen=True, kw_only=True):
         )
 
 
-class Decision(msgspec.Struct, frozen=True):
+class Decision(msgspec.Struct, frozen=True, gc=False):
     """What a command decided: events to append (possibly none) and, if refused, why.
 
     A refusal may still carry events (e.g. ``SessionExpired``) so the log records the decision.
@@ -224,8 +225,7 @@ def apply_commands(state: SessionState, applied: tuple[Applied, ...]) -> Session
     for command in applied:
         for event in command.events:
             state = evolve(state, event)
-    ids = tuple(c.command_id for c in applied)
-    recent = (state.recent_commands + ids)[-RECENT_COMMANDS:]
+    recent = idempotency.remember(state.recent_commands, (c.command_id for c in applied))
     return msgspec.structs.replace(state, recent_commands=recent)
 
 
@@ -260,8 +260,8 @@ class SessionBehaviour:
     def apply_commands(self, state: SessionState, applied: tuple[Applied, ...]) -> SessionState:
         return apply_commands(state, applied)
 
-    def recent_commands(self, state: SessionState) -> tuple[str, ...]:
-        return state.recent_commands
+    def has_seen(self, state: SessionState, command_id: str) -> bool:
+        return idempotency.seen(state.recent_commands, command_id)
 
     def version(self, state: SessionState) -> int:
         return state.version

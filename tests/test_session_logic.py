@@ -22,6 +22,7 @@ from actors.events import (
     TierChanged,
     TouchSession,
 )
+from actors import idempotency
 from actors.policy import PolicyError, default_policy, load_policy
 from actors.session import RECENT_COMMANDS, SessionState, apply_commit, decide, fold, initial_state
 from blackbird.types import Session
@@ -124,9 +125,22 @@ def test_commit_remembers_a_bounded_window_of_command_ids() -> None:
     state = created()
     for i in range(RECENT_COMMANDS + 10):
         state = apply_commit(state, commit((SessionTouched(at=T0, operation="x"),), f"id{i}", i + 2))
-    assert len(state.recent_commands) == RECENT_COMMANDS
-    assert state.recent_commands[-1] == f"id{RECENT_COMMANDS + 9}"
-    assert "id0" not in state.recent_commands
+    assert idempotency.size(state.recent_commands) == RECENT_COMMANDS
+    assert idempotency.seen(state.recent_commands, f"id{RECENT_COMMANDS + 9}")
+    assert idempotency.seen(state.recent_commands, "id10")  # the oldest one still remembered
+    assert not idempotency.seen(state.recent_commands, "id9")  # pushed out
+    assert not idempotency.seen(state.recent_commands, "never-sent")
+
+
+@given(st.lists(st.text(min_size=1, max_size=20), min_size=1, max_size=300, unique=True))
+@settings(max_examples=100)
+def test_the_window_remembers_exactly_the_newest_ids(ids: list[str]) -> None:
+    window = b""
+    for i in range(0, len(ids), 7):  # in batches, as commits carry them
+        window = idempotency.remember(window, ids[i : i + 7])
+    kept = ids[-RECENT_COMMANDS:]
+    assert all(idempotency.seen(window, c) for c in kept)
+    assert not any(idempotency.seen(window, c) for c in ids[: -RECENT_COMMANDS or None][:50] if c not in kept)
 
 
 def test_session_reports_inactive_once_idle_past_its_timeout() -> None:
