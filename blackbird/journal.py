@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import math
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -254,9 +253,28 @@ class Journal:
             yield entry
 
     async def follow(self, subject_filter: str, after_seq: int = 0) -> AsyncIterator[Entry]:
-        """Replay ``subject_filter`` from ``after_seq`` and keep yielding new commits live."""
-        async for entry in self._ordered(subject_filter, after_seq, None):
-            yield entry
+        """Replay ``subject_filter`` from ``after_seq`` and keep yielding new commits live.
+
+        Resuming with the last sequence seen gives every later commit once, in order.
+        """
+        # Delivery goes through a bounded buffer; a slow reader blocks delivery and JetStream's
+        # flow control holds the rest on the server.
+        send, receive = anyio.create_memory_object_stream[Msg](max_buffer_size=4096)
+
+        async def deliver(msg: Msg) -> None:
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                await send.send(msg)  # after the reader stopped, stragglers are dropped
+
+        sub = await self._subscribe_ordered(subject_filter, after_seq, deliver)
+        try:
+            with receive:
+                async for msg in receive:
+                    seq = msg.metadata.sequence.stream
+                    yield Entry(seq, msg.subject, upcast(self._decode(msg.data)))
+        finally:
+            with anyio.CancelScope(shield=True):
+                await sub.unsubscribe()
+            send.close()
 
     async def _collect(self, subject_filter: str, after_seq: int, until_seq: int) -> list[Entry]:
         """A bounded replay, decoded inside the delivery callback: no hand-off between tasks per
@@ -301,43 +319,6 @@ class Journal:
             pending_msgs_limit=-1,
             pending_bytes_limit=-1,
         )
-
-    async def _ordered(
-        self, subject_filter: str, after_seq: int, until_seq: int | None
-    ) -> AsyncIterator[Entry]:
-        # Messages arrive through a callback into a bounded buffer that we drain without
-        # waiting while it has items: nats-py's next_msg() costs a task and a timer per message,
-        # most of a replay's time. A full buffer blocks delivery (flow control does the rest).
-        send, receive = anyio.create_memory_object_stream[Msg](max_buffer_size=4096)
-
-        async def deliver(msg: Msg) -> None:
-            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
-                await send.send(msg)  # after an early stop, stragglers are dropped
-
-        sub = await self._subscribe_ordered(subject_filter, after_seq, deliver)
-        stall = self._settings.command_timeout if until_seq is not None else math.inf
-        try:
-            with receive:
-                while True:
-                    try:
-                        msg = receive.receive_nowait()
-                    except anyio.WouldBlock:
-                        with anyio.fail_after(stall):
-                            msg = await receive.receive()
-                    seq = msg.metadata.sequence.stream
-                    if until_seq is not None and seq > until_seq:
-                        return
-                    yield Entry(seq, msg.subject, upcast(self._decode(msg.data)))
-                    if until_seq is not None and seq >= until_seq:
-                        return
-        except TimeoutError:
-            raise LogError(
-                f"replay of {subject_filter} stalled before sequence {until_seq}"
-            ) from None
-        finally:
-            with anyio.CancelScope(shield=True):
-                await sub.unsubscribe()
-            send.close()
 
     # ------------------------------------------------------------------ SnapshotStore port
 
