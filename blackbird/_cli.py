@@ -27,7 +27,7 @@ import structlog
 
 from blackbird._client import DEFAULT_DATA_DIR, AsyncBlackbird
 from blackbird._logging import configure_default_logging
-from blackbird._server import _nats_running
+from blackbird._server import EmbeddedServer
 from blackbird.errors import BlackbirdError, ValidationError
 
 log = structlog.get_logger("blackbird.cli")
@@ -113,23 +113,6 @@ def _data_dir(arg: str | None) -> Path:
     return Path(arg or os.environ.get("BLACKBIRD_DATA_DIR") or DEFAULT_DATA_DIR).resolve()
 
 
-def _running_server_url(data_dir: Path) -> str | None:
-    """The url in ``<data_dir>/nats/server.json`` if that nats-server is still running."""
-    try:
-        state = json.loads((data_dir / "nats" / "server.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(state, dict) or type(state.get("pid")) is not int:
-        return None
-    if not _nats_running(state["pid"]):
-        return None
-    url = state.get("url")
-    if isinstance(url, str) and url:
-        return url
-    port = state.get("port")
-    return f"nats://127.0.0.1:{port}" if type(port) is int else None
-
-
 def _resolve_nats_url(args: argparse.Namespace) -> str:
     """--nats-url; else --data-dir's server; else BLACKBIRD_NATS_URL; else the default folder's."""
     if args.nats_url:
@@ -137,7 +120,7 @@ def _resolve_nats_url(args: argparse.Namespace) -> str:
     if args.data_dir is None and os.environ.get("BLACKBIRD_NATS_URL"):
         return os.environ["BLACKBIRD_NATS_URL"]
     data_dir = _data_dir(args.data_dir)
-    url = _running_server_url(data_dir)
+    url = EmbeddedServer.running_url(data_dir)
     if url is None:
         raise CliError(
             f"no running `blackbird serve` for data folder {data_dir}; start it or pass --nats-url"

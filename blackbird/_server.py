@@ -79,6 +79,16 @@ def _nats_running(pid: int) -> bool:
         return True
 
 
+def _read_state_file(path: Path) -> dict[str, Any] | None:
+    """server.json's content if it is well formed (pid and port are ints), else None."""
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(state, dict) and all(type(state.get(k)) is int for k in ("pid", "port"))
+    return state if ok else None
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((_HOST, 0))
@@ -203,12 +213,15 @@ class EmbeddedServer:
                 os.close(start_fd)
 
     def _read_state(self) -> dict[str, Any] | None:
-        try:
-            state = json.loads(self._state_file.read_text())
-        except (OSError, ValueError):
+        return _read_state_file(self._state_file)
+
+    @staticmethod
+    def running_url(data_dir: Path | str) -> str | None:
+        """The URL of the nats-server already running for ``data_dir``, or None."""
+        state = _read_state_file(Path(data_dir) / "nats" / "server.json")
+        if state is None or not _nats_running(state["pid"]):
             return None
-        ok = isinstance(state, dict) and all(type(state.get(k)) is int for k in ("pid", "port"))
-        return state if ok else None
+        return f"nats://127.0.0.1:{state['port']}"
 
     async def _discard(self, state: dict[str, Any]) -> None:
         """Clear a stale server.json; stop its server if it runs but no longer accepts."""
