@@ -16,6 +16,8 @@ from typing import Annotated, Any
 
 import msgspec
 
+from actors.policy import QuotaType, RateLimitType
+
 SCHEMA_VERSION = 1
 
 Metadata = dict[str, Any]  # user-supplied, JSON-serialisable; validated at the edge
@@ -69,7 +71,80 @@ class SessionTerminated(_Event, frozen=True):
     reason: str
 
 
-SessionEvent = SessionCreated | SessionTouched | TierChanged | SessionExpired | SessionTerminated
+class UsageTracked(_Event, frozen=True):
+    operation: str
+    resource_type: str  # a QuotaType value
+    amount: float
+    metadata: Metadata
+    window_start: float  # the quota window this usage counts in
+    policy_version: int
+
+
+class QuotaDenied(_Event, frozen=True):
+    operation: str
+    resource_type: str
+    amount: float
+    used: float
+    limit: float
+    resets_at: float
+    policy_version: int
+
+
+class RateAllowed(_Event, frozen=True):
+    operation: str
+    windows: tuple[str, ...]  # the RateLimitType values that were checked and recorded
+    policy_version: int
+
+
+class RateDenied(_Event, frozen=True):
+    operation: str
+    limit_type: str
+    limit: int
+    retry_after: float
+    policy_version: int
+
+
+class SlotAcquired(_Event, frozen=True):
+    operation: str
+    lease_id: str
+    expires_at: float
+    fencing_token: int  # grows with every grant: a stale holder's token is always lower
+    policy_version: int
+
+
+class SlotReleased(_Event, frozen=True):
+    operation: str
+    lease_id: str
+
+
+class SlotExpired(_Event, frozen=True):
+    operation: str
+    lease_id: str
+
+
+class SlotDenied(_Event, frozen=True):
+    operation: str
+    scope: str  # "operation" or "total"
+    active: int
+    limit: int
+    policy_version: int
+
+
+SessionEvent = (
+    SessionCreated
+    | SessionTouched
+    | TierChanged
+    | SessionExpired
+    | SessionTerminated
+    | UsageTracked
+    | QuotaDenied
+    | RateAllowed
+    | RateDenied
+    | SlotAcquired
+    | SlotReleased
+    | SlotExpired
+    | SlotDenied
+)
 Event = SessionEvent
 
 
@@ -131,7 +206,44 @@ class GetSession(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=Tr
     """A query: answered from the actor's state after catching up with the log; appends nothing."""
 
 
-SessionCommand = CreateSession | TouchSession | ChangeTier | TerminateSession | GetSession
+FiniteAmount = Annotated[float, msgspec.Meta(ge=0, le=1e15)]
+
+
+class TrackUsage(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    operation: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    resource_type: QuotaType
+    amount: FiniteAmount
+    metadata: Metadata = {}
+
+
+class CheckRate(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    """Admit one request of ``operation`` if every checked window has room (all or nothing)."""
+
+    operation: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    limit_type: RateLimitType | None = None  # None: every window
+
+
+class AcquireSlot(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    operation: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    lease_seconds: Annotated[float, msgspec.Meta(gt=0, le=86400)] | None = None
+
+
+class ReleaseSlot(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    operation: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    lease_id: str | None = None  # None: the oldest lease of this operation
+
+
+SessionCommand = (
+    CreateSession
+    | TouchSession
+    | ChangeTier
+    | TerminateSession
+    | GetSession
+    | TrackUsage
+    | CheckRate
+    | AcquireSlot
+    | ReleaseSlot
+)
 
 
 class Rejection(msgspec.Struct, frozen=True, gc=False):
@@ -169,6 +281,9 @@ class SessionView(msgspec.Struct, frozen=True, gc=False):
     concurrent_operations: int = 0
     version: int = 0
     sequence: int = 0
+    usage: dict[str, tuple[float, float]] = {}  # quota -> (window_start, used)
+    rate_logs: dict[str, bytes] = {}
+    leases: dict[str, tuple[str, float, int]] = {}
 
 
 class CommandReply(msgspec.Struct, frozen=True, gc=False):

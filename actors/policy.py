@@ -6,21 +6,102 @@ TOML document with msgspec, so a wrong field gets an error naming its path.
 
 from __future__ import annotations
 
+import enum
 from importlib import resources
 from typing import Annotated
 
 import msgspec
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
+Count = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class QuotaType(str, enum.Enum):
+    """A metered resource. The value is what the API reports (``get_quota``'s keys)."""
+
+    TOKENS = "tokens"
+    API_CALLS = "api_calls"
+    STORAGE = "storage"
+    COMPUTE_TIME = "compute_time"
+    BANDWIDTH = "bandwidth"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class RateLimitType(str, enum.Enum):
+    """A rate-limit window."""
+
+    PER_SECOND = "per_second"
+    PER_MINUTE = "per_minute"
+    PER_HOUR = "per_hour"
+    PER_DAY = "per_day"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def seconds(self) -> float:
+        return _WINDOW_SECONDS[self]
+
+
+_WINDOW_SECONDS = {
+    RateLimitType.PER_SECOND: 1.0,
+    RateLimitType.PER_MINUTE: 60.0,
+    RateLimitType.PER_HOUR: 3600.0,
+    RateLimitType.PER_DAY: 86400.0,
+}
+
+
+class QuotaPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A quota: at most ``limit`` units per ``period`` seconds (windows start at session creation)."""
+
+    limit: Annotated[float, msgspec.Meta(ge=0)]
+    period: Seconds = 86400.0
+
+
+class RateLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Requests allowed in any sliding window of each length; None (absent) means unlimited."""
+
+    per_second: Count | None = None
+    per_minute: Count | None = None
+    per_hour: Count | None = None
+    per_day: Count | None = None
+
+    def limit(self, window: RateLimitType) -> int | None:
+        return getattr(self, window.value)  # type: ignore[no-any-return]
+
+
+class ConcurrencyPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Concurrent operations (leased slots): per operation (``default`` or named) and in total."""
+
+    total: Count = 10
+    default: Count = 5
+    operations: dict[str, Count] = {}
+    lease_seconds: Seconds = 300.0  # a holder that never releases loses its slot after this
+
+    def limit(self, operation: str) -> int:
+        return self.operations.get(operation, self.default)
+
+
+class RatePolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    default: RateLimits = RateLimits()
+    operations: dict[str, RateLimits] = {}
+
+    def for_operation(self, operation: str) -> RateLimits:
+        return self.operations.get(operation, self.default)
 
 
 class TierPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """What one tier grants: session lifetime limits and scheduling priority."""
+    """What one tier grants: lifetime limits, quotas, rate limits, concurrency, priority."""
 
     idle_timeout: Seconds
     max_age: Seconds
     max_sessions_per_user: Annotated[int, msgspec.Meta(ge=1)] = 10
     priority: int = 0
+    quotas: dict[QuotaType, QuotaPolicy] = {}
+    rate_limits: RatePolicy = RatePolicy()
+    concurrency: ConcurrencyPolicy = ConcurrencyPolicy()
 
 
 class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -9,7 +9,19 @@ from __future__ import annotations
 import msgspec
 
 from actors.events import (
+    AcquireSlot,
     Applied,
+    CheckRate,
+    QuotaDenied,
+    RateAllowed,
+    RateDenied,
+    ReleaseSlot,
+    SlotAcquired,
+    SlotDenied,
+    SlotExpired,
+    SlotReleased,
+    TrackUsage,
+    UsageTracked,
     ChangeTier,
     Commit,
     CreateSession,
@@ -27,8 +39,8 @@ from actors.events import (
     TierChanged,
     TouchSession,
 )
-from actors import idempotency
-from actors.policy import Policy
+from actors import idempotency, quota, ratelog
+from actors.policy import Policy, RateLimitType
 from actors.ports import AggregateKey
 
 #: How many recent command ids a session remembers for idempotency (beyond JetStream's
@@ -50,6 +62,10 @@ class SessionState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     max_age: float = 0.0
     policy_version: int = 0
     version: int = 0  # commits applied
+    usage: dict[str, tuple[float, float]] = {}  # quota -> (window_start, used in that window)
+    rate_logs: dict[str, bytes] = {}  # "operation/window" -> packed admission times
+    leases: dict[str, tuple[str, float, int]] = {}  # lease_id -> (operation, expires_at, token)
+    fencing: int = 0  # last fencing token granted
     recent_commands: bytes = b""  # fingerprints of the last RECENT_COMMANDS command ids
 
     def view(self, sequence: int = 0) -> SessionView:
@@ -64,8 +80,12 @@ class SessionState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
             last_activity=self.last_activity,
             idle_timeout=self.idle_timeout,
             max_age=self.max_age,
+            concurrent_operations=len(self.leases),
             version=self.version,
             sequence=sequence,
+            usage=self.usage,
+            rate_logs=self.rate_logs,
+            leases=self.leases,
         )
 
 
@@ -162,6 +182,17 @@ def decide(state: SessionState, command: SessionCommand, now: float, policy: Pol
         )
     if isinstance(command, TouchSession):
         return Decision(events=(SessionTouched(at=now, operation=command.operation),))
+    if isinstance(command, (TrackUsage, CheckRate, AcquireSlot, ReleaseSlot)):
+        tier_policy = policy.tier(state.tier)
+        if tier_policy is None:  # the tier was removed from the policy since: refuse, clearly
+            return _unknown_tier(state.tier, policy)
+        if isinstance(command, TrackUsage):
+            return quota.decide_usage(state, command, now, tier_policy, policy.version)
+        if isinstance(command, CheckRate):
+            return quota.decide_rate(state, command, now, tier_policy, policy.version)
+        if isinstance(command, AcquireSlot):
+            return quota.decide_acquire(state, command, now, tier_policy, policy.version)
+        return quota.decide_release(state, command, now)
     if isinstance(command, TerminateSession):
         return Decision(events=(SessionTerminated(at=now, reason=command.reason),))
     if isinstance(command, ChangeTier):
@@ -217,6 +248,25 @@ def evolve(state: SessionState, event: Event) -> SessionState:
         return replace(state, status=SessionStatus.EXPIRED)
     if isinstance(event, SessionTerminated):
         return replace(state, status=SessionStatus.TERMINATED, last_activity=event.at)
+    if isinstance(event, UsageTracked):
+        used = quota.used_in_window(state, event.resource_type, event.window_start)
+        usage = {**state.usage, event.resource_type: (event.window_start, used + event.amount)}
+        return replace(state, usage=usage, last_activity=event.at)
+    if isinstance(event, RateAllowed):
+        logs = dict(state.rate_logs)
+        for window in event.windows:
+            key = f"{event.operation}/{window}"
+            logs[key] = ratelog.record(logs.get(key, b""), event.at, RateLimitType(window).seconds)
+        return replace(state, rate_logs=logs, last_activity=event.at)
+    if isinstance(event, SlotAcquired):
+        lease = (event.operation, event.expires_at, event.fencing_token)
+        leases = {**state.leases, event.lease_id: lease}
+        return replace(state, leases=leases, fencing=event.fencing_token, last_activity=event.at)
+    if isinstance(event, (SlotReleased, SlotExpired)):
+        leases = {k: v for k, v in state.leases.items() if k != event.lease_id}
+        return replace(state, leases=leases)
+    if isinstance(event, (QuotaDenied, RateDenied, SlotDenied)):
+        return state  # a refusal is a fact for the audit; it changes no counter
     raise TypeError(f"not a session event: {event!r}")
 
 

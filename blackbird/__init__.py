@@ -28,7 +28,8 @@ from blackbird.errors import (
     SessionNotFoundError,
     ValidationError,
 )
-from blackbird.types import Session, SessionStatus
+from actors.policy import QuotaType, RateLimitType  # noqa: E402
+from blackbird.types import Session, SessionStatus, UsageRecord  # noqa: E402
 
 __all__ = [
     "AsyncBlackbird",
@@ -41,8 +42,10 @@ __all__ = [
     "EmbeddedServerError",
     "LogError",
     "PayloadTooLargeError",
+    "QuotaType",
     "QuotaExceededError",
     "RateLimitError",
+    "RateLimitType",
     "Session",
     "SessionExistsError",
     "SessionInactiveError",
@@ -50,6 +53,7 @@ __all__ = [
     "SessionNotFoundError",
     "SessionStatus",
     "Settings",
+    "UsageRecord",
     "ValidationError",
 ]
 

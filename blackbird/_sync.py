@@ -13,6 +13,7 @@ import inspect
 import threading
 import weakref
 from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
@@ -20,6 +21,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 from blackbird._client import AsyncBlackbird
 from blackbird._sessions import AsyncSessionManager
 from blackbird.errors import ClosedError
+from blackbird.types import UsageRecord
 
 T = TypeVar("T")
 
@@ -51,6 +53,26 @@ class _SyncMirror:
 
 class SessionManager(_SyncMirror, mirrors=AsyncSessionManager):
     """Synchronous session manager: same methods as :class:`AsyncSessionManager`, blocking."""
+
+    def add_usage_callback(self, callback: Callable[[UsageRecord], Any]) -> None:
+        """Call ``callback(record)`` once per usage tracked through this client (on the SDK's
+        event-loop thread). A callback that raises is logged and breaks nothing."""
+        self._target.add_usage_callback(callback)
+
+    def remove_usage_callback(self, callback: Callable[[UsageRecord], Any]) -> None:
+        """Stop calling ``callback``; unknown callbacks are ignored."""
+        self._target.remove_usage_callback(callback)
+
+    @contextlib.contextmanager
+    def concurrency_slot(
+        self, session_id: str, operation: str, *, tenant: str | None = None
+    ) -> Iterator[None]:
+        """``with`` a concurrency slot; it is given back on exit, even on error."""
+        self.manage_concurrency(session_id, operation, True, tenant=tenant)  # type: ignore[attr-defined]
+        try:
+            yield
+        finally:
+            self.manage_concurrency(session_id, operation, False, tenant=tenant)  # type: ignore[attr-defined]
 
 
 class BlackbirdSDK:

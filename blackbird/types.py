@@ -9,7 +9,22 @@ import msgspec
 
 from actors.events import SessionStatus, SessionView
 
-__all__ = ["Session", "SessionStatus"]
+from actors.policy import QuotaType
+
+__all__ = ["Session", "SessionStatus", "UsageRecord"]
+
+
+class UsageRecord(msgspec.Struct, frozen=True):
+    """One tracked usage, as given to usage callbacks."""
+
+    session_id: str
+    user_id: str
+    tenant: str
+    operation: str
+    resource_type: QuotaType
+    amount: float
+    metadata: dict[str, Any]
+    timestamp: float
 
 
 class Session(SessionView, frozen=True):
@@ -47,6 +62,7 @@ class Session(SessionView, frozen=True):
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict of the session, including the derived fields."""
         data = msgspec.to_builtins(self)
+        del data["rate_logs"]  # internal packed timestamps; see get_rate_limits()
         data["status"] = self.effective_status.value
         data["is_active"] = self.is_active
         data["age_seconds"] = self.age_seconds
