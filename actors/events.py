@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from actors.policy import QuotaType, RateLimitType
+from actors.policy import Policy, QuotaType, RateLimitType
 
 SCHEMA_VERSION = 1
 
@@ -130,6 +130,39 @@ class SlotDenied(_Event, frozen=True):
     policy_version: int
 
 
+class Reserved(_Event, frozen=True):
+    """Quota held for work whose cost is known only afterwards (settle it, or it expires)."""
+
+    operation: str
+    reservation_id: str
+    amounts: dict[str, float]  # QuotaType value -> amount held
+    expires_at: float
+    token: int  # from the same counter as fencing tokens
+    policy_version: int
+
+
+class ReservationSettled(_Event, frozen=True):
+    """The hold is released; the actual amounts are UsageTracked events in the same command."""
+
+    operation: str
+    reservation_id: str
+    amounts: dict[str, float]  # what was actually used (charged)
+
+
+class ReservationReleased(_Event, frozen=True):
+    reservation_id: str
+    reason: str  # "expired" | "cancelled"
+
+
+class QuotaAdjusted(_Event, frozen=True):
+    """A session's quota limit set (temporarily, until ``until``) or, with ``limit`` None, reset."""
+
+    resource_type: str
+    limit: float | None
+    until: float | None
+    policy_version: int
+
+
 SessionEvent = (
     SessionCreated
     | SessionTouched
@@ -144,8 +177,32 @@ SessionEvent = (
     | SlotReleased
     | SlotExpired
     | SlotDenied
+    | Reserved
+    | ReservationSettled
+    | ReservationReleased
+    | QuotaAdjusted
 )
-Event = SessionEvent
+
+
+class TenantPolicyChanged(_Event, frozen=True):
+    """A tenant's effective tier policy (the packaged one with the tenant's overrides merged in).
+    ``policy.version`` grows with every change, and every decision records the version it used."""
+
+    policy: Policy
+    overrides: Metadata  # what the tenant changed, as given (for the audit)
+
+
+class UserQuotaAdjusted(_Event, frozen=True):
+    """A quota limit for every session of one user (until ``until``); ``limit`` None resets it."""
+
+    user_id: str
+    resource_type: str
+    limit: float | None
+    until: float | None
+
+
+TenantEvent = TenantPolicyChanged | UserQuotaAdjusted
+Event = SessionEvent | TenantEvent
 
 
 class Applied(msgspec.Struct, frozen=True, gc=False):
@@ -233,6 +290,39 @@ class ReleaseSlot(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=T
     lease_id: str | None = None  # None: the oldest lease of this operation
 
 
+Costs = dict[QuotaType, FiniteAmount]
+Duration = Annotated[float, msgspec.Meta(gt=0, le=86400 * 366)]
+
+
+class Admit(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    """Quotas for ``costs``, every rate window and a concurrency slot in one decision: all
+    admitted together or nothing. ``reserve`` holds the costs (settle them later) instead of
+    charging them now."""
+
+    operation: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    costs: Costs = {}
+    rate: bool = True
+    slot: bool = True
+    reserve: bool = False
+    lease_seconds: Duration | None = None
+    hold_seconds: Duration | None = None
+
+
+class Settle(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    """Charge what a reserved piece of work actually used (None: nothing) and release the hold."""
+
+    reservation_id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    actual: Costs | None = None
+
+
+class AdjustQuota(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    """Set a session's limit for one quota (a boost or a cut) until ``until``; None resets it."""
+
+    resource_type: QuotaType
+    limit: FiniteAmount | None
+    until: float | None = None
+
+
 SessionCommand = (
     CreateSession
     | TouchSession
@@ -243,7 +333,26 @@ SessionCommand = (
     | CheckRate
     | AcquireSlot
     | ReleaseSlot
+    | Admit
+    | Settle
+    | AdjustQuota
 )
+
+
+class SetTenantPolicy(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    """Merge ``overrides`` (any part of the tier policy document) into the tenant's policy."""
+
+    overrides: Metadata
+
+
+class AdjustUserQuota(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    user_id: Token
+    resource_type: QuotaType
+    limit: FiniteAmount | None
+    until: float | None = None
+
+
+TenantCommand = SetTenantPolicy | AdjustUserQuota | GetSession
 
 
 class Rejection(msgspec.Struct, frozen=True, gc=False):
@@ -252,6 +361,17 @@ class Rejection(msgspec.Struct, frozen=True, gc=False):
     code: str
     message: str
     fields: dict[str, str | int | float | bool | None] = {}
+
+
+class Decision(msgspec.Struct, frozen=True, gc=False):
+    """What a command decided: events to append (possibly none) and, if refused, why.
+
+    A refusal may still carry events (``SessionExpired``, ``RateDenied``, ...) so the log
+    records the decision either way.
+    """
+
+    events: tuple[Event, ...] = ()
+    rejection: Rejection | None = None
 
 
 # --------------------------------------------------------------------------- wire (request/reply)
@@ -284,6 +404,8 @@ class SessionView(msgspec.Struct, frozen=True, gc=False):
     usage: dict[str, tuple[float, float]] = {}  # quota -> (window_start, used)
     rate_logs: dict[str, bytes] = {}
     leases: dict[str, tuple[str, float, int]] = {}
+    reservations: dict[str, tuple[str, dict[str, float], float]] = {}
+    boosts: dict[str, tuple[float, float | None]] = {}
 
 
 class CommandReply(msgspec.Struct, frozen=True, gc=False):
@@ -291,3 +413,4 @@ class CommandReply(msgspec.Struct, frozen=True, gc=False):
     rejection: Rejection | None = None
     sequence: int = 0
     duplicate: bool = False
+    events: tuple[Event, ...] = ()  # what the command caused (empty for a duplicate)

@@ -28,7 +28,7 @@ import msgspec
 import structlog
 from anyio.abc import TaskGroup
 
-from actors.events import Applied, Commit, Rejection
+from actors.events import Applied, Commit, Event, Rejection
 from actors.ports import AggregateKey, AppendConflict, Journal, SnapshotStore
 
 S = TypeVar("S")
@@ -62,6 +62,7 @@ class Outcome(msgspec.Struct, Generic[S], gc=False):
     sequence: int
     rejection: Rejection | None = None
     duplicate: bool = False
+    events: tuple[Event, ...] = ()  # what this command caused (none for a duplicate)
 
 
 def _msg_id(commit: Commit) -> str:
@@ -227,17 +228,18 @@ class ActorHost:
             now = self._clock()
             state = actor.state
             applied: list[Applied] = []
-            answers: list[tuple[Any, Rejection | None, bool]] = []  # state after, why, duplicate
+            # per request: state after it, why it was refused, duplicate, its events
+            answers: list[tuple[Any, Rejection | None, bool, tuple[Event, ...]]] = []
             for request in batch:
                 if b.has_seen(state, request.command_id):
-                    answers.append((state, None, True))
+                    answers.append((state, None, True, ()))
                     continue
                 decision = b.decide(state, request.command, now)
                 if decision.events:
                     record = Applied(request.command_id, request.principal, decision.events)
                     state = b.apply_commands(state, (record,))
                     applied.append(record)
-                answers.append((state, decision.rejection, False))
+                answers.append((state, decision.rejection, False, decision.events))
             if not applied:
                 # Queries and refusals append nothing, so no conflict would tell us that another
                 # host wrote since we last looked: check (read-your-writes) and, if the aggregate
@@ -245,8 +247,8 @@ class ActorHost:
                 if not fresh and await self._catch_up(actor):
                     fresh = True
                     continue
-                for request, (after, rejection, duplicate) in zip(batch, answers, strict=True):
-                    request.outcome = Outcome(after, actor.seq, rejection, duplicate)
+                for request, (after, rejection, duplicate, events) in zip(batch, answers, strict=True):
+                    request.outcome = Outcome(after, actor.seq, rejection, duplicate, events)
                 return
             # A write needs no such check: it carries the sequence it was decided on, and a
             # stale decision comes back as a conflict.
@@ -270,12 +272,12 @@ class ActorHost:
             final = msgspec.structs.replace(state, version=commit.version)  # type: ignore[type-var]
             actor.state, actor.seq = final, result.seq
             actor.since_snapshot += 1
-            for request, (after, rejection, duplicate) in zip(batch, answers, strict=True):
+            for request, (after, rejection, duplicate, events) in zip(batch, answers, strict=True):
                 if after is state:
                     after = final
                 elif after is not actor.state:
                     after = msgspec.structs.replace(after, version=commit.version)
-                request.outcome = Outcome(after, result.seq, rejection, duplicate)
+                request.outcome = Outcome(after, result.seq, rejection, duplicate, events)
             return
         raise ConflictRetriesExhausted(actor.key, self._max_retries)
 

@@ -50,3 +50,13 @@ class SnapshotStore(Protocol):
     async def load(self, key: AggregateKey) -> bytes | None: ...
 
     async def save(self, key: AggregateKey, data: bytes) -> None: ...
+
+
+class NoSnapshots:
+    """A snapshot store that keeps nothing: for aggregates whose history stays short."""
+
+    async def load(self, key: AggregateKey) -> bytes | None:
+        return None
+
+    async def save(self, key: AggregateKey, data: bytes) -> None:
+        return None

@@ -1,25 +1,44 @@
-"""Quota, rate-limit and concurrency decisions for the session aggregate (pure).
+"""Quota, rate-limit, concurrency and admission decisions for the session aggregate (pure).
 
-Each function takes the session state, the command, ``now`` and the tier policy in force and
-returns a Decision whose events record the outcome either way: allowed (UsageTracked,
-RateAllowed, SlotAcquired) or denied (QuotaDenied, RateDenied, SlotDenied) with the policy
-version, so an audit shows why a request was refused.
+Each function takes the session state, the command, ``now``, the tier policy in force and the
+policy version, and returns a :class:`Decision` whose events record the outcome either way:
+allowed (``UsageTracked``, ``RateAllowed``, ``SlotAcquired``, ``Reserved``) or denied
+(``QuotaDenied``, ``RateDenied``, ``SlotDenied``) with the policy version, so an audit shows
+why a request was refused. Because the session's single actor makes every decision from its
+own state, the limits are exact under any concurrency.
+
+Limits in force for a quota, strongest first: a live session adjustment (``QuotaAdjusted``), a
+live user adjustment (the tenant's ``UserQuotaAdjusted``), the tier's quota. Quota windows are
+aligned to the session's creation; reserved (unsettled) amounts count as used until settled or
+expired.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
+
+import msgspec
 
 from actors import ratelog
 from actors.events import (
     AcquireSlot,
+    Admit,
+    AdjustQuota,
     CheckRate,
+    Decision,
+    Event,
+    QuotaAdjusted,
     QuotaDenied,
     RateAllowed,
     RateDenied,
     Rejection,
     ReleaseSlot,
+    ReservationReleased,
+    ReservationSettled,
+    Reserved,
+    Settle,
     SlotAcquired,
     SlotDenied,
     SlotExpired,
@@ -30,7 +49,14 @@ from actors.events import (
 from actors.policy import QuotaType, RateLimitType, TierPolicy
 
 if TYPE_CHECKING:
-    from actors.session import Decision, SessionState
+    from actors.session import SessionState
+
+#: quota value -> (limit, until or None for "until changed again")
+Boosts = Mapping[str, tuple[float, float | None]]
+NO_BOOSTS: Boosts = {}
+
+
+# --------------------------------------------------------------------------- quotas
 
 
 def window_start(created_at: float, period: float, now: float) -> float:
@@ -43,65 +69,166 @@ def used_in_window(state: SessionState, resource: str, start: float) -> float:
     return current[1] if current is not None and current[0] == start else 0.0
 
 
-def quota_info(state: SessionState, tier: TierPolicy, now: float) -> dict[str, dict[str, float]]:
-    """``{quota: {used, limit, remaining, usage_percentage, resets_at}}`` at ``now``."""
-    info: dict[str, dict[str, float]] = {}
-    for quota, rule in tier.quotas.items():
+def _live_boost(boosts: Boosts, resource: str, now: float) -> float | None:
+    boost = boosts.get(resource)
+    if boost is not None and (boost[1] is None or now < boost[1]):
+        return boost[0]
+    return None
+
+
+def limit_in_force(
+    state: SessionState, tier: TierPolicy, resource: str, now: float, user_boosts: Boosts
+) -> tuple[float, float, float | None]:
+    """``(limit, window_start, resets_at)`` for ``resource`` at ``now``.
+
+    A resource the tier does not meter has an infinite limit, one window since creation and
+    no reset (``resets_at`` None)."""
+    rule = tier.quotas.get(QuotaType(resource))
+    if rule is None:
+        limit, start, resets = math.inf, state.created_at, None
+    else:
         start = window_start(state.created_at, rule.period, now)
-        used = used_in_window(state, quota.value, start)
-        info[quota.value] = {
+        limit, resets = rule.limit, start + rule.period
+    boost = _live_boost(state.boosts, resource, now)
+    if boost is None:
+        boost = _live_boost(user_boosts, resource, now)
+    return (limit if boost is None else boost), start, resets
+
+
+def reserved(state: SessionState, resource: str) -> float:
+    """Amount of ``resource`` held by unsettled reservations (expired ones are gone already)."""
+    return sum(amounts.get(resource, 0.0) for _, amounts, _ in state.reservations.values())
+
+
+def quota_info(
+    state: SessionState, tier: TierPolicy, now: float, user_boosts: Boosts = NO_BOOSTS
+) -> dict[str, dict[str, float | None]]:
+    """``{quota: {used, limit, remaining, usage_percentage, resets_at, reserved}}`` at ``now``
+    for every quota the tier meters (and any other the session has used)."""
+    resources = [q.value for q in tier.quotas] + [r for r in state.usage if QuotaType(r) not in tier.quotas]
+    info: dict[str, dict[str, float | None]] = {}
+    for resource in resources:
+        limit, start, resets = limit_in_force(state, tier, resource, now, user_boosts)
+        used = used_in_window(state, resource, start)
+        held = sum(
+            amounts.get(resource, 0.0)
+            for _, amounts, expires in state.reservations.values()
+            if expires > now
+        )
+        info[resource] = {
             "used": used,
-            "limit": rule.limit,
-            "remaining": max(0.0, rule.limit - used),
-            "usage_percentage": (used / rule.limit * 100.0) if rule.limit else 100.0,
-            "resets_at": start + rule.period,
+            "limit": limit,
+            "remaining": max(0.0, limit - used - held),
+            "usage_percentage": (used / limit * 100.0) if limit else 100.0,
+            "resets_at": resets,
+            "reserved": held,
         }
     return info
 
 
-def decide_usage(
-    state: SessionState, command: TrackUsage, now: float, tier: TierPolicy, version: int
-) -> Decision:
-    from actors.session import Decision
+def _check_costs(
+    state: SessionState,
+    tier: TierPolicy,
+    operation: str,
+    costs: Mapping[str, float],
+    now: float,
+    user_boosts: Boosts,
+    version: int,
+) -> Decision | None:
+    """The denial if any of ``costs`` does not fit its quota (used + reserved + cost), else None."""
+    for resource, amount in costs.items():
+        limit, start, resets = limit_in_force(state, tier, resource, now, user_boosts)
+        used = used_in_window(state, resource, start)
+        held = reserved(state, resource)
+        if used + held + amount > limit:
+            resets_at = math.inf if resets is None else resets
+            denied = QuotaDenied(
+                at=now, operation=operation, resource_type=resource, amount=amount,
+                used=used + held, limit=limit, resets_at=resets_at, policy_version=version,
+            )
+            held_note = f" (of which {held:g} reserved)" if held else ""
+            return Decision(
+                events=(denied,),
+                rejection=Rejection(
+                    "quota_exceeded",
+                    f"{resource} quota exceeded: {used + held:g} used{held_note} + {amount:g} "
+                    f"requested > limit {limit:g}; resets at {resets_at:.0f}",
+                    {"used": used + held, "limit": limit, "quota_type": resource,
+                     "resets_at": None if resets is None else resets, "requested": amount,
+                     "operation": operation},
+                ),
+            )
+    return None
 
-    resource = command.resource_type.value
-    rule = tier.quotas.get(command.resource_type)
-    if rule is None:  # not metered in this tier: count it, never refuse it
-        start, limit = state.created_at, math.inf
-    else:
-        start, limit = window_start(state.created_at, rule.period, now), rule.limit
-    used = used_in_window(state, resource, start)
-    if used + command.amount > limit:
-        resets_at = start + rule.period if rule is not None else math.inf
-        denied = QuotaDenied(
-            at=now, operation=command.operation, resource_type=resource, amount=command.amount,
-            used=used, limit=limit, resets_at=resets_at, policy_version=version,
+
+def _charges(
+    state: SessionState,
+    tier: TierPolicy,
+    operation: str,
+    costs: Mapping[str, float],
+    metadata: dict,
+    now: float,
+    user_boosts: Boosts,
+    version: int,
+) -> tuple[UsageTracked, ...]:
+    return tuple(
+        UsageTracked(
+            at=now, operation=operation, resource_type=resource, amount=amount, metadata=metadata,
+            window_start=limit_in_force(state, tier, resource, now, user_boosts)[1],
+            policy_version=version,
         )
-        return Decision(
-            events=(denied,),
-            rejection=Rejection(
-                "quota_exceeded",
-                f"{resource} quota exceeded: {used:g} used + {command.amount:g} requested > "
-                f"limit {limit:g}; resets at {resets_at:.0f}",
-                {"used": used, "limit": limit, "quota_type": resource, "resets_at": resets_at,
-                 "requested": command.amount},
-            ),
-        )
-    tracked = UsageTracked(
-        at=now, operation=command.operation, resource_type=resource, amount=command.amount,
-        metadata=command.metadata, window_start=start, policy_version=version,
+        for resource, amount in costs.items()
     )
-    return Decision(events=(tracked,))
 
 
-def _rate_key(operation: str, window: RateLimitType) -> str:
+def decide_usage(
+    state: SessionState, command: TrackUsage, now: float, tier: TierPolicy, version: int,
+    user_boosts: Boosts = NO_BOOSTS,
+) -> Decision:
+    costs = {command.resource_type.value: command.amount}
+    denied = _check_costs(state, tier, command.operation, costs, now, user_boosts, version)
+    if denied is not None:
+        return denied
+    return Decision(
+        events=_charges(state, tier, command.operation, costs, command.metadata, now, user_boosts, version)
+    )
+
+
+def decide_adjust(state: SessionState, command: AdjustQuota, now: float, version: int) -> Decision:
+    if command.until is not None and command.until <= now:
+        return Decision(
+            rejection=Rejection(
+                "validation_error",
+                f"until: expected an instant after now ({now:.3f}), got {command.until!r}",
+                {"field": "until", "expected": "a time in the future (seconds since the epoch)",
+                 "got": command.until},
+            )
+        )
+    adjusted = QuotaAdjusted(
+        at=now, resource_type=command.resource_type.value, limit=command.limit,
+        until=command.until, policy_version=version,
+    )
+    return Decision(events=(adjusted,))
+
+
+# --------------------------------------------------------------------------- rate limits
+
+
+# (window, its value, its length): enum attribute lookups are a real cost on the hot path
+_WINDOWS = tuple((w, w.value, w.seconds) for w in RateLimitType)
+_WINDOW = {w: (entry,) for w, entry in zip(RateLimitType, _WINDOWS)}
+WINDOW_SECONDS = {w.value: w.seconds for w in RateLimitType}
+
+
+def rate_key(operation: str, window: RateLimitType) -> str:
     return f"{operation}/{window.value}"
 
 
 def rate_status(
     state: SessionState, tier: TierPolicy, now: float
 ) -> dict[str, dict[str, dict[str, float | int]]]:
-    """Per operation seen (plus "default") and window: limit, remaining, reset_at."""
+    """Per operation (the named ones, ``default`` and any seen) and window: limit, remaining,
+    reset_at (when one more request would be admitted)."""
     operations = {"default", *tier.rate_limits.operations} | {
         key.split("/", 1)[0] for key in state.rate_logs
     }
@@ -113,7 +240,7 @@ def rate_status(
             limit = limits.limit(window)
             if limit is None:
                 continue
-            log = state.rate_logs.get(_rate_key(operation, window), b"")
+            log = state.rate_logs.get(rate_key(operation, window), b"")
             used = ratelog.count(log, now, window.seconds)
             wait = ratelog.retry_after(log, now, window.seconds, limit)
             per_window[window.value] = {
@@ -123,104 +250,203 @@ def rate_status(
     return status
 
 
-def decide_rate(
-    state: SessionState, command: CheckRate, now: float, tier: TierPolicy, version: int
-) -> Decision:
-    from actors.session import Decision
-
-    limits = tier.rate_limits.for_operation(command.operation)
-    windows = [command.limit_type] if command.limit_type is not None else list(RateLimitType)
+def _check_rate(
+    state: SessionState,
+    tier: TierPolicy,
+    operation: str,
+    only: RateLimitType | None,
+    now: float,
+    version: int,
+) -> tuple[Decision | None, tuple[str, ...]]:
+    """(the denial, or None with the windows that have a limit and room)."""
+    limits = tier.rate_limits.for_operation(operation)
+    logs = state.rate_logs
     checked: list[str] = []
-    for window in windows:
-        limit = limits.limit(window)
+    for window, name, seconds in _WINDOWS if only is None else _WINDOW[only]:
+        limit = getattr(limits, name)
         if limit is None:
             continue
-        log = state.rate_logs.get(_rate_key(command.operation, window), b"")
-        wait = ratelog.retry_after(log, now, window.seconds, limit)
+        log = logs.get(f"{operation}/{name}")
+        wait = ratelog.retry_after(log, now, seconds, limit) if log or not limit else 0.0
         if wait > 0:
             denied = RateDenied(
-                at=now, operation=command.operation, limit_type=window.value, limit=limit,
+                at=now, operation=operation, limit_type=name, limit=limit,
                 retry_after=wait, policy_version=version,
             )
             return Decision(
                 events=(denied,),
                 rejection=Rejection(
                     "rate_limited",
-                    f"rate limit for {command.operation!r} reached: {limit} {window.value}; "
+                    f"rate limit for {operation!r} reached: {limit} {name}; "
                     f"retry after {wait:.3f}s",
-                    {"retry_after": wait, "limit_type": window.value, "limit": limit,
-                     "operation": command.operation},
+                    {"retry_after": wait, "limit_type": name, "limit": limit,
+                     "operation": operation},
                 ),
-            )
-        checked.append(window.value)
-    allowed = RateAllowed(
-        at=now, operation=command.operation, windows=tuple(checked), policy_version=version
+            ), ()
+        checked.append(name)
+    return None, tuple(checked)
+
+
+def decide_rate(
+    state: SessionState, command: CheckRate, now: float, tier: TierPolicy, version: int
+) -> Decision:
+    denied, windows = _check_rate(state, tier, command.operation, command.limit_type, now, version)
+    if denied is not None:
+        return denied
+    return Decision(
+        events=(RateAllowed(at=now, operation=command.operation, windows=windows, policy_version=version),)
     )
-    return Decision(events=(allowed,))
 
 
-def expire_leases(state: SessionState, now: float) -> tuple[SlotExpired, ...]:
-    """Expiry events for leases whose time is up (a crashed holder loses its slot)."""
-    return tuple(
+# --------------------------------------------------------------------------- concurrency
+
+
+def housekeeping(state: SessionState, now: float) -> tuple[Event, ...]:
+    """Expiry events for leases and reservations whose time is up: a crashed holder loses its
+    slot and its hold, and the log says when."""
+    expired: list[Event] = [
         SlotExpired(at=now, operation=operation, lease_id=lease_id)
         for lease_id, (operation, expires_at, _token) in state.leases.items()
         if expires_at <= now
+    ]
+    expired += [
+        ReservationReleased(at=now, reservation_id=rid, reason="expired")
+        for rid, (_op, _amounts, expires_at) in state.reservations.items()
+        if expires_at <= now
+    ]
+    return tuple(expired)
+
+
+def _check_slot(
+    state: SessionState, tier: TierPolicy, operation: str, now: float, version: int
+) -> Decision | None:
+    rule = tier.concurrency
+    same = sum(1 for op, _, _ in state.leases.values() if op == operation)
+    for scope, active, limit in (
+        ("operation", same, rule.limit(operation)),
+        ("total", len(state.leases), rule.total),
+    ):
+        if active >= limit:
+            denied = SlotDenied(
+                at=now, operation=operation, scope=scope, active=active, limit=limit,
+                policy_version=version,
+            )
+            return Decision(
+                events=(denied,),
+                rejection=Rejection(
+                    "rate_limited",
+                    f"concurrency limit for {operation!r} reached: {active} of {limit} "
+                    f"({scope}) in use; release a slot or wait for a lease to expire",
+                    {"retry_after": None, "limit_type": "concurrency", "limit": limit,
+                     "scope": scope, "operation": operation},
+                ),
+            )
+    return None
+
+
+def _grant_slot(
+    state: SessionState, tier: TierPolicy, operation: str, lease_seconds: float | None,
+    now: float, version: int,
+) -> SlotAcquired:
+    token = state.fencing + 1
+    return SlotAcquired(
+        at=now, operation=operation, lease_id=f"{state.session_id}:{token}",
+        expires_at=now + (lease_seconds or tier.concurrency.lease_seconds),
+        fencing_token=token, policy_version=version,
     )
 
 
 def decide_acquire(
     state: SessionState, command: AcquireSlot, now: float, tier: TierPolicy, version: int
 ) -> Decision:
-    from actors.session import Decision
-
-    expired = expire_leases(state, now)
-    gone = {e.lease_id for e in expired}
-    live = [(lid, op) for lid, (op, _, _) in state.leases.items() if lid not in gone]
-    rule = tier.concurrency
-    same = sum(1 for _, op in live if op == command.operation)
-    for scope, active, limit in (
-        ("operation", same, rule.limit(command.operation)),
-        ("total", len(live), rule.total),
-    ):
-        if active >= limit:
-            denied = SlotDenied(
-                at=now, operation=command.operation, scope=scope, active=active, limit=limit,
-                policy_version=version,
-            )
-            return Decision(
-                events=(*expired, denied),
-                rejection=Rejection(
-                    "rate_limited",
-                    f"concurrency limit for {command.operation!r} reached: {active} of "
-                    f"{limit} ({scope}) in use",
-                    {"retry_after": None, "limit_type": "concurrency", "limit": limit,
-                     "scope": scope, "operation": command.operation},
-                ),
-            )
-    token = state.fencing + 1
-    lease = SlotAcquired(
-        at=now, operation=command.operation, lease_id=f"{state.session_id}:{token}",
-        expires_at=now + (command.lease_seconds or rule.lease_seconds), fencing_token=token,
-        policy_version=version,
-    )
-    return Decision(events=(*expired, lease))
+    denied = _check_slot(state, tier, command.operation, now, version)
+    if denied is not None:
+        return denied
+    return Decision(events=(_grant_slot(state, tier, command.operation, command.lease_seconds, now, version),))
 
 
 def decide_release(state: SessionState, command: ReleaseSlot, now: float) -> Decision:
-    from actors.session import Decision
-
-    expired = expire_leases(state, now)
-    gone = {e.lease_id for e in expired}
     if command.lease_id is not None:
         held = state.leases.get(command.lease_id)
-        target = command.lease_id if held and held[0] == command.operation else None
+        target = command.lease_id if held is not None and held[0] == command.operation else None
     else:
         mine = sorted(
-            (token, lid) for lid, (op, _, token) in state.leases.items()
-            if op == command.operation and lid not in gone
+            (token, lid) for lid, (op, _, token) in state.leases.items() if op == command.operation
         )
         target = mine[0][1] if mine else None
-    if target is None or target in gone:
+    if target is None:
         # Already released or expired: releasing is idempotent, the slot is free either way.
-        return Decision(events=expired)
-    return Decision(events=(*expired, SlotReleased(at=now, operation=command.operation, lease_id=target)))
+        return Decision()
+    return Decision(events=(SlotReleased(at=now, operation=command.operation, lease_id=target),))
+
+
+# --------------------------------------------------------------------------- admission
+
+
+def decide_admit(
+    state: SessionState, command: Admit, now: float, tier: TierPolicy, version: int,
+    user_boosts: Boosts = NO_BOOSTS,
+) -> Decision:
+    """Quotas, every rate window and a concurrency slot in one all-or-nothing decision."""
+    costs = {q.value: amount for q, amount in command.costs.items()}
+    denied = _check_costs(state, tier, command.operation, costs, now, user_boosts, version)
+    if denied is not None:
+        return denied
+    windows: tuple[str, ...] = ()
+    if command.rate:
+        denied, windows = _check_rate(state, tier, command.operation, None, now, version)
+        if denied is not None:
+            return denied
+    if command.slot:
+        denied = _check_slot(state, tier, command.operation, now, version)
+        if denied is not None:
+            return denied
+    events: list[Event] = []
+    token = state.fencing
+    if costs and command.reserve:
+        token += 1
+        hold = command.hold_seconds or tier.concurrency.lease_seconds
+        events.append(
+            Reserved(
+                at=now, operation=command.operation, reservation_id=f"{state.session_id}:r{token}",
+                amounts=costs, expires_at=now + hold, token=token, policy_version=version,
+            )
+        )
+    elif costs:
+        events += _charges(state, tier, command.operation, costs, {}, now, user_boosts, version)
+    if command.rate:
+        events.append(RateAllowed(at=now, operation=command.operation, windows=windows, policy_version=version))
+    if command.slot:
+        bumped = state if token == state.fencing else msgspec.structs.replace(state, fencing=token)
+        events.append(_grant_slot(bumped, tier, command.operation, command.lease_seconds, now, version))
+    return Decision(events=tuple(events))
+
+
+def decide_settle(
+    state: SessionState, command: Settle, now: float, tier: TierPolicy, version: int,
+    user_boosts: Boosts = NO_BOOSTS,
+) -> Decision:
+    """Charge the actual amounts of a reserved piece of work and release its hold.
+
+    Settling never refuses for quota: the work is done, so its real cost is recorded even if it
+    overshoots (later requests are refused instead). An unknown, expired or already settled
+    reservation is refused, so a settlement is never charged twice."""
+    held = state.reservations.get(command.reservation_id)
+    if held is None:
+        return Decision(
+            rejection=Rejection(
+                "reservation_not_found",
+                f"reservation {command.reservation_id!r} is not held by session "
+                f"{state.session_id!r}: it expired, was settled, or never existed; "
+                "record the usage with track_usage instead",
+                {"reservation_id": command.reservation_id, "session_id": state.session_id},
+            )
+        )
+    operation = held[0]
+    actual = {q.value: amount for q, amount in (command.actual or {}).items()}
+    settled = ReservationSettled(
+        at=now, operation=operation, reservation_id=command.reservation_id, amounts=actual
+    )
+    charges = _charges(state, tier, operation, actual, {"reservation_id": command.reservation_id},
+                       now, user_boosts, version)
+    return Decision(events=(settled, *charges))

@@ -8,26 +8,28 @@ from __future__ import annotations
 
 import msgspec
 
+from actors import idempotency, quota, ratelog
 from actors.events import (
     AcquireSlot,
+    Admit,
+    AdjustQuota,
     Applied,
+    ChangeTier,
     CheckRate,
+    Commit,
+    CreateSession,
+    Decision,
+    Event,
+    GetSession,
+    QuotaAdjusted,
     QuotaDenied,
     RateAllowed,
     RateDenied,
-    ReleaseSlot,
-    SlotAcquired,
-    SlotDenied,
-    SlotExpired,
-    SlotReleased,
-    TrackUsage,
-    UsageTracked,
-    ChangeTier,
-    Commit,
-    CreateSession,
-    Event,
-    GetSession,
     Rejection,
+    ReleaseSlot,
+    ReservationReleased,
+    ReservationSettled,
+    Reserved,
     SessionCommand,
     SessionCreated,
     SessionExpired,
@@ -35,13 +37,23 @@ from actors.events import (
     SessionTerminated,
     SessionTouched,
     SessionView,
+    Settle,
+    SlotAcquired,
+    SlotDenied,
+    SlotExpired,
+    SlotReleased,
     TerminateSession,
     TierChanged,
     TouchSession,
+    TrackUsage,
+    UsageTracked,
 )
-from actors import idempotency, quota, ratelog
-from actors.policy import Policy, RateLimitType
+from actors.policy import Policy, TierPolicy
 from actors.ports import AggregateKey
+from actors.quota import NO_BOOSTS, Boosts
+from actors.tenant import PolicyBook
+
+__all__ = ["Decision", "SessionState", "apply_commit", "decide", "evolve", "fold"]
 
 #: How many recent command ids a session remembers for idempotency (beyond JetStream's
 #: duplicate window). A retry of any of a session's last RECENT_COMMANDS commands is a no-op.
@@ -65,7 +77,9 @@ class SessionState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     usage: dict[str, tuple[float, float]] = {}  # quota -> (window_start, used in that window)
     rate_logs: dict[str, bytes] = {}  # "operation/window" -> packed admission times
     leases: dict[str, tuple[str, float, int]] = {}  # lease_id -> (operation, expires_at, token)
-    fencing: int = 0  # last fencing token granted
+    reservations: dict[str, tuple[str, dict[str, float], float]] = {}  # id -> (op, amounts, expires)
+    boosts: dict[str, tuple[float, float | None]] = {}  # quota -> (limit, until): QuotaAdjusted
+    fencing: int = 0  # last fencing token (or reservation number) granted
     recent_commands: bytes = b""  # fingerprints of the last RECENT_COMMANDS command ids
 
     def view(self, sequence: int = 0) -> SessionView:
@@ -86,17 +100,9 @@ class SessionState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
             usage=self.usage,
             rate_logs=self.rate_logs,
             leases=self.leases,
+            reservations=self.reservations,
+            boosts=self.boosts,
         )
-
-
-class Decision(msgspec.Struct, frozen=True, gc=False):
-    """What a command decided: events to append (possibly none) and, if refused, why.
-
-    A refusal may still carry events (e.g. ``SessionExpired``) so the log records the decision.
-    """
-
-    events: tuple[Event, ...] = ()
-    rejection: Rejection | None = None
 
 
 def initial_state(tenant: str, session_id: str) -> SessionState:
@@ -127,8 +133,18 @@ def _unknown_tier(tier: str, policy: Policy) -> Decision:
     )
 
 
-def decide(state: SessionState, command: SessionCommand, now: float, policy: Policy) -> Decision:
-    """Decide what ``command`` does to a session at instant ``now`` under ``policy``."""
+_METERED = (TrackUsage, CheckRate, AcquireSlot, ReleaseSlot, Admit, Settle, AdjustQuota)
+
+
+def decide(
+    state: SessionState,
+    command: SessionCommand,
+    now: float,
+    policy: Policy,
+    user_boosts: Boosts = NO_BOOSTS,
+) -> Decision:
+    """Decide what ``command`` does to a session at instant ``now`` under ``policy`` (the
+    tenant's effective tier policy) and the quota adjustments of the session's user."""
     if isinstance(command, CreateSession):
         if state.exists:
             return _reject(
@@ -182,17 +198,18 @@ def decide(state: SessionState, command: SessionCommand, now: float, policy: Pol
         )
     if isinstance(command, TouchSession):
         return Decision(events=(SessionTouched(at=now, operation=command.operation),))
-    if isinstance(command, (TrackUsage, CheckRate, AcquireSlot, ReleaseSlot)):
+    if isinstance(command, _METERED):
         tier_policy = policy.tier(state.tier)
         if tier_policy is None:  # the tier was removed from the policy since: refuse, clearly
             return _unknown_tier(state.tier, policy)
-        if isinstance(command, TrackUsage):
-            return quota.decide_usage(state, command, now, tier_policy, policy.version)
-        if isinstance(command, CheckRate):
-            return quota.decide_rate(state, command, now, tier_policy, policy.version)
-        if isinstance(command, AcquireSlot):
-            return quota.decide_acquire(state, command, now, tier_policy, policy.version)
-        return quota.decide_release(state, command, now)
+        # Leases and holds whose time is up are released first, as events of this decision.
+        expired = quota.housekeeping(state, now)
+        for event in expired:
+            state = evolve(state, event)
+        decision = _decide_metered(state, command, now, tier_policy, policy.version, user_boosts)
+        if expired:
+            return Decision(events=expired + decision.events, rejection=decision.rejection)
+        return decision
     if isinstance(command, TerminateSession):
         return Decision(events=(SessionTerminated(at=now, reason=command.reason),))
     if isinstance(command, ChangeTier):
@@ -214,6 +231,30 @@ def decide(state: SessionState, command: SessionCommand, now: float, policy: Pol
             )
         )
     raise TypeError(f"not a session command: {command!r}")  # unreachable for typed input
+
+
+def _decide_metered(
+    state: SessionState,
+    command: SessionCommand,
+    now: float,
+    tier: TierPolicy,
+    version: int,
+    user_boosts: Boosts,
+) -> Decision:
+    if isinstance(command, CheckRate):
+        return quota.decide_rate(state, command, now, tier, version)
+    if isinstance(command, TrackUsage):
+        return quota.decide_usage(state, command, now, tier, version, user_boosts)
+    if isinstance(command, Admit):
+        return quota.decide_admit(state, command, now, tier, version, user_boosts)
+    if isinstance(command, Settle):
+        return quota.decide_settle(state, command, now, tier, version, user_boosts)
+    if isinstance(command, AcquireSlot):
+        return quota.decide_acquire(state, command, now, tier, version)
+    if isinstance(command, ReleaseSlot):
+        return quota.decide_release(state, command, now)
+    assert isinstance(command, AdjustQuota)
+    return quota.decide_adjust(state, command, now, version)
 
 
 def evolve(state: SessionState, event: Event) -> SessionState:
@@ -256,7 +297,7 @@ def evolve(state: SessionState, event: Event) -> SessionState:
         logs = dict(state.rate_logs)
         for window in event.windows:
             key = f"{event.operation}/{window}"
-            logs[key] = ratelog.record(logs.get(key, b""), event.at, RateLimitType(window).seconds)
+            logs[key] = ratelog.record(logs.get(key, b""), event.at, quota.WINDOW_SECONDS[window])
         return replace(state, rate_logs=logs, last_activity=event.at)
     if isinstance(event, SlotAcquired):
         lease = (event.operation, event.expires_at, event.fencing_token)
@@ -265,6 +306,21 @@ def evolve(state: SessionState, event: Event) -> SessionState:
     if isinstance(event, (SlotReleased, SlotExpired)):
         leases = {k: v for k, v in state.leases.items() if k != event.lease_id}
         return replace(state, leases=leases)
+    if isinstance(event, Reserved):
+        hold = (event.operation, event.amounts, event.expires_at)
+        reservations = {**state.reservations, event.reservation_id: hold}
+        return replace(
+            state, reservations=reservations, fencing=max(state.fencing, event.token),
+            last_activity=event.at,
+        )
+    if isinstance(event, (ReservationSettled, ReservationReleased)):
+        reservations = {k: v for k, v in state.reservations.items() if k != event.reservation_id}
+        return replace(state, reservations=reservations)
+    if isinstance(event, QuotaAdjusted):
+        boosts = {k: v for k, v in state.boosts.items() if k != event.resource_type}
+        if event.limit is not None:
+            boosts[event.resource_type] = (event.limit, event.until)
+        return replace(state, boosts=boosts)
     if isinstance(event, (QuotaDenied, RateDenied, SlotDenied)):
         return state  # a refusal is a fact for the audit; it changes no counter
     raise TypeError(f"not a session event: {event!r}")
@@ -291,18 +347,20 @@ def fold(state: SessionState, commits: list[Commit]) -> SessionState:
 
 
 class SessionBehaviour:
-    """Binds the session aggregate's pure functions and a tier policy for the actor host."""
+    """Binds the session aggregate's pure functions and the tenants' policies for the host."""
 
     state_type: type[SessionState] = SessionState
 
-    def __init__(self, policy: Policy) -> None:
-        self.policy = policy
+    def __init__(self, policies: Policy | PolicyBook) -> None:
+        self.policies = policies if isinstance(policies, PolicyBook) else PolicyBook(policies)
 
     def initial_state(self, key: AggregateKey) -> SessionState:
         return initial_state(key.tenant, key.id)
 
     def decide(self, state: SessionState, command: SessionCommand, now: float) -> Decision:
-        return decide(state, command, now, self.policy)
+        book = self.policies
+        boosts = book.user_boosts(state.tenant, state.user_id) if state.user_id else NO_BOOSTS
+        return decide(state, command, now, book.policy(state.tenant), boosts)
 
     def apply_commit(self, state: SessionState, commit: Commit) -> SessionState:
         return apply_commit(state, commit)

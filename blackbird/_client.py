@@ -17,11 +17,14 @@ from nats.aio.client import Client as NATS
 
 from actors.host import ActorHost
 from actors.policy import Policy, PolicyError, default_policy, load_policy
+from actors.ports import NoSnapshots
 from actors.session import SessionBehaviour
+from actors.tenant import PolicyBook, TenantBehaviour
 from blackbird._dispatch import Dispatcher, LocalDispatcher, RemoteDispatcher
 from blackbird._server import EmbeddedServer
 from blackbird._service import CommandService
 from blackbird._sessions import AsyncSessionManager
+from blackbird._tenants import TenantDirectory
 from blackbird.config import Settings, build_settings
 from blackbird.errors import ClosedError, EmbeddedServerError, ValidationError
 from blackbird.journal import Journal
@@ -132,12 +135,23 @@ class AsyncBlackbird:
         # stream, nor reconfigure it with settings that differ from the hosts'.
         journal = await stack.enter_async_context(Journal.open(nc, s, configure=not self.remote))
         self._journal = journal
+        # Tenant policies: this process runs tenant commands itself (OCC keeps the tenant
+        # aggregate single-writer) and follows every tenant's log; it is caught up before any
+        # session command is decided or any limit reported.
+        book = PolicyBook(self.policy)
+        tenant_host = await stack.enter_async_context(
+            ActorHost(TenantBehaviour(self.policy), journal, NoSnapshots(), max_retries=s.max_retries, clock=self._clock)
+        )
+        tenants = TenantDirectory(journal, book, tenant_host, s.principal)
+        tasks = await stack.enter_async_context(anyio.create_task_group())
+        stack.callback(tasks.cancel_scope.cancel)
+        await tasks.start(tenants.follow)
         dispatcher: Dispatcher
         if self.remote:
             dispatcher = RemoteDispatcher(nc, journal.subjects, s.command_timeout)
         else:
             host = ActorHost(
-                SessionBehaviour(self.policy),
+                SessionBehaviour(book),
                 journal,
                 journal,
                 snapshot_every=s.snapshot_every,
@@ -150,11 +164,9 @@ class AsyncBlackbird:
             dispatcher = LocalDispatcher(host)
             if s.serve_commands:
                 service = CommandService(nc, journal.subjects, dispatcher, s.queue_group)
-                tg = await stack.enter_async_context(anyio.create_task_group())
-                stack.callback(tg.cancel_scope.cancel)
-                await tg.start(service.run)
+                await tasks.start(service.run)
         self._session_manager = AsyncSessionManager(
-            dispatcher, self.policy, tenant=s.tenant, principal=s.principal
+            dispatcher, book, tenants.command, tenant=s.tenant, principal=s.principal
         )
         log.info("blackbird_opened", nats_url=url, data_dir=str(self.data_dir), remote=self.remote)
 

@@ -72,6 +72,7 @@ class LocalDispatcher:
             rejection=outcome.rejection,
             sequence=outcome.sequence,
             duplicate=outcome.duplicate,
+            events=outcome.events,
         )
 
 

@@ -74,6 +74,12 @@ class RateLimitError(BlackbirdError):
     code = "rate_limited"
 
 
+class ReservationNotFoundError(BlackbirdError, LookupError):
+    """The reservation is not held: it expired, was already settled, or never existed."""
+
+    code = "reservation_not_found"
+
+
 class CommandTimeoutError(BlackbirdError, TimeoutError):
     """No actor host answered in time. The command may or may not have been applied; retry it
     with the same command id to find out without applying it twice."""
@@ -111,6 +117,7 @@ _BY_CODE: dict[str, type[BlackbirdError]] = {
         ConcurrencyConflictError,
         QuotaExceededError,
         RateLimitError,
+        ReservationNotFoundError,
         CommandTimeoutError,
         EmbeddedServerError,
         LogError,

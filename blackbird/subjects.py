@@ -62,6 +62,16 @@ class Subjects:
     def session(self, tenant: str, session_id: str) -> str:
         return f"{self.prefix}.{tenant}.session.{session_id}"
 
+    @property
+    def tenants_filter(self) -> str:
+        """Every tenant aggregate (policies, user adjustments), for the hosts' policy book."""
+        return f"{self.prefix}.*.tenant"
+
+    @staticmethod
+    def tenant_of(subject: str) -> str:
+        """The tenant token of an event subject."""
+        return subject.split(".", 2)[1]
+
     def tenant_filter(self, tenant: str) -> str:
         """Everything one tenant owns, and nothing else."""
         return f"{self.prefix}.{tenant}.>"

@@ -11,7 +11,7 @@ from actors.events import SessionStatus, SessionView
 
 from actors.policy import QuotaType
 
-__all__ = ["Session", "SessionStatus", "UsageRecord"]
+__all__ = ["Admission", "Session", "SessionStatus", "UsageRecord"]
 
 
 class UsageRecord(msgspec.Struct, frozen=True):
@@ -27,13 +27,40 @@ class UsageRecord(msgspec.Struct, frozen=True):
     timestamp: float
 
 
+class Admission(msgspec.Struct, frozen=True, kw_only=True):
+    """What :meth:`admit` granted, all together: charged or reserved quota, a rate admission
+    in every window, a concurrency slot (a lease with a fencing token).
+
+    Give the slot back with ``release_slot(session_id, operation, lease_id=...)`` and settle a
+    reservation with ``settle(session_id, reservation_id, actual)``; both also expire by
+    themselves (``lease_expires_at``, ``reservation_expires_at``).
+    """
+
+    session_id: str
+    operation: str
+    charged: dict[str, float] = {}
+    reserved: dict[str, float] = {}
+    reservation_id: str | None = None
+    reservation_expires_at: float | None = None
+    rate_windows: tuple[str, ...] = ()
+    lease_id: str | None = None
+    fencing_token: int | None = None
+    lease_expires_at: float | None = None
+    sequence: int = 0
+    duplicate: bool = False  # a retried command id: granted before, ids not repeated here
+
+
 class Session(SessionView, frozen=True):
     """A session as of the moment it was read (fields from :class:`SessionView`, times in seconds
     since the epoch). Time-derived properties use the current clock."""
 
     @classmethod
     def from_view(cls, view: SessionView) -> Session:
-        return cls(*(getattr(view, f) for f in view.__struct_fields__))
+        session = cls(*(getattr(view, f) for f in view.__struct_fields__))
+        # A lease past its expiry no longer holds a slot, even before the actor records it.
+        now = time.time()
+        live = sum(1 for _, expires_at, _ in view.leases.values() if expires_at > now)
+        return msgspec.structs.replace(session, concurrent_operations=live)
 
     @property
     def age_seconds(self) -> float:

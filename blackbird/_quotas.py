@@ -1,0 +1,424 @@
+"""Quotas, rate limits, concurrency slots, admission and tenant policy: the session manager's
+limit-keeping half (mixed into :class:`~blackbird._sessions.AsyncSessionManager`).
+
+Every decision is made by the session's actor from its own state (exact under concurrency) and
+recorded as an event with the policy version it used, allowed or denied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+import anyio
+import msgspec
+import structlog
+
+from actors import quota
+from actors.events import (
+    AcquireSlot,
+    AdjustQuota,
+    AdjustUserQuota,
+    Admit,
+    CheckRate,
+    CommandReply,
+    RateAllowed,
+    ReleaseSlot,
+    Reserved,
+    SessionCommand,
+    SetTenantPolicy,
+    Settle,
+    SlotAcquired,
+    TenantCommand,
+    TrackUsage,
+    UsageTracked,
+)
+from actors.policy import Policy, QuotaType, RateLimitType, TierPolicy
+from actors.tenant import PolicyBook, TenantState
+from blackbird._validate import (
+    check_amount,
+    check_costs,
+    check_enum,
+    check_instant,
+    check_metadata,
+    check_seconds,
+    check_text,
+)
+from blackbird.errors import SessionNotFoundError, ValidationError
+from blackbird.subjects import validate_token
+from blackbird.types import Admission, Session, UsageRecord
+
+log = structlog.get_logger("blackbird.quotas")
+
+
+class TenantCommands(Protocol):
+    async def __call__(self, tenant: str, command: TenantCommand, command_id: str | None) -> TenantState:
+        """Run a tenant command durably; the tenant's state after it (refusals raise)."""
+        ...
+
+
+class QuotaMethods:
+    """Quotas, rate limits, concurrency and admission on sessions."""
+
+    if TYPE_CHECKING:
+        _policies: PolicyBook
+        _tenant_commands: TenantCommands
+
+        def _tenant_of(self, tenant: str | None) -> str: ...
+
+        async def get_session(self, session_id: str, *, tenant: str | None = None) -> Session | None: ...
+
+        async def _request(
+            self, tenant: str | None, session_id: Any, command: SessionCommand, command_id: str | None
+        ) -> tuple[Session | None, CommandReply]: ...
+
+        async def _send_existing(
+            self, tenant: str | None, session_id: Any, command: SessionCommand, command_id: str | None
+        ) -> Session: ...
+
+    def __init__(self) -> None:
+        self._usage_callbacks: list[Callable[[UsageRecord], Any]] = []
+        self._held: dict[tuple[str, str, str], list[str]] = {}  # leases this client holds
+
+    # ------------------------------------------------------------------ reading limits
+
+    def _tier_policy(self, session: Session) -> TierPolicy:
+        tier = self._policies.policy(session.tenant).tier(session.tier)
+        if tier is None:
+            raise ValidationError(
+                f"tier: session {session.session_id!r} is on tier {session.tier!r}, which the "
+                "tenant's policy no longer defines",
+                field="tier", expected="a tier of the current policy", got=session.tier,
+            )
+        return tier
+
+    async def _existing(self, session_id: Any, tenant: str | None) -> Session:
+        session = await self.get_session(session_id, tenant=tenant)
+        if session is None:
+            raise SessionNotFoundError(f"session {session_id!r} not found", session_id=session_id)
+        return session
+
+    async def get_quota(
+        self, session_id: str, quota_type: QuotaType | str | None = None, *, tenant: str | None = None
+    ) -> dict[str, Any]:
+        """Quota usage now: ``{quota: {used, limit, remaining, usage_percentage, resets_at,
+        reserved}}`` keyed by QuotaType value ("tokens", ...), or that one dict when
+        ``quota_type`` is given. ``remaining`` already excludes reserved (unsettled) amounts;
+        ``limit`` includes any live adjustment. Raises SessionNotFoundError."""
+        wanted = None if quota_type is None else check_enum(quota_type, QuotaType, "quota_type")
+        session = await self._existing(session_id, tenant)
+        boosts = self._policies.user_boosts(session.tenant, session.user_id)
+        info = quota.quota_info(session, self._tier_policy(session), time.time(), boosts)  # type: ignore[arg-type]
+        if wanted is None:
+            return info
+        return info.get(wanted.value) or {
+            "used": 0.0, "limit": math.inf, "remaining": math.inf, "usage_percentage": 0.0,
+            "resets_at": None, "reserved": 0.0,
+        }
+
+    async def get_rate_limits(self, session_id: str, *, tenant: str | None = None) -> dict[str, Any]:
+        """Per operation and window: ``{limit, remaining, reset_at}`` now (``reset_at``: when one
+        more request would be admitted)."""
+        session = await self._existing(session_id, tenant)
+        return quota.rate_status(session, self._tier_policy(session), time.time())  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ usage
+
+    async def track_usage(
+        self,
+        session_id: str,
+        operation: str,
+        resource_type: QuotaType | str,
+        amount: float,
+        metadata: dict[str, Any] | None = None,
+        *,
+        tenant: str | None = None,
+        command_id: str | None = None,
+    ) -> bool:
+        """Count ``amount`` of ``resource_type`` against the session's quota; True once durable.
+
+        Raises QuotaExceededError (message, used, limit, quota_type, resets_at) and counts
+        nothing if it would exceed the quota; ValidationError for a negative, NaN, infinite or
+        non-numeric amount. Usage callbacks run after the usage is durable.
+        """
+        command = TrackUsage(
+            operation=check_text(operation, "operation"),
+            resource_type=check_enum(resource_type, QuotaType, "resource_type"),
+            amount=check_amount(amount),
+            metadata=check_metadata(metadata),
+        )
+        session, reply = await self._request(tenant, session_id, command, command_id)
+        await self._report_usage(session, reply)
+        return True
+
+    async def _report_usage(self, session: Session | None, reply: CommandReply) -> dict[str, float]:
+        """Call the usage callbacks once per UsageTracked in ``reply``; the amounts charged."""
+        charged: dict[str, float] = {}
+        for event in reply.events:
+            if not isinstance(event, UsageTracked):
+                continue
+            charged[event.resource_type] = charged.get(event.resource_type, 0.0) + event.amount
+            if self._usage_callbacks and session is not None:
+                await self._notify(
+                    UsageRecord(
+                        session_id=session.session_id, user_id=session.user_id, tenant=session.tenant,
+                        operation=event.operation, resource_type=QuotaType(event.resource_type),
+                        amount=event.amount, metadata=event.metadata, timestamp=event.at,
+                    )
+                )
+        return charged
+
+    def add_usage_callback(self, callback: Callable[[UsageRecord], Any]) -> None:
+        """Call ``callback(record)`` (sync or async) once per usage charged through this client
+        (track_usage, admit, settle), after it is durable. A callback that raises is logged and
+        breaks nothing."""
+        self._usage_callbacks.append(callback)
+
+    def remove_usage_callback(self, callback: Callable[[UsageRecord], Any]) -> None:
+        """Stop calling ``callback``; unknown callbacks are ignored."""
+        with contextlib.suppress(ValueError):
+            self._usage_callbacks.remove(callback)
+
+    async def _notify(self, record: UsageRecord) -> None:
+        for callback in list(self._usage_callbacks):
+            try:
+                result = callback(record)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:
+                log.warning(
+                    "usage_callback_failed", tenant=record.tenant, session_id=record.session_id,
+                    callback=getattr(callback, "__qualname__", repr(callback)), error=repr(exc),
+                )
+
+    # ------------------------------------------------------------------ rate limits
+
+    async def enforce_rate_limit(
+        self,
+        session_id: str,
+        operation: str,
+        limit_type: RateLimitType | str | None = None,
+        *,
+        tenant: str | None = None,
+        command_id: str | None = None,
+    ) -> bool:
+        """Admit one ``operation`` request if every checked window (``limit_type``, or all) has
+        room; True once durable. Exact under concurrency (the session's actor decides) and
+        sliding: never more than the limit in any window, wherever it starts.
+
+        Raises RateLimitError (message, retry_after seconds, limit_type, limit)."""
+        command = CheckRate(
+            operation=check_text(operation, "operation"),
+            limit_type=None if limit_type is None else check_enum(limit_type, RateLimitType, "limit_type"),
+        )
+        await self._send_existing(tenant, session_id, command, command_id)
+        return True
+
+    # ------------------------------------------------------------------ concurrency
+
+    async def manage_concurrency(
+        self,
+        session_id: str,
+        operation: str,
+        increment: bool,
+        *,
+        tenant: str | None = None,
+        lease_seconds: float | None = None,
+    ) -> int:
+        """Take (``increment=True``) or give back a concurrency slot for ``operation``; returns
+        the session's slots in use. A slot is a lease: one never given back (a crashed holder)
+        expires after ``lease_seconds`` (the tier's default if None). Over the limit raises
+        RateLimitError; giving back a slot that already expired is not an error."""
+        operation = check_text(operation, "operation")
+        key = (self._tenant_of(tenant), validate_token(session_id, "session_id"), operation)
+        held = self._held.setdefault(key, [])
+        if increment:
+            command = AcquireSlot(operation=operation, lease_seconds=check_seconds(lease_seconds, "lease_seconds"))
+            session, reply = await self._request(tenant, session_id, command, None)
+            held += [e.lease_id for e in reply.events if isinstance(e, SlotAcquired)]
+        else:
+            lease_id = held.pop() if held else None
+            session, _ = await self._request(
+                tenant, session_id, ReleaseSlot(operation=operation, lease_id=lease_id), None
+            )
+        assert session is not None
+        return session.concurrent_operations
+
+    async def release_slot(
+        self, session_id: str, operation: str, lease_id: str | None = None, *,
+        tenant: str | None = None, command_id: str | None = None,
+    ) -> int:
+        """Give back the slot ``lease_id`` (from :meth:`admit`), or the oldest slot of
+        ``operation``; returns the slots in use. Idempotent."""
+        operation = check_text(operation, "operation")
+        if lease_id is not None:
+            lease_id = check_text(lease_id, "lease_id")
+        session = await self._send_existing(
+            tenant, session_id, ReleaseSlot(operation=operation, lease_id=lease_id), command_id
+        )
+        return session.concurrent_operations
+
+    @contextlib.asynccontextmanager
+    async def concurrency_slot(
+        self, session_id: str, operation: str, *, tenant: str | None = None
+    ) -> AsyncIterator[None]:
+        """``async with`` a concurrency slot; it is given back on exit, even on error."""
+        await self.manage_concurrency(session_id, operation, True, tenant=tenant)
+        try:
+            yield
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.manage_concurrency(session_id, operation, False, tenant=tenant)
+
+    # ------------------------------------------------------------------ admission
+
+    async def admit(
+        self,
+        session_id: str,
+        operation: str,
+        costs: dict[QuotaType | str, float] | None = None,
+        *,
+        rate: bool = True,
+        slot: bool = True,
+        reserve: bool = False,
+        lease_seconds: float | None = None,
+        hold_seconds: float | None = None,
+        tenant: str | None = None,
+        command_id: str | None = None,
+    ) -> Admission:
+        """Check quotas for ``costs``, every rate window of ``operation`` (if ``rate``) and a
+        concurrency slot (if ``slot``) in one decision: everything is granted together, or
+        nothing is and the first limit hit is raised (QuotaExceededError or RateLimitError).
+
+        With ``reserve=True`` the costs are held, not charged: settle the real amounts with
+        :meth:`settle` once known (e.g. the tokens an LLM stream really used); an unsettled
+        hold is released after ``hold_seconds``. The slot, if taken, is a lease: give it back
+        with :meth:`release_slot` or let it expire after ``lease_seconds``.
+        """
+        command = Admit(
+            operation=check_text(operation, "operation"),
+            costs=check_costs(costs, QuotaType),
+            rate=bool(rate),
+            slot=bool(slot),
+            reserve=bool(reserve),
+            lease_seconds=check_seconds(lease_seconds, "lease_seconds"),
+            hold_seconds=check_seconds(hold_seconds, "hold_seconds"),
+        )
+        session, reply = await self._request(tenant, session_id, command, command_id)
+        assert session is not None
+        charged = await self._report_usage(session, reply)
+        admission: dict[str, Any] = {"charged": charged}
+        for event in reply.events:
+            if isinstance(event, Reserved):
+                admission.update(reserved=event.amounts, reservation_id=event.reservation_id,
+                                 reservation_expires_at=event.expires_at)
+            elif isinstance(event, SlotAcquired):
+                admission.update(lease_id=event.lease_id, fencing_token=event.fencing_token,
+                                 lease_expires_at=event.expires_at)
+            elif isinstance(event, RateAllowed):
+                admission["rate_windows"] = event.windows
+        return Admission(
+            session_id=session.session_id, operation=command.operation, sequence=reply.sequence,
+            duplicate=reply.duplicate, **admission,
+        )
+
+    async def reserve(
+        self,
+        session_id: str,
+        operation: str,
+        costs: dict[QuotaType | str, float],
+        *,
+        hold_seconds: float | None = None,
+        tenant: str | None = None,
+        command_id: str | None = None,
+    ) -> Admission:
+        """Hold ``costs`` (an estimate, e.g. max tokens) against the quotas; settle the real
+        amounts with :meth:`settle`. Raises QuotaExceededError if the estimate does not fit."""
+        return await self.admit(
+            session_id, operation, costs, rate=False, slot=False, reserve=True,
+            hold_seconds=hold_seconds, tenant=tenant, command_id=command_id,
+        )
+
+    async def settle(
+        self,
+        session_id: str,
+        reservation_id: str,
+        actual: dict[QuotaType | str, float] | None = None,
+        *,
+        tenant: str | None = None,
+        command_id: str | None = None,
+    ) -> dict[str, float]:
+        """Charge what reserved work really used (``actual``; None or {} charges nothing) and
+        release the hold; returns what was charged. Settling never fails for quota (the work is
+        done: an overshoot is recorded and later requests are refused instead). Raises
+        ReservationNotFoundError if the hold expired, was settled already or never existed."""
+        command = Settle(
+            reservation_id=check_text(reservation_id, "reservation_id"),
+            actual=check_costs(actual, QuotaType, "actual"),
+        )
+        session, reply = await self._request(tenant, session_id, command, command_id)
+        return await self._report_usage(session, reply)
+
+    # ------------------------------------------------------------------ dynamic limits
+
+    async def adjust_quota(
+        self,
+        session_id: str | None = None,
+        quota_type: QuotaType | str | None = None,
+        limit: float | None = None,
+        until: Any = None,
+        *,
+        user_id: str | None = None,
+        tenant: str | None = None,
+        command_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Set the limit of one quota for a session (``session_id``) or for every session of a
+        user (``user_id=``), until ``until`` (seconds since the epoch, an aware datetime, or a
+        timedelta from now; None: until changed again). ``limit=None`` removes the adjustment.
+        A session adjustment wins over a user one, which wins over the tier. The change is an
+        event; a boost ends by itself at ``until``. Returns the adjusted quota's info (for a
+        session) or the user's adjustments."""
+        if (session_id is None) == (user_id is None):
+            raise ValidationError(
+                "session_id/user_id: expected exactly one of them",
+                field="session_id", expected="exactly one of session_id or user_id", got=None,
+            )
+        quota_type = check_enum(quota_type, QuotaType, "quota_type")
+        new_limit = None if limit is None else check_amount(limit, "limit")
+        deadline = check_instant(until, "until")
+        if user_id is not None:
+            user_id = validate_token(user_id, "user_id")
+            command = AdjustUserQuota(user_id=user_id, resource_type=quota_type, limit=new_limit, until=deadline)
+            state = await self._tenant_commands(self._tenant_of(tenant), command, command_id)
+            return {q: {"limit": lim, "until": u} for q, (lim, u) in state.user_boosts.get(user_id, {}).items()}
+        adjust = AdjustQuota(resource_type=quota_type, limit=new_limit, until=deadline)
+        await self._send_existing(tenant, session_id, adjust, command_id)
+        return await self.get_quota(session_id, quota_type, tenant=tenant)  # type: ignore[arg-type]
+
+    async def set_tenant_policy(
+        self, overrides: dict[str, Any], *, tenant: str | None = None, command_id: str | None = None
+    ) -> dict[str, Any]:
+        """Merge ``overrides`` (any part of the tier policy document, e.g. ``{"tiers": {"pro":
+        {"quotas": {"tokens": {"limit": 5000}}}}}``) into the tenant's policy; the change is an
+        event and gets the next policy version, which every later decision records. Returns
+        the tenant's effective policy. Raises ValidationError naming the wrong field."""
+        if not isinstance(overrides, dict):
+            raise ValidationError(
+                f"overrides: expected a dict, got {type(overrides).__name__}",
+                field="overrides", expected="a dict (part of the tier policy document)",
+                got=type(overrides).__name__,
+            )
+        command = SetTenantPolicy(overrides=check_metadata(overrides, "overrides"))
+        tenant = self._tenant_of(tenant)
+        await self._tenant_commands(tenant, command, command_id)
+        return await self.get_tenant_policy(tenant=tenant)
+
+    async def get_tenant_policy(self, *, tenant: str | None = None) -> dict[str, Any]:
+        """The tenant's effective tier policy as a JSON-ready dict (with its ``version``)."""
+        policy: Policy = self._policies.policy(self._tenant_of(tenant))
+        return msgspec.to_builtins(policy)  # type: ignore[no-any-return]
+

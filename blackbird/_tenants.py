@@ -1,0 +1,72 @@
+"""Tenant policies at the edge: runs tenant commands and keeps the policy book current.
+
+Every process that decides (an actor host) or reports limits keeps a :class:`PolicyBook`: it
+follows every tenant's log from the start (so a restarted host decides under the same
+policies) and is updated at once by the tenant commands this process runs itself
+(read-your-writes). Another process sees a change as soon as its follower delivers it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import anyio
+import anyio.abc
+import nats.js.errors
+import structlog
+
+from actors import tenant as tenant_logic
+from actors.events import TenantCommand
+from actors.host import ActorHost, ConflictRetriesExhausted
+from actors.ports import AggregateKey
+from actors.tenant import PolicyBook, TenantState
+from blackbird.errors import ConcurrencyConflictError, error_from_code
+from blackbird.journal import Journal
+
+log = structlog.get_logger("blackbird.tenants")
+
+
+class TenantDirectory:
+    def __init__(self, journal: Journal, book: PolicyBook, host: ActorHost, principal: str) -> None:
+        self._journal = journal
+        self._book = book
+        self._host = host
+        self._principal = principal
+
+    async def command(self, tenant: str, command: TenantCommand, command_id: str | None) -> TenantState:
+        """Run a tenant command durably and return the tenant's state after it."""
+        key = AggregateKey(tenant, "tenant", tenant)
+        try:
+            outcome = await self._host.ask(key, command, command_id or os.urandom(16).hex(), self._principal)
+        except ConflictRetriesExhausted as exc:
+            raise ConcurrencyConflictError(
+                f"tenant {tenant!r}: {exc}; retry with the same command id", tenant=tenant
+            ) from None
+        if outcome.rejection is not None:
+            r = outcome.rejection
+            raise error_from_code(r.code, r.message, dict(r.fields))
+        self._book.observe(outcome.state)
+        return outcome.state  # type: ignore[no-any-return]
+
+    async def follow(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Fold every tenant's commits into the book; ready once caught up with the log."""
+        subjects = self._journal.subjects
+        target = await self._journal.last_seq_of(subjects.tenants_filter)
+        ready = target == 0
+        if ready:
+            task_status.started()
+        states: dict[str, TenantState] = {}
+        try:
+            async for entry in self._journal.follow(subjects.tenants_filter):
+                tenant = subjects.tenant_of(entry.subject)
+                state = states.get(tenant) or TenantState(tenant=tenant)
+                states[tenant] = state = tenant_logic.apply_commit(state, entry.commit)
+                self._book.observe(state)
+                log.debug("tenant_policy_observed", tenant=tenant, version=state.version, seq=entry.seq)
+                if not ready and entry.seq >= target:
+                    ready = True
+                    task_status.started()
+        except nats.js.errors.NotFoundError:
+            # No stream yet: only a remote client that configures nothing gets here, and its
+            # commands will say that no host is serving. There is no policy to follow.
+            log.warning("tenant_log_missing", stream=self._journal.stream)
