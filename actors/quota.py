@@ -97,7 +97,7 @@ def limit_in_force(
 
 def reserved(state: SessionState, resource: str) -> float:
     """Amount of ``resource`` held by unsettled reservations (expired ones are gone already)."""
-    return sum(amounts.get(resource, 0.0) for _, amounts, _ in state.reservations.values())
+    return sum((amounts.get(resource, 0.0) for _, amounts, _ in state.reservations.values()), 0.0)
 
 
 def quota_info(
@@ -111,9 +111,9 @@ def quota_info(
         limit, start, resets = limit_in_force(state, tier, resource, now, user_boosts)
         used = used_in_window(state, resource, start)
         held = sum(
-            amounts.get(resource, 0.0)
-            for _, amounts, expires in state.reservations.values()
-            if expires > now
+            (amounts.get(resource, 0.0)
+             for _, amounts, expires in state.reservations.values() if expires > now),
+            0.0,
         )
         info[resource] = {
             "used": used,

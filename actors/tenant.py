@@ -26,7 +26,7 @@ from actors.events import (
     TenantPolicyChanged,
     UserQuotaAdjusted,
 )
-from actors.policy import Policy
+from actors.policy import Policy, TierPolicy
 from actors.ports import AggregateKey
 from actors.quota import NO_BOOSTS, Boosts
 
@@ -76,16 +76,23 @@ def decide(state: TenantState, command: TenantCommand, now: float, base: Policy)
         current = effective_policy(state, base)
         document = merge(msgspec.to_builtins(current), command.overrides)
         document["version"] = current.version + 1
-        try:
-            policy = msgspec.convert(document, Policy)
-        except msgspec.ValidationError as exc:
-            path = str(exc).rsplit("`$", 1)[-1].rstrip("`") if "`$" in str(exc) else ""
-            return Decision(
-                rejection=Rejection(
-                    "validation_error", f"overrides{path}: {exc}",
-                    {"field": f"overrides{path}", "expected": "a valid tier policy"},
+        # Each tier on its own first, so an error names the tier (msgspec says `[...]` for keys).
+        tiers = document.get("tiers")
+        checks = [(f".tiers.{name}", tier, TierPolicy) for name, tier in tiers.items()] if isinstance(tiers, dict) else []
+        checks.append(("", document, Policy))
+        for prefix, part, kind in checks:
+            try:
+                msgspec.convert(part, kind)
+            except msgspec.ValidationError as exc:
+                text = str(exc)
+                path = prefix + (text.rsplit("`$", 1)[-1].rstrip("`") if "`$" in text else "")
+                return Decision(
+                    rejection=Rejection(
+                        "validation_error", f"overrides{path}: {text.rsplit(' - at ', 1)[0]}",
+                        {"field": f"overrides{path}", "expected": "a valid tier policy (see tiers.toml)"},
+                    )
                 )
-            )
+        policy = msgspec.convert(document, Policy)
         if not policy.tiers:
             return _invalid("overrides.tiers", "at least one tier", {})
         return Decision(events=(TenantPolicyChanged(at=now, policy=policy, overrides=command.overrides),))
