@@ -166,7 +166,8 @@ class AsyncBlackbird:
                 service = CommandService(nc, journal.subjects, dispatcher, s.queue_group)
                 await tasks.start(service.run)
         self._session_manager = AsyncSessionManager(
-            dispatcher, book, tenants.command, tenant=s.tenant, principal=s.principal
+            dispatcher, book, tenants.command, tenant=s.tenant, principal=s.principal,
+            clock=self._clock,
         )
         log.info("blackbird_opened", nats_url=url, data_dir=str(self.data_dir), remote=self.remote)
 

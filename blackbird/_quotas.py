@@ -80,7 +80,8 @@ class QuotaMethods:
             self, tenant: str | None, session_id: Any, command: SessionCommand, command_id: str | None
         ) -> Session: ...
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock  # the actors' clock: windows and expiries are read against it
         self._usage_callbacks: list[Callable[[UsageRecord], Any]] = []
         self._held: dict[tuple[str, str, str], list[str]] = {}  # leases this client holds
 
@@ -112,7 +113,7 @@ class QuotaMethods:
         wanted = None if quota_type is None else check_enum(quota_type, QuotaType, "quota_type")
         session = await self._existing(session_id, tenant)
         boosts = self._policies.user_boosts(session.tenant, session.user_id)
-        info = quota.quota_info(session, self._tier_policy(session), time.time(), boosts)  # type: ignore[arg-type]
+        info = quota.quota_info(session, self._tier_policy(session), self._clock(), boosts)  # type: ignore[arg-type]
         if wanted is None:
             return info
         return info.get(wanted.value) or {
@@ -124,7 +125,7 @@ class QuotaMethods:
         """Per operation and window: ``{limit, remaining, reset_at}`` now (``reset_at``: when one
         more request would be admitted)."""
         session = await self._existing(session_id, tenant)
-        return quota.rate_status(session, self._tier_policy(session), time.time())  # type: ignore[arg-type]
+        return quota.rate_status(session, self._tier_policy(session), self._clock())  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ usage
 
@@ -389,7 +390,7 @@ class QuotaMethods:
             )
         quota_type = check_enum(quota_type, QuotaType, "quota_type")
         new_limit = None if limit is None else check_amount(limit, "limit")
-        deadline = check_instant(until, "until")
+        deadline = check_instant(until, "until", self._clock())
         if user_id is not None:
             user_id = validate_token(user_id, "user_id")
             command = AdjustUserQuota(user_id=user_id, resource_type=quota_type, limit=new_limit, until=deadline)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -44,8 +46,9 @@ class AsyncSessionManager(QuotaMethods):
         *,
         tenant: str,
         principal: str,
+        clock: Callable[[], float] = time.time,
     ) -> None:
-        super().__init__()
+        super().__init__(clock)
         self._dispatcher = dispatcher
         self._policies = policies
         self._tenant_commands = tenant_commands

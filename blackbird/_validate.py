@@ -8,7 +8,6 @@ import datetime
 import enum
 import json
 import math
-import time
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -103,13 +102,13 @@ def check_seconds(value: Any, field: str, *, maximum: float = 366 * 86400) -> fl
     return float(value)
 
 
-def check_instant(value: Any, field: str) -> float | None:
+def check_instant(value: Any, field: str, now: float) -> float | None:
     """An optional future instant: seconds since the epoch, an aware datetime, or a timedelta
-    from now."""
+    from ``now``."""
     if value is None:
         return None
     if isinstance(value, datetime.timedelta):
-        return time.time() + value.total_seconds()
+        value = now + value.total_seconds()
     if isinstance(value, datetime.datetime):
         if value.tzinfo is None:
             raise _invalid(field, "a timezone-aware datetime", "a naive datetime")
@@ -117,6 +116,6 @@ def check_instant(value: Any, field: str) -> float | None:
     expected = "seconds since the epoch, an aware datetime or a timedelta, in the future"
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise _invalid(field, expected, repr(value) if isinstance(value, float) else type(value).__name__)
-    if value <= time.time():
+    if value <= now:
         raise _invalid(field, expected, repr(value))
     return float(value)
