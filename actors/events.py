@@ -163,6 +163,15 @@ class QuotaAdjusted(_Event, frozen=True):
     policy_version: int
 
 
+class MessagePosted(_Event, frozen=True):
+    """A message on one of the session's channels ("chat", "progress", "notification", ...);
+    subscribers resume a channel from its stream sequence."""
+
+    channel: str
+    text: str
+    metadata: Metadata
+
+
 SessionEvent = (
     SessionCreated
     | SessionTouched
@@ -181,6 +190,7 @@ SessionEvent = (
     | ReservationSettled
     | ReservationReleased
     | QuotaAdjusted
+    | MessagePosted
 )
 
 
@@ -323,6 +333,12 @@ class AdjustQuota(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=T
     until: float | None = None
 
 
+class PostMessage(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    channel: Token = "chat"
+    text: Annotated[str, msgspec.Meta(max_length=65536)] = ""
+    metadata: Metadata = {}
+
+
 SessionCommand = (
     CreateSession
     | TouchSession
@@ -336,6 +352,7 @@ SessionCommand = (
     | Admit
     | Settle
     | AdjustQuota
+    | PostMessage
 )
 
 

@@ -21,6 +21,8 @@ from actors.events import (
     Decision,
     Event,
     GetSession,
+    MessagePosted,
+    PostMessage,
     QuotaAdjusted,
     QuotaDenied,
     RateAllowed,
@@ -210,6 +212,9 @@ def decide(
         if expired:
             return Decision(events=expired + decision.events, rejection=decision.rejection)
         return decision
+    if isinstance(command, PostMessage):
+        posted = MessagePosted(at=now, channel=command.channel, text=command.text, metadata=command.metadata)
+        return Decision(events=(posted,))
     if isinstance(command, TerminateSession):
         return Decision(events=(SessionTerminated(at=now, reason=command.reason),))
     if isinstance(command, ChangeTier):
@@ -274,7 +279,7 @@ def evolve(state: SessionState, event: Event) -> SessionState:
             max_age=event.max_age,
             policy_version=event.policy_version,
         )
-    if isinstance(event, SessionTouched):
+    if isinstance(event, (SessionTouched, MessagePosted)):
         return replace(state, last_activity=event.at)
     if isinstance(event, TierChanged):
         return replace(

@@ -94,6 +94,10 @@ class AsyncBlackbird:
             raise ClosedError("AsyncBlackbird is not open; use `async with AsyncBlackbird(...)`")
         return self._session_manager
 
+    async def send_message(self, message: str, **options: Any) -> dict[str, Any]:
+        """Post a message on a session's channel; see :meth:`AsyncSessionManager.send_message`."""
+        return await self.session_manager.send_message(message, **options)
+
     @property
     def journal(self) -> Journal:
         """The event log (read history, follow a tenant's or a session's commits)."""

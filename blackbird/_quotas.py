@@ -11,7 +11,7 @@ import contextlib
 import inspect
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Hashable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
@@ -83,7 +83,8 @@ class QuotaMethods:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock  # the actors' clock: windows and expiries are read against it
         self._usage_callbacks: list[Callable[[UsageRecord], Any]] = []
-        self._held: dict[tuple[str, str, str], list[str]] = {}  # leases this client holds
+        # leases this client holds: (tenant, session, operation, holder) -> lease ids
+        self._held: dict[tuple[str, str, str, Hashable], list[str]] = {}
 
     # ------------------------------------------------------------------ reading limits
 
@@ -229,20 +230,36 @@ class QuotaMethods:
         *,
         tenant: str | None = None,
         lease_seconds: float | None = None,
+        holder: Hashable | None = None,
     ) -> int:
         """Take (``increment=True``) or give back a concurrency slot for ``operation``; returns
-        the session's slots in use. A slot is a lease: one never given back (a crashed holder)
-        expires after ``lease_seconds`` (the tier's default if None). Over the limit raises
-        RateLimitError; giving back a slot that already expired is not an error."""
+        the session's slots in use. Over the limit raises RateLimitError.
+
+        A slot is a lease: one never given back (a crashed holder) expires after
+        ``lease_seconds`` (the tier's default if None). Giving back releases the slot this
+        ``holder`` took (default: the calling task; the synchronous facade uses the calling
+        thread), so a caller whose increment was refused and who decrements anyway (a
+        ``finally`` block) cannot free somebody else's slot. Giving back with no slot held is a
+        no-op. To release from elsewhere, use :meth:`release_slot` with the lease id.
+        """
         operation = check_text(operation, "operation")
-        key = (self._tenant_of(tenant), validate_token(session_id, "session_id"), operation)
-        held = self._held.setdefault(key, [])
+        if holder is None:
+            holder = ("task", anyio.get_current_task().id)
+        key = (self._tenant_of(tenant), validate_token(session_id, "session_id"), operation, holder)
         if increment:
             command = AcquireSlot(operation=operation, lease_seconds=check_seconds(lease_seconds, "lease_seconds"))
             session, reply = await self._request(tenant, session_id, command, None)
-            held += [e.lease_id for e in reply.events if isinstance(e, SlotAcquired)]
+            leases = [e.lease_id for e in reply.events if isinstance(e, SlotAcquired)]
+            self._held.setdefault(key, []).extend(leases)
         else:
-            lease_id = held.pop() if held else None
+            held = self._held.get(key)
+            if not held:
+                log.debug("slot_release_without_slot", tenant=key[0], session_id=key[1], operation=operation)
+                session = await self._existing(session_id, tenant)
+                return session.concurrent_operations
+            lease_id = held.pop()
+            if not held:
+                del self._held[key]
             session, _ = await self._request(
                 tenant, session_id, ReleaseSlot(operation=operation, lease_id=lease_id), None
             )
@@ -268,12 +285,13 @@ class QuotaMethods:
         self, session_id: str, operation: str, *, tenant: str | None = None
     ) -> AsyncIterator[None]:
         """``async with`` a concurrency slot; it is given back on exit, even on error."""
-        await self.manage_concurrency(session_id, operation, True, tenant=tenant)
+        holder = ("slot", object())  # this block's own slot, whichever task exits it
+        await self.manage_concurrency(session_id, operation, True, tenant=tenant, holder=holder)
         try:
             yield
         finally:
             with anyio.CancelScope(shield=True):
-                await self.manage_concurrency(session_id, operation, False, tenant=tenant)
+                await self.manage_concurrency(session_id, operation, False, tenant=tenant, holder=holder)
 
     # ------------------------------------------------------------------ admission
 

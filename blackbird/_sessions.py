@@ -19,6 +19,7 @@ from actors.events import (
     CommandReply,
     CreateSession,
     GetSession,
+    PostMessage,
     SessionCommand,
     TerminateSession,
     TouchSession,
@@ -32,6 +33,8 @@ from blackbird.subjects import validate_token
 from blackbird.types import Session
 
 log = structlog.get_logger("blackbird.sessions")
+
+MAX_MESSAGE_LENGTH = 65536
 
 class AsyncSessionManager(QuotaMethods):
     """Sessions and their limits: create, read, touch, re-tier and terminate sessions; quotas,
@@ -53,6 +56,7 @@ class AsyncSessionManager(QuotaMethods):
         self._policies = policies
         self._tenant_commands = tenant_commands
         self._tenant = validate_token(tenant, "tenant")
+        self._current: tuple[str, str] | None = None  # the last session this client created
         self._principal = principal
 
     def _tenant_of(self, tenant: str | None) -> str:
@@ -117,7 +121,9 @@ class AsyncSessionManager(QuotaMethods):
         user_id = validate_token(user_id, "user_id")
         command = CreateSession(user_id=user_id, tier=self._tier(tier, tenant), metadata=check_metadata(metadata))
         sid = os.urandom(16).hex() if session_id is None else session_id
-        return await self._send_existing(tenant, sid, command, command_id)
+        session = await self._send_existing(tenant, sid, command, command_id)
+        self._current = (session.tenant, session.session_id)
+        return session
 
     async def get_session(self, session_id: str, *, tenant: str | None = None) -> Session | None:
         """The session as it is now (read-your-writes across hosts), or None if unknown."""
@@ -152,6 +158,43 @@ class AsyncSessionManager(QuotaMethods):
         """Terminate a session; later commands on it raise SessionInactiveError."""
         command = TerminateSession(reason=check_text(reason, "reason"))
         return await self._send_existing(tenant, session_id, command, command_id)
+
+    async def send_message(
+        self,
+        message: str,
+        *,
+        session_id: str | None = None,
+        channel: str = "chat",
+        metadata: dict[str, Any] | None = None,
+        tenant: str | None = None,
+        command_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Post ``message`` on a channel of a session (default: the session this client created
+        last) as a durable MessagePosted event; returns where it landed (``sequence`` is the
+        stream sequence, the event id a resuming subscriber passes back). Counts as activity.
+        Raises SessionInactiveError on a lapsed session."""
+        if not isinstance(message, str) or len(message) > MAX_MESSAGE_LENGTH:
+            got = type(message).__name__ if not isinstance(message, str) else f"{len(message)} characters"
+            raise ValidationError(
+                f"message: expected a string of at most {MAX_MESSAGE_LENGTH} characters, got {got}",
+                field="message", expected=f"a string of at most {MAX_MESSAGE_LENGTH} characters", got=got,
+            )
+        if session_id is None:
+            if self._current is None:
+                raise ValidationError(
+                    "session_id: expected a session id (this client has created no session yet)",
+                    field="session_id", expected="a session id", got=None,
+                )
+            tenant, session_id = self._current
+        command = PostMessage(
+            channel=validate_token(channel, "channel"), text=message, metadata=check_metadata(metadata)
+        )
+        session, reply = await self._request(tenant, session_id, command, command_id)
+        assert session is not None
+        return {
+            "session_id": session.session_id, "tenant": session.tenant, "channel": channel,
+            "message": message, "sequence": reply.sequence,
+        }
 
     def __repr__(self) -> str:
         return f"<AsyncSessionManager tenant={self._tenant!r}>"

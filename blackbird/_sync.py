@@ -13,7 +13,7 @@ import inspect
 import threading
 import weakref
 from pathlib import Path
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any, TypeVar
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
@@ -63,16 +63,32 @@ class SessionManager(_SyncMirror, mirrors=AsyncSessionManager):
         """Stop calling ``callback``; unknown callbacks are ignored."""
         self._target.remove_usage_callback(callback)
 
+    def manage_concurrency(
+        self, session_id: str, operation: str, increment: bool, *, tenant: str | None = None,
+        lease_seconds: float | None = None, holder: Hashable | None = None,
+    ) -> int:
+        """Take or give back a concurrency slot (see the async method). The holder defaults to
+        the calling thread: a thread gives back only the slot it took."""
+        if holder is None:
+            holder = ("thread", threading.get_ident())
+        return self._portal.call(  # type: ignore[no-any-return]
+            functools.partial(
+                self._target.manage_concurrency, session_id, operation, increment, tenant=tenant,
+                lease_seconds=lease_seconds, holder=holder,
+            )
+        )
+
     @contextlib.contextmanager
     def concurrency_slot(
         self, session_id: str, operation: str, *, tenant: str | None = None
     ) -> Iterator[None]:
         """``with`` a concurrency slot; it is given back on exit, even on error."""
-        self.manage_concurrency(session_id, operation, True, tenant=tenant)  # type: ignore[attr-defined]
+        holder = ("slot", object())
+        self.manage_concurrency(session_id, operation, True, tenant=tenant, holder=holder)
         try:
             yield
         finally:
-            self.manage_concurrency(session_id, operation, False, tenant=tenant)  # type: ignore[attr-defined]
+            self.manage_concurrency(session_id, operation, False, tenant=tenant, holder=holder)
 
 
 class BlackbirdSDK:
@@ -141,6 +157,11 @@ class BlackbirdSDK:
     def async_client(self) -> AsyncBlackbird:
         """The AsyncBlackbird this facade runs (use only from its portal's event loop)."""
         return self._client
+
+    def send_message(self, message: str, **options: Any) -> dict[str, Any]:
+        """Post a message on a session's channel (default: the last session this SDK created);
+        see :meth:`AsyncSessionManager.send_message`."""
+        return self.session_manager.send_message(message, **options)  # type: ignore[attr-defined,no-any-return]
 
     def run(self, func: Any, *args: Any) -> Any:
         """Run ``await func(*args)`` on this SDK's event loop and return its result."""
