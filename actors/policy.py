@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from importlib import resources
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 
@@ -115,20 +115,60 @@ class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class PolicyError(ValueError):
-    """A policy document is malformed; the message names the offending path."""
+    """A policy document is malformed; ``path`` names the offending field (``tiers.pro.quotas...``)."""
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+
+
+def _parts(document: dict[str, Any]) -> list[tuple[str, Any, type]]:
+    """Every keyed part of a policy document with its type, innermost first: msgspec names a
+    dict key only as ``[...]``, so each is validated on its own to name it."""
+    parts: list[tuple[str, Any, type]] = []
+    tiers = document.get("tiers")
+    for name, tier in tiers.items() if isinstance(tiers, dict) else ():
+        if isinstance(tier, dict):
+            quotas = tier.get("quotas")
+            for key, rule in quotas.items() if isinstance(quotas, dict) else ():
+                parts.append((f"tiers.{name}.quotas.{key}", rule, QuotaPolicy))
+            rates = tier.get("rate_limits")
+            operations = rates.get("operations") if isinstance(rates, dict) else None
+            for op, limits in operations.items() if isinstance(operations, dict) else ():
+                parts.append((f"tiers.{name}.rate_limits.operations.{op}", limits, RateLimits))
+        parts.append((f"tiers.{name}", tier, TierPolicy))
+    parts.append(("", document, Policy))
+    return parts
+
+
+def policy_from_document(document: Any) -> Policy:
+    """A Policy from a decoded document (TOML or a dict). Raises :class:`PolicyError` whose
+    ``path`` names the first wrong field."""
+    if not isinstance(document, dict):
+        raise PolicyError(f"invalid tier policy: expected a table, got {type(document).__name__}")
+    for prefix, part, kind in _parts(document):
+        try:
+            msgspec.convert(part, kind)
+        except msgspec.ValidationError as exc:
+            text = str(exc)
+            message, _, where = text.rpartition(" - at `$")
+            if not _:
+                message, where = text, ""
+            path = (prefix + where.rstrip("`")).lstrip(".")
+            raise PolicyError(f"invalid tier policy: {message} - at `{path or '$'}`", path) from None
+    policy = msgspec.convert(document, Policy)
+    if not policy.tiers:
+        raise PolicyError("invalid tier policy: at least one tier is required - at `tiers`", "tiers")
+    return policy
 
 
 def load_policy(text: str | bytes) -> Policy:
     """Parse a TOML policy document. Raises :class:`PolicyError` naming the bad field."""
     try:
-        policy = msgspec.toml.decode(text, type=Policy)
-    except msgspec.ValidationError as exc:
-        raise PolicyError(f"invalid tier policy: {exc}") from None
+        document = msgspec.toml.decode(text)
     except msgspec.DecodeError as exc:
         raise PolicyError(f"tier policy is not valid TOML: {exc}") from None
-    if not policy.tiers:
-        raise PolicyError("invalid tier policy: at least one tier is required - at `$.tiers`")
-    return policy
+    return policy_from_document(document)
 
 
 def default_policy() -> Policy:

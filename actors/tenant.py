@@ -26,7 +26,7 @@ from actors.events import (
     TenantPolicyChanged,
     UserQuotaAdjusted,
 )
-from actors.policy import Policy, TierPolicy
+from actors.policy import Policy, PolicyError, policy_from_document
 from actors.ports import AggregateKey
 from actors.quota import NO_BOOSTS, Boosts
 
@@ -76,25 +76,16 @@ def decide(state: TenantState, command: TenantCommand, now: float, base: Policy)
         current = effective_policy(state, base)
         document = merge(msgspec.to_builtins(current), command.overrides)
         document["version"] = current.version + 1
-        # Each tier on its own first, so an error names the tier (msgspec says `[...]` for keys).
-        tiers = document.get("tiers")
-        checks = [(f".tiers.{name}", tier, TierPolicy) for name, tier in tiers.items()] if isinstance(tiers, dict) else []
-        checks.append(("", document, Policy))
-        for prefix, part, kind in checks:
-            try:
-                msgspec.convert(part, kind)
-            except msgspec.ValidationError as exc:
-                text = str(exc)
-                path = prefix + (text.rsplit("`$", 1)[-1].rstrip("`") if "`$" in text else "")
-                return Decision(
-                    rejection=Rejection(
-                        "validation_error", f"overrides{path}: {text.rsplit(' - at ', 1)[0]}",
-                        {"field": f"overrides{path}", "expected": "a valid tier policy (see tiers.toml)"},
-                    )
+        try:
+            policy = policy_from_document(document)
+        except PolicyError as exc:
+            field = "overrides" + (f".{exc.path}" if exc.path else "")
+            return Decision(
+                rejection=Rejection(
+                    "validation_error", f"{field}: {exc}",
+                    {"field": field, "expected": "a valid tier policy (see actors/tiers.toml)"},
                 )
-        policy = msgspec.convert(document, Policy)
-        if not policy.tiers:
-            return _invalid("overrides.tiers", "at least one tier", {})
+            )
         return Decision(events=(TenantPolicyChanged(at=now, policy=policy, overrides=command.overrides),))
     if isinstance(command, AdjustUserQuota):
         if command.until is not None and command.until <= now:

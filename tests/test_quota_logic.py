@@ -471,10 +471,14 @@ def test_snapshot_plus_tail_equals_full_replay(commands: list[SessionCommand], s
 
 
 def test_a_wrong_policy_field_is_named() -> None:
-    with pytest.raises(PolicyError, match=r"tiers\.\.\.\]\.quotas|\$\.tiers"):
+    with pytest.raises(PolicyError, match=r">= 0.0 - at `tiers.free.quotas.tokens.limit`") as err:
         load_policy('version = 1\n[tiers.free]\nidle_timeout = 1\nmax_age = 1\nquotas.tokens = { limit = -5 }\n')
-    with pytest.raises(PolicyError, match="rate_limit"):
+    assert err.value.path == "tiers.free.quotas.tokens.limit"
+    with pytest.raises(PolicyError, match="unknown field `rate_limit` - at `tiers.free`"):
         load_policy('version = 1\n[tiers.free]\nidle_timeout = 1\nmax_age = 1\nrate_limit = {}\n')
+    with pytest.raises(PolicyError, match="at `tiers.pro.rate_limits.operations.chat.per_minute`"):
+        load_policy('version = 1\n[tiers.pro]\nidle_timeout = 1\nmax_age = 1\n'
+                    'rate_limits.operations.chat = { per_minute = "many" }\n')
 
 
 def test_the_packaged_policy_defines_every_dimension_for_every_tier() -> None:
