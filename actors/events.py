@@ -212,7 +212,31 @@ class UserQuotaAdjusted(_Event, frozen=True):
 
 
 TenantEvent = TenantPolicyChanged | UserQuotaAdjusted
-Event = SessionEvent | TenantEvent
+
+
+class UserSessionOpened(_Event, frozen=True):
+    """A session counts against its user's ``max_sessions_per_user`` from here on."""
+
+    session_id: str
+    tier: str
+    policy_version: int
+
+
+class UserSessionClosed(_Event, frozen=True):
+    session_id: str
+    reason: str  # "terminated" | "expired" | "not_created" | ...
+
+
+class UserSessionDenied(_Event, frozen=True):
+    session_id: str
+    tier: str
+    active: int
+    limit: int
+    policy_version: int
+
+
+UserEvent = UserSessionOpened | UserSessionClosed | UserSessionDenied
+Event = SessionEvent | TenantEvent | UserEvent
 
 
 class Applied(msgspec.Struct, frozen=True, gc=False):
@@ -370,6 +394,19 @@ class AdjustUserQuota(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fiel
 
 
 TenantCommand = SetTenantPolicy | AdjustUserQuota | GetSession
+
+
+class OpenUserSession(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    session_id: Token
+    tier: str
+
+
+class CloseUserSessions(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    session_ids: tuple[Token, ...]
+    reason: str = "terminated"
+
+
+UserCommand = OpenUserSession | CloseUserSessions | GetSession
 
 
 class Rejection(msgspec.Struct, frozen=True, gc=False):

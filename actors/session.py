@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import msgspec
 
-from actors import idempotency, quota, ratelog
+from actors import aggregate, idempotency, quota, ratelog
 from actors.events import (
     AcquireSlot,
     Admit,
@@ -333,16 +333,12 @@ def evolve(state: SessionState, event: Event) -> SessionState:
 
 def apply_commands(state: SessionState, applied: tuple[Applied, ...]) -> SessionState:
     """Fold commands' events, and their ids into the idempotency window (version unchanged)."""
-    for command in applied:
-        for event in command.events:
-            state = evolve(state, event)
-    recent = idempotency.remember(state.recent_commands, (c.command_id for c in applied))
-    return msgspec.structs.replace(state, recent_commands=recent)
+    return aggregate.apply_commands(evolve, state, applied)
 
 
 def apply_commit(state: SessionState, commit: Commit) -> SessionState:
     """Fold one commit: its commands' events and ids, then the aggregate version."""
-    return msgspec.structs.replace(apply_commands(state, commit.commands), version=commit.version)
+    return aggregate.apply_commit(evolve, state, commit)
 
 
 def fold(state: SessionState, commits: list[Commit]) -> SessionState:
@@ -351,10 +347,11 @@ def fold(state: SessionState, commits: list[Commit]) -> SessionState:
     return state
 
 
-class SessionBehaviour:
+class SessionBehaviour(aggregate.Behaviour):
     """Binds the session aggregate's pure functions and the tenants' policies for the host."""
 
-    state_type: type[SessionState] = SessionState
+    state_type = SessionState
+    evolve = staticmethod(evolve)
 
     def __init__(self, policies: Policy | PolicyBook) -> None:
         self.policies = policies if isinstance(policies, PolicyBook) else PolicyBook(policies)
@@ -367,14 +364,3 @@ class SessionBehaviour:
         boosts = book.user_boosts(state.tenant, state.user_id) if state.user_id else NO_BOOSTS
         return decide(state, command, now, book.policy(state.tenant), boosts)
 
-    def apply_commit(self, state: SessionState, commit: Commit) -> SessionState:
-        return apply_commit(state, commit)
-
-    def apply_commands(self, state: SessionState, applied: tuple[Applied, ...]) -> SessionState:
-        return apply_commands(state, applied)
-
-    def has_seen(self, state: SessionState, command_id: str) -> bool:
-        return idempotency.seen(state.recent_commands, command_id)
-
-    def version(self, state: SessionState) -> int:
-        return state.version

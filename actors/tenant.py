@@ -12,10 +12,9 @@ from typing import Any
 
 import msgspec
 
-from actors import idempotency
+from actors import aggregate
 from actors.events import (
     AdjustUserQuota,
-    Applied,
     Commit,
     Decision,
     Event,
@@ -111,16 +110,8 @@ def evolve(state: TenantState, event: Event) -> TenantState:
     raise TypeError(f"not a tenant event: {event!r}")
 
 
-def apply_commands(state: TenantState, applied: tuple[Applied, ...]) -> TenantState:
-    for command in applied:
-        for event in command.events:
-            state = evolve(state, event)
-    recent = idempotency.remember(state.recent_commands, (c.command_id for c in applied))
-    return msgspec.structs.replace(state, recent_commands=recent)
-
-
 def apply_commit(state: TenantState, commit: Commit) -> TenantState:
-    return msgspec.structs.replace(apply_commands(state, commit.commands), version=commit.version)
+    return aggregate.apply_commit(evolve, state, commit)
 
 
 class PolicyBook:
@@ -154,10 +145,11 @@ class PolicyBook:
         return known.user_boosts.get(user_id, NO_BOOSTS)
 
 
-class TenantBehaviour:
+class TenantBehaviour(aggregate.Behaviour):
     """Binds the tenant aggregate's pure functions and the base policy for the actor host."""
 
-    state_type: type[TenantState] = TenantState
+    state_type = TenantState
+    evolve = staticmethod(evolve)
 
     def __init__(self, base: Policy) -> None:
         self.base = base
@@ -168,14 +160,3 @@ class TenantBehaviour:
     def decide(self, state: TenantState, command: TenantCommand, now: float) -> Decision:
         return decide(state, command, now, self.base)
 
-    def apply_commit(self, state: TenantState, commit: Commit) -> TenantState:
-        return apply_commit(state, commit)
-
-    def apply_commands(self, state: TenantState, applied: tuple[Applied, ...]) -> TenantState:
-        return apply_commands(state, applied)
-
-    def has_seen(self, state: TenantState, command_id: str) -> bool:
-        return idempotency.seen(state.recent_commands, command_id)
-
-    def version(self, state: TenantState) -> int:
-        return state.version

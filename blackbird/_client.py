@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -17,10 +18,13 @@ from nats.aio.client import Client as NATS
 
 from actors.host import ActorHost
 from actors.policy import Policy, PolicyError, default_policy, load_policy
-from actors.ports import NoSnapshots
+from actors.events import UserCommand
+from actors.host import Outcome
+from actors.ports import AggregateKey, NoSnapshots
+from actors.user import UserBehaviour
 from actors.session import SessionBehaviour
 from actors.tenant import PolicyBook, TenantBehaviour
-from blackbird._dispatch import Dispatcher, LocalDispatcher, RemoteDispatcher
+from blackbird._dispatch import Dispatcher, LocalDispatcher, RemoteDispatcher, ask_or_raise
 from blackbird._server import EmbeddedServer
 from blackbird._service import CommandService
 from blackbird._sessions import AsyncSessionManager
@@ -150,6 +154,20 @@ class AsyncBlackbird:
         tasks = await stack.enter_async_context(anyio.create_task_group())
         stack.callback(tasks.cancel_scope.cancel)
         await tasks.start(tenants.follow)
+        users = await stack.enter_async_context(
+            ActorHost(
+                UserBehaviour(book), journal, NoSnapshots() if self.remote else journal,
+                snapshot_every=s.snapshot_every, passivate_after=s.passivate_after,
+                max_retries=s.max_retries, clock=self._clock,
+            )
+        )
+
+        async def user_commands(
+            tenant: str, user_id: str, command: UserCommand, command_id: str | None
+        ) -> Outcome:
+            key = AggregateKey(tenant, "user", user_id)
+            return await ask_or_raise(users, key, command, command_id or os.urandom(16).hex(), s.principal)
+
         dispatcher: Dispatcher
         if self.remote:
             dispatcher = RemoteDispatcher(nc, journal.subjects, s.command_timeout)
@@ -170,7 +188,7 @@ class AsyncBlackbird:
                 service = CommandService(nc, journal.subjects, dispatcher, s.queue_group)
                 await tasks.start(service.run)
         self._session_manager = AsyncSessionManager(
-            dispatcher, book, tenants.command, tenant=s.tenant, principal=s.principal,
+            dispatcher, book, tenants.command, user_commands, tenant=s.tenant, principal=s.principal,
             clock=self._clock,
         )
         log.info("blackbird_opened", nats_url=url, data_dir=str(self.data_dir), remote=self.remote)

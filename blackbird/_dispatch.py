@@ -6,7 +6,7 @@ command service and the CLI share one code path for turning a reply into a resul
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 import nats.errors
@@ -14,9 +14,14 @@ import structlog
 from nats.aio.client import Client as NATS
 
 from actors.events import CommandReply, CommandRequest, Rejection, SessionCommand
-from actors.host import ActorHost, ConflictRetriesExhausted
+from actors.host import ActorHost, ConflictRetriesExhausted, Outcome
 from actors.ports import AggregateKey
-from blackbird.errors import BlackbirdError, CommandTimeoutError, error_from_code
+from blackbird.errors import (
+    BlackbirdError,
+    CommandTimeoutError,
+    ConcurrencyConflictError,
+    error_from_code,
+)
 from blackbird.subjects import Subjects
 
 log = structlog.get_logger("blackbird.dispatch")
@@ -41,6 +46,22 @@ def rejection_from_error(exc: BlackbirdError) -> Rejection:
         for k, v in getattr(exc, "fields", {}).items()
     }
     return Rejection(exc.code, exc.message, fields)
+
+
+async def ask_or_raise(
+    host: ActorHost, key: AggregateKey, command: Any, command_id: str, principal: str
+) -> Outcome:
+    """Run a command on a local actor; a refusal or a lost race is raised as its typed error."""
+    try:
+        outcome = await host.ask(key, command, command_id, principal)
+    except ConflictRetriesExhausted as exc:
+        raise ConcurrencyConflictError(
+            f"{key.kind} {key.id!r}: {exc}; retry with the same command id", id=key.id
+        ) from None
+    if outcome.rejection is not None:
+        r = outcome.rejection
+        raise error_from_code(r.code, r.message, dict(r.fields))
+    return outcome
 
 
 class LocalDispatcher:

@@ -10,7 +10,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -18,23 +18,36 @@ from actors.events import (
     ChangeTier,
     CommandReply,
     CreateSession,
+    CloseUserSessions,
     GetSession,
+    OpenUserSession,
     PostMessage,
+    UserCommand,
+    UserSessionOpened,
     SessionCommand,
     TerminateSession,
     TouchSession,
 )
+from actors.host import Outcome
 from actors.tenant import PolicyBook
 from blackbird._dispatch import Dispatcher, raise_for_rejection
 from blackbird._quotas import QuotaMethods, TenantCommands
 from blackbird._validate import MAX_TEXT_LENGTH, check_metadata, check_text
-from blackbird.errors import SessionNotFoundError, ValidationError
+from blackbird.errors import BlackbirdError, SessionLimitError, SessionNotFoundError, ValidationError
 from blackbird.subjects import validate_token
 from blackbird.types import Session
 
 log = structlog.get_logger("blackbird.sessions")
 
 MAX_MESSAGE_LENGTH = 65536
+
+
+class UserCommands(Protocol):
+    async def __call__(
+        self, tenant: str, user_id: str, command: UserCommand, command_id: str | None
+    ) -> Outcome:
+        """Run a command on the user's actor; refusals raise their typed error."""
+        ...
 
 class AsyncSessionManager(QuotaMethods):
     """Sessions and their limits: create, read, touch, re-tier and terminate sessions; quotas,
@@ -46,6 +59,7 @@ class AsyncSessionManager(QuotaMethods):
         dispatcher: Dispatcher,
         policies: PolicyBook,
         tenant_commands: TenantCommands,
+        user_commands: UserCommands,
         *,
         tenant: str,
         principal: str,
@@ -55,6 +69,7 @@ class AsyncSessionManager(QuotaMethods):
         self._dispatcher = dispatcher
         self._policies = policies
         self._tenant_commands = tenant_commands
+        self._user_commands = user_commands
         self._tenant = validate_token(tenant, "tenant")
         self._current: tuple[str, str] | None = None  # the last session this client created
         self._principal = principal
@@ -116,14 +131,56 @@ class AsyncSessionManager(QuotaMethods):
         ``session_id`` defaults to a new random id. Passing the same ``command_id`` again
         (a retry) returns the session without creating a second one. Raises ValidationError
         (naming the field) for a bad user_id, tier, metadata or id; SessionExistsError if
-        ``session_id`` is taken.
+        ``session_id`` is taken; SessionLimitError if the user already holds the tier's
+        ``max_sessions_per_user`` open sessions (terminated and lapsed ones do not count).
         """
         user_id = validate_token(user_id, "user_id")
-        command = CreateSession(user_id=user_id, tier=self._tier(tier, tenant), metadata=check_metadata(metadata))
-        sid = os.urandom(16).hex() if session_id is None else session_id
-        session = await self._send_existing(tenant, sid, command, command_id)
+        tier = self._tier(tier, tenant)
+        command = CreateSession(user_id=user_id, tier=tier, metadata=check_metadata(metadata))
+        tenant = self._tenant_of(tenant)
+        sid = validate_token(os.urandom(16).hex() if session_id is None else session_id, "session_id")
+        if command_id is not None:
+            validate_token(command_id, "command_id")
+        command_id = command_id or os.urandom(16).hex()
+        # The user's actor counts the session first, so two hosts cannot both open the last one.
+        opened = await self._open_for_user(tenant, user_id, sid, tier, command_id)
+        try:
+            session = await self._send_existing(tenant, sid, command, command_id)
+        except BlackbirdError:
+            if opened:  # give the place back: this session was never created
+                await self._close_for_user(tenant, user_id, [sid], "not_created", f"{command_id}:undo")
+            raise
         self._current = (session.tenant, session.session_id)
         return session
+
+    async def _open_for_user(self, tenant: str, user_id: str, sid: str, tier: str, command_id: str) -> bool:
+        """Count ``sid`` against the user's limit; True if this call opened it. When the limit
+        is reached, sessions that lapsed or never came to exist are closed first."""
+        open_ = OpenUserSession(session_id=sid, tier=tier)
+        try:
+            outcome = await self._user_commands(tenant, user_id, open_, f"{command_id}:user")
+        except SessionLimitError:
+            listed = await self._user_commands(tenant, user_id, GetSession(), None)
+            stale = []
+            for other in listed.state.sessions:
+                session = await self.get_session(other, tenant=tenant)
+                if session is None or not session.is_active:
+                    stale.append(other)
+            if not stale:
+                raise
+            await self._close_for_user(tenant, user_id, stale, "expired", None)
+            outcome = await self._user_commands(tenant, user_id, open_, f"{command_id}:user-retry")
+        return any(isinstance(e, UserSessionOpened) for e in outcome.events)
+
+    async def _close_for_user(
+        self, tenant: str, user_id: str, sids: list[str], reason: str, command_id: str | None
+    ) -> None:
+        try:
+            await self._user_commands(
+                tenant, user_id, CloseUserSessions(session_ids=tuple(sids), reason=reason), command_id
+            )
+        except BlackbirdError as exc:  # the next reconciliation closes them
+            log.warning("user_session_close_failed", tenant=tenant, user_id=user_id, error=str(exc))
 
     async def get_session(self, session_id: str, *, tenant: str | None = None) -> Session | None:
         """The session as it is now (read-your-writes across hosts), or None if unknown."""
@@ -155,9 +212,12 @@ class AsyncSessionManager(QuotaMethods):
         self, session_id: str, reason: str = "terminated", *, tenant: str | None = None,
         command_id: str | None = None,
     ) -> Session:
-        """Terminate a session; later commands on it raise SessionInactiveError."""
+        """Terminate a session; later commands on it raise SessionInactiveError. It no longer
+        counts against the user's open sessions."""
         command = TerminateSession(reason=check_text(reason, "reason"))
-        return await self._send_existing(tenant, session_id, command, command_id)
+        session = await self._send_existing(tenant, session_id, command, command_id)
+        await self._close_for_user(session.tenant, session.user_id, [session.session_id], "terminated", None)
+        return session
 
     async def send_message(
         self,

@@ -17,10 +17,10 @@ import structlog
 
 from actors import tenant as tenant_logic
 from actors.events import TenantCommand
-from actors.host import ActorHost, ConflictRetriesExhausted
+from actors.host import ActorHost
 from actors.ports import AggregateKey
 from actors.tenant import PolicyBook, TenantState
-from blackbird.errors import ConcurrencyConflictError, error_from_code
+from blackbird._dispatch import ask_or_raise
 from blackbird.journal import Journal
 
 log = structlog.get_logger("blackbird.tenants")
@@ -36,15 +36,7 @@ class TenantDirectory:
     async def command(self, tenant: str, command: TenantCommand, command_id: str | None) -> TenantState:
         """Run a tenant command durably and return the tenant's state after it."""
         key = AggregateKey(tenant, "tenant", tenant)
-        try:
-            outcome = await self._host.ask(key, command, command_id or os.urandom(16).hex(), self._principal)
-        except ConflictRetriesExhausted as exc:
-            raise ConcurrencyConflictError(
-                f"tenant {tenant!r}: {exc}; retry with the same command id", tenant=tenant
-            ) from None
-        if outcome.rejection is not None:
-            r = outcome.rejection
-            raise error_from_code(r.code, r.message, dict(r.fields))
+        outcome = await ask_or_raise(self._host, key, command, command_id or os.urandom(16).hex(), self._principal)
         self._book.observe(outcome.state)
         return outcome.state  # type: ignore[no-any-return]
 

@@ -68,6 +68,12 @@ class QuotaExceededError(BlackbirdError):
     code = "quota_exceeded"
 
 
+class SessionLimitError(QuotaExceededError):
+    """The user already holds the most open sessions their tier allows (``used``, ``limit``)."""
+
+    code = "session_limit"
+
+
 class RateLimitError(BlackbirdError):
     """A rate or concurrency limit was hit; ``retry_after`` is in seconds."""
 
@@ -116,6 +122,7 @@ _BY_CODE: dict[str, type[BlackbirdError]] = {
         SessionInactiveError,
         ConcurrencyConflictError,
         QuotaExceededError,
+        SessionLimitError,
         RateLimitError,
         ReservationNotFoundError,
         CommandTimeoutError,

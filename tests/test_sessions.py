@@ -29,6 +29,11 @@ async def stream_count(bb: AsyncBlackbird) -> int:
     return await bb.journal.stream_last_seq()
 
 
+async def session_commits(bb: AsyncBlackbird, session_id: str) -> int:
+    subject = bb.journal.subjects.session(bb.settings.tenant, session_id)
+    return len([e async for e in bb.journal.entries(subject)])
+
+
 async def test_created_session_is_in_the_log_before_the_reply(bb: AsyncBlackbird) -> None:
     s = await bb.session_manager.create_session("user123", tier="pro", metadata={"dept": "research"})
     assert (s.user_id, s.tier, s.tenant, s.status) == ("user123", "pro", "acme", SessionStatus.ACTIVE)
@@ -99,12 +104,13 @@ async def test_retried_command_is_applied_once(bb: AsyncBlackbird) -> None:
         await sm.touch_session("s-retry", command_id="touch-1")
     got = await sm.get_session("s-retry")
     assert got is not None and got.version == 2
-    assert await stream_count(bb) == 2
+    assert await session_commits(bb, "s-retry") == 2
+    appended = await stream_count(bb)
     # a fresh host (no cached state, as after a crash) still recognises the retry
     assert bb.host is not None
     bb.host.passivate_idle(0)
     await sm.touch_session("s-retry", command_id="touch-1")
-    assert await stream_count(bb) == 2
+    assert await stream_count(bb) == appended
     with pytest.raises(SessionExistsError):
         await sm.create_session("u1", session_id="s-retry")
 
@@ -209,9 +215,9 @@ async def test_tenants_cannot_see_or_terminate_each_others_sessions(bb: AsyncBla
     assert theirs.tenant == "globex" and theirs.user_id == "u9"
     still = await sm.get_session("shared-name", tenant="acme")
     assert still is not None and still.user_id == mine.user_id and still.is_active
-    # the log keeps them apart too: acme's subject filter sees only acme's commit
+    # the log keeps them apart too: acme's subject filter sees only acme's commits
     acme = [e async for e in bb.journal.entries(bb.journal.subjects.tenant_filter("acme"))]
-    assert [e.subject for e in acme] == ["bb.acme.session.shared-name"]
+    assert [e.subject for e in acme] == ["bb.acme.user.u1", "bb.acme.session.shared-name"]
 
 
 def test_seed_session_example_runs_on_the_sync_facade() -> None:
@@ -283,7 +289,7 @@ async def test_following_a_tenant_replays_history_then_streams_live_commits(bb: 
     async def follow() -> None:
         async for entry in bb.journal.follow(bb.journal.subjects.tenant_filter("acme")):
             seen.append((entry.seq, entry.subject))
-            if len(seen) == 2:
+            if len(seen) == 3:  # the user's session count, the creation, the live touch
                 got_live.set()
                 return
 
@@ -293,7 +299,8 @@ async def test_following_a_tenant_replays_history_then_streams_live_commits(bb: 
         with anyio.fail_after(10):
             await got_live.wait()
     subject = f"bb.acme.session.{first.session_id}"
-    assert seen == [(first.sequence, subject), (live.sequence, subject)]
+    assert seen[0][1] == "bb.acme.user.u1" and seen[0][0] < first.sequence
+    assert seen[1:] == [(first.sequence, subject), (live.sequence, subject)]
     # resuming after the first event yields exactly the rest: nothing lost, nothing repeated
     rest = [e.seq async for e in bb.journal.entries(bb.journal.subjects.tenant_filter("acme"), first.sequence)]
     assert rest == [live.sequence]

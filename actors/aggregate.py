@@ -1,0 +1,54 @@
+"""What every aggregate shares: folding commits with its ``evolve`` and remembering command ids.
+
+An aggregate's state is a frozen Struct with ``version`` (commits applied) and
+``recent_commands`` (the idempotency window); its kind supplies ``evolve(state, event)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import msgspec
+
+from actors import idempotency
+from actors.events import Applied, Commit, Event
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+
+def apply_commands(evolve: Callable[[S, Event], S], state: S, applied: tuple[Applied, ...]) -> S:
+    """Fold commands' events, and their ids into the idempotency window (version unchanged)."""
+    for command in applied:
+        for event in command.events:
+            state = evolve(state, event)
+    recent = idempotency.remember(state.recent_commands, (c.command_id for c in applied))  # type: ignore[attr-defined]
+    return msgspec.structs.replace(state, recent_commands=recent)
+
+
+def apply_commit(evolve: Callable[[S, Event], S], state: S, commit: Commit) -> S:
+    """Fold one commit: its commands' events and ids, then the aggregate version."""
+    return msgspec.structs.replace(apply_commands(evolve, state, commit.commands), version=commit.version)
+
+
+class Behaviour:
+    """The host-facing half of an aggregate kind: subclasses set ``state_type`` and implement
+    ``evolve``, ``initial_state`` and ``decide``."""
+
+    state_type: type[Any]
+
+    @staticmethod
+    def evolve(state: Any, event: Event) -> Any:
+        raise NotImplementedError
+
+    def apply_commit(self, state: Any, commit: Commit) -> Any:
+        return apply_commit(self.evolve, state, commit)
+
+    def apply_commands(self, state: Any, applied: tuple[Applied, ...]) -> Any:
+        return apply_commands(self.evolve, state, applied)
+
+    def has_seen(self, state: Any, command_id: str) -> bool:
+        return idempotency.seen(state.recent_commands, command_id)
+
+    def version(self, state: Any) -> int:
+        return state.version  # type: ignore[no-any-return]

@@ -1,0 +1,108 @@
+"""The user aggregate (pure): the sessions a user holds open, against the tier's
+``max_sessions_per_user``.
+
+Its commits live on ``<prefix>.<tenant>.user.<user_id>``. A session is opened here before it is
+created (so two hosts cannot both open the last allowed session) and closed when it is
+terminated. A session that lapsed by idle time or age, or whose creation never completed,
+is closed by the caller's reconciliation when the limit is reached: the user actor cannot see
+session state, the shell that asks it can.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from actors import aggregate
+from actors.events import (
+    CloseUserSessions,
+    Commit,
+    Decision,
+    Event,
+    GetSession,
+    OpenUserSession,
+    Rejection,
+    UserCommand,
+    UserSessionClosed,
+    UserSessionDenied,
+    UserSessionOpened,
+)
+from actors.policy import Policy
+from actors.ports import AggregateKey
+
+
+class UserState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    tenant: str
+    user_id: str
+    version: int = 0
+    sessions: dict[str, str] = {}  # open session id -> tier
+    recent_commands: bytes = b""
+
+
+def decide(state: UserState, command: UserCommand, now: float, policy: Policy) -> Decision:
+    if isinstance(command, GetSession):
+        return Decision()
+    if isinstance(command, OpenUserSession):
+        if command.session_id in state.sessions:
+            return Decision()  # already open (a retried creation)
+        tier = policy.tier(command.tier)
+        limit = tier.max_sessions_per_user if tier is not None else 1
+        active = len(state.sessions)
+        if active >= limit:
+            denied = UserSessionDenied(
+                at=now, session_id=command.session_id, tier=command.tier, active=active, limit=limit,
+                policy_version=policy.version,
+            )
+            return Decision(
+                events=(denied,),
+                rejection=Rejection(
+                    "session_limit",
+                    f"user {state.user_id!r} already has {active} open sessions, the most the "
+                    f"{command.tier!r} tier allows ({limit}); terminate one first",
+                    {"user_id": state.user_id, "used": active, "limit": limit, "tier": command.tier,
+                     "quota_type": "sessions", "resets_at": None},
+                ),
+            )
+        opened = UserSessionOpened(
+            at=now, session_id=command.session_id, tier=command.tier, policy_version=policy.version
+        )
+        return Decision(events=(opened,))
+    if isinstance(command, CloseUserSessions):
+        closed = tuple(
+            UserSessionClosed(at=now, session_id=sid, reason=command.reason)
+            for sid in dict.fromkeys(command.session_ids)
+            if sid in state.sessions
+        )
+        return Decision(events=closed)
+    raise TypeError(f"not a user command: {command!r}")
+
+
+def evolve(state: UserState, event: Event) -> UserState:
+    if isinstance(event, UserSessionOpened):
+        return msgspec.structs.replace(state, sessions={**state.sessions, event.session_id: event.tier})
+    if isinstance(event, UserSessionClosed):
+        sessions = {k: v for k, v in state.sessions.items() if k != event.session_id}
+        return msgspec.structs.replace(state, sessions=sessions)
+    if isinstance(event, UserSessionDenied):
+        return state
+    raise TypeError(f"not a user event: {event!r}")
+
+
+def apply_commit(state: UserState, commit: Commit) -> UserState:
+    return aggregate.apply_commit(evolve, state, commit)
+
+
+class UserBehaviour(aggregate.Behaviour):
+    """Binds the user aggregate's pure functions and the tenants' policies for the actor host."""
+
+    state_type = UserState
+    evolve = staticmethod(evolve)
+
+    def __init__(self, policies: object) -> None:
+        self.policies = policies  # a PolicyBook
+
+    def initial_state(self, key: AggregateKey) -> UserState:
+        return UserState(tenant=key.tenant, user_id=key.id)
+
+    def decide(self, state: UserState, command: UserCommand, now: float) -> Decision:
+        return decide(state, command, now, self.policies.policy(state.tenant))  # type: ignore[attr-defined]
+
