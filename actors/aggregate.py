@@ -1,7 +1,8 @@
 """What every aggregate shares: folding commits with its ``evolve`` and remembering command ids.
 
-An aggregate's state is a frozen Struct with ``version`` (commits applied) and
-``recent_commands`` (the idempotency window); its kind supplies ``evolve(state, event)``.
+An aggregate's state is a frozen Struct with ``version`` (commits applied),
+``recent_commands`` (the idempotency window) and ``recent_refusals`` (the answers of recent
+refused commands); its kind supplies ``evolve(state, event)``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from actors import idempotency
-from actors.events import Applied, Commit, Event
+from actors.events import Applied, Commit, Event, Rejection
 
 S = TypeVar("S", bound=msgspec.Struct)
 
@@ -23,7 +24,11 @@ def apply_commands(evolve: Callable[[S, Event], S], state: S, applied: tuple[App
         for event in command.events:
             state = evolve(state, event)
     recent = idempotency.remember(state.recent_commands, (c.command_id for c in applied))  # type: ignore[attr-defined]
-    return msgspec.structs.replace(state, recent_commands=recent)
+    refusals = idempotency.remember_refusals(
+        state.recent_refusals,  # type: ignore[attr-defined]
+        ((c.command_id, c.rejection) for c in applied if c.rejection is not None),
+    )
+    return msgspec.structs.replace(state, recent_commands=recent, recent_refusals=refusals)
 
 
 def apply_commit(evolve: Callable[[S, Event], S], state: S, commit: Commit) -> S:
@@ -49,6 +54,10 @@ class Behaviour:
 
     def has_seen(self, state: Any, command_id: str) -> bool:
         return idempotency.seen(state.recent_commands, command_id)
+
+    def refusal(self, state: Any, command_id: str) -> Rejection | None:
+        """Why a command already in the log was refused (None if it was not)."""
+        return idempotency.refusal(state.recent_refusals, command_id)
 
     def version(self, state: Any) -> int:
         return state.version  # type: ignore[no-any-return]

@@ -239,12 +239,23 @@ UserEvent = UserSessionOpened | UserSessionClosed | UserSessionDenied
 Event = SessionEvent | TenantEvent | UserEvent
 
 
+class Rejection(msgspec.Struct, frozen=True, gc=False):
+    """Why a command was refused; the API layer turns it into a typed error by ``code``."""
+
+    code: str
+    message: str
+    fields: dict[str, str | int | float | bool | None] = {}
+
+
 class Applied(msgspec.Struct, frozen=True, gc=False):
-    """One command's effect inside a commit: who asked, under which id, and what it caused."""
+    """One command's effect inside a commit: who asked, under which id, what it caused and,
+    if it was refused (a refusal is recorded too: ``RateDenied``, ...), why. A retry of the
+    command id gets the same answer."""
 
     command_id: str
     principal: str
     events: tuple[Event, ...]
+    rejection: Rejection | None = None
 
 
 class Commit(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -407,14 +418,6 @@ class CloseUserSessions(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fi
 
 
 UserCommand = OpenUserSession | CloseUserSessions | GetSession
-
-
-class Rejection(msgspec.Struct, frozen=True, gc=False):
-    """Why a command was refused; the API layer turns it into a typed error by ``code``."""
-
-    code: str
-    message: str
-    fields: dict[str, str | int | float | bool | None] = {}
 
 
 class Decision(msgspec.Struct, frozen=True, gc=False):

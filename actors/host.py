@@ -52,6 +52,8 @@ class Behaviour(Protocol[S]):
 
     def has_seen(self, state: S, command_id: str) -> bool: ...
 
+    def refusal(self, state: S, command_id: str) -> Rejection | None: ...
+
     def version(self, state: S) -> int: ...
 
 
@@ -231,12 +233,14 @@ class ActorHost:
             # per request: state after it, why it was refused, duplicate, its events
             answers: list[tuple[Any, Rejection | None, bool, tuple[Event, ...]]] = []
             for request in batch:
-                if b.has_seen(state, request.command_id):
-                    answers.append((state, None, True, ()))
+                if b.has_seen(state, request.command_id):  # a retry: the first answer again
+                    answers.append((state, b.refusal(state, request.command_id), True, ()))
                     continue
                 decision = b.decide(state, request.command, now)
                 if decision.events:
-                    record = Applied(request.command_id, request.principal, decision.events)
+                    record = Applied(
+                        request.command_id, request.principal, decision.events, decision.rejection
+                    )
                     state = b.apply_commands(state, (record,))
                     applied.append(record)
                 answers.append((state, decision.rejection, False, decision.events))

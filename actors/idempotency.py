@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
+from typing import TypeVar
+
+R = TypeVar("R")
 
 #: How many recent command ids an aggregate remembers.
 WINDOW = 256
@@ -35,6 +38,26 @@ def seen(window: bytes, command_id: str) -> bool:
     while at != -1 and at % _WIDTH:  # a match must start on a fingerprint boundary
         at = window.find(needle, at + 1)
     return at != -1
+
+
+#: How many recent refusals an aggregate remembers, so a retried refused command is refused
+#: again with the same answer (not mistaken for a success).
+REFUSALS = 64
+
+
+def remember_refusals(
+    refusals: dict[str, R], refused: Iterable[tuple[str, R]]
+) -> dict[str, R]:
+    """``refusals`` (fingerprint hex -> answer) with ``refused`` added, keeping the newest."""
+    added = {fingerprint(command_id).hex(): answer for command_id, answer in refused}
+    if not added:
+        return refusals
+    merged = {**refusals, **added}
+    return dict(list(merged.items())[-REFUSALS:]) if len(merged) > REFUSALS else merged
+
+
+def refusal(refusals: dict[str, R], command_id: str) -> R | None:
+    return refusals.get(fingerprint(command_id).hex())
 
 
 def size(window: bytes) -> int:

@@ -36,6 +36,7 @@ class UserState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     version: int = 0
     sessions: dict[str, str] = {}  # open session id -> tier
     recent_commands: bytes = b""
+    recent_refusals: dict[str, Rejection] = {}  # answers to recent refused commands
 
 
 def decide(state: UserState, command: UserCommand, now: float, policy: Policy) -> Decision:

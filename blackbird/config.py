@@ -58,8 +58,9 @@ def build_settings(**overrides: Any) -> Settings:
         )
     merged: dict[str, Any] = _from_env()
     merged.update({k: v for k, v in overrides.items() if v is not None})
-    if isinstance(merged.get("data_dir"), Path):
-        merged["data_dir"] = str(merged["data_dir"])
+    for name in ("data_dir", "policy_file"):
+        if isinstance(merged.get(name), Path):
+            merged[name] = str(merged[name])
     try:
         # strict=False lets environment strings like "30" or "true" convert to their field types
         return msgspec.convert(merged, Settings, strict=False)

@@ -414,11 +414,6 @@ async def test_a_retried_command_id_is_counted_once_across_hosts(
     assert len(tracked) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (actors/host.py ActorHost._handle): a command id already seen is answered as a "
-    "duplicate with no rejection, so retrying a DENIED track_usage/enforce_rate_limit returns True",
-)
 async def test_a_retried_denied_command_is_denied_again_across_hosts(
     parent: AsyncBlackbird, spawn: Callable[[], Worker]
 ) -> None:
