@@ -23,15 +23,18 @@ from blackbird.errors import (
     PayloadTooLargeError,
     QuotaExceededError,
     RateLimitError,
+    ReservationNotFoundError,
     SessionExistsError,
     SessionInactiveError,
+    SessionLimitError,
     SessionNotFoundError,
     ValidationError,
 )
 from actors.policy import QuotaType, RateLimitType  # noqa: E402
-from blackbird.types import Session, SessionStatus, UsageRecord  # noqa: E402
+from blackbird.types import Admission, Session, SessionStatus, UsageRecord  # noqa: E402
 
 __all__ = [
+    "Admission",
     "AsyncBlackbird",
     "AsyncSessionManager",
     "BlackbirdError",
@@ -46,9 +49,11 @@ __all__ = [
     "QuotaExceededError",
     "RateLimitError",
     "RateLimitType",
+    "ReservationNotFoundError",
     "Session",
     "SessionExistsError",
     "SessionInactiveError",
+    "SessionLimitError",
     "SessionManager",
     "SessionNotFoundError",
     "SessionStatus",

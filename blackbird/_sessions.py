@@ -164,7 +164,7 @@ class AsyncSessionManager(QuotaMethods):
             stale = []
             for other in listed.state.sessions:
                 session = await self.get_session(other, tenant=tenant)
-                if session is None or not session.is_active:
+                if session is None or not session.active_at(self._clock()):
                     stale.append(other)
             if not stale:
                 raise

@@ -73,10 +73,14 @@ class Session(SessionView, frozen=True):
     @property
     def is_active(self) -> bool:
         """Active, not terminated, within its idle timeout and maximum age."""
+        return self.active_at(time.time())
+
+    def active_at(self, now: float) -> bool:
+        """Whether the session is active at instant ``now`` (seconds since the epoch)."""
         return (
             self.status is SessionStatus.ACTIVE
-            and self.idle_seconds < self.idle_timeout
-            and self.age_seconds < self.max_age
+            and now - self.last_activity < self.idle_timeout
+            and now - self.created_at < self.max_age
         )
 
     @property

@@ -20,6 +20,8 @@ from blackbird import (
     QuotaType,
     RateLimitError,
     RateLimitType,
+    SessionExistsError,
+    SessionLimitError,
     SessionNotFoundError,
     UsageRecord,
     ValidationError,
@@ -436,3 +438,43 @@ async def test_usage_callbacks_sync_async_and_failing(bb: AsyncBlackbird) -> Non
     assert got == Counter({"sync:tokens": 2, "sync:api_calls": 1, "async:tokens": 3, "async:api_calls": 1})
     usage = [e for e in await events_of(bb, "acme", s.session_id) if isinstance(e, UsageTracked)]
     assert len(usage) == 4
+
+
+async def test_a_user_holds_at_most_the_tiers_sessions_and_lapsed_ones_make_room(nats_server: NatsServer) -> None:
+    clock = Clock()
+    async with AsyncBlackbird(nats_url=nats_server.url, tenant="acme", clock=clock) as bb:
+        sm = bb.session_manager
+        limit = bb.policy.tiers["free"].max_sessions_per_user
+        sessions = [await sm.create_session("u1", tier="free") for _ in range(limit)]
+        with pytest.raises(SessionLimitError) as err:
+            await sm.create_session("u1", tier="free")
+        assert (err.value.used, err.value.limit, err.value.quota_type) == (limit, limit, "sessions")
+        await sm.create_session("u2", tier="free")  # another user is not affected
+        await sm.terminate_session(sessions[0].session_id)
+        sessions.append(await sm.create_session("u1", tier="free"))  # a terminated one frees a place
+        with pytest.raises(SessionLimitError):
+            await sm.create_session("u1", tier="free")
+        for s in sessions[1:-1]:
+            await sm.touch_session(s.session_id)
+        clock.now += bb.policy.tiers["free"].idle_timeout + 1  # every open session lapses
+        await sm.create_session("u1", tier="free")  # reconciliation closes the lapsed ones
+        with pytest.raises(SessionExistsError):  # a failed creation gives its place back
+            await sm.create_session("u1", tier="free", session_id=sessions[1].session_id)
+        for _ in range(limit - 1):
+            await sm.create_session("u1", tier="free")
+        with pytest.raises(SessionLimitError):
+            await sm.create_session("u1", tier="free")
+
+
+async def test_a_retried_refused_command_is_refused_again(bb: AsyncBlackbird) -> None:
+    sm = bb.session_manager
+    s = await sm.create_session("u1", tier="free")
+    for _ in range(2):
+        with pytest.raises(QuotaExceededError) as err:
+            await sm.track_usage(s.session_id, "llm", "tokens", 10**6, command_id="too-much")
+        assert err.value.limit == 10_000
+    bb.host.passivate_idle(0)  # a fresh actor rebuilt from the log answers the same
+    with pytest.raises(QuotaExceededError):
+        await sm.track_usage(s.session_id, "llm", "tokens", 10**6, command_id="too-much")
+    denied = [e for e in await events_of(bb, "acme", s.session_id) if isinstance(e, QuotaDenied)]
+    assert len(denied) == 1
