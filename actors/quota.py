@@ -24,8 +24,8 @@ import msgspec
 from actors import ratelog
 from actors.events import (
     AcquireSlot,
-    Admit,
     AdjustQuota,
+    Admit,
     CheckRate,
     Decision,
     Event,
@@ -266,7 +266,7 @@ def _check_rate(
         limit = getattr(limits, name)
         if limit is None:
             continue
-        log = logs.get(f"{operation}/{name}")
+        log = logs.get(f"{operation}/{name}", b"")
         wait = ratelog.retry_after(log, now, seconds, limit) if log or not limit else 0.0
         if wait > 0:
             denied = RateDenied(

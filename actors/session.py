@@ -11,8 +11,8 @@ import msgspec
 from actors import aggregate, idempotency, quota, ratelog
 from actors.events import (
     AcquireSlot,
-    Admit,
     AdjustQuota,
+    Admit,
     Applied,
     ChangeTier,
     CheckRate,

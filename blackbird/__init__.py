@@ -9,6 +9,7 @@ from blackbird._logging import configure_default_logging
 
 configure_default_logging()
 
+from actors.policy import QuotaType, RateLimitType
 from blackbird._client import AsyncBlackbird
 from blackbird._sessions import AsyncSessionManager
 from blackbird._sync import BlackbirdSDK, SessionManager
@@ -30,8 +31,7 @@ from blackbird.errors import (
     SessionNotFoundError,
     ValidationError,
 )
-from actors.policy import QuotaType, RateLimitType  # noqa: E402
-from blackbird.types import Admission, Session, SessionStatus, UsageRecord  # noqa: E402
+from blackbird.types import Admission, Session, SessionStatus, UsageRecord
 
 __all__ = [
     "Admission",
@@ -45,8 +45,8 @@ __all__ = [
     "EmbeddedServerError",
     "LogError",
     "PayloadTooLargeError",
-    "QuotaType",
     "QuotaExceededError",
+    "QuotaType",
     "RateLimitError",
     "RateLimitType",
     "ReservationNotFoundError",

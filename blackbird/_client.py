@@ -16,14 +16,13 @@ import nats.errors
 import structlog
 from nats.aio.client import Client as NATS
 
-from actors.host import ActorHost
-from actors.policy import Policy, PolicyError, default_policy, load_policy
 from actors.events import UserCommand
-from actors.host import Outcome
+from actors.host import ActorHost, Outcome
+from actors.policy import Policy, PolicyError, default_policy, load_policy
 from actors.ports import AggregateKey, NoSnapshots
-from actors.user import UserBehaviour
 from actors.session import SessionBehaviour
 from actors.tenant import PolicyBook, TenantBehaviour
+from actors.user import UserBehaviour
 from blackbird._dispatch import Dispatcher, LocalDispatcher, RemoteDispatcher, ask_or_raise
 from blackbird._server import EmbeddedServer
 from blackbird._service import CommandService

@@ -6,7 +6,6 @@ Every argument is validated here, before anything is sent, so bad input gets a
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable
@@ -16,24 +15,29 @@ import structlog
 
 from actors.events import (
     ChangeTier,
+    CloseUserSessions,
     CommandReply,
     CreateSession,
-    CloseUserSessions,
     GetSession,
     OpenUserSession,
     PostMessage,
-    UserCommand,
-    UserSessionOpened,
     SessionCommand,
     TerminateSession,
     TouchSession,
+    UserCommand,
+    UserSessionOpened,
 )
 from actors.host import Outcome
 from actors.tenant import PolicyBook
 from blackbird._dispatch import Dispatcher, raise_for_rejection
 from blackbird._quotas import QuotaMethods, TenantCommands
-from blackbird._validate import MAX_TEXT_LENGTH, check_metadata, check_text
-from blackbird.errors import BlackbirdError, SessionLimitError, SessionNotFoundError, ValidationError
+from blackbird._validate import check_metadata, check_text
+from blackbird.errors import (
+    BlackbirdError,
+    SessionLimitError,
+    SessionNotFoundError,
+    ValidationError,
+)
 from blackbird.subjects import validate_token
 from blackbird.types import Session
 

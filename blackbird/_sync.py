@@ -12,8 +12,8 @@ import functools
 import inspect
 import threading
 import weakref
-from pathlib import Path
 from collections.abc import Callable, Hashable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal

@@ -8,7 +8,6 @@ from typing import Any
 import msgspec
 
 from actors.events import SessionStatus, SessionView
-
 from actors.policy import QuotaType
 
 __all__ = ["Admission", "Session", "SessionStatus", "UsageRecord"]

@@ -478,3 +478,20 @@ async def test_a_retried_refused_command_is_refused_again(bb: AsyncBlackbird) ->
         await sm.track_usage(s.session_id, "llm", "tokens", 10**6, command_id="too-much")
     denied = [e for e in await events_of(bb, "acme", s.session_id) if isinstance(e, QuotaDenied)]
     assert len(denied) == 1
+
+
+async def test_limits_work_the_same_through_a_remote_client(nats_server: NatsServer) -> None:
+    async with AsyncBlackbird(nats_url=nats_server.url, tenant="acme", serve_commands=True):
+        async with AsyncBlackbird(nats_url=nats_server.url, tenant="acme", remote=True) as client:
+            sm = client.session_manager
+            s = await sm.create_session("u1", tier="free")
+            granted = await sm.admit(s.session_id, "llm", {"tokens": 100})
+            assert granted.charged == {"tokens": 100} and granted.lease_id is not None
+            with pytest.raises(QuotaExceededError) as err:
+                await sm.track_usage(s.session_id, "llm", "tokens", 10**6)
+            assert (err.value.used, err.value.limit) == (100, 10_000)
+            await sm.enforce_rate_limit(s.session_id, "api_call")
+            with pytest.raises(RateLimitError) as rate:
+                await sm.enforce_rate_limit(s.session_id, "api_call")
+            assert rate.value.limit_type == "per_second"
+            assert (await sm.get_quota(s.session_id, "tokens"))["used"] == 100
