@@ -1,4 +1,4 @@
-"""A sliding-window log of admitted requests with bounded size, packed as float64 pairs in bytes.
+"""A sliding-window log of admitted requests with bounded size, packed as float64s in bytes.
 
 The guarantee is the one a rate limit promises: in *no* interval of ``window`` seconds, wherever
 it starts, are more than ``limit`` requests admitted (so no fixed-window boundary burst of twice
@@ -12,7 +12,9 @@ window are merged into one entry ``(time of the latest, count)``. An entry count
 limiter wait up to ``window / 64`` longer than a log of every timestamp would, never admit more.
 Sparse traffic (at most one request per bucket) is counted exactly.
 
-Entries are ``(t, n)`` pairs in ascending ``t``: at most ~65 per window in steady state.
+Layout: ``total`` (the sum of all entries' counts), then ``(t, n)`` pairs in ascending ``t``:
+at most ~65 pairs per window in steady state. The total makes the common case cheap: if even
+the untrimmed total is under the limit, the request is admitted without looking further.
 """
 
 from __future__ import annotations
@@ -23,39 +25,47 @@ import struct
 
 #: Buckets per window: the precision of the limiter (it may wait up to window/GRID too long).
 GRID = 64
+_F = struct.Struct("d")
 _PAIR = struct.Struct("dd")
+_HEAD = _F.size
 _WIDTH = _PAIR.size
+EMPTY = b""
+
+
+def _total(log: bytes) -> float:
+    return _F.unpack_from(log)[0] if log else 0.0
 
 
 def _trim(log: bytes, now: float, window: float) -> bytes:
-    """The entries still inside ``(now - window, now]`` (older ones no longer count)."""
-    if not log:
-        return log
-    times = memoryview(log).cast("d")[0::2]
-    cut = bisect.bisect_right(times, now - window)
-    return log[cut * _WIDTH :] if cut else log
-
-
-def _total(live: bytes) -> int:
-    return int(sum(memoryview(live).cast("d")[1::2])) if live else 0
+    """The log without entries that left ``(now - window, now]``; its total adjusted."""
+    if not log or _F.unpack_from(log, _HEAD)[0] > now - window:
+        return log  # the oldest entry is still inside: nothing to cut
+    values = memoryview(log).cast("d")
+    cut = bisect.bisect_right(values[1::2], now - window)
+    if cut * 2 >= len(values) - 1:
+        return EMPTY
+    gone = sum(values[2 : 2 + cut * 2 : 2])
+    return _F.pack(values[0] - gone) + log[_HEAD + cut * _WIDTH :]
 
 
 def count(log: bytes, now: float, window: float) -> int:
     """Admissions counted in ``(now - window, now]``."""
-    return _total(_trim(log, now, window))
+    return int(_total(_trim(log, now, window)))
 
 
 def retry_after(log: bytes, now: float, window: float, limit: int) -> float:
     """Seconds until one more request would be admitted (0.0 if it would be admitted now)."""
+    if _total(log) < limit:  # even counting expired entries there is room
+        return 0.0
+    if limit == 0:
+        return window
     live = _trim(log, now, window)
     excess = _total(live) - limit + 1  # admissions that must leave the window first
     if excess <= 0:
         return 0.0
-    if limit == 0:
-        return window
     values = memoryview(live).cast("d")
     seen = 0.0
-    for i in range(0, len(values), 2):
+    for i in range(1, len(values), 2):
         seen += values[i + 1]
         if seen >= excess:
             return max(0.0, values[i] + window - now)
@@ -65,16 +75,18 @@ def retry_after(log: bytes, now: float, window: float, limit: int) -> float:
 def record(log: bytes, now: float, window: float) -> bytes:
     """The log, trimmed to ``window``, with one admission at ``now`` added."""
     live = _trim(log, now, window)
-    if live:
-        t_last, n_last = _PAIR.unpack_from(live, len(live) - _WIDTH)
-        grid = window / GRID
-        # Same bucket as the newest entry (or a clock that stepped back): merge into it,
-        # keeping the later time so the merged entry counts until its last admission expires.
-        if math.floor(now / grid) <= math.floor(t_last / grid):
-            return live[:-_WIDTH] + _PAIR.pack(max(t_last, now), n_last + 1)
-    return live + _PAIR.pack(now, 1.0)
+    if not live:
+        return _F.pack(1.0) + _PAIR.pack(now, 1.0)
+    total = _F.unpack_from(live)[0] + 1.0
+    t_last, n_last = _PAIR.unpack_from(live, len(live) - _WIDTH)
+    grid = window / GRID
+    # Same bucket as the newest entry (or a clock that stepped back): merge into it, keeping
+    # the later time so the merged entry counts until its last admission has left the window.
+    if math.floor(now / grid) <= math.floor(t_last / grid):
+        return _F.pack(total) + live[_HEAD:-_WIDTH] + _PAIR.pack(max(t_last, now), n_last + 1)
+    return _F.pack(total) + live[_HEAD:] + _PAIR.pack(now, 1.0)
 
 
 def entries(log: bytes) -> list[tuple[float, int]]:
     """The log as ``[(time, count), ...]`` (for tests and audits)."""
-    return [(t, int(n)) for t, n in _PAIR.iter_unpack(log)]
+    return [(t, int(n)) for t, n in _PAIR.iter_unpack(log[_HEAD:])] if log else []
