@@ -53,6 +53,7 @@ import anyio
 import msgspec
 import nats
 
+from actors import ratelog
 from actors.events import Applied, CheckRate, Commit, CreateSession, RateAllowed
 from actors.policy import Policy, load_policy
 from actors.session import SessionState, apply_commands, decide, evolve, initial_state
@@ -266,7 +267,7 @@ def steady_state(policy: Policy) -> tuple[SessionState, float]:
 
 
 def log_sizes(state: SessionState) -> str:
-    return "/".join(str(len(log) // 16) for log in state.rate_logs.values())
+    return "/".join(str(len(ratelog.entries(log))) for log in state.rate_logs.values())
 
 
 def timed_loop(seconds: float, chunk: int, body: Any) -> tuple[int, float]:
