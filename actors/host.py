@@ -179,10 +179,16 @@ class ActorHost:
             await request.done.wait()
         else:
             # The actor is idle: run the command in the caller's task (no task spawn, no event).
-            # Shielded, so a cancelled caller cannot leave an append acknowledged but unapplied.
             actor.busy = True
-            with anyio.CancelScope(shield=True):
+            try:
                 await self._run(actor, [request])
+            except BaseException:
+                # The caller was cancelled mid-command: its append may or may not have landed.
+                # Forget the state, so the next command reloads it from the log. (A stale
+                # decision could not be appended anyway: its expected sequence would conflict.)
+                actor.state = None
+                raise
+            finally:
                 if actor.mailbox:
                     self._tg.start_soon(self._drain, actor)
                 else:

@@ -72,9 +72,13 @@ class QuotaMethods:
 
         async def get_session(self, session_id: str, *, tenant: str | None = None) -> Session | None: ...
 
+        async def _dispatch(
+            self, tenant: str | None, session_id: Any, command: SessionCommand, command_id: str | None
+        ) -> CommandReply: ...
+
         async def _request(
             self, tenant: str | None, session_id: Any, command: SessionCommand, command_id: str | None
-        ) -> tuple[Session | None, CommandReply]: ...
+        ) -> tuple[Session, CommandReply]: ...
 
         async def _send_existing(
             self, tenant: str | None, session_id: Any, command: SessionCommand, command_id: str | None
@@ -153,13 +157,13 @@ class QuotaMethods:
             amount=check_amount(amount),
             metadata=check_metadata(metadata),
         )
-        session, reply = await self._request(tenant, session_id, command, command_id)
-        await self._report_usage(session, reply)
+        await self._report_usage(await self._dispatch(tenant, session_id, command, command_id))
         return True
 
-    async def _report_usage(self, session: Session | None, reply: CommandReply) -> dict[str, float]:
+    async def _report_usage(self, reply: CommandReply) -> dict[str, float]:
         """Call the usage callbacks once per UsageTracked in ``reply``; the amounts charged."""
         charged: dict[str, float] = {}
+        session = reply.session
         for event in reply.events:
             if not isinstance(event, UsageTracked):
                 continue
@@ -217,7 +221,7 @@ class QuotaMethods:
             operation=check_text(operation, "operation"),
             limit_type=None if limit_type is None else check_enum(limit_type, RateLimitType, "limit_type"),
         )
-        await self._send_existing(tenant, session_id, command, command_id)
+        await self._dispatch(tenant, session_id, command, command_id)
         return True
 
     # ------------------------------------------------------------------ concurrency
@@ -263,7 +267,6 @@ class QuotaMethods:
             session, _ = await self._request(
                 tenant, session_id, ReleaseSlot(operation=operation, lease_id=lease_id), None
             )
-        assert session is not None
         return session.concurrent_operations
 
     async def release_slot(
@@ -327,9 +330,9 @@ class QuotaMethods:
             lease_seconds=check_seconds(lease_seconds, "lease_seconds"),
             hold_seconds=check_seconds(hold_seconds, "hold_seconds"),
         )
-        session, reply = await self._request(tenant, session_id, command, command_id)
-        assert session is not None
-        charged = await self._report_usage(session, reply)
+        reply = await self._dispatch(tenant, session_id, command, command_id)
+        assert reply.session is not None
+        charged = await self._report_usage(reply)
         admission: dict[str, Any] = {"charged": charged}
         for event in reply.events:
             if isinstance(event, Reserved):
@@ -341,7 +344,7 @@ class QuotaMethods:
             elif isinstance(event, RateAllowed):
                 admission["rate_windows"] = event.windows
         return Admission(
-            session_id=session.session_id, operation=command.operation, sequence=reply.sequence,
+            session_id=reply.session.session_id, operation=command.operation, sequence=reply.sequence,
             duplicate=reply.duplicate, **admission,
         )
 
@@ -379,8 +382,7 @@ class QuotaMethods:
             reservation_id=check_text(reservation_id, "reservation_id"),
             actual=check_costs(actual, QuotaType, "actual"),
         )
-        session, reply = await self._request(tenant, session_id, command, command_id)
-        return await self._report_usage(session, reply)
+        return await self._report_usage(await self._dispatch(tenant, session_id, command, command_id))
 
     # ------------------------------------------------------------------ dynamic limits
 

@@ -92,11 +92,11 @@ class AsyncSessionManager(QuotaMethods):
             raise ValidationError(f"tier: expected {expected}, got {got!r}", field="tier", expected=expected, got=got)
         return value
 
-    async def _request(
+    async def _dispatch(
         self, tenant: str | None, session_id: Any, command: SessionCommand, command_id: str | None
-    ) -> tuple[Session | None, CommandReply]:
-        """Send ``command`` to the session's actor; the session after it and the raw reply.
-        A refusal is raised as its typed error."""
+    ) -> CommandReply:
+        """Send ``command`` to the session's actor and return the reply; a refusal is raised as
+        its typed error, an unknown session as SessionNotFoundError."""
         tenant = self._tenant_of(tenant)
         session_id = validate_token(session_id, "session_id")
         if command_id is not None:
@@ -105,20 +105,22 @@ class AsyncSessionManager(QuotaMethods):
             tenant, session_id, command, command_id or os.urandom(16).hex(), self._principal
         )
         raise_for_rejection(reply)
-        return (Session.from_view(reply.session) if reply.session is not None else None), reply
+        if reply.session is None:  # decide() refuses commands on unknown sessions; belt and braces
+            raise SessionNotFoundError(f"session {session_id!r} not found", session_id=session_id)
+        return reply
 
-    async def _send(
+    async def _request(
         self, tenant: str | None, session_id: Any, command: SessionCommand, command_id: str | None
-    ) -> Session | None:
-        return (await self._request(tenant, session_id, command, command_id))[0]
+    ) -> tuple[Session, CommandReply]:
+        """Like :meth:`_dispatch`, with the session after the command."""
+        reply = await self._dispatch(tenant, session_id, command, command_id)
+        assert reply.session is not None
+        return Session.from_view(reply.session), reply
 
     async def _send_existing(
         self, tenant: str | None, session_id: Any, command: SessionCommand, command_id: str | None
     ) -> Session:
-        session = await self._send(tenant, session_id, command, command_id)
-        if session is None:  # a command on an unknown session is refused by decide(); belt and braces
-            raise SessionNotFoundError(f"session {session_id!r} not found", session_id=session_id)
-        return session
+        return (await self._request(tenant, session_id, command, command_id))[0]
 
     async def create_session(
         self,
@@ -189,7 +191,7 @@ class AsyncSessionManager(QuotaMethods):
     async def get_session(self, session_id: str, *, tenant: str | None = None) -> Session | None:
         """The session as it is now (read-your-writes across hosts), or None if unknown."""
         try:
-            return await self._send(tenant, session_id, GetSession(), None)
+            return await self._send_existing(tenant, session_id, GetSession(), None)
         except SessionNotFoundError:
             return None
 
