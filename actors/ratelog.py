@@ -20,7 +20,6 @@ the untrimmed total is under the limit, the request is admitted without looking 
 from __future__ import annotations
 
 import bisect
-import math
 import struct
 
 #: Buckets per window: the precision of the limiter (it may wait up to window/GRID too long).
@@ -30,6 +29,11 @@ _PAIR = struct.Struct("dd")
 _HEAD = _F.size
 _WIDTH = _PAIR.size
 EMPTY = b""
+_ONE = struct.Struct("ddd")
+
+
+def _first(now: float) -> bytes:
+    return _ONE.pack(1.0, now, 1.0)
 
 
 def _total(log: bytes) -> float:
@@ -76,15 +80,16 @@ def record(log: bytes, now: float, window: float) -> bytes:
     """The log, trimmed to ``window``, with one admission at ``now`` added."""
     live = _trim(log, now, window)
     if not live:
-        return _F.pack(1.0) + _PAIR.pack(now, 1.0)
-    total = _F.unpack_from(live)[0] + 1.0
-    t_last, n_last = _PAIR.unpack_from(live, len(live) - _WIDTH)
+        return _first(now)
+    end = len(live) - _WIDTH
+    t_last, n_last = _PAIR.unpack_from(live, end)
+    total = _F.pack(_F.unpack_from(live)[0] + 1.0)
     grid = window / GRID
     # Same bucket as the newest entry (or a clock that stepped back): merge into it, keeping
     # the later time so the merged entry counts until its last admission has left the window.
-    if math.floor(now / grid) <= math.floor(t_last / grid):
-        return _F.pack(total) + live[_HEAD:-_WIDTH] + _PAIR.pack(max(t_last, now), n_last + 1)
-    return _F.pack(total) + live[_HEAD:] + _PAIR.pack(now, 1.0)
+    if now // grid <= t_last // grid:
+        return b"".join((total, live[_HEAD:end], _PAIR.pack(max(t_last, now), n_last + 1.0)))
+    return b"".join((total, live[_HEAD:], _PAIR.pack(now, 1.0)))
 
 
 def entries(log: bytes) -> list[tuple[float, int]]:

@@ -266,6 +266,15 @@ def _decide_metered(
 def evolve(state: SessionState, event: Event) -> SessionState:
     """Apply one event to a session's state (pure)."""
     replace = msgspec.structs.replace
+    # the most frequent events first
+    if isinstance(event, RateAllowed):
+        logs = dict(state.rate_logs)
+        for window in event.windows:
+            key = f"{event.operation}/{window}"
+            logs[key] = ratelog.record(logs.get(key, b""), event.at, quota.WINDOW_SECONDS[window])
+        return replace(state, rate_logs=logs, last_activity=event.at)
+    if isinstance(event, (QuotaDenied, RateDenied, SlotDenied)):
+        return state  # a refusal is a fact for the audit; it changes no counter
     if isinstance(event, SessionCreated):
         return replace(
             state,
@@ -299,12 +308,6 @@ def evolve(state: SessionState, event: Event) -> SessionState:
         used = quota.used_in_window(state, event.resource_type, event.window_start)
         usage = {**state.usage, event.resource_type: (event.window_start, used + event.amount)}
         return replace(state, usage=usage, last_activity=event.at)
-    if isinstance(event, RateAllowed):
-        logs = dict(state.rate_logs)
-        for window in event.windows:
-            key = f"{event.operation}/{window}"
-            logs[key] = ratelog.record(logs.get(key, b""), event.at, quota.WINDOW_SECONDS[window])
-        return replace(state, rate_logs=logs, last_activity=event.at)
     if isinstance(event, SlotAcquired):
         lease = (event.operation, event.expires_at, event.fencing_token)
         leases = {**state.leases, event.lease_id: lease}
@@ -327,8 +330,6 @@ def evolve(state: SessionState, event: Event) -> SessionState:
         if event.limit is not None:
             boosts[event.resource_type] = (event.limit, event.until)
         return replace(state, boosts=boosts)
-    if isinstance(event, (QuotaDenied, RateDenied, SlotDenied)):
-        return state  # a refusal is a fact for the audit; it changes no counter
     raise TypeError(f"not a session event: {event!r}")
 
 

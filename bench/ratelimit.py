@@ -68,6 +68,7 @@ from bench.commands import (
     row,
 )
 from blackbird import AsyncBlackbird, RateLimitError
+from blackbird._runtime import tune_gc_for_serving
 from blackbird._server import EmbeddedServer
 
 TENANT = "bench"
@@ -370,7 +371,9 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
             print(f"mode: {'quick' if cfg.quick else 'full'}; python {sys.version.split()[0]}; "
                   f"{os.cpu_count()} cpus; policy {policy_file.name}: tier {ALLOW_TIER!r} "
                   f"(limits {BIG:,} in every window), tier {DENY_TIER!r} (1 per second); "
-                  f"load average {load_start} (other processes skew every figure)")
+                  f"load average {load_start} (other processes skew every figure); "
+                  f"gc: {GC_MODE[0]} (as `blackbird serve`, for raw and host alike)"
+                  if GC_MODE[0] == "serve" else f"load average {load_start}; gc: CPython default")
             print()
             row("measurement", "value", "detail")
             row("-" * 44, "-" * 16, "-" * 40)
@@ -469,10 +472,14 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
         payload_bytes=len(payload),
         denied_payload_bytes=len(denied_payload),
         fsync=FSYNC,
+        gc=GC_MODE[0],
         quick=cfg.quick,
         load_average={"start": load_start, "end": load_end},
     )
     return result
+
+
+GC_MODE = ["serve"]
 
 
 def cli() -> None:
@@ -481,7 +488,15 @@ def cli() -> None:
     parser.add_argument(
         "--profile", metavar="FILE", help="cProfile the 1,000-session allowed phase into FILE"
     )
+    parser.add_argument(
+        "--default-gc", action="store_true",
+        help="keep CPython's default GC thresholds (by default the process is tuned as "
+        "`blackbird serve` tunes its own, for the raw baseline and the host alike)",
+    )
     args = parser.parse_args()
+    GC_MODE[0] = "default" if args.default_gc else "serve"
+    if not args.default_gc:
+        tune_gc_for_serving()
     cfg = make_config(args.quick)
     result = anyio.run(main, cfg, args.profile)
     print(json.dumps(result), flush=True)
