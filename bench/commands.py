@@ -299,6 +299,21 @@ async def time_call(fn: Any, repeats: int) -> float:
 # --------------------------------------------------------------------------- main
 
 
+async def raw_baselines(url: str, payload: bytes, seconds: float, server_pid: int) -> tuple[float, float]:
+    """Raw ``js.publish_async`` msgs/s of ``payload``, without and with the two headers our
+    appends carry; prints a row for each."""
+    n_raw, s_raw, cpu_raw = await raw_baseline(url, payload, seconds, server_pid, with_headers=False)
+    raw_rate = n_raw / s_raw
+    row("raw js.publish_async (no headers)", f"{raw_rate:,.0f} msg/s",
+        f"{len(payload)} B, batches of {RAW_BATCH}, {RAW_SUBJECTS} subjects, "
+        f"{n_raw:,} msgs in {s_raw:.1f} s; {cpu_raw}")
+    n_rawh, s_rawh, cpu_rawh = await raw_baseline(url, payload, seconds, server_pid, with_headers=True)
+    rawh_rate = n_rawh / s_rawh
+    row("raw js.publish_async (+msg-id, expected-seq)", f"{rawh_rate:,.0f} msg/s",
+        f"same, with the 2 headers our appends carry; {n_rawh:,} msgs in {s_rawh:.1f} s; {cpu_rawh}")
+    return raw_rate, rawh_rate
+
+
 async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
     t_start = time.perf_counter()
     result: dict[str, Any] = {"bench": "commands"}
@@ -339,20 +354,7 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
                 f"snapshot_every={settings.snapshot_every} (default)")
 
             # ---------------------------------------------------------------- 2. raw baseline
-            n_raw, s_raw, cpu_raw = await raw_baseline(
-                url, payload, cfg.raw_seconds, server.pid, with_headers=False
-            )
-            raw_rate = n_raw / s_raw
-            row("raw js.publish_async (no headers)", f"{raw_rate:,.0f} msg/s",
-                f"{len(payload)} B, batches of {RAW_BATCH}, {RAW_SUBJECTS} subjects, "
-                f"{n_raw:,} msgs in {s_raw:.1f} s; {cpu_raw}")
-            n_rawh, s_rawh, cpu_rawh = await raw_baseline(
-                url, payload, cfg.raw_seconds, server.pid, with_headers=True
-            )
-            rawh_rate = n_rawh / s_rawh
-            row("raw js.publish_async (+msg-id, expected-seq)", f"{rawh_rate:,.0f} msg/s",
-                f"same, with the 2 headers our appends carry; "
-                f"{n_rawh:,} msgs in {s_rawh:.1f} s; {cpu_rawh}")
+            raw_rate, rawh_rate = await raw_baselines(url, payload, cfg.raw_seconds, server.pid)
             top = max(cfg.concurrency)
             ratio = phases[top].per_s / raw_rate
             row(f"ratio cmds/s @{top} ÷ raw msgs/s", f"{ratio:.3f}", "target >= 0.5")

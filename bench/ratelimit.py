@@ -58,13 +58,11 @@ from actors.events import Applied, CheckRate, Commit, CreateSession, RateAllowed
 from actors.policy import Policy, load_policy
 from actors.session import SessionState, apply_commands, decide, evolve, initial_state
 from bench.commands import (
+    raw_baselines,
     FSYNC,
-    RAW_BATCH,
-    RAW_SUBJECTS,
     CpuMeter,
     PhaseResult,
     percentile,
-    raw_baseline,
     row,
 )
 from blackbird import AsyncBlackbird, RateLimitError
@@ -416,20 +414,7 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
                 f"1/s session ({last_kind}): {len(denied_payload)} B")
 
             # ---------------------------------------------------------------- 2. raw baseline
-            n_raw, s_raw, cpu_raw = await raw_baseline(
-                url, payload, cfg.raw_seconds, server.pid, with_headers=False
-            )
-            raw_rate = n_raw / s_raw
-            row("raw js.publish_async (no headers)", f"{raw_rate:,.0f} msg/s",
-                f"{len(payload)} B, batches of {RAW_BATCH}, {RAW_SUBJECTS} subjects, "
-                f"{n_raw:,} msgs in {s_raw:.1f} s; {cpu_raw}")
-            n_rawh, s_rawh, cpu_rawh = await raw_baseline(
-                url, payload, cfg.raw_seconds, server.pid, with_headers=True
-            )
-            rawh_rate = n_rawh / s_rawh
-            row("raw js.publish_async (+msg-id, expected-seq)", f"{rawh_rate:,.0f} msg/s",
-                f"same, with the 2 headers our appends carry; "
-                f"{n_rawh:,} msgs in {s_rawh:.1f} s; {cpu_rawh}")
+            raw_rate, rawh_rate = await raw_baselines(url, payload, cfg.raw_seconds, server.pid)
             top = max(cfg.concurrency)
             ratio = phases[top].per_s / raw_rate
             ratio_h = phases[top].per_s / rawh_rate
