@@ -235,7 +235,20 @@ class UserSessionDenied(_Event, frozen=True):
     policy_version: int
 
 
-UserEvent = UserSessionOpened | UserSessionClosed | UserSessionDenied
+class AlertRaised(_Event, frozen=True):
+    """Abuse or anomaly detection flagged a user or session (appended on the user's aggregate;
+    the session also gets a message on its "notification" channel)."""
+
+    kind: str  # "usage_spike" | "denial_burst" | "session_burst"
+    user_id: str
+    session_id: str | None  # None: about the user as a whole
+    detail: str  # what was seen, for people
+    value: float  # the observed figure (rate, count, ...)
+    threshold: float  # what it was compared with
+    trigger_seq: int  # stream sequence of the commit that tripped it
+
+
+UserEvent = UserSessionOpened | UserSessionClosed | UserSessionDenied | AlertRaised
 Event = SessionEvent | TenantEvent | UserEvent
 
 
@@ -417,7 +430,16 @@ class CloseUserSessions(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fi
     reason: str = "terminated"
 
 
-UserCommand = OpenUserSession | CloseUserSessions | GetSession
+class RaiseAlert(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    kind: str
+    session_id: str | None
+    detail: str
+    value: float
+    threshold: float
+    trigger_seq: int
+
+
+UserCommand = OpenUserSession | CloseUserSessions | RaiseAlert | GetSession
 
 
 class Decision(msgspec.Struct, frozen=True, gc=False):

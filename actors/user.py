@@ -14,6 +14,8 @@ import msgspec
 
 from actors import aggregate
 from actors.events import (
+    AlertRaised,
+    RaiseAlert,
     CloseUserSessions,
     Commit,
     Decision,
@@ -67,6 +69,13 @@ def decide(state: UserState, command: UserCommand, now: float, policy: Policy) -
             at=now, session_id=command.session_id, tier=command.tier, policy_version=policy.version
         )
         return Decision(events=(opened,))
+    if isinstance(command, RaiseAlert):
+        raised = AlertRaised(
+            at=now, kind=command.kind, user_id=state.user_id, session_id=command.session_id,
+            detail=command.detail, value=command.value, threshold=command.threshold,
+            trigger_seq=command.trigger_seq,
+        )
+        return Decision(events=(raised,))
     if isinstance(command, CloseUserSessions):
         closed = tuple(
             UserSessionClosed(at=now, session_id=sid, reason=command.reason)
@@ -83,8 +92,8 @@ def evolve(state: UserState, event: Event) -> UserState:
     if isinstance(event, UserSessionClosed):
         sessions = {k: v for k, v in state.sessions.items() if k != event.session_id}
         return msgspec.structs.replace(state, sessions=sessions)
-    if isinstance(event, UserSessionDenied):
-        return state
+    if isinstance(event, (UserSessionDenied, AlertRaised)):
+        return state  # facts for the audit and the read models
     raise TypeError(f"not a user event: {event!r}")
 
 
