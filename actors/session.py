@@ -263,6 +263,13 @@ def _decide_metered(
     return quota.decide_adjust(state, command, now, version)
 
 
+#: Events that count as activity (they move ``last_activity``, resetting the idle timer).
+ACTIVITY_EVENTS = (
+    SessionTouched, MessagePosted, TierChanged, SessionTerminated, UsageTracked, RateAllowed,
+    SlotAcquired, Reserved,
+)
+
+
 def evolve(state: SessionState, event: Event) -> SessionState:
     """Apply one event to a session's state (pure)."""
     replace = msgspec.structs.replace

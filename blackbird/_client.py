@@ -23,9 +23,12 @@ from actors.ports import AggregateKey, NoSnapshots
 from actors.session import SessionBehaviour
 from actors.tenant import PolicyBook, TenantBehaviour
 from actors.user import UserBehaviour
+from projections.activity import ActivityProjection
+from blackbird._audit import Auditor
 from blackbird._dispatch import Dispatcher, LocalDispatcher, RemoteDispatcher, ask_or_raise
 from blackbird._server import EmbeddedServer
 from blackbird._service import CommandService
+from blackbird._projections import MemoryCheckpoints, NatsCheckpoints, Projections
 from blackbird._sessions import AsyncSessionManager
 from blackbird._tenants import TenantDirectory
 from blackbird.config import Settings, build_settings
@@ -87,6 +90,8 @@ class AsyncBlackbird:
         self._nc: NATS | None = None
         self._journal: Journal | None = None
         self._host: ActorHost | None = None
+        self._auditor: Auditor | None = None
+        self._projections: Projections | None = None
         self.data_dir: Path | None = None
         self.nats_url: str | None = self.settings.nats_url
 
@@ -107,6 +112,20 @@ class AsyncBlackbird:
         if self._journal is None:
             raise ClosedError("AsyncBlackbird is not open; use `async with AsyncBlackbird(...)`")
         return self._journal
+
+    @property
+    def projections(self) -> Projections:
+        """The read models this client runs (lag, verify, rebuild)."""
+        if self._projections is None:
+            raise ClosedError("AsyncBlackbird is not open; use `async with AsyncBlackbird(...)`")
+        return self._projections
+
+    @property
+    def audit(self) -> Auditor:
+        """Replay a session, user or tenant up to an instant or sequence (see :class:`Auditor`)."""
+        if self._auditor is None or self._stack is None:
+            raise ClosedError("AsyncBlackbird is not open; use `async with AsyncBlackbird(...)`")
+        return self._auditor
 
     @property
     def host(self) -> ActorHost | None:
@@ -186,10 +205,17 @@ class AsyncBlackbird:
             if s.serve_commands:
                 service = CommandService(nc, journal.subjects, dispatcher, s.queue_group)
                 await tasks.start(service.run)
+        # Read models: started on first use (a command-line client that never asks pays
+        # nothing), checkpointed in NATS when this client may create buckets.
+        checkpoints = await NatsCheckpoints.open(journal, s.replicas, create=not self.remote)
+        projections = Projections(journal, checkpoints or MemoryCheckpoints(), tasks, s.command_timeout)
+        projections.register(ActivityProjection(s.usage_history_limit))
+        self._projections = projections
         self._session_manager = AsyncSessionManager(
             dispatcher, book, tenants.command, user_commands, tenant=s.tenant, principal=s.principal,
-            clock=self._clock,
+            projections=projections, analytics_k=s.analytics_k, clock=self._clock,
         )
+        self._auditor = Auditor(journal, book, s.tenant, projections=self._projections)
         log.info("blackbird_opened", nats_url=url, data_dir=str(self.data_dir), remote=self.remote)
 
     async def _connect(self, url: str) -> NATS:

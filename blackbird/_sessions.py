@@ -30,6 +30,8 @@ from actors.events import (
 from actors.host import Outcome
 from actors.tenant import PolicyBook
 from blackbird._dispatch import Dispatcher, raise_for_rejection
+from blackbird._analytics import AnalyticsMethods
+from blackbird._projections import Projections
 from blackbird._quotas import QuotaMethods, TenantCommands
 from blackbird._validate import check_metadata, check_text
 from blackbird.errors import (
@@ -53,7 +55,7 @@ class UserCommands(Protocol):
         """Run a command on the user's actor; refusals raise their typed error."""
         ...
 
-class AsyncSessionManager(QuotaMethods):
+class AsyncSessionManager(QuotaMethods, AnalyticsMethods):
     """Sessions and their limits: create, read, touch, re-tier and terminate sessions; quotas,
     rate limits, concurrency slots and admission (see :class:`QuotaMethods`). Every write is
     durable when it returns."""
@@ -67,9 +69,14 @@ class AsyncSessionManager(QuotaMethods):
         *,
         tenant: str,
         principal: str,
+        projections: Projections,
+        analytics_k: int = 5,
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(clock)
+        self._projections = projections
+        self._analytics_k = analytics_k
+        self._written = 0  # the last sequence this client wrote (read-your-writes)
         self._dispatcher = dispatcher
         self._policies = policies
         self._tenant_commands = tenant_commands
@@ -104,6 +111,8 @@ class AsyncSessionManager(QuotaMethods):
         reply = await self._dispatcher.dispatch(
             tenant, session_id, command, command_id or os.urandom(16).hex(), self._principal
         )
+        if reply.sequence > self._written:
+            self._written = reply.sequence
         raise_for_rejection(reply)
         if reply.session is None:  # decide() refuses commands on unknown sessions; belt and braces
             raise SessionNotFoundError(f"session {session_id!r} not found", session_id=session_id)

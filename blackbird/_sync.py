@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
+from blackbird._audit import Auditor
 from blackbird._client import AsyncBlackbird
 from blackbird._sessions import AsyncSessionManager
 from blackbird.errors import ClosedError
@@ -91,6 +92,15 @@ class SessionManager(_SyncMirror, mirrors=AsyncSessionManager):
             self.manage_concurrency(session_id, operation, False, tenant=tenant, holder=holder)
 
 
+class SyncAuditor(_SyncMirror, mirrors=Auditor):
+    """Synchronous audit: same methods as :class:`~blackbird._audit.Auditor` (``replay``,
+    ``verify``), blocking."""
+
+    @property
+    def tenant(self) -> str:
+        return self._target.tenant  # type: ignore[no-any-return]
+
+
 class BlackbirdSDK:
     """Synchronous Blackbird client. Same constructor as :class:`AsyncBlackbird`.
 
@@ -140,6 +150,13 @@ class BlackbirdSDK:
         if self._portal is None:
             raise ClosedError("BlackbirdSDK is closed")
         return self._session_manager
+
+    @property
+    def audit(self) -> SyncAuditor:
+        """Replay a session, user or tenant up to an instant or sequence (blocking)."""
+        if self._portal is None:
+            raise ClosedError("BlackbirdSDK is closed")
+        return SyncAuditor(self._client.audit, self._portal)
 
     @property
     def settings(self) -> Any:

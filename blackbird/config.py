@@ -33,6 +33,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     serve_commands: bool = False  # also answer commands on NATS request/reply
     queue_group: str = "blackbird-hosts"
     policy_file: str | None = None  # TOML overriding the packaged tier policy
+    usage_history_limit: int = 10_000  # usage records kept per user in the read model
+    analytics_k: int = 5  # cross-tenant aggregates leave out tenants with fewer users
 
 
 def _from_env() -> dict[str, Any]:

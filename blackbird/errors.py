@@ -93,6 +93,12 @@ class CommandTimeoutError(BlackbirdError, TimeoutError):
     code = "command_timeout"
 
 
+class ProjectionTimeoutError(BlackbirdError, TimeoutError):
+    """A read model did not reach the caller's last write in time (``wanted``, ``applied``)."""
+
+    code = "projection_timeout"
+
+
 class EmbeddedServerError(BlackbirdError):
     """The embedded nats-server could not be found, started or reached."""
 
@@ -126,6 +132,7 @@ _BY_CODE: dict[str, type[BlackbirdError]] = {
         RateLimitError,
         ReservationNotFoundError,
         CommandTimeoutError,
+        ProjectionTimeoutError,
         EmbeddedServerError,
         LogError,
         ClosedError,

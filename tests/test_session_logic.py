@@ -224,3 +224,30 @@ def test_a_refusal_never_changes_state_except_recording_expiry(script: list) -> 
             assert all(isinstance(e, SessionExpired) for e in d.events)
         if d.events:
             state = apply_commit(state, commit(d.events, "x", state.version + 1, t))
+
+
+def test_activity_events_are_exactly_those_that_move_last_activity() -> None:
+    """The read models rely on ACTIVITY_EVENTS; evolve() is the truth it must match."""
+    from actors.events import (
+        AcquireSlot, Admit, CheckRate, PostMessage, QuotaAdjusted, TrackUsage,
+    )
+    from actors.policy import QuotaType
+    from actors.session import ACTIVITY_EVENTS, evolve
+
+    state = created("pro")
+    later = T0 + 5
+    commands = [
+        TouchSession(), ChangeTier(tier="enterprise"), PostMessage(text="hi"),
+        TrackUsage(operation="x", resource_type=QuotaType.TOKENS, amount=1),
+        CheckRate(operation="x"), AcquireSlot(operation="x"),
+        Admit(operation="y", costs={QuotaType.TOKENS: 1.0}, reserve=True, slot=False, rate=False),
+        TerminateSession(),
+    ]
+    seen = set()
+    for command in commands:
+        for event in decide(state, command, later, POLICY).events:
+            seen.add(type(event))
+            moved = evolve(state, event).last_activity != state.last_activity
+            assert moved == isinstance(event, ACTIVITY_EVENTS), type(event).__name__
+    assert seen >= set(ACTIVITY_EVENTS)
+    assert not isinstance(QuotaAdjusted(at=later, resource_type="tokens", limit=1, until=None, policy_version=1), ACTIVITY_EVENTS)

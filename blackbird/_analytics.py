@@ -1,0 +1,141 @@
+"""Read-model queries: the session manager's analytics half (mixed into
+:class:`~blackbird._sessions.AsyncSessionManager`).
+
+Answers come from the activity projection (a fold of the log). Each waits until the projection
+has applied this client's last write (read-your-writes), or raises ProjectionTimeoutError.
+Every query is scoped to one tenant; only :meth:`get_cross_tenant_analytics` spans tenants,
+and it reports aggregates over tenants with at least ``k`` users.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from actors.events import SessionStatus
+from blackbird._validate import check_enum, check_seconds
+from blackbird.errors import SessionNotFoundError, ValidationError
+from blackbird.subjects import validate_token
+from blackbird.types import Session
+from actors.policy import QuotaType
+from projections import activity
+from projections.activity import Activity
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from blackbird._projections import Projections
+
+ACTIVITY = "activity"
+
+
+class AnalyticsMethods:
+    if TYPE_CHECKING:
+        _projections: Projections
+        _written: int
+        _clock: Callable[[], float]
+        _analytics_k: int
+
+        def _tenant_of(self, tenant: str | None) -> str: ...
+
+        async def get_session(self, session_id: str, *, tenant: str | None = None) -> Session | None: ...
+
+        async def get_quota(self, session_id: str, quota_type: Any = None, *, tenant: str | None = None) -> dict[str, Any]: ...
+
+    async def _activity(self) -> Activity:
+        runner = await self._projections.caught_up(ACTIVITY, self._written)
+        return runner.model  # type: ignore[no-any-return]
+
+    async def get_user_sessions(self, user_id: str, *, tenant: str | None = None) -> list[Session]:
+        """Every session of ``user_id`` in the tenant (oldest first), as of the read model."""
+        user_id = validate_token(user_id, "user_id")
+        tenant = self._tenant_of(tenant)
+        rows = activity.user_sessions(await self._activity(), tenant, user_id)
+        return [
+            Session(
+                session_id=r.session_id, user_id=r.user_id, tenant=tenant, tier=r.tier,
+                status=SessionStatus(r.status), metadata=r.metadata, created_at=r.created_at,
+                last_activity=r.last_activity, idle_timeout=r.idle_timeout, max_age=r.max_age,
+                sequence=r.seq,
+            )
+            for r in rows
+        ]
+
+    async def get_usage_history(
+        self,
+        user_id: str,
+        limit: int = 100,
+        since: float | None = None,
+        resource_type: QuotaType | str | None = None,
+        *,
+        tenant: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """The user's usage records, newest first: JSON-ready dicts with operation,
+        resource_type (the value, as get_quota's keys), amount, timestamp, session_id, metadata
+        and the log sequence. Includes everything this client tracked before the call."""
+        user_id = validate_token(user_id, "user_id")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValidationError(
+                f"limit: expected a positive int, got {limit!r}", field="limit",
+                expected="a positive int", got=repr(limit),
+            )
+        if since is not None and (isinstance(since, bool) or not isinstance(since, int | float)):
+            raise ValidationError(
+                f"since: expected seconds since the epoch, got {type(since).__name__}",
+                field="since", expected="seconds since the epoch", got=type(since).__name__,
+            )
+        wanted = None if resource_type is None else check_enum(resource_type, QuotaType, "resource_type").value
+        model = await self._activity()
+        return activity.usage_history(
+            model, self._tenant_of(tenant), user_id, limit=limit, since=since, resource_type=wanted
+        )
+
+    async def get_statistics(self, *, tenant: str | None = None) -> dict[str, Any]:
+        """Tenant-wide figures (JSON-ready): active_sessions, total_sessions, total_users,
+        average_sessions_per_user, sessions_by_tier, usage_by_resource, refusals, alerts and
+        the projections' lag (commits not yet applied)."""
+        stats = activity.statistics(await self._activity(), self._tenant_of(tenant), self._clock())
+        stats["projection_lag"] = await self._projections.lag()
+        return stats
+
+    async def get_user_analytics(self, user_id: str, *, tenant: str | None = None) -> dict[str, Any]:
+        """One user's sessions, operation breakdown, resource usage, most used operation,
+        refusals and alerts (exact over the whole history)."""
+        user_id = validate_token(user_id, "user_id")
+        return activity.user_analytics(await self._activity(), self._tenant_of(tenant), user_id, self._clock())
+
+    async def get_tenant_analytics(self, *, tenant: str | None = None) -> dict[str, Any]:
+        """The tenant's statistics plus its top users and most recent alerts."""
+        return activity.tenant_analytics(await self._activity(), self._tenant_of(tenant), self._clock())
+
+    async def get_cross_tenant_analytics(self, k: int | None = None) -> dict[str, Any]:
+        """Aggregates across tenants for the operator. Tenants with fewer than ``k`` users
+        (default: the ``analytics_k`` setting) are left out, so no figure describes a small
+        group; only how many were left out is reported."""
+        k = self._analytics_k if k is None else k
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValidationError(f"k: expected an int >= 1, got {k!r}", field="k", expected="an int >= 1", got=repr(k))
+        return activity.cross_tenant(await self._activity(), k, self._clock())
+
+    async def predict_quota_exhaustion(
+        self, session_id: str, window: float = 3600.0, *, tenant: str | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """Per quota the session used in the last ``window`` seconds: the usage rate (per hour),
+        hours until the remaining quota runs out at that rate and the predicted instant
+        (seconds since the epoch); ``resets_first`` when the quota resets before that."""
+        window = check_seconds(window, "window") or 3600.0
+        session = await self.get_session(session_id, tenant=tenant)
+        if session is None:
+            raise SessionNotFoundError(f"session {session_id!r} not found", session_id=session_id)
+        quotas = await self.get_quota(session_id, tenant=tenant)
+        history = [
+            row for row in activity.usage_history(
+                await self._activity(), session.tenant, session.user_id, limit=10**9,
+                since=self._clock() - window,
+            )
+            if row["session_id"] == session.session_id
+        ]
+        now = self._clock()
+        # a session younger than the window has used its quota over its own life, not the window
+        span = max(60.0, min(window, now - session.created_at))
+        return activity.predict_exhaustion(history, quotas, now, span)
+

@@ -1,0 +1,213 @@
+"""Projections at the edge: durable checkpoints in NATS, the runners a client owns, and the
+queries the session manager answers from them.
+
+Checkpoints: a KV bucket holds, per projection, ``{seq, object}`` and is updated with
+compare-and-swap on its revision; the model itself (which can be megabytes) is an object in a
+JetStream object store, written before the KV entry points at it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import anyio.abc
+import msgspec
+import nats.js.errors
+import structlog
+from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
+
+from projections.runner import Checkpoint, Projection, ProjectionRunner, ProjectionTimeout
+from blackbird.errors import ProjectionTimeoutError
+from blackbird.journal import Journal
+
+log = structlog.get_logger("blackbird.projections")
+
+CHECKPOINT_BUCKET = "bb_projections"
+SNAPSHOT_STORE = "bb_projection_models"
+
+
+class _Pointer(msgspec.Struct):
+    seq: int
+    object: str
+
+
+class NatsCheckpoints:
+    """Checkpoints in a KV bucket (compare-and-swap) pointing at objects in an object store."""
+
+    def __init__(self, kv: KeyValue, objects: ObjectStore) -> None:
+        self._kv = kv
+        self._objects = objects
+
+    @classmethod
+    async def open(cls, journal: Journal, replicas: int, *, create: bool) -> NatsCheckpoints | None:
+        js = journal.jetstream
+        try:
+            kv = await js.key_value(CHECKPOINT_BUCKET)
+            objects = await js.object_store(SNAPSHOT_STORE)
+        except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
+            if not create:
+                return None
+            kv = await js.create_key_value(bucket=CHECKPOINT_BUCKET, history=1, replicas=replicas)
+            objects = await js.create_object_store(SNAPSHOT_STORE)
+        return cls(kv, objects)
+
+    async def load(self, name: str) -> Checkpoint | None:
+        try:
+            entry = await self._kv.get(name)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        if not entry.value:
+            return None
+        pointer = msgspec.json.decode(entry.value, type=_Pointer)
+        try:
+            result = await self._objects.get(pointer.object)
+        except nats.js.errors.ObjectNotFoundError:
+            return None
+        return Checkpoint(pointer.seq, result.data or b"", entry.revision)
+
+    async def save(self, name: str, seq: int, data: bytes, token: Any) -> Any | None:
+        obj = f"{name}-{seq}"
+        await self._objects.put(obj, data)
+        pointer = msgspec.json.encode(_Pointer(seq=seq, object=obj))
+        previous = None
+        try:
+            if token is None:
+                revision = await self._kv.create(name, pointer)
+            else:
+                old = await self._kv.get(name)
+                previous = msgspec.json.decode(old.value, type=_Pointer).object if old.value else None
+                revision = await self._kv.update(name, pointer, last=token)
+        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError,
+                nats.js.errors.APIError):
+            # another worker checkpointed since we last looked: ours is not needed
+            with contextlib.suppress(Exception):
+                await self._objects.delete(obj)
+            return None
+        if previous is not None and previous != obj:
+            with contextlib.suppress(Exception):
+                await self._objects.delete(previous)
+        return revision
+
+
+class MemoryCheckpoints:
+    """Checkpoints that last as long as the process (a client that may not create buckets)."""
+
+    def __init__(self) -> None:
+        self._stored: dict[str, Checkpoint] = {}
+
+    async def load(self, name: str) -> Checkpoint | None:
+        return self._stored.get(name)
+
+    async def save(self, name: str, seq: int, data: bytes, token: Any) -> Any | None:
+        current = self._stored.get(name)
+        if (current.token if current else None) != token:
+            return None
+        self._stored[name] = Checkpoint(seq, data, (token or 0) + 1)
+        return (token or 0) + 1
+
+
+class Projections:
+    """The runners one client owns; started on first use (or eagerly), stopped with the client."""
+
+    def __init__(self, journal: Journal, checkpoints: Any, tg: anyio.abc.TaskGroup, timeout: float) -> None:
+        self._journal = journal
+        self._checkpoints = checkpoints
+        self._tg = tg
+        self._timeout = timeout
+        self._runners: dict[str, ProjectionRunner[Any]] = {}
+        self._starting: dict[str, anyio.Event] = {}
+        self._specs: dict[str, tuple[Projection[Any], Callable[[list[Any]], Awaitable[None]] | None]] = {}
+
+    def register(
+        self, projection: Projection[Any], on_effects: Callable[[list[Any]], Awaitable[None]] | None = None
+    ) -> None:
+        self._specs[projection.name] = (projection, on_effects)
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._specs)
+
+    async def runner(self, name: str) -> ProjectionRunner[Any]:
+        """The running runner for ``name``, started (and caught up) on first use."""
+        running = self._runners.get(name)
+        if running is not None:
+            return running
+        starting = self._starting.get(name)
+        if starting is not None:  # another task is starting it
+            await starting.wait()
+            return self._runners[name]
+        self._starting[name] = event = anyio.Event()
+        try:
+            projection, on_effects = self._specs[name]
+            runner = ProjectionRunner(
+                projection, self._journal, self._checkpoints,
+                f"{self._journal.subjects.prefix}.>", on_effects=on_effects,
+            )
+            await self._tg.start(runner.run)
+            self._runners[name] = runner
+        finally:
+            del self._starting[name]
+            event.set()
+        return runner
+
+    async def caught_up(self, name: str, seq: int) -> ProjectionRunner[Any]:
+        """The runner once it has applied ``seq`` (read-your-writes); ProjectionTimeoutError
+        if it does not within the client's timeout."""
+        runner = await self.runner(name)
+        try:
+            await runner.wait_for(seq, self._timeout)
+        except ProjectionTimeout as exc:
+            raise ProjectionTimeoutError(
+                f"{exc}; the read model is behind the log (lag), try again",
+                projection=name, wanted=exc.wanted, applied=exc.applied,
+            ) from None
+        return runner
+
+    async def lag(self) -> dict[str, int]:
+        return {name: await runner.lag() for name, runner in sorted(self._runners.items())}
+
+    async def verify(self) -> dict[str, list[str]]:
+        """Rebuild every projection from zero into scratch models (up to what the live ones
+        have applied) and compare: ``{name: [difference, ...]}``, empty lists when identical."""
+        report: dict[str, list[str]] = {}
+        for name in self.names:
+            runner = await self.runner(name)
+            await runner.wait_for(await self._journal.stream_last_seq(), self._timeout)
+            seq = runner.seq
+            scratch = await runner.scratch(seq)
+            live = msgspec.to_builtins(runner.model)
+            rebuilt = msgspec.to_builtins(scratch)
+            report[name] = list(_differences(live, rebuilt, name))
+            log.info("projection_verified", projection=name, seq=seq, differences=len(report[name]))
+        return report
+
+    async def rebuild(self, name: str) -> int:
+        runner = await self.runner(name)
+        return await runner.rebuild()
+
+
+def _differences(live: Any, rebuilt: Any, path: str, limit: int = 20) -> list[str]:
+    found: list[str] = []
+
+    def walk(a: Any, b: Any, where: str) -> None:
+        if len(found) >= limit:
+            return
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b), key=str):
+                if key not in a or key not in b:
+                    found.append(f"{where}.{key}: only in {'live' if key in a else 'rebuilt'}")
+                else:
+                    walk(a[key], b[key], f"{where}.{key}")
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            for i, (x, y) in enumerate(zip(a, b, strict=True)):
+                walk(x, y, f"{where}[{i}]")
+        elif a != b:
+            found.append(f"{where}: live {str(a)[:80]!r} != rebuilt {str(b)[:80]!r}")
+
+    walk(live, rebuilt, path)
+    return found
+

@@ -1,0 +1,247 @@
+"""The projection runner: a deterministic fold over the log plus a durable checkpoint.
+
+A :class:`Projection` folds commits into a read model (in place: no I/O, no clock, the same
+commits always give the same model). The runner
+
+* restores the latest checkpoint (the model as of a stream sequence), replays the log from
+  there up to the stream's end (fast: decoded inside the delivery callback), then follows new
+  commits live;
+* never applies a sequence twice: a model carries the sequence it has applied, and anything
+  at or below it is skipped (a checkpoint and a replay may overlap);
+* saves a checkpoint every ``checkpoint_every`` commits (at most every ``checkpoint_interval``
+  seconds) and when it stops. The checkpoint store compares and swaps: two workers of one
+  projection each keep an exact model, and the stored checkpoint only moves forward;
+* exposes its lag (the stream's last sequence minus the applied one) and lets a reader wait
+  until a given sequence is applied (read-your-writes);
+* can rebuild from zero into a scratch model, to verify the live one.
+
+Effects a fold returns (e.g. abuse alerts) are handed to ``on_effects`` only for commits that
+arrive live: catching up after a restart or rebuilding never repeats them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
+
+import anyio
+import anyio.abc
+import msgspec
+import structlog
+
+from actors.events import Commit
+
+M = TypeVar("M")
+
+log = structlog.get_logger("blackbird.projections")
+
+
+class Projection(Protocol[M]):
+    """A read model kind: its name, its model type and its fold."""
+
+    name: str
+    model_type: type[M]
+
+    def initial(self) -> M: ...
+
+    def apply(self, model: M, seq: int, subject: str, commit: Commit) -> list[Any]:
+        """Fold one commit into ``model`` (in place); return the effects it causes."""
+        ...
+
+
+class LogEntry(Protocol):
+    seq: int
+    subject: str
+    commit: Commit
+
+
+class Log(Protocol):
+    async def replay(
+        self, subject_filter: str, after_seq: int, on_entry: Callable[[int, str, Commit], None],
+        until_seq: int | None = None,
+    ) -> int: ...
+
+    def follow(self, subject_filter: str, after_seq: int = 0) -> AsyncIterator[Any]: ...
+
+    async def last_seq_of(self, subject: str, *, direct: bool = False) -> int: ...
+
+    async def stream_last_seq(self) -> int: ...
+
+
+class Checkpoint(NamedTuple):
+    seq: int
+    data: bytes
+    token: Any  # what the store needs to compare-and-swap (a KV revision)
+
+
+class Checkpoints(Protocol):
+    async def load(self, name: str) -> Checkpoint | None: ...
+
+    async def save(self, name: str, seq: int, data: bytes, token: Any) -> Any | None:
+        """Store ``data`` as of ``seq`` if the stored checkpoint is still ``token``; the new
+        token, or None if another worker stored a checkpoint since (nothing is written)."""
+        ...
+
+
+class ProjectionTimeout(Exception):
+    def __init__(self, name: str, wanted: int, applied: int, timeout: float) -> None:
+        super().__init__(
+            f"projection {name!r} applied sequence {applied}, not {wanted}, within {timeout}s"
+        )
+        self.name, self.wanted, self.applied, self.timeout = name, wanted, applied, timeout
+
+
+class _Snapshot(msgspec.Struct, Generic[M]):
+    seq: int
+    model: M
+
+
+class ProjectionRunner(Generic[M]):
+    """Runs one projection over ``subject_filter``. Use ``await tg.start(runner.run)``."""
+
+    def __init__(
+        self,
+        projection: Projection[M],
+        log_: Log,
+        checkpoints: Checkpoints,
+        subject_filter: str,
+        *,
+        checkpoint_every: int = 5_000,
+        checkpoint_interval: float = 5.0,
+        on_effects: Callable[[list[Any]], Awaitable[None]] | None = None,
+    ) -> None:
+        self.projection = projection
+        self.name = projection.name
+        self._log = log_
+        self._checkpoints = checkpoints
+        self._filter = subject_filter
+        self._every = checkpoint_every
+        self._interval = checkpoint_interval
+        self._on_effects = on_effects
+        self.model: M = projection.initial()
+        self.seq = 0  # the last stream sequence applied to ``model``
+        self._token: Any = None
+        self._saved_seq = 0
+        self._saved_at = 0.0
+        self._waiters: list[tuple[int, anyio.Event]] = []
+        self._encode = msgspec.msgpack.Encoder().encode
+        self._decode = msgspec.msgpack.Decoder(_Snapshot[projection.model_type]).decode  # type: ignore[name-defined]
+        self.log = log.bind(projection=self.name)
+
+    # ------------------------------------------------------------------ folding
+
+    def _apply(self, seq: int, subject: str, commit: Commit) -> list[Any]:
+        if seq <= self.seq:  # already in the model (a checkpoint and a replay overlapped)
+            return []
+        effects = self.projection.apply(self.model, seq, subject, commit)
+        self.seq = seq
+        return effects
+
+    def _apply_quietly(self, seq: int, subject: str, commit: Commit) -> None:
+        self._apply(seq, subject, commit)
+
+    def _wake(self) -> None:
+        if not self._waiters:
+            return
+        ready = [event for wanted, event in self._waiters if wanted <= self.seq]
+        self._waiters = [(wanted, event) for wanted, event in self._waiters if wanted > self.seq]
+        for event in ready:
+            event.set()
+
+    # ------------------------------------------------------------------ running
+
+    async def restore(self) -> None:
+        """Load the latest checkpoint into the model (or start from zero)."""
+        stored = await self._checkpoints.load(self.name)
+        if stored is None:
+            self.model, self.seq, self._token = self.projection.initial(), 0, None
+            return
+        snapshot = self._decode(stored.data)
+        self.model, self.seq, self._token = snapshot.model, snapshot.seq, stored.token
+        self._saved_seq = snapshot.seq
+        self.log.debug("projection_restored", seq=snapshot.seq, bytes=len(stored.data))
+
+    async def catch_up(self) -> int:
+        """Apply everything the log holds now (no effects); returns the applied sequence."""
+        await self._log.replay(self._filter, self.seq, self._apply_quietly)
+        self._wake()
+        return self.seq
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Restore, catch up, then follow live until cancelled; ready once caught up."""
+        await self.restore()
+        await self.catch_up()
+        self._saved_at = time.monotonic()
+        task_status.started()
+        try:
+            async for entry in self._log.follow(self._filter, self.seq):
+                effects = self._apply(entry.seq, entry.subject, entry.commit)
+                self._wake()
+                if effects and self._on_effects is not None:
+                    try:
+                        await self._on_effects(effects)
+                    except Exception as exc:  # an effect failing must not stop the read model
+                        self.log.warning("projection_effects_failed", seq=entry.seq, error=repr(exc))
+                if self.seq - self._saved_seq >= self._every and (
+                    time.monotonic() - self._saved_at >= self._interval
+                ):
+                    await self.checkpoint()
+        finally:
+            with anyio.CancelScope(shield=True):
+                if self.seq > self._saved_seq:
+                    try:
+                        await self.checkpoint()
+                    except Exception as exc:  # the next start replays a little more
+                        self.log.warning("projection_checkpoint_failed", error=repr(exc))
+
+    async def checkpoint(self) -> bool:
+        """Store the model as of its sequence; False if another worker stored a newer one."""
+        seq, data = self.seq, self._encode(_Snapshot(seq=self.seq, model=self.model))
+        token = await self._checkpoints.save(self.name, seq, data, self._token)
+        self._saved_at = time.monotonic()
+        if token is None:
+            stored = await self._checkpoints.load(self.name)
+            self._token = None if stored is None else stored.token
+            if stored is not None and stored.seq >= seq:
+                self._saved_seq = seq  # somebody else's checkpoint covers ours
+                return False
+            return await self.checkpoint() if stored is not None else False
+        self._token, self._saved_seq = token, seq
+        self.log.debug("projection_checkpointed", seq=seq, bytes=len(data))
+        return True
+
+    # ------------------------------------------------------------------ reading
+
+    async def wait_for(self, seq: int, timeout: float) -> None:
+        """Return once the model includes sequence ``seq``; ProjectionTimeout after ``timeout``."""
+        if seq <= self.seq:
+            return
+        event = anyio.Event()
+        self._waiters.append((seq, event))
+        with anyio.move_on_after(timeout):
+            await event.wait()
+        if seq > self.seq:
+            self._waiters = [(s, e) for s, e in self._waiters if e is not event]
+            raise ProjectionTimeout(self.name, seq, self.seq, timeout)
+
+    async def lag(self) -> int:
+        """Commits in the stream this model has not applied yet (0: up to date)."""
+        return max(0, await self._log.stream_last_seq() - self.seq)
+
+    async def scratch(self, until_seq: int) -> M:
+        """A model rebuilt from zero up to ``until_seq``, without touching the live one."""
+        runner = ProjectionRunner(self.projection, self._log, self._checkpoints, self._filter)
+        await self._log.replay(self._filter, 0, runner._apply_quietly, until_seq)
+        return runner.model
+
+    async def rebuild(self) -> int:
+        """Drop the model, fold the whole log again and checkpoint it; returns the sequence."""
+        self.model, self.seq = self.projection.initial(), 0
+        await self.catch_up()
+        await self.checkpoint()
+        return self.seq
+
+    def encode(self, model: M | None = None) -> bytes:
+        """A model's canonical bytes (to compare two models)."""
+        return self._encode(self.model if model is None else model)
