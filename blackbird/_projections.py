@@ -9,6 +9,7 @@ JetStream object store, written before the KV entry points at it.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -55,22 +56,36 @@ class NatsCheckpoints:
             objects = await js.create_object_store(SNAPSHOT_STORE)
         return cls(kv, objects)
 
-    async def load(self, name: str) -> Checkpoint | None:
+    async def peek(self, name: str) -> tuple[int, Any] | None:
         try:
             entry = await self._kv.get(name)
         except nats.js.errors.KeyNotFoundError:
             return None
         if not entry.value:
             return None
-        pointer = msgspec.json.decode(entry.value, type=_Pointer)
-        try:
-            result = await self._objects.get(pointer.object)
-        except nats.js.errors.ObjectNotFoundError:
-            return None
-        return Checkpoint(pointer.seq, result.data or b"", entry.revision)
+        return msgspec.json.decode(entry.value, type=_Pointer).seq, entry.revision
+
+    async def load(self, name: str) -> Checkpoint | None:
+        # Another worker may replace the checkpoint (and delete the object read here) while we
+        # read it: then read the newer pointer again.
+        for _ in range(5):
+            try:
+                entry = await self._kv.get(name)
+            except nats.js.errors.KeyNotFoundError:
+                return None
+            if not entry.value:
+                return None
+            pointer = msgspec.json.decode(entry.value, type=_Pointer)
+            try:
+                with anyio.fail_after(10):
+                    result = await self._objects.get(pointer.object)
+            except (nats.js.errors.ObjectNotFoundError, nats.js.errors.ObjectDeletedError, TimeoutError):
+                continue
+            return Checkpoint(pointer.seq, result.data or b"", entry.revision)
+        return None
 
     async def save(self, name: str, seq: int, data: bytes, token: Any) -> Any | None:
-        obj = f"{name}-{seq}"
+        obj = f"{name}-{seq}-{os.urandom(6).hex()}"  # two workers never write one object
         await self._objects.put(obj, data)
         pointer = msgspec.json.encode(_Pointer(seq=seq, object=obj))
         previous = None
@@ -101,6 +116,10 @@ class MemoryCheckpoints:
 
     async def load(self, name: str) -> Checkpoint | None:
         return self._stored.get(name)
+
+    async def peek(self, name: str) -> tuple[int, Any] | None:
+        stored = self._stored.get(name)
+        return None if stored is None else (stored.seq, stored.token)
 
     async def save(self, name: str, seq: int, data: bytes, token: Any) -> Any | None:
         current = self._stored.get(name)

@@ -78,6 +78,10 @@ class Checkpoint(NamedTuple):
 class Checkpoints(Protocol):
     async def load(self, name: str) -> Checkpoint | None: ...
 
+    async def peek(self, name: str) -> tuple[int, Any] | None:
+        """The stored checkpoint's ``(seq, token)`` without its data."""
+        ...
+
     async def save(self, name: str, seq: int, data: bytes, token: Any) -> Any | None:
         """Store ``data`` as of ``seq`` if the stored checkpoint is still ``token``; the new
         token, or None if another worker stored a checkpoint since (nothing is written)."""
@@ -200,13 +204,13 @@ class ProjectionRunner(Generic[M]):
         seq, data = self.seq, self._encode(_Snapshot(seq=self.seq, model=self.model))
         token = await self._checkpoints.save(self.name, seq, data, self._token)
         self._saved_at = time.monotonic()
-        if token is None:
-            stored = await self._checkpoints.load(self.name)
-            self._token = None if stored is None else stored.token
-            if stored is not None and stored.seq >= seq:
+        if token is None:  # another worker stored one since we last looked
+            stored = await self._checkpoints.peek(self.name)
+            self._token = None if stored is None else stored[1]
+            if stored is not None and stored[0] >= seq:
                 self._saved_seq = seq  # somebody else's checkpoint covers ours
                 return False
-            return await self.checkpoint() if stored is not None else False
+            return await self.checkpoint()  # theirs is older: store ours over it
         self._token, self._saved_seq = token, seq
         self.log.debug("projection_checkpointed", seq=seq, bytes=len(data))
         return True
