@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 import msgspec
@@ -56,7 +56,7 @@ from blackbird.errors import BlackbirdError, SessionNotFoundError, ValidationErr
 from blackbird.journal import Entry, Journal
 from blackbird.subjects import validate_token
 
-__all__ = ["AuditReport", "Auditor", "TimelineRow"]
+__all__ = ["AuditReport", "Auditor", "TimelineRow", "parse_until"]
 
 ALLOWED = "allowed"
 REFUSED = "refused"
@@ -153,7 +153,7 @@ class Auditor:
         if session_id is None and user_id is None and tenant is None:
             raise _invalid("scope", "exactly one of session_id, user_id or tenant", "none of them")
         tenant = self.tenant if tenant is None else validate_token(tenant, "tenant")
-        cut = _Cut(_sequence(until_seq), _instant(until))
+        cut = _Cut(_sequence(until_seq), parse_until(until))
         if session_id is not None:
             return await self._replay_session(tenant, validate_token(session_id, "session_id"), cut)
         if user_id is not None:
@@ -229,7 +229,7 @@ class Auditor:
             "user_id": user_id,
             "version": user.version,
             "open_sessions": dict(user.sessions),
-            "quota_adjustments": tenant_state.user_boosts.get(user_id, {}),
+            "quota_adjustments": _boosts(tenant_state.user_boosts.get(user_id, {})),
             "sessions": {
                 sid: self._session_summary(s, seq, at, tenant_state) for sid, (s, seq) in sessions.items()
             },
@@ -268,7 +268,7 @@ class Auditor:
             "version": tenant_state.version,
             "policy_version": policy.version,
             "policy_overrides": tenant_state.overrides,
-            "user_quota_adjustments": tenant_state.user_boosts,
+            "user_quota_adjustments": {u: _boosts(b) for u, b in tenant_state.user_boosts.items()},
             "counts": {
                 "sessions": len(sessions),
                 "sessions_by_status": by_status,
@@ -293,6 +293,17 @@ class Auditor:
         under the tenant policy in force then."""
         view: dict[str, Any] = msgspec.to_builtins(state.view(seq))
         del view["rate_logs"]  # packed timestamps; reported as per-window counts below
+        # the view's positional tuples, with their fields named
+        view["usage"] = {q: {"window_start": w, "used": u} for q, (w, u) in state.usage.items()}
+        view["leases"] = {
+            lease: {"operation": op, "expires_at": expires, "fencing_token": token}
+            for lease, (op, expires, token) in state.leases.items()
+        }
+        view["reservations"] = {
+            rid: {"operation": op, "amounts": amounts, "expires_at": expires}
+            for rid, (op, amounts, expires) in state.reservations.items()
+        }
+        view["boosts"] = _boosts(state.boosts)
         view["exists"] = state.exists
         view["policy_version"] = state.policy_version
         if not state.exists or at is None:
@@ -347,8 +358,9 @@ def _sequence(value: Any) -> int | None:
     return value
 
 
-def _instant(value: Any) -> float | None:
-    """``until`` as seconds since the epoch."""
+def parse_until(value: Any) -> float | None:
+    """``until`` as seconds since the epoch: a number, an aware datetime, or a string holding
+    a number or an ISO-8601 instant (UTC when it has no offset). Raises ValidationError."""
     if value is None:
         return None
     expected = "seconds since the epoch, an aware datetime or an ISO-8601 string"
@@ -391,6 +403,10 @@ def _fold_tenant(tenant: str, entries: Iterable[Entry]) -> TenantState:
     for entry in entries:
         state = tenant_logic.apply_commit(state, entry.commit)
     return state
+
+
+def _boosts(boosts: Mapping[str, tuple[float, float | None]]) -> dict[str, dict[str, float | None]]:
+    return {q: {"limit": limit, "until": until} for q, (limit, until) in boosts.items()}
 
 
 def _adjusts(applied: Applied, user_id: str) -> bool:
@@ -549,7 +565,7 @@ def _finite(value: Any) -> Any:
         return None
     if isinstance(value, dict):
         return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return [_finite(v) for v in value]
     return value
 
@@ -566,7 +582,9 @@ def _render(report: AuditReport) -> str:
         cut.append(f"seq {report.until_seq}")
     if report.until is not None:
         cut.append(_iso(report.until))
-    title = f"audit of {report.scope} {report.id!r} in tenant {report.tenant!r}"
+    title = f"audit of {report.scope} {report.id!r}"
+    if report.scope != "tenant":
+        title += f" in tenant {report.tenant!r}"
     lines = [title + (f", up to {' and '.join(cut)}" if cut else ", up to now")]
     header = ["SEQ", "WHEN", "WHO"] + (["ON"] if report.scope != "session" else []) + ["WHAT", "DECISION", "WHY"]
     table = [header]
@@ -582,8 +600,32 @@ def _render(report: AuditReport) -> str:
     when = "" if report.at is None else f", {_iso(report.at)}"
     lines.append("")
     lines.append(f"state at seq {report.last_seq}{when}:")
-    lines.extend(_render_value(_finite(msgspec.to_builtins(report.state)), "  "))
+    lines.extend(_render_value(_compact(_finite(msgspec.to_builtins(report.state))), "  "))
     return "\n".join(lines)
+
+
+def _compact(state: dict[str, Any]) -> dict[str, Any]:
+    """Quotas and rate windows one line each (``used / limit ...``), for people."""
+    state = dict(state)
+    if "quota" in state:
+        quotas = {}
+        for name, q in state["quota"].items():
+            limit = "unlimited" if q["limit"] is None else _scalar(q["limit"])
+            line = f"{_scalar(q['used'])} / {limit} ({q['usage_percentage'] or 0:.1f}%)"
+            if q["reserved"]:
+                line += f", {_scalar(q['reserved'])} reserved"
+            if q["resets_at"] is not None:
+                line += f", resets {_iso(q['resets_at'])}"
+            quotas[name] = line
+        state["quota"] = quotas
+        state.pop("usage", None)  # the quota lines say it
+    if "rate_limits" in state:
+        state["rate_limits"] = {
+            f"{operation} {window}": f"{w['used']} / {'unlimited' if w['limit'] is None else w['limit']}"
+            for operation, windows in state["rate_limits"].items()
+            for window, w in windows.items()
+        }
+    return state
 
 
 def _render_value(value: dict[str, Any], indent: str) -> list[str]:
@@ -600,12 +642,14 @@ def _render_value(value: dict[str, Any], indent: str) -> list[str]:
 
 
 def _is_instant(key: str) -> bool:
-    return key.endswith("_at") or key == "last_activity"
+    return key.endswith("_at") or key in ("last_activity", "window_start", "until")
 
 
 def _scalar(value: Any) -> str:
     if value is None:
         return "-"
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, dict):
         return "{}"
     if isinstance(value, list):

@@ -3,6 +3,7 @@
 ``blackbird serve`` runs an actor host that answers session commands on
 ``bbcmd.<tenant>.<session_id>`` (NATS request/reply, queue group ``blackbird-hosts``) until
 SIGINT or SIGTERM. ``blackbird session create|get|terminate`` drive a running host over NATS.
+``blackbird audit`` replays a session, user or tenant from the log up to a point (read-only).
 
 Exit codes: 0 success, 1 an error (unknown session, nothing listening, ...), 2 bad input
 (a :class:`~blackbird.errors.ValidationError` or a usage error). Typed errors are printed as
@@ -25,11 +26,13 @@ from typing import Any
 import anyio
 import structlog
 
-from blackbird._runtime import tune_gc_for_serving
+from blackbird._audit import parse_until
 from blackbird._client import DEFAULT_DATA_DIR, AsyncBlackbird
 from blackbird._logging import configure_default_logging
+from blackbird._runtime import tune_gc_for_serving
 from blackbird._server import EmbeddedServer
 from blackbird.errors import BlackbirdError, ValidationError
+from blackbird.subjects import validate_token
 
 log = structlog.get_logger("blackbird.cli")
 
@@ -310,6 +313,69 @@ def _cmd_session(args: argparse.Namespace) -> int:
     return int(args.session_func(args))
 
 
+# --------------------------------------------------------------------------- audit
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    _configure_logging(args.log_level, "warning")
+    scoped = args.session is not None or args.user is not None or args.whole_tenant
+    if args.action == "verify":
+        if scoped or args.until_seq is not None or args.until is not None:
+            raise CliError(
+                "audit verify: expected no --session, --user, --whole-tenant, --until-seq or --until",
+                EXIT_USAGE,
+            )
+        return _run(lambda: _with_client(args, _audit_verify(args)))
+    if not scoped:
+        raise CliError("audit: expected one of --session ID, --user ID or --whole-tenant", EXIT_USAGE)
+    # bad input is refused before connecting
+    if args.session is not None:
+        validate_token(args.session, "session_id")
+    if args.user is not None:
+        validate_token(args.user, "user_id")
+    if args.tenant is not None:
+        validate_token(args.tenant, "tenant")
+    parse_until(args.until)
+
+    async def action(bb: AsyncBlackbird) -> int:
+        report = await bb.audit.replay(
+            session_id=args.session,
+            user_id=args.user,
+            tenant=bb.settings.tenant if args.whole_tenant else None,
+            until_seq=args.until_seq,
+            until=args.until,
+        )
+        _out(json.dumps(report.to_dict(), indent=2) if args.json else report.render())
+        return EXIT_OK
+
+    return _run(lambda: _with_client(args, action))
+
+
+def _audit_verify(args: argparse.Namespace) -> Callable[[AsyncBlackbird], Awaitable[int]]:
+    async def action(bb: AsyncBlackbird) -> int:
+        differences = await bb.audit.verify()
+        if args.json:
+            _out(json.dumps(differences, indent=2))
+        else:
+            for name, found in sorted(differences.items()):
+                _out(f"{name}: OK" if not found else f"{name}: {len(found)} difference(s)")
+                for difference in found:
+                    _out(f"  {difference}")
+        return EXIT_ERROR if any(differences.values()) else EXIT_OK
+
+    return action
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a stream sequence, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a stream sequence >= 1, got {text!r}")
+    return value
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -425,6 +491,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     terminate.add_argument("--command-id", metavar="ID", help="idempotency key")
     terminate.set_defaults(func=_cmd_session, session_func=_cmd_session_terminate)
+
+    audit = commands.add_parser(
+        "audit", parents=[common],
+        help="replay a session, user or tenant up to a point: timeline and state",
+        description="Replay one session, user or whole tenant from the log up to a sequence "
+        "and/or an instant; print the timeline (when, who, what, decision, why, sequence) and "
+        "the state at that point. `audit verify` compares the running projections with a "
+        "rebuild from the log (exit 1 if any differ).",
+    )
+    audit.add_argument(
+        "action", nargs="?", choices=("verify",),
+        help="verify: rebuild the projections from the log and compare",
+    )
+    scope = audit.add_mutually_exclusive_group()
+    scope.add_argument("--session", metavar="ID", help="audit this session")
+    scope.add_argument("--user", metavar="ID", help="audit this user and all of their sessions")
+    scope.add_argument("--whole-tenant", action="store_true", help="audit the whole tenant")
+    audit.add_argument(
+        "--until-seq", type=_positive_int, metavar="N", help="stop after stream sequence N"
+    )
+    audit.add_argument(
+        "--until", metavar="WHEN",
+        help="stop at this instant: seconds since the epoch or ISO-8601 (UTC without an offset)",
+    )
+    audit.add_argument("--json", action="store_true", help="print one JSON document")
+    audit.set_defaults(func=_cmd_audit)
     return parser
 
 
