@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import nats
 import nats.errors
 import structlog
@@ -23,16 +24,17 @@ from actors.ports import AggregateKey, NoSnapshots
 from actors.session import SessionBehaviour
 from actors.tenant import PolicyBook, TenantBehaviour
 from actors.user import UserBehaviour
+from projections.abuse import AbuseConfig, AbuseProjection
 from projections.activity import ActivityProjection
 from blackbird._audit import Auditor
 from blackbird._dispatch import Dispatcher, LocalDispatcher, RemoteDispatcher, ask_or_raise
 from blackbird._server import EmbeddedServer
 from blackbird._service import CommandService
-from blackbird._projections import MemoryCheckpoints, NatsCheckpoints, Projections
+from blackbird._projections import MemoryCheckpoints, NatsCheckpoints, Projections, alert_raiser
 from blackbird._sessions import AsyncSessionManager
 from blackbird._tenants import TenantDirectory
 from blackbird.config import Settings, build_settings
-from blackbird.errors import ClosedError, EmbeddedServerError, ValidationError
+from blackbird.errors import ClosedError, EmbeddedServerError, ValidationError, field_of
 from blackbird.journal import Journal
 from blackbird.subjects import validate_token
 
@@ -49,6 +51,16 @@ def _load_policy(settings: Settings) -> Policy:
     except (OSError, PolicyError) as exc:
         raise ValidationError(
             f"policy_file: {exc}", field="policy_file", expected="a readable tier policy TOML file"
+        ) from None
+
+
+def _abuse_config(settings: Settings) -> AbuseConfig:
+    try:
+        return msgspec.convert(settings.abuse, AbuseConfig)
+    except (msgspec.ValidationError, ValueError) as exc:
+        field = "abuse" + ("." + field_of(exc, "")).rstrip(".") if "`$." in str(exc) else "abuse"
+        raise ValidationError(
+            f"{field}: {exc}", field=field, expected="thresholds of projections.abuse.AbuseConfig"
         ) from None
 
 
@@ -85,6 +97,7 @@ class AsyncBlackbird:
         self.remote = remote
         self._clock = clock
         self.policy = _load_policy(self.settings)
+        self._abuse_config = _abuse_config(self.settings)
         self._stack: contextlib.AsyncExitStack | None = None
         self._session_manager: AsyncSessionManager | None = None
         self._nc: NATS | None = None
@@ -210,6 +223,9 @@ class AsyncBlackbird:
         checkpoints = await NatsCheckpoints.open(journal, s.replicas, create=not self.remote)
         projections = Projections(journal, checkpoints or MemoryCheckpoints(), tasks, s.command_timeout)
         projections.register(ActivityProjection(s.usage_history_limit))
+        if not self.remote and s.detect_abuse:  # hosts watch for abuse from the start
+            projections.register(AbuseProjection(self._abuse_config), alert_raiser(user_commands, dispatcher))
+            await projections.runner(AbuseProjection.name)
         self._projections = projections
         self._session_manager = AsyncSessionManager(
             dispatcher, book, tenants.command, user_commands, tenant=s.tenant, principal=s.principal,

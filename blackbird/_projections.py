@@ -21,6 +21,8 @@ import structlog
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
+from actors.events import PostMessage
+from projections.abuse import Alert
 from projections.runner import Checkpoint, Projection, ProjectionRunner, ProjectionTimeout
 from blackbird.errors import ProjectionTimeoutError
 from blackbird.journal import Journal
@@ -207,6 +209,34 @@ class Projections:
     async def rebuild(self, name: str) -> int:
         runner = await self.runner(name)
         return await runner.rebuild()
+
+
+def alert_raiser(
+    user_commands: Callable[..., Awaitable[Any]], dispatcher: Any
+) -> Callable[[list[Alert]], Awaitable[None]]:
+    """The abuse projection's effect: each alert becomes an AlertRaised event on the user's
+    aggregate and, for a session, a message on its "notification" channel. Command ids are
+    derived from the alert, so workers raising the same alert append it once."""
+
+    async def raise_alerts(alerts: list[Alert]) -> None:
+        for alert in alerts:
+            await user_commands(alert.tenant, alert.user_id, alert.command(), alert.command_id)
+            log.warning("alert_raised", tenant=alert.tenant, user_id=alert.user_id,
+                        session_id=alert.session_id, kind=alert.kind, detail=alert.detail)
+            if alert.session_id is None:
+                continue
+            note = PostMessage(
+                channel="notification", text=alert.detail,
+                metadata={"alert": alert.kind, "value": alert.value, "threshold": alert.threshold,
+                          "trigger_seq": alert.trigger_seq},
+            )
+            reply = await dispatcher.dispatch(
+                alert.tenant, alert.session_id, note, f"{alert.command_id}:notify", "abuse-detector"
+            )
+            if reply.rejection is not None:  # e.g. the session has ended: the alert stands
+                log.info("alert_not_posted", session_id=alert.session_id, why=reply.rejection.code)
+
+    return raise_alerts
 
 
 def _differences(live: Any, rebuilt: Any, path: str, limit: int = 20) -> list[str]:

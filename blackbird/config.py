@@ -35,6 +35,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     policy_file: str | None = None  # TOML overriding the packaged tier policy
     usage_history_limit: int = 10_000  # usage records kept per user in the read model
     analytics_k: int = 5  # cross-tenant aggregates leave out tenants with fewer users
+    detect_abuse: bool = True  # hosts run the abuse detector and raise its alerts
+    abuse: dict[str, Any] = {}  # thresholds: see projections.abuse.AbuseConfig
 
 
 def _from_env() -> dict[str, Any]:

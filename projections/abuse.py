@@ -55,6 +55,7 @@ from actors.events import (
 )
 
 __all__ = [
+    "AbuseProjection",
     "DENIAL_BURST",
     "SESSION_BURST",
     "USAGE_SPIKE",
@@ -468,3 +469,19 @@ def _forget_session(
         heapq.heappush(
             state.timers, (_user_deadline(user, config), tenant_id, "user", session.user_id)
         )
+
+
+class AbuseProjection:
+    """The detector as a projection (see :mod:`projections.runner`): its effects are alerts."""
+
+    name = "abuse"
+    model_type = AbuseState
+
+    def __init__(self, config: AbuseConfig | None = None) -> None:
+        self.config = config or AbuseConfig()
+
+    def initial(self) -> AbuseState:
+        return AbuseState()
+
+    def apply(self, model: AbuseState, seq: int, subject: str, commit: Commit) -> list[Alert]:
+        return observe(model, self.config, seq, subject, commit)

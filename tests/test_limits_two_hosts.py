@@ -241,13 +241,17 @@ async def history(bb: AsyncBlackbird, sid: str) -> list[Commit]:
 
 def events_by_command(commits: list[Commit]) -> dict[str, list[Any]]:
     """command id -> the events it caused, after the creation; fails if a command id was
-    applied twice."""
+    applied twice. The abuse detector's notifications (a burst of denials is one) are left out:
+    they are the hosts' own commands, not the callers'."""
     assert isinstance(commits[0].events[0], SessionCreated)
     commits = commits[1:]
     applied = Counter(cid for c in commits for cid in c.command_ids)
     twice = {cid: n for cid, n in applied.items() if n > 1}
     assert not twice, f"applied more than once: {twice}"
-    return {a.command_id: list(a.events) for c in commits for a in c.commands}
+    return {
+        a.command_id: list(a.events) for c in commits for a in c.commands
+        if not a.command_id.startswith("alert:")
+    }
 
 
 def split(answers: list[dict[str, Any]], denial: str) -> tuple[set[str], set[str]]:

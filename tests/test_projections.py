@@ -270,7 +270,7 @@ async def test_verify_passes_after_a_long_mixed_workload_and_a_restart(tmp_path:
                 await sm.settle(s.session_id, held.reservation_id, {"tokens": 3})
         await sm.change_tier(sessions[0].session_id, "enterprise")
         await sm.terminate_session(sessions[1].session_id)
-        assert await bb.projections.verify() == {"activity": []}
+        assert await bb.projections.verify() == {"abuse": [], "activity": []}
         before = await sm.get_statistics()
         analytics = await sm.get_user_analytics("u0")
     async with AsyncBlackbird(data_dir=tmp_path / "d", tenant="acme") as bb:
@@ -280,7 +280,7 @@ async def test_verify_passes_after_a_long_mixed_workload_and_a_restart(tmp_path:
             k: v for k, v in before.items() if k != "projection_lag"
         }
         assert await sm.get_user_analytics("u0") == analytics
-        assert await bb.projections.verify() == {"activity": []}
+        assert await bb.projections.verify() == {"abuse": [], "activity": []}
 
 
 def test_seed_analytics_monitor_and_prediction_examples_run_on_the_sync_facade() -> None:
@@ -328,3 +328,62 @@ def test_seed_analytics_monitor_and_prediction_examples_run_on_the_sync_facade()
         ours = sm.predict_quota_exhaustion(s.session_id)
         assert ours["tokens"]["rate_per_hour"] == pytest.approx(600 * 60)  # 600 in the first minute
         assert ours["tokens"]["predicted_exhaustion"] > time.time()
+
+
+async def alerts_on(bb: AsyncBlackbird, tenant: str, user_id: str, count: int) -> list[Any]:
+    """Wait (event-driven: following the user's log) until ``count`` alerts are in it."""
+    from actors.events import AlertRaised
+
+    subject = f"bb.{tenant}.user.{user_id}"
+    found: list[Any] = []
+    with anyio.fail_after(10):
+        async for entry in bb.journal.follow(subject):
+            found += [e for e in entry.commit.events if isinstance(e, AlertRaised)]
+            if len(found) >= count:
+                return found
+    return found
+
+
+@pytest.mark.anyio
+async def test_a_usage_spike_raises_an_alert_in_the_log_and_on_the_sessions_channel(nats_server: NatsServer) -> None:
+    from actors.events import MessagePosted
+
+    now = [T0]
+    async with AsyncBlackbird(nats_url=nats_server.url, tenant="acme", clock=lambda: now[0]) as bb:
+        sm = bb.session_manager
+        steady = await sm.create_session("calm", tier="enterprise")
+        spiky = await sm.create_session("greedy", tier="enterprise")
+        for minute in range(8):  # steady use: 60 tokens a minute for both
+            for _ in range(6):
+                now[0] += 10
+                await sm.track_usage(steady.session_id, "llm", "tokens", 10)
+                await sm.track_usage(spiky.session_id, "llm", "tokens", 10)
+        now[0] += 10
+        await sm.track_usage(spiky.session_id, "llm", "tokens", 100_000)  # a spike
+        (alert,) = await alerts_on(bb, "acme", "greedy", 1)
+        assert (alert.kind, alert.session_id) == ("usage_spike", spiky.session_id)
+        assert alert.value > alert.threshold
+        subject = bb.journal.subjects.session("acme", spiky.session_id)
+        with anyio.fail_after(10):
+            async for entry in bb.journal.follow(subject):
+                notes = [e for e in entry.commit.events if isinstance(e, MessagePosted)]
+                if notes:
+                    assert notes[0].channel == "notification" and notes[0].metadata["alert"] == "usage_spike"
+                    break
+        calm = [e async for e in bb.journal.entries("bb.acme.user.calm")]
+        assert not [e for entry in calm for e in entry.commit.events if type(e).__name__ == "AlertRaised"]
+        assert (await sm.get_user_analytics("greedy"))["alerts"] == 1
+        assert (await sm.get_statistics())["alerts"] == 1
+
+
+@pytest.mark.anyio
+async def test_a_burst_of_denials_is_flagged_and_thresholds_are_configurable(nats_server: NatsServer) -> None:
+    async with AsyncBlackbird(nats_url=nats_server.url, tenant="acme", abuse={"denial_burst": 5}) as bb:
+        sm = bb.session_manager
+        s = await sm.create_session("u1", tier="free")  # api_call: 1 per second
+        await sm.enforce_rate_limit(s.session_id, "api_call")
+        for _ in range(5):
+            with pytest.raises(Exception, match="rate limit"):
+                await sm.enforce_rate_limit(s.session_id, "api_call")
+        (alert,) = await alerts_on(bb, "acme", "u1", 1)
+        assert alert.kind == "denial_burst" and alert.value >= 5
