@@ -10,6 +10,7 @@ from blackbird._logging import configure_default_logging
 configure_default_logging()
 
 from actors.policy import QuotaType, RateLimitType
+from blackbird._audit import AuditReport, Auditor
 from blackbird._client import AsyncBlackbird
 from blackbird._sessions import AsyncSessionManager
 from blackbird._sync import BlackbirdSDK, SessionManager
@@ -22,6 +23,7 @@ from blackbird.errors import (
     EmbeddedServerError,
     LogError,
     PayloadTooLargeError,
+    ProjectionTimeoutError,
     QuotaExceededError,
     RateLimitError,
     ReservationNotFoundError,
@@ -36,6 +38,8 @@ from blackbird.types import Admission, Session, SessionStatus, UsageRecord
 __all__ = [
     "Admission",
     "AsyncBlackbird",
+    "AuditReport",
+    "Auditor",
     "AsyncSessionManager",
     "BlackbirdError",
     "BlackbirdSDK",
@@ -45,6 +49,7 @@ __all__ = [
     "EmbeddedServerError",
     "LogError",
     "PayloadTooLargeError",
+    "ProjectionTimeoutError",
     "QuotaExceededError",
     "QuotaType",
     "RateLimitError",

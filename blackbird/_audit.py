@@ -22,6 +22,7 @@ from actors import user as user_logic
 from actors.events import (
     AlertRaised,
     Applied,
+    Commit,
     Event,
     MessagePosted,
     QuotaAdjusted,
@@ -165,10 +166,15 @@ class Auditor:
     async def _read(self, subject_filter: str, cut: _Cut) -> list[Entry]:
         entries: list[Entry] = []
         stopped = False  # at the first commit after ``until``: the report is a prefix of the log
-        async for entry in self._journal.entries(subject_filter, after_seq=0, until_seq=cut.seq):
-            stopped = stopped or (cut.until is not None and entry.commit.at > cut.until)
+
+        def collect(seq: int, subject: str, commit: Commit) -> None:
+            nonlocal stopped
+            stopped = stopped or (cut.until is not None and commit.at > cut.until)
             if not stopped:
-                entries.append(entry)
+                entries.append(Entry(seq, subject, commit))
+
+        # replay() gives up only when delivery stops making progress: long histories are fine
+        await self._journal.replay(subject_filter, 0, collect, cut.seq)
         return entries
 
     async def _replay_session(self, tenant: str, session_id: str, cut: _Cut) -> AuditReport:

@@ -294,8 +294,8 @@ class Journal:
         the fastest way to rebuild a read model. Returns the last sequence delivered (or
         ``after_seq``). Raises LogError if delivery stalls for ``command_timeout`` seconds.
         """
-        if until_seq is None:
-            until_seq = await self.last_seq_of(subject_filter)
+        last_on_filter = await self.last_seq_of(subject_filter)
+        until_seq = last_on_filter if until_seq is None else min(until_seq, last_on_filter)
         if until_seq <= after_seq:
             return after_seq
         done = anyio.Event()
