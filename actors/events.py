@@ -248,8 +248,80 @@ class AlertRaised(_Event, frozen=True):
     trigger_seq: int  # stream sequence of the commit that tripped it
 
 
-UserEvent = UserSessionOpened | UserSessionClosed | UserSessionDenied | AlertRaised
-Event = SessionEvent | TenantEvent | UserEvent
+class UserErased(_Event, frozen=True):
+    """``forget_user``: the user's memories are removed from every index and their data key is
+    destroyed, so what they wrote is unrecoverable from the log as well (crypto-shredding)."""
+
+    user_id: str
+
+
+UserEvent = UserSessionOpened | UserSessionClosed | UserSessionDenied | AlertRaised | UserErased
+
+
+# ---- memory: one aggregate per memory scope (``<scope>:<owner>``, e.g. ``user:u1``) ----------
+#
+# Texts, vectors and metadata travel encrypted with the author's data key (``sealed``): the log
+# never holds them in the clear, and erasing the key makes them unrecoverable.
+
+
+class MemoryRemembered(_Event, frozen=True):
+    memory_id: str
+    scope: str  # "session" | "user" | "agent" | "group" | "tenant"
+    owner: str
+    author: str  # the user whose key seals it
+    key: str | None
+    kind: str
+    importance: float
+    model_id: str
+    size: int  # bytes of text, counted against storage
+    sealed: bytes  # encrypted msgpack of {text, vector, metadata}
+    valid_from: float
+    expires_at: float | None
+    updated: bool  # a near-duplicate write updated an existing memory
+
+
+class MemorySuperseded(_Event, frozen=True):
+    memory_id: str
+    by: str  # the newer memory with the same key
+    valid_to: float
+
+
+class MemoryForgotten(_Event, frozen=True):
+    memory_id: str
+    reason: str  # "deleted" | "expired" | "erased"
+
+
+class CacheSet(_Event, frozen=True):
+    key: str
+    author: str
+    sealed: bytes
+    size: int
+    importance: float
+    expires_at: float | None
+
+
+class CacheHit(_Event, frozen=True):
+    key: str
+
+
+class CacheRemoved(_Event, frozen=True):
+    key: str
+    reason: str  # "deleted" | "expired" | "evicted" | "erased"
+    score: float | None = None  # the retention score that lost, for an eviction
+
+
+class MembersChanged(_Event, frozen=True):
+    """Who may read and write a group (or agent) scope."""
+
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+
+
+MemoryEvent = (
+    MemoryRemembered | MemorySuperseded | MemoryForgotten | CacheSet | CacheHit | CacheRemoved
+    | MembersChanged
+)
+Event = SessionEvent | TenantEvent | UserEvent | MemoryEvent
 
 
 class Rejection(msgspec.Struct, frozen=True, gc=False):
@@ -439,7 +511,62 @@ class RaiseAlert(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=Tr
     trigger_seq: int
 
 
-UserCommand = OpenUserSession | CloseUserSessions | RaiseAlert | GetSession
+class EraseUser(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    pass
+
+
+UserCommand = OpenUserSession | CloseUserSessions | RaiseAlert | EraseUser | GetSession
+
+
+class Remember(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    memory_id: str
+    scope: str
+    owner: str
+    author: str
+    key: str | None
+    kind: str
+    importance: float
+    model_id: str
+    size: int
+    sealed: bytes
+    expires_at: float | None
+    duplicate_of: str | None  # an existing memory this one is a near-duplicate of (shell's search)
+
+
+class ForgetMemory(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    memory_id: str
+
+
+class ForgetAuthor(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    """Remove everything ``author`` wrote in this scope (erasure)."""
+
+    author: str
+
+
+class SetCache(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    key: str
+    author: str
+    sealed: bytes
+    size: int
+    importance: float
+    expires_at: float | None
+    capacity: int  # entries the scope may hold (the tier's); beyond it the lowest score goes
+
+
+class GetCache(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    key: str
+
+
+class DeleteCache(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    key: str
+
+
+class ChangeMembers(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    add: tuple[str, ...] = ()
+    remove: tuple[str, ...] = ()
+
+
+MemoryCommand = Remember | ForgetMemory | ForgetAuthor | SetCache | GetCache | DeleteCache | ChangeMembers | GetSession
 
 
 class Decision(msgspec.Struct, frozen=True, gc=False):

@@ -92,6 +92,20 @@ class RatePolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return self.operations.get(operation, self.default)
 
 
+class MemoryPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Memory per tier: cache capacity (entries per scope), retention per memory kind
+    (``default`` for the rest; absent: kept until deleted), what is redacted before anything is
+    written, and the near-duplicate threshold (cosine similarity)."""
+
+    cache_entries: Count = 1000
+    retention: dict[str, Seconds] = {}
+    redact: tuple[str, ...] = ("email", "phone", "card")
+    duplicate_threshold: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.95
+
+    def retention_for(self, kind: str) -> float | None:
+        return self.retention.get(kind, self.retention.get("default"))
+
+
 class TierPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """What one tier grants: lifetime limits, quotas, rate limits, concurrency, priority."""
 
@@ -102,6 +116,7 @@ class TierPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     quotas: dict[QuotaType, QuotaPolicy] = {}
     rate_limits: RatePolicy = RatePolicy()
     concurrency: ConcurrencyPolicy = ConcurrencyPolicy()
+    memory: MemoryPolicy = MemoryPolicy()
 
 
 class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

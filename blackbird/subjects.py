@@ -1,7 +1,7 @@
 """Subject layout and token validation.
 
 Events:   ``<prefix>.<tenant>.session.<session_id>``, ``<prefix>.<tenant>.user.<user_id>``,
-          ``<prefix>.<tenant>.tenant``
+          ``<prefix>.<tenant>.tenant``, ``<prefix>.<tenant>.memory.<scope>:<owner>``
 Commands: ``<prefix>cmd.<tenant>.<session_id>`` (request/reply, served by queue-grouped hosts)
 
 Tenant isolation, per-session replay and live subscription are subject filters, so a tenant or
@@ -52,7 +52,7 @@ class Subjects:
     @property
     def stream_subjects(self) -> list[str]:
         p = self.prefix
-        return [f"{p}.*.session.*", f"{p}.*.user.*", f"{p}.*.tenant"]
+        return [f"{p}.*.session.*", f"{p}.*.user.*", f"{p}.*.tenant", f"{p}.*.memory.*"]
 
     def aggregate(self, key: AggregateKey) -> str:
         if key.kind == "tenant":
