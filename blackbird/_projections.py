@@ -9,6 +9,7 @@ JetStream object store, written before the KV entry points at it.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -78,12 +79,13 @@ class NatsCheckpoints:
             if not entry.value:
                 return None
             pointer = msgspec.json.decode(entry.value, type=_Pointer)
+            buffer = io.BytesIO()  # nats-py appends chunks to bytes otherwise (quadratic)
             try:
                 with anyio.fail_after(10):
-                    result = await self._objects.get(pointer.object)
+                    await self._objects.get(pointer.object, writeinto=buffer)
             except (nats.js.errors.ObjectNotFoundError, nats.js.errors.ObjectDeletedError, TimeoutError):
                 continue
-            return Checkpoint(pointer.seq, result.data or b"", entry.revision)
+            return Checkpoint(pointer.seq, buffer.getvalue(), entry.revision)
         return None
 
     async def save(self, name: str, seq: int, data: bytes, token: Any) -> Any | None:
