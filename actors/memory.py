@@ -189,7 +189,11 @@ def evolve(state: MemoryState, event: Event) -> MemoryState:
     if isinstance(event, MemorySuperseded):
         info = state.memories.get(event.memory_id)
         memories = {k: v for k, v in state.memories.items() if k != event.memory_id}
-        return replace(state, memories=memories, stored_bytes=state.stored_bytes - (info.size if info else 0))
+        keys = {k: v for k, v in state.keys.items() if v != event.memory_id}
+        return replace(
+            state, memories=memories, keys=keys,
+            stored_bytes=state.stored_bytes - (info.size if info else 0),
+        )
     if isinstance(event, MemoryForgotten):
         info = state.memories.get(event.memory_id)
         if info is None:

@@ -14,6 +14,8 @@ import msgspec
 
 from actors import aggregate
 from actors.events import (
+    EraseUser,
+    UserErased,
     AlertRaised,
     RaiseAlert,
     CloseUserSessions,
@@ -76,6 +78,8 @@ def decide(state: UserState, command: UserCommand, now: float, policy: Policy) -
             trigger_seq=command.trigger_seq,
         )
         return Decision(events=(raised,))
+    if isinstance(command, EraseUser):
+        return Decision(events=(UserErased(at=now, user_id=state.user_id),))
     if isinstance(command, CloseUserSessions):
         closed = tuple(
             UserSessionClosed(at=now, session_id=sid, reason=command.reason)
@@ -92,7 +96,7 @@ def evolve(state: UserState, event: Event) -> UserState:
     if isinstance(event, UserSessionClosed):
         sessions = {k: v for k, v in state.sessions.items() if k != event.session_id}
         return msgspec.structs.replace(state, sessions=sessions)
-    if isinstance(event, (UserSessionDenied, AlertRaised)):
+    if isinstance(event, (UserSessionDenied, AlertRaised, UserErased)):
         return state  # facts for the audit and the read models
     raise TypeError(f"not a user event: {event!r}")
 

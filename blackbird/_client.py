@@ -23,6 +23,7 @@ from actors.policy import Policy, PolicyError, default_policy, load_policy
 from actors.ports import AggregateKey, NoSnapshots
 from actors.session import SessionBehaviour
 from actors.tenant import PolicyBook, TenantBehaviour
+from actors.memory import MemoryBehaviour
 from actors.user import UserBehaviour
 from projections.abuse import AbuseConfig, AbuseProjection
 from projections.activity import ActivityProjection
@@ -30,6 +31,9 @@ from blackbird._audit import Auditor
 from blackbird._dispatch import Dispatcher, LocalDispatcher, RemoteDispatcher, ask_or_raise
 from blackbird._server import EmbeddedServer
 from blackbird._service import CommandService
+from blackbird._keys import UserKeys
+from blackbird._memory import AsyncMemory
+from blackbird._memory_index import MemoryIndex
 from blackbird._projections import MemoryCheckpoints, NatsCheckpoints, Projections, alert_raiser
 from blackbird._sessions import AsyncSessionManager
 from blackbird._tenants import TenantDirectory
@@ -89,9 +93,11 @@ class AsyncBlackbird:
         tenant: str | None = None,
         remote: bool = False,
         clock: Callable[[], float] = time.time,
+        embedder: Any = None,
         **options: Any,
     ) -> None:
         self.settings = build_settings(data_dir=data_dir, nats_url=nats_url, tenant=tenant, **options)
+        self._embedder = embedder  # None: the local all-MiniLM-L6-v2, loaded on first use
         validate_token(self.settings.tenant, "tenant")
         self.development_mode = development_mode
         self.remote = remote
@@ -105,6 +111,7 @@ class AsyncBlackbird:
         self._host: ActorHost | None = None
         self._auditor: Auditor | None = None
         self._projections: Projections | None = None
+        self._memory: AsyncMemory | None = None
         self.data_dir: Path | None = None
         self.nats_url: str | None = self.settings.nats_url
 
@@ -141,6 +148,13 @@ class AsyncBlackbird:
         return self._auditor
 
     @property
+    def memory(self) -> AsyncMemory:
+        """Memory: remember/recall, the key-value cache, sharing and erasure (coroutines)."""
+        if self._memory is None:
+            raise ClosedError("AsyncBlackbird is not open; use `async with AsyncBlackbird(...)`")
+        return self._memory
+
+    @property
     def host(self) -> ActorHost | None:
         return self._host
 
@@ -167,6 +181,12 @@ class AsyncBlackbird:
             server = await stack.enter_async_context(EmbeddedServer(self.data_dir))
             url = server.url
         self.nats_url = url
+        if s.memory_dir is not None:
+            memory_dir = Path(s.memory_dir)
+        elif self.data_dir is not None:
+            memory_dir = self.data_dir / "memory"
+        else:  # removed last, after everything that may still write to it has stopped
+            memory_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="blackbird-memory-")))
         nc = await self._connect(url)
         self._nc = nc
         stack.push_async_callback(self._drain_connection, nc)
@@ -232,6 +252,21 @@ class AsyncBlackbird:
             projections=projections, analytics_k=s.analytics_k, clock=self._clock,
         )
         self._auditor = Auditor(journal, book, s.tenant, projections=self._projections)
+        # Memory: its actors here (OCC keeps each scope single-writer across processes), its
+        # LanceDB index beside the data (or in a temporary folder: it is rebuilt from the log).
+        keys = await UserKeys.open(journal.jetstream, replicas=s.replicas, create=not self.remote)
+        memory_host = await stack.enter_async_context(
+            ActorHost(
+                MemoryBehaviour(), journal, NoSnapshots() if self.remote else journal,
+                snapshot_every=s.snapshot_every, passivate_after=s.passivate_after,
+                max_retries=s.max_retries, clock=self._clock,
+            )
+        )
+        self._memory = AsyncMemory(
+            self._session_manager, memory_host, MemoryIndex(memory_dir, journal, keys),
+            keys, self._embedder, tasks=tasks, principal=s.principal, timeout=s.command_timeout,
+            clock=self._clock,
+        )
         log.info("blackbird_opened", nats_url=url, data_dir=str(self.data_dir), remote=self.remote)
 
     async def _connect(self, url: str) -> NATS:

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from blackbird._audit import Auditor
+from blackbird._memory import AsyncMemory
 from blackbird._client import AsyncBlackbird
 from blackbird._sessions import AsyncSessionManager
 from blackbird.errors import ClosedError
@@ -92,6 +93,10 @@ class SessionManager(_SyncMirror, mirrors=AsyncSessionManager):
             self.manage_concurrency(session_id, operation, False, tenant=tenant, holder=holder)
 
 
+class Memory(_SyncMirror, mirrors=AsyncMemory):
+    """Synchronous memory: same methods as :class:`~blackbird._memory.AsyncMemory`, blocking."""
+
+
 class SyncAuditor(_SyncMirror, mirrors=Auditor):
     """Synchronous audit: same methods as :class:`~blackbird._audit.Auditor` (``replay``,
     ``verify``), blocking."""
@@ -150,6 +155,13 @@ class BlackbirdSDK:
         if self._portal is None:
             raise ClosedError("BlackbirdSDK is closed")
         return self._session_manager
+
+    @property
+    def memory(self) -> Memory:
+        """Memory: remember/recall, the key-value cache, sharing and erasure (blocking)."""
+        if self._portal is None:
+            raise ClosedError("BlackbirdSDK is closed")
+        return Memory(self._client.memory, self._portal)
 
     @property
     def audit(self) -> SyncAuditor:

@@ -35,6 +35,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     policy_file: str | None = None  # TOML overriding the packaged tier policy
     usage_history_limit: int = 10_000  # usage records kept per user in the read model
     analytics_k: int = 5  # cross-tenant aggregates leave out tenants with fewer users
+    memory_dir: str | None = None  # the LanceDB memory index (default: <data_dir>/memory)
     detect_abuse: bool = True  # hosts run the abuse detector and raise its alerts
     abuse: dict[str, Any] = {}  # thresholds: see projections.abuse.AbuseConfig
 
@@ -62,7 +63,7 @@ def build_settings(**overrides: Any) -> Settings:
         )
     merged: dict[str, Any] = _from_env()
     merged.update({k: v for k, v in overrides.items() if v is not None})
-    for name in ("data_dir", "policy_file"):
+    for name in ("data_dir", "policy_file", "memory_dir"):
         if isinstance(merged.get(name), Path):
             merged[name] = str(merged[name])
     try:

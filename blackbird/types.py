@@ -10,7 +10,7 @@ import msgspec
 from actors.events import SessionStatus, SessionView
 from actors.policy import QuotaType
 
-__all__ = ["Admission", "Session", "SessionStatus", "UsageRecord"]
+__all__ = ["Admission", "Memory", "Session", "SessionStatus", "UsageRecord"]
 
 
 class UsageRecord(msgspec.Struct, frozen=True):
@@ -47,6 +47,32 @@ class Admission(msgspec.Struct, frozen=True, kw_only=True):
     lease_expires_at: float | None = None
     sequence: int = 0
     duplicate: bool = False  # a retried command id: granted before, ids not repeated here
+
+
+class Memory(msgspec.Struct, frozen=True, kw_only=True):
+    """A memory as written or recalled. From :meth:`recall`, ``score`` is the final rank and
+    ``scores`` its parts (similarity, keyword, recency, importance, each 0..1 before weighting);
+    ``sequence`` is where the log holds it (provenance)."""
+
+    memory_id: str
+    text: str
+    scope: str
+    owner: str
+    author: str
+    key: str | None = None
+    kind: str = "fact"
+    importance: float = 0.5
+    metadata: dict[str, Any] = {}
+    valid_from: float = 0.0
+    valid_to: float | None = None  # set once a newer memory with the same key superseded it
+    sequence: int = 0
+    score: float | None = None
+    scores: dict[str, float] = {}
+    updated: bool = False  # remember(): a near-duplicate was updated instead of a new memory
+    superseded: str | None = None  # remember(): the memory with the same key it replaced
+
+    def to_dict(self) -> dict[str, Any]:
+        return msgspec.to_builtins(self)  # type: ignore[no-any-return]
 
 
 class Session(SessionView, frozen=True):

@@ -1,0 +1,396 @@
+"""Per-user data keys for crypto-shredding, kept outside the log in the ``bb_keys`` KV bucket.
+
+What a user writes is sealed with their own AES-256-GCM key before it reaches the log. The key
+lives in a KV bucket, never in the log, so destroying it (:meth:`UserKeys.forget`) leaves the
+log's bytes in place but makes them unreadable for good.
+
+Destroying a key means more than a KV purge: a purge only hides a message, and JetStream's file
+store keeps its bytes on disk until the block is rewritten. ``forget`` first deletes the key's
+message with JetStream's secure erase (the server overwrites it with random bytes), then writes
+the purge marker. That needs a bucket that allows message deletes, which a bucket made by
+``js.create_key_value`` or ``nats kv add`` does not (and cannot be changed to): :meth:`open`
+creates ``bb_keys`` itself and refuses a bucket that would keep erased keys readable. With
+replicas > 1, a key's bytes also stay in the stream's Raft log until the next Raft snapshot.
+
+Sealed blob layout (version 1)::
+
+    0x01 | key id (8 bytes) | nonce (12 bytes) | AES-GCM ciphertext + tag (16 bytes)
+
+The key id names the key that sealed the blob, so a blob sealed under a forgotten key reads as
+forgotten (``None``), not as tampered, even after the user has a new key. The version byte and
+the key id are authenticated together with the caller's ``aad``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import time
+from collections import OrderedDict
+from typing import Any, NamedTuple
+
+import nats.js.errors
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, Header, StorageType, StreamConfig, StreamInfo
+from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, MSG_ROLLUP_SUBJECT, KeyValue
+
+from blackbird.errors import BlackbirdError, LogError, ValidationError
+
+__all__ = ["BUCKET", "DecryptionError", "UserKeys"]
+
+#: The KV bucket holding every user's data key.
+BUCKET = "bb_keys"
+_STREAM = f"KV_{BUCKET}"
+_SUBJECT_PREFIX = f"$KV.{BUCKET}."
+
+_BLOB_VERSION = 1
+_RECORD_VERSION = 1
+_KID_SIZE = 8
+_KEY_SIZE = 32  # AES-256
+_NONCE_SIZE = 12  # 96-bit GCM nonce
+_TAG_SIZE = 16
+_HEADER_SIZE = 1 + _KID_SIZE
+_RECORD_SIZE = 1 + _KID_SIZE + _KEY_SIZE
+
+_CACHE_LIMIT = 10_000  # users whose keys stay in memory (least recently used leave first)
+_ATTEMPTS = 10  # rounds of a create/forget race lost before giving up
+_WRONG_LAST_SEQUENCE = (10071, 10164)  # JetStream err_codes for a failed expected sequence
+_STREAM_NAME_IN_USE = 10058
+
+
+class DecryptionError(BlackbirdError, ValueError):
+    """A sealed blob could not be opened with the user's key although the key still exists: it
+    was altered or truncated, sealed for another ``aad``, or is not a sealed blob at all.
+    ``tenant`` and ``user_id`` name the key, ``reason`` says what failed."""
+
+    code = "decryption_failed"
+
+    def __init__(self, message: str, *, tenant: str, user_id: str, reason: str) -> None:
+        super().__init__(message, tenant=tenant, user_id=user_id, reason=reason)
+
+
+class _BucketMissingError(LogError):
+    """``bb_keys`` does not exist and this process may not create it."""
+
+
+class _DataKey(NamedTuple):
+    kid: bytes
+    key: bytes
+    aead: AESGCM
+
+
+class UserKeys:
+    """Per-user AES-256-GCM data keys in the ``bb_keys`` bucket, cached in memory.
+
+    Safe to share between tasks, and between processes on the same bucket: two of them creating
+    the same user's key at once end with one key. Use :meth:`open` to make one.
+    """
+
+    def __init__(self, js: JetStreamContext, *, create: bool, replicas: int, cache_ttl: float):
+        self._js = js
+        self._create_bucket = create
+        self._replicas = replicas
+        self._cache_ttl = cache_ttl
+        self._kv: KeyValue | None = None
+        self._direct = False
+        self._cache: OrderedDict[tuple[str, str], tuple[_DataKey, float]] = OrderedDict()
+        # Bumped by every forget: a key read before a forget finished is not cached after it.
+        self._epoch = 0
+
+    @classmethod
+    async def open(
+        cls,
+        js: JetStreamContext,
+        *,
+        replicas: int = 1,
+        create: bool = True,
+        cache_ttl: float = 30.0,
+    ) -> UserKeys:
+        """Bind to the ``bb_keys`` bucket; with ``create``, create it if missing.
+
+        Without ``create`` a missing bucket is looked up again on first use (a host may create
+        it later) and LogError is raised then if it is still missing. LogError is also raised
+        for a bucket that keeps more than one revision per key or denies message deletes: it
+        could not destroy keys for good.
+
+        ``cache_ttl`` (seconds) bounds how long a key stays cached in this process: a ``forget``
+        made by another process is seen here at most that late (until then this process can
+        still open, and seal under, the forgotten key). 0 reads the bucket on every call.
+        """
+        keys = cls(js, create=create, replicas=replicas, cache_ttl=cache_ttl)
+        with contextlib.suppress(_BucketMissingError):
+            await keys._bucket()
+        return keys
+
+    # ------------------------------------------------------------------ public API
+
+    async def key(self, tenant: str, user_id: str) -> bytes:
+        """The user's 256-bit data key, created (randomly) if they have none.
+
+        After :meth:`forget`, this creates a new key: what was sealed before stays unreadable.
+        """
+        return (await self._sealing_key(tenant, user_id)).key
+
+    async def encrypt(
+        self, tenant: str, user_id: str, plaintext: bytes, *, aad: bytes = b""
+    ) -> bytes:
+        """Seal ``plaintext`` with the user's key (created if needed) and a random nonce.
+
+        ``aad`` is authenticated, not stored: pass the same bytes to :meth:`decrypt`. Returns
+        the sealed blob (layout in the module docstring), 37 bytes longer than ``plaintext``.
+        """
+        data_key = await self._sealing_key(tenant, user_id)
+        header = bytes([_BLOB_VERSION]) + data_key.kid
+        nonce = os.urandom(_NONCE_SIZE)
+        return header + nonce + data_key.aead.encrypt(nonce, plaintext, header + aad)
+
+    async def decrypt(
+        self, tenant: str, user_id: str, blob: bytes, *, aad: bytes = b""
+    ) -> bytes | None:
+        """Open a blob sealed by :meth:`encrypt` for this user, or None if it cannot be any more.
+
+        None means the key that sealed ``blob`` is not the user's current key: it was forgotten
+        (crypto-shredded), or the blob was sealed for another user. Never creates a key.
+        Raises DecryptionError if the user's key sealed the blob but it does not open with
+        ``aad`` (altered, truncated, other ``aad``) or if ``blob`` is not a sealed blob.
+        """
+        if len(blob) < _HEADER_SIZE + _NONCE_SIZE + _TAG_SIZE or blob[0] != _BLOB_VERSION:
+            raise DecryptionError(
+                f"blob for user {user_id!r}: expected a version-{_BLOB_VERSION} sealed blob of "
+                f"at least {_HEADER_SIZE + _NONCE_SIZE + _TAG_SIZE} bytes, got {len(blob)} bytes"
+                + (f" starting with version {blob[0]}" if blob else ""),
+                tenant=tenant,
+                user_id=user_id,
+                reason="malformed",
+            )
+        header, kid = blob[:_HEADER_SIZE], blob[1:_HEADER_SIZE]
+        nonce = blob[_HEADER_SIZE : _HEADER_SIZE + _NONCE_SIZE]
+        data_key = self._cached(tenant, user_id)
+        if data_key is None or data_key.kid != kid:
+            data_key = await self._data_key(tenant, user_id, create=False, fresh=True)
+        if data_key is None or data_key.kid != kid:
+            return None
+        try:
+            return data_key.aead.decrypt(nonce, blob[_HEADER_SIZE + _NONCE_SIZE :], header + aad)
+        except InvalidTag:
+            raise DecryptionError(
+                f"blob for user {user_id!r} in tenant {tenant!r} failed authentication: it was "
+                "altered or truncated, or sealed with a different aad",
+                tenant=tenant,
+                user_id=user_id,
+                reason="authentication_failed",
+            ) from None
+
+    async def forget(self, tenant: str, user_id: str) -> None:
+        """Destroy the user's key: erase it from the bucket's storage and leave a purge marker.
+
+        Everything sealed with it becomes unreadable, in every process (another process may
+        still use a cached copy for up to its ``cache_ttl``). Idempotent. A key created
+        concurrently with the forget is destroyed too, so a write racing an erasure is lost.
+        """
+        name = _kv_key(tenant, user_id)
+        await self._bucket()
+        self._drop(tenant, user_id)
+        for _ in range(_ATTEMPTS):
+            latest = await self._latest(name)
+            if latest is not None:
+                if _operation(latest) in (KV_PURGE, KV_DEL):
+                    break  # forgotten already
+                await self._erase(int(latest.seq))
+            try:
+                # The subject is empty now: the marker only lands if no key was created since.
+                await self._js.publish(
+                    _SUBJECT_PREFIX + name,
+                    b"",
+                    headers={
+                        KV_OP: KV_PURGE,
+                        Header.ROLLUP.value: MSG_ROLLUP_SUBJECT,
+                        Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: "0",
+                    },
+                )
+                break
+            except nats.js.errors.APIError as exc:
+                if exc.err_code not in _WRONG_LAST_SEQUENCE:
+                    raise LogError(f"forget key of {user_id!r}: {exc.description}") from None
+        else:
+            raise LogError(f"forget key of {user_id!r}: lost {_ATTEMPTS} races with its creation")
+        self._drop(tenant, user_id)
+
+    async def forgotten(self, tenant: str, user_id: str) -> bool:
+        """Whether the user's key was forgotten and no new key was created since.
+
+        False for a user who never had a key. Always reads the bucket (not the cache).
+        """
+        await self._bucket()
+        latest = await self._latest(_kv_key(tenant, user_id))
+        return latest is not None and _operation(latest) in (KV_PURGE, KV_DEL)
+
+    # ------------------------------------------------------------------ bucket
+
+    async def _bucket(self) -> KeyValue:
+        if self._kv is not None:
+            return self._kv
+        try:
+            info = await self._js.stream_info(_STREAM)
+        except nats.js.errors.NotFoundError:
+            if not self._create_bucket:
+                raise _BucketMissingError(
+                    f"key bucket {BUCKET} does not exist: open UserKeys with create=True in a "
+                    "process allowed to configure JetStream (an actor host) first"
+                ) from None
+            info = await self._create_stream()
+        _check_bucket(info)
+        # Direct gets may be answered by a follower that lags; only with one replica are they
+        # as fresh as a leader read.
+        self._direct = bool(info.config.allow_direct) and info.config.num_replicas == 1
+        self._kv = await self._js.key_value(BUCKET)
+        return self._kv
+
+    async def _create_stream(self) -> StreamInfo:
+        # The layout of a KV bucket, except that message deletes are allowed (secure erase).
+        config = StreamConfig(
+            name=_STREAM,
+            description="Blackbird per-user data keys (crypto-shredding)",
+            subjects=[f"{_SUBJECT_PREFIX}>"],
+            storage=StorageType.FILE,
+            num_replicas=self._replicas,
+            max_msgs_per_subject=1,
+            max_msgs=-1,
+            max_bytes=-1,
+            max_consumers=-1,
+            discard=DiscardPolicy.NEW,
+            duplicate_window=120,
+            allow_rollup_hdrs=True,
+            allow_direct=True,
+            deny_delete=False,
+            deny_purge=False,
+        )
+        try:
+            return await self._js.add_stream(config)
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != _STREAM_NAME_IN_USE:
+                raise LogError(f"could not create key bucket {BUCKET}: {exc.description}") from None
+            return await self._js.stream_info(_STREAM)  # created meanwhile, differently
+
+    async def _latest(self, name: str) -> Any:
+        try:
+            return await self._js.get_msg(
+                _STREAM, subject=_SUBJECT_PREFIX + name, direct=self._direct
+            )
+        except nats.js.errors.NotFoundError:
+            return None
+
+    async def _erase(self, seq: int) -> None:
+        try:
+            await self._js.delete_msg(_STREAM, seq)  # secure erase: overwritten on disk
+        except nats.js.errors.APIError as exc:
+            # A concurrent forget may have erased it first; anything else must not pass.
+            try:
+                await self._js.get_msg(_STREAM, seq=seq)
+            except nats.js.errors.NotFoundError:
+                return
+            raise LogError(
+                f"could not erase key at sequence {seq} of {_STREAM}: {exc.description}"
+            ) from None
+
+    # ------------------------------------------------------------------ keys and cache
+
+    async def _sealing_key(self, tenant: str, user_id: str) -> _DataKey:
+        data_key = await self._data_key(tenant, user_id, create=True)
+        assert data_key is not None  # created if missing
+        return data_key
+
+    async def _data_key(
+        self, tenant: str, user_id: str, *, create: bool, fresh: bool = False
+    ) -> _DataKey | None:
+        if not fresh and (cached := self._cached(tenant, user_id)) is not None:
+            return cached
+        name = _kv_key(tenant, user_id)
+        kv = await self._bucket()
+        epoch = self._epoch
+        for _ in range(_ATTEMPTS):
+            latest = await self._latest(name)
+            data_key: _DataKey | None = None
+            if latest is not None and _operation(latest) is None:
+                data_key = _decode_record(latest.data, user_id)
+            if data_key is None and create:
+                kid, key = os.urandom(_KID_SIZE), os.urandom(_KEY_SIZE)
+                try:
+                    # Creates only if the user has no key; after a forget, only on its marker.
+                    await kv.create(name, bytes([_RECORD_VERSION]) + kid + key)
+                except nats.js.errors.KeyWrongLastSequenceError:
+                    continue  # another process created it first: read theirs
+                data_key = _DataKey(kid, key, AESGCM(key))
+            if data_key is not None and epoch == self._epoch:
+                self._remember(tenant, user_id, data_key)
+            return data_key
+        raise LogError(f"key of {user_id!r}: lost {_ATTEMPTS} races creating or reading it")
+
+    def _cached(self, tenant: str, user_id: str) -> _DataKey | None:
+        entry = self._cache.get((tenant, user_id))
+        if entry is None:
+            return None
+        if entry[1] <= time.monotonic():
+            del self._cache[(tenant, user_id)]
+            return None
+        self._cache.move_to_end((tenant, user_id))
+        return entry[0]
+
+    def _remember(self, tenant: str, user_id: str, data_key: _DataKey) -> None:
+        if self._cache_ttl <= 0:
+            return
+        self._cache[(tenant, user_id)] = (data_key, time.monotonic() + self._cache_ttl)
+        self._cache.move_to_end((tenant, user_id))
+        while len(self._cache) > _CACHE_LIMIT:
+            self._cache.popitem(last=False)
+
+    def _drop(self, tenant: str, user_id: str) -> None:
+        self._epoch += 1
+        self._cache.pop((tenant, user_id), None)
+
+
+def _kv_key(tenant: str, user_id: str) -> str:
+    """``<tenant>.<user>``, each urlsafe base64: KV keys allow only [-/_=.a-zA-Z0-9], ids any
+    text, and a tenant's keys stay under one subject prefix (``$KV.bb_keys.<tenant>.>``)."""
+    for field, value in (("tenant", tenant), ("user_id", user_id)):
+        if not isinstance(value, str) or not value:
+            raise ValidationError(
+                f"{field}: expected a non-empty string, got {value!r}",
+                field=field,
+                expected="a non-empty string",
+                got=value,
+            )
+    return f"{_token(tenant)}.{_token(user_id)}"
+
+
+def _token(value: str) -> str:
+    return base64.urlsafe_b64encode(value.encode("utf-8", "surrogatepass")).decode()
+
+
+def _operation(msg: Any) -> str | None:
+    headers = msg.headers or {}
+    return headers.get(KV_OP)
+
+
+def _decode_record(data: bytes | None, user_id: str) -> _DataKey:
+    if not data or len(data) != _RECORD_SIZE or data[0] != _RECORD_VERSION:
+        raise LogError(
+            f"key of {user_id!r} in bucket {BUCKET}: expected a {_RECORD_SIZE}-byte "
+            f"version-{_RECORD_VERSION} record, got {len(data or b'')} bytes"
+        )
+    kid, key = data[1 : 1 + _KID_SIZE], data[1 + _KID_SIZE :]
+    return _DataKey(kid, key, AESGCM(key))
+
+
+def _check_bucket(info: StreamInfo) -> None:
+    config = info.config
+    if config.max_msgs_per_subject != 1 or config.deny_delete or not config.allow_rollup_hdrs:
+        raise LogError(
+            f"key bucket {BUCKET} keeps {config.max_msgs_per_subject} revisions per key, "
+            f"deny_delete={config.deny_delete}, allow_rollup={config.allow_rollup_hdrs}: "
+            "expected 1, False, True, or forgotten keys would stay readable on disk. "
+            f"Move the keys to a bucket created by UserKeys.open (stream {_STREAM})"
+        )

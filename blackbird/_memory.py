@@ -1,0 +1,597 @@
+"""Memory: a key-value cache and semantic vector memory, event-sourced, on LanceDB.
+
+Writes go through the memory scope's actor (``<scope>:<owner>``) and become events; texts,
+vectors and metadata are redacted, then sealed with the author's data key before they are
+appended. The LanceDB tables are a projection of those events (:mod:`blackbird._memory_index`).
+
+Every call names the acting session (``session_id=``): it tells the tenant, the user and the
+tier (capacity, retention, redaction, storage quota), and every scope read or written is checked
+against it: ``session`` (that session), ``user`` (its user), ``tenant`` (any user of the
+tenant), ``group:<id>`` and ``agent:<id>`` (members only, see :meth:`AsyncMemory.add_members`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import anyio
+import anyio.abc
+import msgspec
+import numpy as np
+import structlog
+
+from actors.events import (
+    ChangeMembers,
+    DeleteCache,
+    EraseUser,
+    ForgetAuthor,
+    ForgetMemory,
+    GetCache,
+    GetSession,
+    MemoryRemembered,
+    MemorySuperseded,
+    Remember,
+    SetCache,
+)
+from actors.host import ActorHost
+from actors.memory import MemoryState, scope_id
+from actors.policy import MemoryPolicy, QuotaType
+from actors.ports import AggregateKey
+from actors.redaction import RedactionPolicy, redact
+from blackbird._dispatch import ask_or_raise
+from blackbird._memory_index import MemoryIndex, Sealed, _quote
+from blackbird._validate import check_metadata, check_seconds, check_text
+from blackbird.errors import (
+    BlackbirdError,
+    PayloadTooLargeError,
+    ProjectionTimeoutError,
+    SessionInactiveError,
+    SessionNotFoundError,
+    ValidationError,
+)
+from blackbird.subjects import validate_token
+from blackbird.types import Memory
+
+log = structlog.get_logger("blackbird.memory")
+
+MAX_MEMORY_TEXT = 16_384  # characters
+MAX_CACHE_VALUE = 64 * 1024  # bytes of JSON
+SCOPE_KINDS = ("session", "user", "tenant", "group", "agent")
+DEFAULT_WEIGHTS = {"similarity": 0.6, "keyword": 0.15, "recency": 0.1, "importance": 0.15}
+RECENCY_HALF_LIFE = 7 * 86400.0
+
+
+class ScopeAccessError(BlackbirdError, PermissionError):
+    """The acting session's user does not belong to the scope."""
+
+    code = "scope_access"
+
+
+class EmbeddingModelMismatchError(BlackbirdError):
+    """The tenant's memories were embedded with another model than this client's embedder."""
+
+    code = "embedding_model_mismatch"
+
+
+class _CacheValue(msgspec.Struct):
+    value: Any
+
+
+class AsyncMemory:
+    """``.memory`` on AsyncBlackbird: remember/recall, the key-value cache, sharing, erasure."""
+
+    def __init__(
+        self,
+        sessions: Any,  # AsyncSessionManager
+        host: ActorHost,
+        index: MemoryIndex,
+        keys: Any,  # UserKeys
+        embedder: Any,
+        *,
+        tasks: anyio.abc.TaskGroup,
+        principal: str,
+        timeout: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._sessions = sessions
+        self._host = host
+        self.index = index
+        self._keys = keys
+        self._embedder = embedder
+        self._tasks = tasks
+        self._index_started = False
+        self._index_starting = anyio.Lock()
+        self._principal = principal
+        self._timeout = timeout
+        self._clock = clock
+        self._written = 0  # the last memory sequence this client wrote (read-your-writes)
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def embedder(self) -> Any:
+        """The embedder (the local all-MiniLM-L6-v2 unless another was given)."""
+        if self._embedder is None:
+            from blackbird.embedding import default_embedder
+
+            self._embedder = default_embedder()
+        return self._embedder
+
+    async def _index(self) -> MemoryIndex:
+        """The index, started (caught up with the log, then following it) on first use."""
+        if not self._index_started:
+            async with self._index_starting:
+                if not self._index_started:
+                    await self._tasks.start(self.index.run)
+                    self._index_started = True
+        return self.index
+
+    async def _caller(self, session_id: Any, tenant: str | None) -> tuple[Any, MemoryPolicy]:
+        session = await self._sessions.get_session(session_id, tenant=tenant)
+        if session is None:
+            raise SessionNotFoundError(f"session {session_id!r} not found", session_id=session_id)
+        if not session.active_at(self._clock()):
+            raise SessionInactiveError(
+                f"session {session.session_id!r} is not active; memory needs an active session",
+                session_id=session.session_id, reason=session.status.value,
+            )
+        tier = self._sessions._policies.policy(session.tenant).tier(session.tier)
+        return session, (tier.memory if tier is not None else MemoryPolicy())
+
+    async def _ask(self, tenant: str, sid: str, command: Any, command_id: str | None = None) -> Any:
+        outcome = await ask_or_raise(
+            self._host, AggregateKey(tenant, "memory", sid), command,
+            command_id or os.urandom(16).hex(), self._principal,
+        )
+        if outcome.sequence > self._written:
+            self._written = outcome.sequence
+        return outcome
+
+    async def _scope(self, spec: Any, session: Any, *, write: bool) -> str:
+        """``spec`` ("user", "group:research", ...) as a scope id the caller may use."""
+        if not isinstance(spec, str) or not spec:
+            raise _invalid("scope", "one of session, user, tenant, group:<id>, agent:<id>", repr(spec))
+        kind, _, owner = spec.partition(":")
+        if kind not in SCOPE_KINDS:
+            raise _invalid("scope", "one of session, user, tenant, group:<id>, agent:<id>", repr(spec))
+        if kind in ("session", "user", "tenant"):
+            mine = {"session": session.session_id, "user": session.user_id, "tenant": session.tenant}[kind]
+            if owner and owner != mine:
+                raise ScopeAccessError(
+                    f"scope {spec!r}: the acting session's {kind} is {mine!r}", scope=spec,
+                    user_id=session.user_id,
+                )
+            return scope_id(kind, mine)
+        owner = validate_token(owner, "scope")
+        state: MemoryState = (await self._ask(session.tenant, scope_id(kind, owner), GetSession())).state
+        if session.user_id not in state.members:
+            raise ScopeAccessError(
+                f"user {session.user_id!r} is not a member of {spec!r}"
+                + ("" if write else " and cannot read it"),
+                scope=spec, user_id=session.user_id,
+            )
+        return scope_id(kind, owner)
+
+    def _vector(self, text: str, vector: Any) -> np.ndarray:
+        if vector is None:
+            return self.embedder.embed([text])[0]
+        array = np.asarray(vector, dtype=np.float32).reshape(-1)
+        if array.shape[0] != self.embedder.dimension or not np.all(np.isfinite(array)):
+            raise _invalid(
+                "vector", f"{self.embedder.dimension} finite numbers ({self.embedder.model_id})",
+                f"{array.shape[0]} values",
+            )
+        norm = float(np.linalg.norm(array))
+        if norm == 0:
+            raise _invalid("vector", "a non-zero vector", "all zeros")
+        return array / norm
+
+    # ------------------------------------------------------------------ semantic memory
+
+    async def remember(
+        self,
+        text: str,
+        *,
+        session_id: str,
+        scope: str = "user",
+        importance: float = 0.5,
+        metadata: dict[str, Any] | None = None,
+        key: str | None = None,
+        kind: str = "fact",
+        vector: Sequence[float] | None = None,
+        tenant: str | None = None,
+        command_id: str | None = None,
+    ) -> Memory:
+        """Remember ``text`` in ``scope``; durable when it returns.
+
+        Emails, phone numbers and card numbers are redacted first (per the tier's memory
+        policy); the text counts against the session's storage quota (QuotaExceededError). A
+        near-duplicate of a memory in the scope (cosine above the tier's threshold) updates it;
+        a memory with the same ``key`` supersedes the older one (which ``recall(as_of=...)``
+        still finds for earlier instants). ``vector`` skips embedding (it must have the
+        embedder's dimension). Retention per ``kind`` comes from the tier's memory policy.
+        """
+        return (await self.remember_many(
+            [text], session_id=session_id, scope=scope, importance=importance, metadata=metadata,
+            key=key, kind=kind, vectors=None if vector is None else [vector], tenant=tenant,
+            command_id=command_id,
+        ))[0]
+
+    async def remember_many(
+        self,
+        texts: Sequence[str],
+        *,
+        session_id: str,
+        scope: str = "user",
+        importance: float = 0.5,
+        metadata: dict[str, Any] | None = None,
+        key: str | None = None,
+        kind: str = "fact",
+        vectors: Sequence[Sequence[float]] | None = None,
+        dedupe: bool = True,
+        tenant: str | None = None,
+        command_id: str | None = None,
+    ) -> list[Memory]:
+        """Remember several texts at once: embedded in one batch, appended together (the
+        scope's actor puts the writes that queue up into shared commits)."""
+        if isinstance(texts, str) or not isinstance(texts, Sequence) or not texts:
+            raise _invalid("texts", "a non-empty list of strings", type(texts).__name__)
+        cleaned = [_check_memory_text(t) for t in texts]
+        if not isinstance(importance, int | float) or isinstance(importance, bool) or not 0 <= importance <= 1:
+            raise _invalid("importance", "a number from 0 to 1", repr(importance))
+        meta = check_metadata(metadata)
+        kind = check_text(kind, "kind")
+        if key is not None:
+            key = check_text(key, "key")
+            if len(texts) > 1:
+                raise _invalid("key", "no key when remembering several texts", key)
+        if vectors is not None and len(vectors) != len(texts):
+            raise _invalid("vectors", f"{len(texts)} vectors, one per text", f"{len(vectors)}")
+        session, policy = await self._caller(session_id, tenant)
+        sid = await self._scope(scope, session, write=True)
+        rules = RedactionPolicy(emails="email" in policy.redact, phones="phone" in policy.redact,
+                                cards="card" in policy.redact)
+        cleaned = [redact(t, rules)[0] for t in cleaned]
+        if vectors is None:
+            matrix = await anyio.to_thread.run_sync(self.embedder.embed, cleaned)
+        else:
+            matrix = np.stack([self._vector(t, v) for t, v in zip(cleaned, vectors, strict=True)])
+        sizes = [len(t.encode()) for t in cleaned]
+        await self._sessions.track_usage(
+            session.session_id, "memory.remember", QuotaType.STORAGE, float(sum(sizes)),
+            tenant=session.tenant,
+        )
+        retention = policy.retention_for(kind)
+        now = self._clock()
+        duplicates: list[str | None] = [None] * len(cleaned)
+        if dedupe:
+            duplicates = await self._duplicates(session.tenant, sid, matrix, policy.duplicate_threshold)
+        memories: list[Memory] = [None] * len(cleaned)  # type: ignore[list-item]
+
+        async def write(i: int) -> None:
+            memory_id = os.urandom(12).hex()
+            sealed_plain = msgspec.msgpack.encode(
+                Sealed(text=cleaned[i], vector=matrix[i].astype("<f4").tobytes(), metadata=meta)
+            )
+            target = duplicates[i] or memory_id
+            # bound to its scope: a sealed payload copied into another scope does not open
+            sealed = await self._keys.encrypt(session.tenant, session.user_id, sealed_plain, aad=sid.encode())
+            kind_, owner = sid.split(":", 1)
+            command = Remember(
+                memory_id=memory_id, scope=kind_, owner=owner, author=session.user_id, key=key,
+                kind=kind, importance=float(importance), model_id=self.embedder.model_id,
+                size=sizes[i], sealed=sealed, expires_at=None if retention is None else now + retention,
+                duplicate_of=duplicates[i],
+            )
+            cid = None if command_id is None else f"{command_id}:{i}"
+            outcome = await self._ask(session.tenant, sid, command, cid)
+            remembered = next((e for e in outcome.events if isinstance(e, MemoryRemembered)), None)
+            superseded = next((e.memory_id for e in outcome.events if isinstance(e, MemorySuperseded)), None)
+            memories[i] = Memory(
+                memory_id=remembered.memory_id if remembered else target, text=cleaned[i],
+                scope=kind_, owner=owner, author=session.user_id, key=key, kind=kind,
+                importance=float(importance), metadata=meta, valid_from=now, valid_to=None,
+                sequence=outcome.sequence, updated=bool(remembered and remembered.updated),
+                superseded=superseded,
+            )
+
+        async with anyio.create_task_group() as tg:
+            for i in range(len(cleaned)):
+                tg.start_soon(write, i)
+        return memories
+
+    async def _duplicates(self, tenant: str, sid: str, matrix: np.ndarray, threshold: float) -> list[str | None]:
+        await self._caught_up()
+        table = self.index.table(tenant, self.embedder.model_id)
+        if table is None:
+            return [None] * len(matrix)
+        where = f"scope_id = {_quote(sid)} AND valid_to > {self._clock()!r}"
+
+        def search() -> list[str | None]:
+            found: list[str | None] = []
+            for vec in matrix:
+                rows = table.search(vec).metric("cosine").where(where, prefilter=True).limit(1).to_list()
+                close = rows and (1.0 - rows[0]["_distance"]) >= threshold
+                found.append(rows[0]["memory_id"] if close else None)
+            return found
+
+        return await anyio.to_thread.run_sync(search)
+
+    async def _caught_up(self) -> None:
+        await self._index()
+        if not await self.index.wait_for(self._written, self._timeout):
+            raise ProjectionTimeoutError(
+                f"the memory index applied sequence {self.index.seq}, not {self._written}, "
+                f"within {self._timeout}s", projection="memory_index", wanted=self._written,
+                applied=self.index.seq,
+            )
+
+    async def recall(
+        self,
+        query: str,
+        *,
+        session_id: str,
+        scopes: Sequence[str] = ("session", "user"),
+        k: int = 5,
+        filters: dict[str, Any] | None = None,
+        as_of: float | None = None,
+        weights: dict[str, float] | None = None,
+        tenant: str | None = None,
+    ) -> list[Memory]:
+        """The ``k`` memories most relevant to ``query`` in ``scopes`` (each checked against the
+        acting session), best first. Hybrid: vector search and LanceDB full-text search fused by
+        reciprocal rank, then re-ranked by ``weights`` of similarity, keyword rank, recency and
+        importance. ``filters``: exact matches on kind, key, author or ``metadata.<field>``.
+        ``as_of``: what was known at that instant (superseded memories included, later ones
+        not). Includes everything this client wrote before the call."""
+        query = _check_memory_text(query, "query")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 1000:
+            raise _invalid("k", "an int from 1 to 1000", repr(k))
+        if isinstance(scopes, str) or not isinstance(scopes, Sequence) or not scopes:
+            raise _invalid("scopes", "a non-empty list of scopes", repr(scopes))
+        if as_of is not None and (isinstance(as_of, bool) or not isinstance(as_of, int | float)):
+            raise _invalid("as_of", "seconds since the epoch", type(as_of).__name__)
+        mix = dict(DEFAULT_WEIGHTS, **(weights or {}))
+        unknown = set(mix) - set(DEFAULT_WEIGHTS)
+        if unknown:
+            raise _invalid("weights", f"keys among {sorted(DEFAULT_WEIGHTS)}", sorted(unknown))
+        wanted = _check_filters(filters)
+        session, _ = await self._caller(session_id, tenant)
+        sids = sorted({await self._scope(s, session, write=False) for s in scopes})
+        vector = (await anyio.to_thread.run_sync(self.embedder.embed, [query]))[0]
+        await self._caught_up()
+        table = self.index.table(session.tenant, self.embedder.model_id)
+        if table is None:
+            others = self.index.models_of(session.tenant)
+            if others:
+                raise EmbeddingModelMismatchError(
+                    f"tenant {session.tenant!r} has memories embedded with another model "
+                    f"({', '.join(others)}), not {self.embedder.model_id!r}: searching across "
+                    "models is refused; rebuild the index with this embedder "
+                    "(memory.rebuild_index()) or use the model the memories were written with",
+                    model_id=self.embedder.model_id,
+                )
+            return []
+        now = self._clock()
+        at = now if as_of is None else float(as_of)
+        where = (
+            f"scope_id IN ({', '.join(_quote(s) for s in sids)}) "
+            f"AND valid_from <= {at!r} AND valid_to > {at!r}"
+        )
+        pool = max(k * (10 if wanted else 4), 20)
+        words = " ".join(re.findall(r"\w+", query))
+
+        def search() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+            by_vector = table.search(vector).metric("cosine").where(where, prefilter=True).limit(pool).to_list()
+            by_text: list[dict[str, Any]] = []
+            if words:
+                try:
+                    by_text = table.search(words, query_type="fts").where(where, prefilter=True).limit(pool).to_list()
+                except Exception as exc:  # no FTS index yet, or an unparsable query: vectors only
+                    log.debug("memory_fts_skipped", error=repr(exc))
+            return by_vector, by_text
+
+        by_vector, by_text = await anyio.to_thread.run_sync(search)
+        return _rank(by_vector, by_text, vector, wanted, mix, now, k)
+
+    async def forget(self, memory_id: str, *, session_id: str, scope: str = "user", tenant: str | None = None) -> bool:
+        """Delete a memory from ``scope`` (an event; the index drops it). False if unknown."""
+        memory_id = check_text(memory_id, "memory_id")
+        session, _ = await self._caller(session_id, tenant)
+        sid = await self._scope(scope, session, write=True)
+        outcome = await self._ask(session.tenant, sid, ForgetMemory(memory_id=memory_id))
+        return bool(outcome.events)
+
+    # ------------------------------------------------------------------ key-value cache
+
+    async def set(
+        self, key: str, value: Any, scope: str = "session", ttl: float | None = None, *,
+        session_id: str, importance: float = 0.5, tenant: str | None = None,
+    ) -> None:
+        """Store ``value`` (JSON-serialisable) under ``key``; it expires after ``ttl`` seconds.
+        Beyond the tier's capacity the entry with the lowest retention score (importance,
+        access frequency, recency) is evicted, as an event."""
+        key = check_text(key, "key")
+        ttl = check_seconds(ttl, "ttl")
+        try:
+            data = json.dumps(value, allow_nan=False).encode()
+        except (TypeError, ValueError) as exc:
+            raise _invalid("value", "a JSON-serialisable value", str(exc)) from None
+        if len(data) > MAX_CACHE_VALUE:
+            raise PayloadTooLargeError(
+                f"value: {len(data)} bytes as JSON, expected at most {MAX_CACHE_VALUE}",
+                field="value", expected=f"at most {MAX_CACHE_VALUE} bytes", got=len(data),
+            )
+        if not isinstance(importance, int | float) or isinstance(importance, bool) or not 0 <= importance <= 1:
+            raise _invalid("importance", "a number from 0 to 1", repr(importance))
+        session, policy = await self._caller(session_id, tenant)
+        sid = await self._scope(scope, session, write=True)
+        sealed = await self._keys.encrypt(session.tenant, session.user_id, data, aad=key.encode())
+        await self._ask(session.tenant, sid, SetCache(
+            key=key, author=session.user_id, sealed=sealed, size=len(data),
+            importance=float(importance), expires_at=None if ttl is None else self._clock() + ttl,
+            capacity=policy.cache_entries,
+        ))
+
+    async def get(
+        self, key: str, scope: str = "session", *, session_id: str, default: Any = None,
+        tenant: str | None = None,
+    ) -> Any:
+        """The value under ``key`` (``default`` if absent, expired or evicted); a hit counts
+        towards the entry's retention."""
+        key = check_text(key, "key")
+        session, _ = await self._caller(session_id, tenant)
+        sid = await self._scope(scope, session, write=False)
+        state: MemoryState = (await self._ask(session.tenant, sid, GetCache(key=key))).state
+        entry = state.cache.get(key)
+        if entry is None:
+            return default
+        plain = await self._keys.decrypt(session.tenant, entry.author, entry.sealed, aad=key.encode())
+        return default if plain is None else json.loads(plain)
+
+    async def delete(self, key: str, scope: str = "session", *, session_id: str, tenant: str | None = None) -> bool:
+        """Remove ``key``; False if it was not there."""
+        key = check_text(key, "key")
+        session, _ = await self._caller(session_id, tenant)
+        sid = await self._scope(scope, session, write=True)
+        return bool((await self._ask(session.tenant, sid, DeleteCache(key=key))).events)
+
+    # ------------------------------------------------------------------ sharing and erasure
+
+    async def add_members(self, scope: str, user_ids: Sequence[str], *, tenant: str | None = None) -> list[str]:
+        """Let ``user_ids`` read and write a ``group:<id>`` or ``agent:<id>`` scope (an
+        administrative call: it is not checked against a session). Returns the members."""
+        return await self._members(scope, add=user_ids, remove=(), tenant=tenant)
+
+    async def remove_members(self, scope: str, user_ids: Sequence[str], *, tenant: str | None = None) -> list[str]:
+        return await self._members(scope, add=(), remove=user_ids, tenant=tenant)
+
+    async def _members(self, scope: str, *, add: Sequence[str], remove: Sequence[str], tenant: str | None) -> list[str]:
+        kind, _, owner = scope.partition(":") if isinstance(scope, str) else ("", "", "")
+        if kind not in ("group", "agent") or not owner:
+            raise _invalid("scope", "group:<id> or agent:<id>", repr(scope))
+        validate_token(owner, "scope")
+        ids = tuple(validate_token(u, "user_ids") for u in (*add, *remove))
+        tenant = self._sessions._tenant_of(tenant)
+        outcome = await self._ask(tenant, scope_id(kind, owner), ChangeMembers(
+            add=ids[: len(add)], remove=ids[len(add):]))
+        return list(outcome.state.members)
+
+    async def forget_user(self, user_id: str, *, tenant: str | None = None) -> dict[str, Any]:
+        """Erase a user: their memories and cache entries leave every scope and index, and
+        their data key is destroyed, so what they wrote cannot be recovered from the log
+        either (crypto-shredding). The erasure itself is an event (``UserErased``)."""
+        user_id = validate_token(user_id, "user_id")
+        tenant = self._sessions._tenant_of(tenant)
+        await self._sessions._user_commands(tenant, user_id, EraseUser(), f"erase:{user_id}:{os.urandom(4).hex()}")
+        scopes = await self._scopes_written_by(tenant, user_id)
+        erased = 0
+        for sid in scopes:
+            outcome = await self._ask(tenant, sid, ForgetAuthor(author=user_id))
+            erased += len(outcome.events)
+        await self._keys.forget(tenant, user_id)
+        await self._caught_up()
+        await self.index.erase_history()
+        log.info("user_forgotten", tenant=tenant, user_id=user_id, scopes=len(scopes), removed=erased)
+        return {"user_id": user_id, "scopes": sorted(scopes), "removed": erased}
+
+    async def _scopes_written_by(self, tenant: str, user_id: str) -> set[str]:
+        """Every memory scope of the tenant with a commit by ``user_id`` (from the log)."""
+        found: set[str] = {scope_id("user", user_id)}
+        prefix = f"{self.index._journal.subjects.prefix}.{tenant}.memory."
+
+        def collect(seq: int, subject: str, commit: Any) -> None:
+            for applied in commit.commands:
+                for event in applied.events:
+                    if getattr(event, "author", None) == user_id:
+                        found.add(subject[len(prefix):])
+
+        await self.index._journal.replay(prefix + "*", 0, collect)
+        return found
+
+    async def rebuild_index(self, *, reembed: bool = False) -> int:
+        """Drop the LanceDB tables and rebuild them from the log; with ``reembed``, every text
+        is embedded again with this client's embedder (moving the memories to its model)."""
+        await self._index()
+        self.index._embedder = self.embedder if reembed else None
+        return await self.index.rebuild()
+
+
+# --------------------------------------------------------------------------- ranking (pure)
+
+
+def _rank(
+    by_vector: list[dict[str, Any]], by_text: list[dict[str, Any]], query: np.ndarray,
+    wanted: dict[str, Any], weights: dict[str, float], now: float, k: int,
+) -> list[Memory]:
+    fused: dict[str, float] = {}
+    rows: dict[str, dict[str, Any]] = {}
+    for ranking in (by_vector, by_text):
+        for rank, row in enumerate(ranking):
+            rows.setdefault(row["memory_id"], row)
+            fused[row["memory_id"]] = fused.get(row["memory_id"], 0.0) + 1.0 / (60 + rank + 1)
+    best = 2.0 / 61
+    scored: list[tuple[float, Memory]] = []
+    for memory_id, row in rows.items():
+        metadata = json.loads(row["metadata"])
+        if not _matches(row, metadata, wanted):
+            continue
+        similarity = float(np.dot(np.asarray(row["vector"], dtype=np.float32), query))
+        recency = math.exp(-max(0.0, now - row["valid_from"]) * math.log(2) / RECENCY_HALF_LIFE)
+        parts = {
+            "similarity": similarity, "keyword": fused[memory_id] / best,
+            "recency": recency, "importance": float(row["importance"]),
+        }
+        score = sum(weights[name] * value for name, value in parts.items())
+        scored.append((score, Memory(
+            memory_id=memory_id, text=row["text"], scope=row["scope"], owner=row["owner"],
+            author=row["author"], key=row["key"] or None, kind=row["kind"],
+            importance=float(row["importance"]), metadata=metadata, valid_from=row["valid_from"],
+            valid_to=None if math.isinf(row["valid_to"]) else row["valid_to"], sequence=row["seq"],
+            score=score, scores=parts,
+        )))
+    scored.sort(key=lambda pair: (-pair[0], pair[1].memory_id))
+    return [memory for _, memory in scored[:k]]
+
+
+def _matches(row: dict[str, Any], metadata: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    for name, value in wanted.items():
+        if name.startswith("metadata."):
+            if metadata.get(name[len("metadata."):]) != value:
+                return False
+        elif (row[name] or None) != value:
+            return False
+    return True
+
+
+def _check_filters(filters: Any) -> dict[str, Any]:
+    if filters is None:
+        return {}
+    if not isinstance(filters, dict):
+        raise _invalid("filters", "a dict", type(filters).__name__)
+    for name in filters:
+        if name not in ("kind", "key", "author") and not (isinstance(name, str) and name.startswith("metadata.")):
+            raise _invalid("filters", "keys kind, key, author or metadata.<field>", repr(name))
+    return dict(filters)
+
+
+def _check_memory_text(text: Any, field: str = "text") -> str:
+    expected = f"a non-empty string of at most {MAX_MEMORY_TEXT} characters"
+    if not isinstance(text, str) or not text.strip():
+        raise _invalid(field, expected, repr(text) if isinstance(text, str) else type(text).__name__)
+    if len(text) > MAX_MEMORY_TEXT:
+        raise PayloadTooLargeError(
+            f"{field}: {len(text)} characters, expected at most {MAX_MEMORY_TEXT}",
+            field=field, expected=expected, got=len(text),
+        )
+    return text
+
+
+def _invalid(field: str, expected: str, got: Any) -> ValidationError:
+    return ValidationError(f"{field}: expected {expected}, got {got}", field=field, expected=expected, got=got)

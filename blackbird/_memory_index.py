@@ -1,0 +1,336 @@
+"""The memory index: a projection of the memory events into LanceDB tables.
+
+* One table per tenant and embedding model (``mem_<tenant hex>_<model>``): tenants never share a
+  table, and vectors of two models are never searched together.
+* Rows are written in batches (upsert by memory id, ``valid_to`` set when a newer memory with
+  the same key supersedes one, deleted when forgotten, expired or erased). Applying a batch
+  twice gives the same table, so the checkpoint (the last sequence, in a file beside the tables
+  it describes) may lag.
+* The text, vector and metadata arrive sealed with the author's key; a sealed payload whose key
+  was destroyed (``forget_user``) can no longer be opened and is skipped.
+* Rebuildable: drop the tables, replay the log. With an embedder of another model, the replay
+  re-embeds every text into that model's tables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import math
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import lancedb
+import msgspec
+import numpy as np
+import pyarrow as pa
+import structlog
+
+from actors.events import Commit, MemoryForgotten, MemoryRemembered, MemorySuperseded
+from blackbird.journal import Journal
+
+log = structlog.get_logger("blackbird.memory")
+
+INF = math.inf
+
+
+class Sealed(msgspec.Struct, frozen=True):
+    """What a memory event carries encrypted."""
+
+    text: str
+    vector: bytes  # float32, little-endian
+    metadata: dict[str, Any] = {}
+
+
+def table_name(tenant: str, model_id: str) -> str:
+    model = "".join(c if c.isalnum() else "_" for c in model_id.lower())[-40:]
+    return f"mem_{tenant.encode().hex()}_{model}"
+
+
+def schema(dimension: int) -> pa.Schema:
+    return pa.schema([
+        pa.field("memory_id", pa.string()),
+        pa.field("scope_id", pa.string()),
+        pa.field("scope", pa.string()),
+        pa.field("owner", pa.string()),
+        pa.field("author", pa.string()),
+        pa.field("key", pa.string()),
+        pa.field("kind", pa.string()),
+        pa.field("importance", pa.float64()),
+        pa.field("metadata", pa.string()),
+        pa.field("text", pa.string()),
+        pa.field("vector", pa.list_(pa.float32(), dimension)),
+        pa.field("valid_from", pa.float64()),
+        pa.field("valid_to", pa.float64()),
+        pa.field("seq", pa.int64()),
+    ])
+
+
+class _Batch:
+    """What one batch of commits does to the tables, coalesced per memory id."""
+
+    def __init__(self) -> None:
+        self.upserts: dict[tuple[str, str], dict[str, Any]] = {}  # (table, id) -> row
+        self.valid_to: dict[tuple[str, str], float] = {}
+        self.deletes: dict[str, set[str]] = {}  # tenant -> ids (from every model's table)
+
+
+class MemoryIndex:
+    """Keeps LanceDB in step with the log. ``await tg.start(index.run)``."""
+
+    def __init__(self, path: Path, journal: Journal, keys: Any, *, embedder: Any = None) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._checkpoint = self.path / "checkpoint.json"
+        self._journal = journal
+        self._keys = keys
+        self._embedder = embedder  # re-embed with it when its model differs from the writer's
+        self.db = lancedb.connect(str(self.path))
+        self.seq = 0
+        self._waiters: list[tuple[int, anyio.Event]] = []
+        self._tables: dict[str, Any] = {}
+        self._filter = f"{journal.subjects.prefix}.*.memory.*"
+        self._lock = anyio.Lock()
+
+    # ------------------------------------------------------------------ tables
+
+    def table(self, tenant: str, model_id: str) -> Any | None:
+        name = table_name(tenant, model_id)
+        table = self._tables.get(name)
+        if table is None and name in self._table_names():
+            table = self._tables[name] = self.db.open_table(name)
+        return table
+
+    def _table_names(self) -> list[str]:
+        listed = self.db.list_tables()
+        return list(getattr(listed, "tables", listed))
+
+    def models_of(self, tenant: str) -> list[str]:
+        prefix = f"mem_{tenant.encode().hex()}_"
+        return [n[len(prefix):] for n in self._table_names() if n.startswith(prefix)]
+
+    def _table_for_write(self, tenant: str, model_id: str, dimension: int) -> Any:
+        table = self.table(tenant, model_id)
+        if table is None:
+            name = table_name(tenant, model_id)
+            table = self._tables[name] = self.db.create_table(name, schema=schema(dimension), exist_ok=True)
+            with contextlib.suppress(Exception):
+                from lancedb.index import FTS
+
+                table.create_index("text", config=FTS(), replace=True)
+        return table
+
+    # ------------------------------------------------------------------ folding
+
+    async def _prepare(self, entries: list[tuple[int, str, Commit]]) -> _Batch:
+        batch = _Batch()
+        for seq, subject, commit in entries:
+            tenant = subject.split(".")[1]
+            for applied in commit.commands:
+                for event in applied.events:
+                    if isinstance(event, MemoryRemembered):
+                        row = await self._row(tenant, seq, event)
+                        if row is not None:
+                            name = table_name(tenant, row.pop("_model"))
+                            batch.upserts[(name, event.memory_id)] = row
+                    elif isinstance(event, MemorySuperseded):
+                        touched = [k for k in batch.upserts if k[1] == event.memory_id]
+                        for k in touched:
+                            batch.upserts[k]["valid_to"] = event.valid_to
+                        if not touched:
+                            batch.valid_to[(tenant, event.memory_id)] = event.valid_to
+                    elif isinstance(event, MemoryForgotten):
+                        for k in [k for k in batch.upserts if k[1] == event.memory_id]:
+                            del batch.upserts[k]
+                        batch.valid_to.pop((tenant, event.memory_id), None)
+                        batch.deletes.setdefault(tenant, set()).add(event.memory_id)
+        return batch
+
+    async def _row(self, tenant: str, seq: int, event: MemoryRemembered) -> dict[str, Any] | None:
+        try:
+            aad = f"{event.scope}:{event.owner}".encode()
+            plain = await self._keys.decrypt(tenant, event.author, event.sealed, aad=aad)
+        except Exception:  # a destroyed key (erasure): the memory is gone for good
+            plain = None
+        if plain is None:
+            return None
+        sealed = msgspec.msgpack.decode(plain, type=Sealed)
+        vector = np.frombuffer(sealed.vector, dtype=np.float32)
+        model = event.model_id
+        if self._embedder is not None and self._embedder.model_id != model:
+            vector = (await anyio.to_thread.run_sync(self._embedder.embed, [sealed.text]))[0]
+            model = self._embedder.model_id
+        return {
+            "memory_id": event.memory_id, "scope_id": f"{event.scope}:{event.owner}",
+            "scope": event.scope, "owner": event.owner, "author": event.author,
+            "key": event.key or "", "kind": event.kind, "importance": event.importance,
+            "metadata": json.dumps(sealed.metadata, sort_keys=True), "text": sealed.text,
+            "vector": vector.astype(np.float32), "valid_from": event.valid_from, "valid_to": INF,
+            "seq": seq, "_model": model, "_dimension": len(vector),
+        }
+
+    def _write(self, batch: _Batch) -> None:
+        """Apply a prepared batch (blocking: runs in a worker thread)."""
+        by_table: dict[str, list[dict[str, Any]]] = {}
+        for (name, _), row in batch.upserts.items():
+            by_table.setdefault(name, []).append(row)
+        for name, rows in by_table.items():
+            dimension = rows[0].pop("_dimension")
+            for row in rows[1:]:
+                row.pop("_dimension", None)
+            tenant_hex = name.split("_")[1]
+            table = self._tables.get(name)
+            if table is None:
+                table = self._tables[name] = self.db.create_table(
+                    name, schema=schema(dimension), exist_ok=True
+                )
+                with contextlib.suppress(Exception):
+                    from lancedb.index import FTS
+
+                    table.create_index("text", config=FTS(), replace=True)
+            table.merge_insert("memory_id").when_matched_update_all().when_not_matched_insert_all().execute(rows)
+            del tenant_hex
+        for (tenant, memory_id), valid_to in batch.valid_to.items():
+            for table in self._tenant_tables(tenant):
+                table.update(where=f"memory_id = {_quote(memory_id)}", values={"valid_to": valid_to})
+        for tenant, ids in batch.deletes.items():
+            for table in self._tenant_tables(tenant):
+                table.delete(f"memory_id IN ({', '.join(_quote(i) for i in sorted(ids))})")
+
+    def _tenant_tables(self, tenant: str) -> Iterable[Any]:
+        prefix = f"mem_{tenant.encode().hex()}_"
+        for name in self._table_names():
+            if name.startswith(prefix):
+                table = self._tables.get(name) or self.db.open_table(name)
+                self._tables[name] = table
+                yield table
+
+    async def apply(self, entries: list[tuple[int, str, Commit]]) -> None:
+        fresh = [e for e in entries if e[0] > self.seq]
+        if not fresh:
+            return
+        batch = await self._prepare(fresh)
+        async with self._lock:
+            await anyio.to_thread.run_sync(self._write, batch)
+            self.seq = fresh[-1][0]
+        self._wake()
+
+    def _wake(self) -> None:
+        ready = [e for s, e in self._waiters if s <= self.seq]
+        self._waiters = [(s, e) for s, e in self._waiters if s > self.seq]
+        for event in ready:
+            event.set()
+
+    async def wait_for(self, seq: int, timeout: float) -> bool:
+        """True once the tables include sequence ``seq``; False after ``timeout``."""
+        if seq <= self.seq:
+            return True
+        event = anyio.Event()
+        self._waiters.append((seq, event))
+        with anyio.move_on_after(timeout):
+            await event.wait()
+        return seq <= self.seq
+
+    # ------------------------------------------------------------------ running
+
+    async def catch_up(self, chunk: int = 2_000) -> int:
+        """Apply everything the log holds now, in batches of ``chunk`` commits."""
+        while True:
+            target = await self._journal.last_seq_of(self._filter)
+            if target <= self.seq:
+                return self.seq
+            entries: list[tuple[int, str, Commit]] = []
+
+            def collect(seq: int, subject: str, commit: Commit) -> None:
+                entries.append((seq, subject, commit))
+
+            await self._journal.replay(self._filter, self.seq, collect, min(target, self.seq + chunk * 50))
+            for i in range(0, len(entries), chunk):
+                await self.apply(entries[i : i + chunk])
+            if not entries:
+                return self.seq
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        self.seq = self._load_checkpoint()
+        await self.catch_up()
+        await self._save()
+        task_status.started()
+        send, receive = anyio.create_memory_object_stream[tuple[int, str, Commit]](max_buffer_size=10_000)
+
+        async def follow() -> None:
+            async with send:
+                async for entry in self._journal.follow(self._filter, self.seq):
+                    await send.send((entry.seq, entry.subject, entry.commit))
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(follow)
+                async with receive:
+                    async for first in receive:
+                        batch = [first]
+                        while len(batch) < 1000:
+                            try:
+                                batch.append(receive.receive_nowait())
+                            except anyio.WouldBlock:
+                                break
+                        try:
+                            await self.apply(batch)
+                        except Exception as exc:  # keep serving reads; the next start replays it
+                            log.error("memory_index_failed", seq=batch[-1][0], error=repr(exc))
+                            raise
+                        await self._save()
+        finally:
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await self._save()
+
+    def _load_checkpoint(self) -> int:
+        try:
+            return int(json.loads(self._checkpoint.read_text())["seq"])
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    async def _save(self) -> None:
+        tmp = self._checkpoint.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"seq": self.seq}))
+        os.replace(tmp, self._checkpoint)
+
+    async def rebuild(self) -> int:
+        """Drop this index's tables and fold the whole log again."""
+        async with self._lock:
+            for name in self._table_names():
+                if name.startswith("mem_"):
+                    self.db.drop_table(name)
+            self._tables.clear()
+            self.seq = 0
+        await self.catch_up()
+        await self._save()
+        return self.seq
+
+    async def erase_history(self) -> None:
+        """Remove old table versions, so deleted rows are gone from disk too (erasure)."""
+
+        def compact() -> None:
+            for name in self._table_names():
+                table = self._tables.get(name) or self.db.open_table(name)
+                table.optimize(cleanup_older_than=datetime.timedelta(0), delete_unverified=True)
+
+        async with self._lock:  # not while a batch is being written
+            await anyio.to_thread.run_sync(compact)
+
+    def rows(self, tenant: str) -> list[dict[str, Any]]:
+        """Every row of a tenant's tables, sorted (to compare two indexes)."""
+        out: list[dict[str, Any]] = []
+        for table in self._tenant_tables(tenant):
+            for row in table.to_arrow().to_pylist():
+                row["vector"] = [round(float(x), 5) for x in row["vector"]]
+                out.append(row)
+        return sorted(out, key=lambda r: r["memory_id"])
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
