@@ -25,10 +25,8 @@ from typing import Any
 
 import anyio
 import anyio.abc
-import lancedb
 import msgspec
 import numpy as np
-import pyarrow as pa
 import structlog
 
 from actors.events import Commit, MemoryForgotten, MemoryRemembered, MemorySuperseded
@@ -52,7 +50,9 @@ def table_name(tenant: str, model_id: str) -> str:
     return f"mem_{tenant.encode().hex()}_{model}"
 
 
-def schema(dimension: int) -> pa.Schema:
+def schema(dimension: int) -> Any:
+    import pyarrow as pa  # imported when a table is first made: a CLI call never pays for it
+
     return pa.schema([
         pa.field("memory_id", pa.string()),
         pa.field("scope_id", pa.string()),
@@ -90,7 +90,7 @@ class MemoryIndex:
         self._journal = journal
         self._keys = keys
         self._embedder = embedder  # re-embed with it when its model differs from the writer's
-        self.db = lancedb.connect(str(self.path))
+        self._db: Any = None
         self.seq = 0
         self._waiters: list[tuple[int, anyio.Event]] = []
         self._tables: dict[str, Any] = {}
@@ -98,6 +98,14 @@ class MemoryIndex:
         self._lock = anyio.Lock()
 
     # ------------------------------------------------------------------ tables
+
+    @property
+    def db(self) -> Any:
+        if self._db is None:
+            import lancedb  # heavy (over a second): only a client that uses memory imports it
+
+            self._db = lancedb.connect(str(self.path))
+        return self._db
 
     def table(self, tenant: str, model_id: str) -> Any | None:
         name = table_name(tenant, model_id)
