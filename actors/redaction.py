@@ -11,8 +11,12 @@ placeholder and counts what it replaced. It runs in three passes, in this order:
 
 The matchers lean towards keeping numbers that are not contact data: years, small numbers,
 versions (``1.2.3``), IP addresses, times (``12:30``), dates (``2026-11-25``, ``25.11.2026``),
-prices (``1,299.00``) and year ranges (``2019-2024``) are kept. They are heuristics: an
-unusual phone format can slip through and a long grouped number can be taken for a phone.
+prices (``1,299.00``) and year ranges (``2019-2024``) are kept. A run of numbers separated by
+single spaces is judged whole, so a list of small numbers is not half taken for a phone, and
+a phone written right after or before another number (``555 123 4567 2``) is kept. These are
+heuristics: an unusual phone format can slip through and a grouped number of 7-15 digits
+(``12 345 678``) can be taken for a phone. Long inputs are scanned in linear time: the
+patterns use possessive quantifiers (Python 3.11+) and never backtrack through digit runs.
 
 Redacting twice changes nothing more, provided the replacement holds no digit and no ``@``.
 """
@@ -162,21 +166,21 @@ def _card_at(text: str, groups: list[re.Match[str]], i: int) -> int | None:
 # instead of trying every way to split a long run of digits.
 _PHONE = re.compile(
     r"""
-    (?<![\w+.,/@#-])(?<!\d:)               # not inside a word, number, time, path or id
-    (?:
-        \+\d{1,3}+(?:[ .-]\d{1,8}+){1,6}     # international: +44 20 7946 0958, +1.555.123.4567
+    (?<![\w+.,/@#-])(?<!\d[:\ ])           # not inside a word, number, time, path or id,
+    (?:                                    # nor after a number: runs are taken whole or not
+        \+\d{1,3}+(?:[ .-]\d{1,8}+){1,6}   # international: +44 20 7946 0958, +1.555.123.4567
       |
-        \+\d{7,15}+                         # international, unbroken: +14155552671
+        \+\d{7,15}+                        # international, unbroken: +14155552671
       |
-        (?:\+\d{1,3}+[ .-]?)?               # with an area code in parentheses:
-        \(\d{1,5}+\)[ .-]?\d{2,8}+          #   +44 (0)20 7946 0958, (555) 123-4567
+        (?:\+\d{1,3}+[ .-]?)?              # with an area code in parentheses:
+        \(\d{1,5}+\)[ .-]?\d{2,8}+         #   +44 (0)20 7946 0958, (555) 123-4567
         (?:[ .-]\d{2,8}+){0,5}
       |
-        \d{2,5}+(?:[ .-]\d{2,8}+){1,6}        # national groups: 555-123-4567, 030-1234567
+        \d{2,5}+(?:[ .-]\d{2,8}+){1,6}     # national groups: 555-123-4567, 030-1234567
       |
-        0\d{8,10}+                           # unbroken with a trunk prefix: 07946095812
+        0\d{8,10}+                         # unbroken with a trunk prefix: 07946095812
       |
-        [2-9]\d{2}[2-9]\d{6}                 # unbroken North American: 4155552671
+        [2-9]\d{2}[2-9]\d{6}               # unbroken North American: 4155552671
     )
     (?!\w|[.,:/\ -]?\d)                    # all of a number: not a part of a longer one
     """,

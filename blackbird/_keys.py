@@ -67,6 +67,9 @@ class DecryptionError(BlackbirdError, ValueError):
     ``tenant`` and ``user_id`` name the key, ``reason`` says what failed."""
 
     code = "decryption_failed"
+    tenant: str
+    user_id: str
+    reason: str  # "malformed" or "authentication_failed"
 
     def __init__(self, message: str, *, tenant: str, user_id: str, reason: str) -> None:
         super().__init__(message, tenant=tenant, user_id=user_id, reason=reason)
@@ -321,8 +324,11 @@ class UserKeys:
                 try:
                     # Creates only if the user has no key; after a forget, only on its marker.
                     await kv.create(name, bytes([_RECORD_VERSION]) + kid + key)
-                except nats.js.errors.KeyWrongLastSequenceError:
-                    continue  # another process created it first: read theirs
+                except (
+                    nats.js.errors.KeyWrongLastSequenceError,
+                    nats.js.errors.KeyNotFoundError,  # a concurrent forget emptied the subject
+                ):
+                    continue  # another process created it first (or forgot it): read again
                 data_key = _DataKey(kid, key, AESGCM(key))
             if data_key is not None and epoch == self._epoch:
                 self._remember(tenant, user_id, data_key)
@@ -391,6 +397,7 @@ def _check_bucket(info: StreamInfo) -> None:
         raise LogError(
             f"key bucket {BUCKET} keeps {config.max_msgs_per_subject} revisions per key, "
             f"deny_delete={config.deny_delete}, allow_rollup={config.allow_rollup_hdrs}: "
-            "expected 1, False, True, or forgotten keys would stay readable on disk. "
-            f"Move the keys to a bucket created by UserKeys.open (stream {_STREAM})"
+            "expected 1, False, True, or forgotten keys would stay readable on disk. Copy its "
+            f"keys out, delete stream {_STREAM}, let UserKeys.open create it, and copy them "
+            "back (deleting it without copying forgets every user)"
         )
