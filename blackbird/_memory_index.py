@@ -19,6 +19,7 @@ import datetime
 import json
 import math
 import os
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -325,7 +326,12 @@ class MemoryIndex:
         def compact() -> None:
             for name in self._table_names():
                 table = self._tables.get(name) or self.db.open_table(name)
-                table.optimize(cleanup_older_than=datetime.timedelta(0), delete_unverified=True)
+                # Erasure needs every older version gone. LanceDB warns that a concurrent user
+                # of an older version would fail: this index is the tables' only writer and
+                # holds its lock, and a search in flight retries on the next version.
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    table.optimize(cleanup_older_than=datetime.timedelta(0), delete_unverified=True)
 
         async with self._lock:  # not while a batch is being written
             await anyio.to_thread.run_sync(compact)
