@@ -128,14 +128,14 @@ class PhaseResult:
 # --------------------------------------------------------------------------- 1. commands
 
 
-async def create_sessions(bb: AsyncBlackbird, n: int, label: str) -> list[str]:
+async def create_sessions(bb: AsyncBlackbird, n: int, label: str, tier: str = "enterprise") -> list[str]:
     sm = bb.session_manager
     ids = [f"{label}-{i}-{uuid.uuid4().hex[:8]}" for i in range(n)]
     limiter = anyio.CapacityLimiter(200)
 
     async def one(sid: str) -> None:
         async with limiter:
-            await sm.create_session(f"user-{sid}", tier="enterprise", session_id=sid)
+            await sm.create_session(f"user-{sid}", tier=tier, session_id=sid)
 
     async with anyio.create_task_group() as tg:
         for sid in ids:

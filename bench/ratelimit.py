@@ -39,7 +39,6 @@ import os
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +57,7 @@ from actors.events import Applied, CheckRate, Commit, CreateSession, RateAllowed
 from actors.policy import Policy, load_policy
 from actors.session import SessionState, apply_commands, decide, evolve, initial_state
 from bench.commands import (
+    create_sessions,
     raw_baselines,
     FSYNC,
     CpuMeter,
@@ -120,21 +120,6 @@ class RatePhase(PhaseResult):
 
 
 # --------------------------------------------------------------------------- 1. decisions
-
-
-async def create_sessions(bb: AsyncBlackbird, n: int, label: str, tier: str) -> list[str]:
-    sm = bb.session_manager
-    ids = [f"{label}-{i}-{uuid.uuid4().hex[:8]}" for i in range(n)]
-    limiter = anyio.CapacityLimiter(200)
-
-    async def one(sid: str) -> None:
-        async with limiter:
-            await sm.create_session(f"user-{sid}", tier=tier, session_id=sid)
-
-    async with anyio.create_task_group() as tg:
-        for sid in ids:
-            tg.start_soon(one, sid)
-    return ids
 
 
 async def run_rate_phase(
