@@ -10,8 +10,9 @@ from blackbird._logging import configure_default_logging
 configure_default_logging()
 
 from actors.policy import QuotaType, RateLimitType
-from blackbird._audit import AuditReport, Auditor
+from blackbird._audit import Auditor, AuditReport
 from blackbird._client import AsyncBlackbird
+from blackbird._memory import AsyncMemory
 from blackbird._sessions import AsyncSessionManager
 from blackbird._sync import BlackbirdSDK, SessionManager
 from blackbird.config import Settings
@@ -20,22 +21,34 @@ from blackbird.errors import (
     ClosedError,
     CommandTimeoutError,
     ConcurrencyConflictError,
+    DecryptionError,
     EmbeddedServerError,
+    EmbedderError,
+    EmbedderUnavailableError,
+    EmbeddingModelMismatchError,
     LogError,
     PayloadTooLargeError,
     ProjectionTimeoutError,
     QuotaExceededError,
     RateLimitError,
     ReservationNotFoundError,
+    ScopeAccessError,
     SessionExistsError,
     SessionInactiveError,
     SessionLimitError,
     SessionNotFoundError,
     ValidationError,
 )
-from blackbird.types import Admission, Session, SessionStatus, UsageRecord
+from blackbird.types import Admission, Memory, Session, SessionStatus, UsageRecord
 
 __all__ = [
+    "AsyncMemory",
+    "Memory",
+    "ScopeAccessError",
+    "EmbeddingModelMismatchError",
+    "EmbedderUnavailableError",
+    "EmbedderError",
+    "DecryptionError",
     "Admission",
     "AsyncBlackbird",
     "AuditReport",

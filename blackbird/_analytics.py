@@ -12,11 +12,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from actors.events import SessionStatus
+from actors.policy import QuotaType
 from blackbird._validate import check_enum, check_seconds
 from blackbird.errors import SessionNotFoundError, ValidationError
 from blackbird.subjects import validate_token
 from blackbird.types import Session
-from actors.policy import QuotaType
 from projections import activity
 from projections.activity import Activity
 

@@ -19,28 +19,28 @@ from nats.aio.client import Client as NATS
 
 from actors.events import UserCommand
 from actors.host import ActorHost, Outcome
+from actors.memory import MemoryBehaviour
 from actors.policy import Policy, PolicyError, default_policy, load_policy
 from actors.ports import AggregateKey, NoSnapshots
 from actors.session import SessionBehaviour
 from actors.tenant import PolicyBook, TenantBehaviour
-from actors.memory import MemoryBehaviour
 from actors.user import UserBehaviour
-from projections.abuse import AbuseConfig, AbuseProjection
-from projections.activity import ActivityProjection
 from blackbird._audit import Auditor
 from blackbird._dispatch import Dispatcher, LocalDispatcher, RemoteDispatcher, ask_or_raise
-from blackbird._server import EmbeddedServer
-from blackbird._service import CommandService
 from blackbird._keys import UserKeys
 from blackbird._memory import AsyncMemory
 from blackbird._memory_index import MemoryIndex
 from blackbird._projections import MemoryCheckpoints, NatsCheckpoints, Projections, alert_raiser
+from blackbird._server import EmbeddedServer
+from blackbird._service import CommandService
 from blackbird._sessions import AsyncSessionManager
 from blackbird._tenants import TenantDirectory
 from blackbird.config import Settings, build_settings
 from blackbird.errors import ClosedError, EmbeddedServerError, ValidationError, field_of
 from blackbird.journal import Journal
 from blackbird.subjects import validate_token
+from projections.abuse import AbuseConfig, AbuseProjection
+from projections.activity import ActivityProjection
 
 log = structlog.get_logger("blackbird")
 

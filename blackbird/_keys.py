@@ -37,7 +37,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, Header, StorageType, StreamConfig, StreamInfo
 from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, MSG_ROLLUP_SUBJECT, KeyValue
 
-from blackbird.errors import BlackbirdError, LogError, ValidationError
+from blackbird.errors import DecryptionError, LogError, ValidationError
 
 __all__ = ["BUCKET", "DecryptionError", "UserKeys"]
 
@@ -59,20 +59,6 @@ _CACHE_LIMIT = 10_000  # users whose keys stay in memory (least recently used le
 _ATTEMPTS = 10  # rounds of a create/forget race lost before giving up
 _WRONG_LAST_SEQUENCE = (10071, 10164)  # JetStream err_codes for a failed expected sequence
 _STREAM_NAME_IN_USE = 10058
-
-
-class DecryptionError(BlackbirdError, ValueError):
-    """A sealed blob could not be opened with the user's key although the key still exists: it
-    was altered or truncated, sealed for another ``aad``, or is not a sealed blob at all.
-    ``tenant`` and ``user_id`` name the key, ``reason`` says what failed."""
-
-    code = "decryption_failed"
-    tenant: str
-    user_id: str
-    reason: str  # "malformed" or "authentication_failed"
-
-    def __init__(self, message: str, *, tenant: str, user_id: str, reason: str) -> None:
-        super().__init__(message, tenant=tenant, user_id=user_id, reason=reason)
 
 
 class _BucketMissingError(LogError):

@@ -12,6 +12,7 @@ tenant), ``group:<id>`` and ``agent:<id>`` (members only, see :meth:`AsyncMemory
 
 from __future__ import annotations
 
+import builtins
 import json
 import math
 import os
@@ -48,9 +49,10 @@ from blackbird._dispatch import ask_or_raise
 from blackbird._memory_index import MemoryIndex, Sealed, _quote
 from blackbird._validate import check_metadata, check_seconds, check_text
 from blackbird.errors import (
-    BlackbirdError,
+    EmbeddingModelMismatchError,
     PayloadTooLargeError,
     ProjectionTimeoutError,
+    ScopeAccessError,
     SessionInactiveError,
     SessionNotFoundError,
     ValidationError,
@@ -65,18 +67,6 @@ MAX_CACHE_VALUE = 64 * 1024  # bytes of JSON
 SCOPE_KINDS = ("session", "user", "tenant", "group", "agent")
 DEFAULT_WEIGHTS = {"similarity": 0.6, "keyword": 0.15, "recency": 0.1, "importance": 0.15}
 RECENCY_HALF_LIFE = 7 * 86400.0
-
-
-class ScopeAccessError(BlackbirdError, PermissionError):
-    """The acting session's user does not belong to the scope."""
-
-    code = "scope_access"
-
-
-class EmbeddingModelMismatchError(BlackbirdError):
-    """The tenant's memories were embedded with another model than this client's embedder."""
-
-    code = "embedding_model_mismatch"
 
 
 class _CacheValue(msgspec.Struct):
@@ -501,9 +491,9 @@ class AsyncMemory:
         log.info("user_forgotten", tenant=tenant, user_id=user_id, scopes=len(scopes), removed=erased)
         return {"user_id": user_id, "scopes": sorted(scopes), "removed": erased}
 
-    async def _scopes_written_by(self, tenant: str, user_id: str) -> set[str]:
+    async def _scopes_written_by(self, tenant: str, user_id: str) -> builtins.set[str]:
         """Every memory scope of the tenant with a commit by ``user_id`` (from the log)."""
-        found: set[str] = {scope_id("user", user_id)}
+        found: builtins.set[str] = {scope_id("user", user_id)}
         prefix = f"{self.index._journal.subjects.prefix}.{tenant}.memory."
 
         def collect(seq: int, subject: str, commit: Any) -> None:

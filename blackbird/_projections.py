@@ -23,10 +23,10 @@ from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from actors.events import PostMessage
-from projections.abuse import Alert
-from projections.runner import Checkpoint, Projection, ProjectionRunner, ProjectionTimeout
 from blackbird.errors import ProjectionTimeoutError
 from blackbird.journal import Journal
+from projections.abuse import Alert
+from projections.runner import Checkpoint, Projection, ProjectionRunner, ProjectionTimeout
 
 log = structlog.get_logger("blackbird.projections")
 

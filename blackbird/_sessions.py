@@ -29,8 +29,8 @@ from actors.events import (
 )
 from actors.host import Outcome
 from actors.tenant import PolicyBook
-from blackbird._dispatch import Dispatcher, raise_for_rejection
 from blackbird._analytics import AnalyticsMethods
+from blackbird._dispatch import Dispatcher, raise_for_rejection
 from blackbird._projections import Projections
 from blackbird._quotas import QuotaMethods, TenantCommands
 from blackbird._validate import check_metadata, check_text

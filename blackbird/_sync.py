@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from blackbird._audit import Auditor
-from blackbird._memory import AsyncMemory
 from blackbird._client import AsyncBlackbird
+from blackbird._memory import AsyncMemory
 from blackbird._sessions import AsyncSessionManager
 from blackbird.errors import ClosedError
 from blackbird.types import UsageRecord

