@@ -123,17 +123,6 @@ class MemoryIndex:
         prefix = f"mem_{tenant.encode().hex()}_"
         return [n[len(prefix):] for n in self._table_names() if n.startswith(prefix)]
 
-    def _table_for_write(self, tenant: str, model_id: str, dimension: int) -> Any:
-        table = self.table(tenant, model_id)
-        if table is None:
-            name = table_name(tenant, model_id)
-            table = self._tables[name] = self.db.create_table(name, schema=schema(dimension), exist_ok=True)
-            with contextlib.suppress(Exception):
-                from lancedb.index import FTS
-
-                table.create_index("text", config=FTS(), replace=True)
-        return table
-
     # ------------------------------------------------------------------ folding
 
     async def _prepare(self, entries: list[tuple[int, str, Commit]]) -> _Batch:
@@ -192,18 +181,16 @@ class MemoryIndex:
             dimension = rows[0].pop("_dimension")
             for row in rows[1:]:
                 row.pop("_dimension", None)
-            tenant_hex = name.split("_")[1]
             table = self._tables.get(name)
             if table is None:
                 table = self._tables[name] = self.db.create_table(
                     name, schema=schema(dimension), exist_ok=True
                 )
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(Exception):  # vectors alone still work without it
                     from lancedb.index import FTS
 
                     table.create_index("text", config=FTS(), replace=True)
             table.merge_insert("memory_id").when_matched_update_all().when_not_matched_insert_all().execute(rows)
-            del tenant_hex
         for (tenant, memory_id), valid_to in batch.valid_to.items():
             for table in self._tenant_tables(tenant):
                 table.update(where=f"memory_id = {_quote(memory_id)}", values={"valid_to": valid_to})
