@@ -145,6 +145,27 @@ def _gelu(x: Vectors) -> Vectors:
 
 
 _FFN_ROWS = 128
+_SMALL_ROWS = 48
+_SMALL_PRODUCT = 1_000_000
+
+
+def _linear(x: Vectors, weight: Vectors, bias: Vectors) -> Vectors:
+    """``x @ weight + bias``; for a few rows, in column blocks of at most a million multiply-adds.
+
+    OpenBLAS runs products that small on the calling thread with a kernel that skips packing:
+    faster for a short text, and it never waits on a second BLAS thread that a busy machine has
+    descheduled (on 2 busy cores that wait took a 10-token text's p95 from ~20 ms to ~300 ms).
+    """
+    rows, inner = x.shape
+    cols = _SMALL_PRODUCT // (rows * inner) // 16 * 16
+    if rows > _SMALL_ROWS or cols < 16 or cols >= weight.shape[1]:
+        out = x @ weight
+    else:
+        out = np.empty((rows, weight.shape[1]), np.float32)
+        for start in range(0, weight.shape[1], cols):
+            np.matmul(x, weight[:, start : start + cols], out=out[:, start : start + cols])
+    out += bias
+    return out
 
 
 class _Layer(msgspec.Struct, frozen=True):
@@ -160,6 +181,34 @@ class _Layer(msgspec.Struct, frozen=True):
     down_b: Vectors
     ln2_w: Vectors
     ln2_b: Vectors
+
+
+def _layer(w: dict[str, Vectors], index: int, scale: np.float32) -> _Layer:
+    """Encoder layer ``index`` from a BERT state dict, laid out for ``x @ weight``."""
+    p = f"encoder.layer.{index}."
+    a = p + "attention.self."
+
+    def t(name: str) -> Vectors:
+        return np.ascontiguousarray(w[name].T, np.float32)  # torch Linear stores (out, in)
+
+    return _Layer(
+        qkv_w=np.ascontiguousarray(
+            np.concatenate(
+                [t(a + "query.weight") * scale, t(a + "key.weight"), t(a + "value.weight")], 1
+            )
+        ),
+        qkv_b=np.concatenate([w[a + "query.bias"] * scale, w[a + "key.bias"], w[a + "value.bias"]]),
+        out_w=t(p + "attention.output.dense.weight"),
+        out_b=w[p + "attention.output.dense.bias"],
+        ln1_w=w[p + "attention.output.LayerNorm.weight"],
+        ln1_b=w[p + "attention.output.LayerNorm.bias"],
+        up_w=t(p + "intermediate.dense.weight"),
+        up_b=w[p + "intermediate.dense.bias"],
+        down_w=t(p + "output.dense.weight"),
+        down_b=w[p + "output.dense.bias"],
+        ln2_w=w[p + "output.LayerNorm.weight"],
+        ln2_b=w[p + "output.LayerNorm.bias"],
+    )
 
 
 class MiniLMEmbedder:
@@ -229,42 +278,7 @@ class MiniLMEmbedder:
         )
         self._emb_ln = (w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"])
         scale = np.float32(1.0 / math.sqrt(self.dimension // self._heads))
-        layers = []
-        for i in range(config["num_hidden_layers"]):
-            p = f"encoder.layer.{i}."
-            a = p + "attention.self."
-
-            def t(name: str) -> Vectors:
-                return np.ascontiguousarray(w[name].T, np.float32)  # torch Linear stores (out, in)
-
-            layers.append(
-                _Layer(
-                    qkv_w=np.ascontiguousarray(
-                        np.concatenate(
-                            [
-                                t(a + "query.weight") * scale,
-                                t(a + "key.weight"),
-                                t(a + "value.weight"),
-                            ],
-                            1,
-                        )
-                    ),
-                    qkv_b=np.concatenate(
-                        [w[a + "query.bias"] * scale, w[a + "key.bias"], w[a + "value.bias"]]
-                    ),
-                    out_w=t(p + "attention.output.dense.weight"),
-                    out_b=w[p + "attention.output.dense.bias"],
-                    ln1_w=w[p + "attention.output.LayerNorm.weight"],
-                    ln1_b=w[p + "attention.output.LayerNorm.bias"],
-                    up_w=t(p + "intermediate.dense.weight"),
-                    up_b=w[p + "intermediate.dense.bias"],
-                    down_w=t(p + "output.dense.weight"),
-                    down_b=w[p + "output.dense.bias"],
-                    ln2_w=w[p + "output.LayerNorm.weight"],
-                    ln2_b=w[p + "output.LayerNorm.bias"],
-                )
-            )
-        self._layers = tuple(layers)
+        self._layers = tuple(_layer(w, i, scale) for i in range(config["num_hidden_layers"]))
 
     @staticmethod
     def _check_supported(model_dir: Path, config: dict[str, Any]) -> None:
@@ -293,13 +307,13 @@ class MiniLMEmbedder:
         """One unit vector per text: float32 of shape ``(len(texts), 384)``.
 
         Texts longer than 256 tokens are truncated (their vector reflects the first 256 tokens).
-        CPU-bound and thread-safe; a single short text takes a few milliseconds.
+        CPU-bound and thread-safe; a short text takes about 10 ms on two cores.
         """
         items = _check_texts(texts)
         out = np.zeros((len(items), self.dimension), np.float32)
         if not items:
             return out
-        # sentence-transformers strips texts before tokenising; keep vectors identical to its
+        # sentence-transformers strips texts before tokenising: do the same to match its vectors
         encodings = self._tokenizer.encode_batch(
             [t.strip() for t in items], add_special_tokens=True
         )
@@ -337,8 +351,7 @@ class MiniLMEmbedder:
         x += self._position[:length]
         x = _layer_norm(x.reshape(n * length, hidden), *self._emb_ln, self._eps)
         for layer in self._layers:
-            qkv = x @ layer.qkv_w
-            qkv += layer.qkv_b
+            qkv = _linear(x, layer.qkv_w, layer.qkv_b)
             # (n*L, 3H) -> (3, n, heads, L, head_dim)
             qkv = qkv.reshape(n, length, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)
             scores = qkv[0] @ qkv[1].transpose(0, 1, 3, 2)  # (n, heads, L, L)
@@ -348,8 +361,7 @@ class MiniLMEmbedder:
             np.exp(scores, out=scores)
             scores /= scores.sum(axis=-1, keepdims=True)
             context = (scores @ qkv[2]).transpose(0, 2, 1, 3).reshape(n * length, hidden)
-            attended = context @ layer.out_w
-            attended += layer.out_b
+            attended = _linear(context, layer.out_w, layer.out_b)
             attended += x
             x = _layer_norm(attended, layer.ln1_w, layer.ln1_b, self._eps)
             x = _layer_norm(self._feed_forward(x, layer), layer.ln2_w, layer.ln2_b, self._eps)
@@ -366,11 +378,11 @@ class MiniLMEmbedder:
         out = np.empty_like(x)
         for start in range(0, x.shape[0], _FFN_ROWS):
             rows = x[start : start + _FFN_ROWS]
-            up = rows @ layer.up_w
-            up += layer.up_b
-            block = np.matmul(_gelu(up), layer.down_w, out=out[start : start + _FFN_ROWS])
-            block += layer.down_b
+            block = _linear(
+                _gelu(_linear(rows, layer.up_w, layer.up_b)), layer.down_w, layer.down_b
+            )
             block += rows
+            out[start : start + _FFN_ROWS] = block
         return out
 
 
