@@ -101,6 +101,8 @@ class AsyncMemory:
         self._timeout = timeout
         self._clock = clock
         self._written = 0  # the last memory sequence this client wrote (read-your-writes)
+        # this client's writes the index may not hold yet: (seq, tenant, scope id, id, vector)
+        self._pending: list[tuple[int, str, str, str, np.ndarray]] = []
 
     # ------------------------------------------------------------------ helpers
 
@@ -282,6 +284,8 @@ class AsyncMemory:
             cid = None if command_id is None else f"{command_id}:{i}"
             outcome = await self._ask(session.tenant, sid, command, cid)
             remembered = next((e for e in outcome.events if isinstance(e, MemoryRemembered)), None)
+            if remembered is not None:
+                self._pending.append((outcome.sequence, session.tenant, sid, remembered.memory_id, matrix[i]))
             superseded = next((e.memory_id for e in outcome.events if isinstance(e, MemorySuperseded)), None)
             memories[i] = Memory(
                 memory_id=remembered.memory_id if remembered else target, text=cleaned[i],
@@ -297,16 +301,28 @@ class AsyncMemory:
         return memories
 
     async def _duplicates(self, tenant: str, sid: str, matrix: np.ndarray, threshold: float) -> list[str | None]:
-        await self._caught_up()
+        """For each vector, a memory of the scope it nearly duplicates (cosine >= threshold).
+
+        Looks in the index as it is (without waiting for it to catch up: that wait was most of
+        a write's latency) and in this client's own writes the index has not applied yet, so a
+        client never writes a near-duplicate of its own earlier write. Two clients writing
+        near-duplicates within the index's lag (milliseconds) may both keep theirs."""
+        await self._index()
+        self._pending = [p for p in self._pending if p[0] > self.index.seq]
+        mine = [(mid, vec) for _, t, s, mid, vec in self._pending if t == tenant and s == sid]
         table = self.index.table(tenant, self.embedder.model_id)
-        if table is None:
-            return [None] * len(matrix)
         where = f"scope_id = {_quote(sid)} AND valid_to > {self._clock()!r}"
 
         def search() -> list[str | None]:
             found: list[str | None] = []
             for vec in matrix:
-                rows = table.search(vec).metric("cosine").where(where, prefilter=True).limit(1).to_list()
+                best = max(((float(np.dot(v, vec)), mid) for mid, v in mine), default=(0.0, ""))
+                if best[0] >= threshold:
+                    found.append(best[1])
+                    continue
+                rows = [] if table is None else (
+                    table.search(vec).metric("cosine").where(where, prefilter=True).limit(1).to_list()
+                )
                 close = rows and (1.0 - rows[0]["_distance"]) >= threshold
                 found.append(rows[0]["memory_id"] if close else None)
             return found
@@ -377,18 +393,27 @@ class AsyncMemory:
         pool = max(k * (10 if wanted else 4), 20)
         words = " ".join(re.findall(r"\w+", query))
 
-        def search() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-            by_vector = table.search(vector).metric("cosine").where(where, prefilter=True).limit(pool).to_list()
-            by_text: list[dict[str, Any]] = []
-            if words:
-                try:
-                    by_text = table.search(words, query_type="fts").where(where, prefilter=True).limit(pool).to_list()
-                except Exception as exc:  # no FTS index yet, or an unparsable query: vectors only
-                    log.debug("memory_fts_skipped", error=repr(exc))
-            return by_vector, by_text
+        def by_vector() -> list[dict[str, Any]]:
+            return table.search(vector).metric("cosine").where(where, prefilter=True).limit(pool).to_list()  # type: ignore[no-any-return]
 
-        by_vector, by_text = await anyio.to_thread.run_sync(search)
-        return _rank(by_vector, by_text, vector, wanted, mix, now, k)
+        def by_text() -> list[dict[str, Any]]:
+            if not words:
+                return []
+            try:
+                return table.search(words, query_type="fts").where(where, prefilter=True).limit(pool).to_list()  # type: ignore[no-any-return]
+            except Exception as exc:  # no FTS index yet, or an unparsable query: vectors only
+                log.debug("memory_fts_skipped", error=repr(exc))
+                return []
+
+        found: dict[str, list[dict[str, Any]]] = {}
+
+        async def run(name: str, search: Callable[[], list[dict[str, Any]]]) -> None:
+            found[name] = await anyio.to_thread.run_sync(search)
+
+        async with anyio.create_task_group() as tg:  # both searches at once, each in a thread
+            tg.start_soon(run, "vector", by_vector)
+            tg.start_soon(run, "text", by_text)
+        return _rank(found["vector"], found["text"], vector, wanted, mix, now, k)
 
     async def forget(self, memory_id: str, *, session_id: str, scope: str = "user", tenant: str | None = None) -> bool:
         """Delete a memory from ``scope`` (an event; the index drops it). False if unknown."""

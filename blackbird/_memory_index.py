@@ -36,6 +36,7 @@ from blackbird.journal import Journal
 log = structlog.get_logger("blackbird.memory")
 
 INF = math.inf
+OPTIMIZE_EVERY = 2_000  # rows written to a table before it is compacted and re-indexed
 
 
 class Sealed(msgspec.Struct, frozen=True):
@@ -92,6 +93,7 @@ class MemoryIndex:
         self._keys = keys
         self._embedder = embedder  # re-embed with it when its model differs from the writer's
         self._db: Any = None
+        self._unoptimized: dict[str, int] = {}  # table -> rows written since its last optimize
         self.seq = 0
         self._waiters: list[tuple[int, anyio.Event]] = []
         self._tables: dict[str, Any] = {}
@@ -186,17 +188,29 @@ class MemoryIndex:
                 table = self._tables[name] = self.db.create_table(
                     name, schema=schema(dimension), exist_ok=True
                 )
-                with contextlib.suppress(Exception):  # vectors alone still work without it
-                    from lancedb.index import FTS
+                with contextlib.suppress(Exception):  # vectors alone still work without them
+                    from lancedb.index import FTS, BTree
 
                     table.create_index("text", config=FTS(), replace=True)
+                    # every search is prefiltered by scope: an index on it makes that cheap
+                    table.create_index("scope_id", config=BTree(), replace=True)
             table.merge_insert("memory_id").when_matched_update_all().when_not_matched_insert_all().execute(rows)
+            self._unoptimized[name] = self._unoptimized.get(name, 0) + len(rows)
         for (tenant, memory_id), valid_to in batch.valid_to.items():
             for table in self._tenant_tables(tenant):
                 table.update(where=f"memory_id = {_quote(memory_id)}", values={"valid_to": valid_to})
         for tenant, ids in batch.deletes.items():
             for table in self._tenant_tables(tenant):
                 table.delete(f"memory_id IN ({', '.join(_quote(i) for i in sorted(ids))})")
+        # Each batch adds a fragment that the indices do not cover yet (searched by a scan):
+        # compact and fold them into the indices once enough rows have piled up. Measured at
+        # 30,000 rows: prefiltered vector search 28 -> 14 ms, full-text search 20 -> 7 ms.
+        for name, pending in list(self._unoptimized.items()):
+            if pending >= OPTIMIZE_EVERY:
+                table = self._tables.get(name)
+                if table is not None:
+                    table.optimize()
+                del self._unoptimized[name]
 
     def _tenant_tables(self, tenant: str) -> Iterable[Any]:
         prefix = f"mem_{tenant.encode().hex()}_"
