@@ -1,0 +1,723 @@
+"""Benchmark: memory writes and recall through AsyncBlackbird vs. raw LanceDB and numpy.
+
+Run as ``python bench/memory.py [--quick] [--profile FILE] [--default-gc]``.
+
+It starts its own nats-server (``blackbird._server.EmbeddedServer`` on a temporary data dir,
+default fsync mode: JetStream's ``sync_interval`` of 2 minutes), connects
+``AsyncBlackbird(nats_url=..., tenant="bench", embedder=MiniLMEmbedder())`` (the real local
+all-MiniLM-L6-v2; the LanceDB index in a temporary folder) and measures
+
+1. the embedder alone: sentences/s in batches of 256 and single-sentence latency (and the same
+   with OpenBLAS held to one thread, when numpy's OpenBLAS can be reached); then writes/s of
+   ``memory.remember_many`` in batches of 64 into one user scope, one call after the other:
+   with embedding (the real model, default dedupe on), and with precomputed ``vectors=``
+   (dedupe off, dedupe on). Every memory is a durable append (one Remember command each,
+   sealed with the author's key; the scope's actor group-commits what queues up);
+2. ``memory.remember(sentence)`` latency p50/p95 (embedding + storage-quota usage append +
+   near-duplicate search + the durable append), into a user scope that already holds a few
+   hundred indexed memories (so the duplicate search has work); and the same with
+   ``vector=`` given (no embedding);
+3. recall p50/p99 (``memory.recall(query, session_id=..., k=10)``, default scopes session and
+   user) with the tenant's table at 10k and 100k memories (``--quick``: 10k and 30k; 100k
+   cannot be loaded within its minute). The memories are loaded through the actors:
+   ``remember_many(texts, vectors=..., dedupe=False)`` in batches of 64, several user scopes
+   at once, 1,000 memories per user, so the recalling user's scopes hold ~1,000 of the
+   tenant's N rows; then the bench waits until ``bb.memory.index.seq`` reaches the last
+   sequence written. Texts are generated sentences from a small vocabulary (subject, verb,
+   object, time), so the full-text side has words to find; their vectors are composed from
+   the real MiniLM embeddings of the four parts plus noise (embedding 100k sentences would
+   take ~10 minutes here) — the output compares them with the sentences' own embeddings.
+   Where the time of one recall goes (session lookup, query embedding, the prefiltered
+   vector search, the full-text search, ranking) is measured step by step at the largest size;
+4. raw LanceDB on the same data in the same run: ``table.search(vec).limit(10).to_list()`` on
+   the live table (``bb.memory.index.table(tenant, model_id)``: flat, no filter), the same on a
+   compacted COPY of it, an IVF_PQ index built on that copy (the live table is not modified),
+   and numpy brute force (``M @ q`` + argpartition). ``ratio_vs_raw`` = raw flat search p50 on
+   the live table ÷ our recall p50 at the largest size (equivalently recalls/s ÷ raw
+   searches/s): above 1, recall answers faster than one unfiltered flat scan of the table;
+5. recall@10 of the IVF_PQ search against exact brute force (numpy) over 100 random queries
+   (held-out vectors from the same generator), target >= 0.95.
+
+A human-readable table goes to stdout; the very last line is one JSON object. Timings are
+wall-clock on a shared machine: other processes skew every figure (the load average is shown).
+``--profile FILE`` runs cProfile over the recall loop at the largest size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import ctypes
+import glob
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+os.environ.setdefault("BLACKBIRD_LOG_LEVEL", "warning")
+
+if __package__ in (None, ""):  # run as ``python bench/memory.py``: make ``bench`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import anyio
+import lancedb
+import numpy as np
+
+from bench.commands import FSYNC, CpuMeter, create_sessions, percentile, row
+from blackbird import AsyncBlackbird
+from blackbird._memory import DEFAULT_WEIGHTS, _rank
+from blackbird._memory_index import _quote
+from blackbird._runtime import tune_gc_for_serving
+from blackbird._server import EmbeddedServer
+from blackbird.embedding import MiniLMEmbedder
+
+TENANT = "bench"  # the recall data set
+WRITE_TENANT = "benchw"  # the write phases (their own table, so the recall sizes stay exact)
+TIER = "enterprise"  # storage quota 100 GB / 30 days, no retention: nothing expires meanwhile
+BATCH = 64
+EMBED_BATCH = 256
+PER_USER = 1_000  # memories per user scope in the recall data set
+K = 10
+ANN_QUERIES = 100
+
+SUBJECTS = (
+    "I", "my manager", "my sister", "the customer", "our team", "the new intern", "my doctor",
+    "the landlord", "my best friend", "the project lead", "my daughter", "the support agent",
+)
+VERBS = (
+    "prefers", "asked about", "complained about", "recommended", "is allergic to", "booked",
+    "forgot about", "wants to learn", "reviewed", "cancelled", "bought", "needs help with",
+    "is excited about", "moved",
+)
+OBJECTS = (
+    "dark roast coffee", "green tea", "the quarterly report", "a flight to Lisbon",
+    "peanut butter", "the Python migration", "a vegetarian menu", "the database backup",
+    "jazz concerts", "the dentist appointment", "a standing desk", "the rust compiler",
+    "hiking boots", "the hotel in Kyoto", "the invoice from March", "a birthday cake",
+    "the onboarding checklist", "noise cancelling headphones", "the kubernetes cluster",
+    "spanish lessons", "the pull request", "a used bicycle", "the insurance claim",
+    "sourdough bread",
+)
+WHENS = (
+    "this morning", "last week", "every Monday", "before the deadline", "during the meeting",
+    "on weekends", "yesterday evening", "next month", "after lunch", "in the summer",
+)
+PARTS = (SUBJECTS, VERBS, OBJECTS, WHENS)
+PART_WEIGHTS = np.array([0.6, 1.0, 1.4, 0.5], np.float32)  # the object matters most
+NOISE = 0.35  # norm of the added gaussian noise relative to the composed vector's norm
+
+
+@dataclass(frozen=True)
+class Config:
+    quick: bool
+    sizes: tuple[int, ...]  # memories in the recall tenant's table
+    embed_reps: int  # batches of EMBED_BATCH timed
+    single_samples: int  # single-sentence embeddings timed
+    write_embed: int  # memories written with embedding (batches of BATCH)
+    write_plain: int  # ... with vectors=, dedupe off
+    write_dedupe: int  # ... with vectors=, dedupe on
+    warm_memories: int  # in the scope remember() writes into
+    remember_samples: int
+    recall_samples: int  # per size
+    raw_samples: int
+    breakdown_samples: int
+    load_concurrency: int  # user scopes loaded at once
+    ivf_sub_vectors: int
+    flat_check_queries: int  # queries comparing LanceDB's flat search with numpy (sanity)
+
+
+def make_config(quick: bool) -> Config:
+    if quick:
+        return Config(
+            quick=True, sizes=(10_000, 30_000), embed_reps=1, single_samples=20, write_embed=128,
+            write_plain=1_024, write_dedupe=256, warm_memories=300, remember_samples=30,
+            recall_samples=30, raw_samples=15, breakdown_samples=12, load_concurrency=8,
+            ivf_sub_vectors=24, flat_check_queries=10,
+        )
+    return Config(
+        quick=False, sizes=(10_000, 100_000), embed_reps=4, single_samples=100, write_embed=1_024,
+        write_plain=4_096, write_dedupe=2_048, warm_memories=500, remember_samples=200,
+        recall_samples=200, raw_samples=100, breakdown_samples=50, load_concurrency=8,
+        ivf_sub_vectors=48, flat_check_queries=ANN_QUERIES,
+    )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class Corpus:
+    """Generated sentences (subject verb object time) and vectors composed from the real
+    embeddings of their four parts plus noise: clustered like sentence embeddings, cheap to
+    make by the hundred thousand."""
+
+    def __init__(self, embedder: Any, seed: int = 20_240_601) -> None:
+        self._parts = [embedder.embed(list(p)) for p in PARTS]
+        self._rng = np.random.default_rng(seed)
+
+    def sample(self, n: int) -> tuple[list[str], np.ndarray]:
+        rng = self._rng
+        idx = np.stack([rng.integers(0, len(p), n) for p in PARTS], axis=1)
+        vectors = sum(PART_WEIGHTS[j] * self._parts[j][idx[:, j]] for j in range(len(PARTS)))
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        vectors = vectors + NOISE * norms * rng.standard_normal(vectors.shape).astype(np.float32) / math.sqrt(
+            vectors.shape[1])
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        texts = [f"{SUBJECTS[a]} {VERBS[b]} {OBJECTS[c]} {WHENS[d]}" for a, b, c, d in idx]
+        return texts, vectors.astype(np.float32)
+
+
+class Blas:
+    """numpy's OpenBLAS thread count, if its library can be reached (scipy-openblas builds)."""
+
+    def __init__(self) -> None:
+        self._get = self._set = None
+        libs = glob.glob(os.path.join(os.path.dirname(np.__file__) + ".libs", "libscipy_openblas*"))
+        for path in libs:
+            try:
+                lib = ctypes.CDLL(path)
+                for suffix in ("64_", ""):
+                    getter = getattr(lib, f"scipy_openblas_get_num_threads{suffix}", None)
+                    setter = getattr(lib, f"scipy_openblas_set_num_threads{suffix}", None)
+                    if getter is not None and setter is not None:
+                        self._get, self._set = getter, setter
+                        return
+            except OSError:
+                continue
+
+    @property
+    def threads(self) -> int | None:
+        return int(self._get()) if self._get is not None else None
+
+    def set_threads(self, n: int) -> bool:
+        if self._set is None:
+            return False
+        self._set(n)
+        return True
+
+
+def ms(values: list[float], q: float) -> float:
+    return percentile(sorted(values), q) * 1000
+
+
+def lat_text(values: list[float], qs: tuple[float, ...] = (0.5, 0.99)) -> str:
+    names = {0.5: "p50", 0.95: "p95", 0.99: "p99"}
+    return "  ".join(f"{names[q]} {ms(values, q):.2f} ms" for q in qs)
+
+
+async def timed(fn: Callable[[], Awaitable[Any]], n: int, warmup: int = 2) -> list[float]:
+    for _ in range(warmup):
+        await fn()
+    out: list[float] = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def timed_sync(fn: Callable[[], Any], n: int, warmup: int = 2) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out: list[float] = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def load_average() -> str:
+    try:
+        return "/".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+async def writer_sessions(bb: AsyncBlackbird, tenant: str, users: list[str]) -> dict[str, str]:
+    """One session per user in ``tenant`` (bench.commands.create_sessions uses the client's)."""
+    sm = bb.session_manager
+    for user in users:
+        await sm.create_session(user, tier=TIER, tenant=tenant, session_id=f"s-{user}")
+    return {user: f"s-{user}" for user in users}
+
+
+async def write_batches(
+    bb: AsyncBlackbird, tenant: str, sid: str, texts: list[str], vectors: np.ndarray | None,
+    dedupe: bool,
+) -> tuple[float, int, int]:
+    """``remember_many`` in batches of BATCH, one call after the other: (seconds, last
+    sequence, memories that updated a near-duplicate instead of being new)."""
+    memory = bb.memory
+    last = updated = 0
+    t0 = time.perf_counter()
+    for i in range(0, len(texts), BATCH):
+        written = await memory.remember_many(
+            texts[i : i + BATCH], session_id=sid, tenant=tenant, dedupe=dedupe,
+            vectors=None if vectors is None else cast(Any, vectors[i : i + BATCH]),
+        )
+        last = max(last, max(m.sequence for m in written))
+        updated += sum(m.updated for m in written)
+    return time.perf_counter() - t0, last, updated
+
+
+async def bulk_load(
+    bb: AsyncBlackbird, sids: list[str], texts: list[str], vectors: np.ndarray, concurrency: int,
+) -> tuple[float, int]:
+    """PER_USER memories per session's user scope, ``concurrency`` scopes at a time, each in
+    batches of BATCH (one scope is written by one task: a scope's actor group-commits what
+    queues up, and a commit must stay under the server's max_payload). (seconds, last seq)."""
+    memory = bb.memory
+    limiter = anyio.CapacityLimiter(concurrency)
+    last = [0]
+
+    async def user(j: int, sid: str) -> None:
+        async with limiter:
+            lo, hi = j * PER_USER, (j + 1) * PER_USER
+            for i in range(lo, hi, BATCH):
+                written = await memory.remember_many(
+                    texts[i : min(hi, i + BATCH)], session_id=sid, tenant=TENANT,
+                    vectors=cast(Any, vectors[i : min(hi, i + BATCH)]), dedupe=False,
+                )
+                last[0] = max(last[0], max(m.sequence for m in written))
+
+    t0 = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for j, sid in enumerate(sids):
+            tg.start_soon(user, j, sid)
+    return time.perf_counter() - t0, last[0]
+
+
+async def wait_indexed(bb: AsyncBlackbird, seq: int, timeout: float = 600.0) -> float:
+    t0 = time.perf_counter()
+    if not await bb.memory.index.wait_for(seq, timeout):
+        raise RuntimeError(f"memory index at {bb.memory.index.seq}, not {seq}, after {timeout}s")
+    return time.perf_counter() - t0
+
+
+def recall_where(sids: list[str]) -> str:
+    """The filter recall() builds for ``sids`` now (see AsyncMemory.recall)."""
+    at = time.time()
+    return (f"scope_id IN ({', '.join(_quote(s) for s in sorted(sids))}) "
+            f"AND valid_from <= {at!r} AND valid_to > {at!r}")
+
+
+def fragments(table: Any) -> str:
+    try:
+        stats = table.stats()
+        return f"{stats['fragment_stats']['num_fragments']} fragments, {stats['num_indices']} indices"
+    except Exception as exc:  # noqa: BLE001 - informational only
+        return f"stats unavailable ({type(exc).__name__})"
+
+
+# --------------------------------------------------------------------------- main
+
+
+async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    load_start = load_average()
+    result: dict[str, Any] = {"bench": "memory"}
+    blas = Blas()
+    embedder = MiniLMEmbedder()
+    model_id = embedder.model_id
+    with tempfile.TemporaryDirectory(prefix="bb-bench-") as tmp:
+        async with EmbeddedServer(tmp) as server:
+            url = server.url
+            print(f"nats-server {url} (embedded, store {server.store_dir}), fsync: {FSYNC}")
+            print(f"mode: {'quick' if cfg.quick else 'full'}; python {sys.version.split()[0]}; "
+                  f"{os.cpu_count()} cpus; OpenBLAS threads {blas.threads or 'n/a'}; "
+                  f"lancedb {lancedb.__version__}; embedder {model_id} (local, numpy); "
+                  f"load average {load_start} (other processes skew every figure); gc: "
+                  + ("as `blackbird serve`" if GC_MODE[0] == "serve" else "CPython default"))
+            print()
+            row("measurement", "value", "detail")
+            row("-" * 44, "-" * 16, "-" * 40)
+
+            # ---------------------------------------------------------------- 1a. embedder
+            corpus = Corpus(embedder)
+            embed_texts, composed = corpus.sample(EMBED_BATCH)
+            embedder.embed(embed_texts[:8])  # warm
+            true_vecs: list[np.ndarray] = []
+            batch_s = timed_sync(lambda: true_vecs.append(embedder.embed(embed_texts)), cfg.embed_reps, warmup=0)
+            embed_per_s = EMBED_BATCH / statistics.median(batch_s)
+            single = timed_sync(lambda: embedder.embed([embed_texts[7]]), cfg.single_samples)
+            row(f"embed, batches of {EMBED_BATCH}", f"{embed_per_s:,.0f} sent/s",
+                f"median of {cfg.embed_reps}; generated sentences of ~7 words")
+            row("embed, one sentence", f"{ms(single, 0.5):.2f} ms", lat_text(single, (0.5, 0.95)))
+            embed_1t: dict[str, float] = {}
+            before = blas.threads
+            if before and before > 1 and blas.set_threads(1):
+                try:
+                    one_batch = timed_sync(lambda: embedder.embed(embed_texts), cfg.embed_reps, warmup=0)
+                    one_single = timed_sync(lambda: embedder.embed([embed_texts[7]]), cfg.single_samples)
+                finally:
+                    blas.set_threads(before)
+                embed_1t = {"sentences_per_s": EMBED_BATCH / statistics.median(one_batch),
+                            "single_p50_ms": ms(one_single, 0.5)}
+                row("  same, OpenBLAS held to 1 thread", f"{embed_1t['sentences_per_s']:,.0f} sent/s",
+                    f"one sentence {lat_text(one_single, (0.5, 0.95))} (threads back to {before})")
+            real = true_vecs[0]
+            cos_true = float(np.mean(np.sum(real * composed, axis=1)))
+            sim_true, sim_comp = real @ real.T, composed @ composed.T
+            np.fill_diagonal(sim_true, -2)
+            np.fill_diagonal(sim_comp, -2)
+            agree = float(np.mean([
+                len(set(np.argsort(-sim_true[i])[:K]) & set(np.argsort(-sim_comp[i])[:K])) / K
+                for i in range(EMBED_BATCH)
+            ]))
+            row("composed vectors vs real embeddings", f"cos {cos_true:.2f}",
+                f"{EMBED_BATCH} sentences: top-{K} neighbours shared {agree:.0%}; nearest-neighbour "
+                f"cos {float(np.mean(sim_comp.max(1))):.2f} composed vs "
+                f"{float(np.mean(sim_true.max(1))):.2f} real")
+
+            async with AsyncBlackbird(nats_url=url, tenant=TENANT, embedder=embedder) as bb:
+                memory = bb.memory
+                writers = ["w-embed", "w-plain", "w-dedupe", "w-single"]
+                wsids = await writer_sessions(bb, WRITE_TENANT, writers)
+                # starts the index projection (recall waits for it; remember with dedupe off not)
+                await memory.recall("warm up", session_id=wsids["w-single"], tenant=WRITE_TENANT)
+
+                # ------------------------------------------------------------ 1b. writes/s
+                writes: dict[str, float] = {}
+                texts, _ = corpus.sample(cfg.write_embed)
+                secs, last, upd = await write_batches(bb, WRITE_TENANT, wsids["w-embed"], texts, None, True)
+                writes["embed_dedupe"] = len(texts) / secs
+                row(f"remember_many x{BATCH}, embedding", f"{writes['embed_dedupe']:,.0f} mem/s",
+                    f"real MiniLM, dedupe on (default); {len(texts):,} memories, one scope, "
+                    f"sequential calls; {upd} updated a near-duplicate")
+                texts, vecs = corpus.sample(cfg.write_plain)
+                meter = CpuMeter(server.pid)
+                secs, last, _ = await write_batches(bb, WRITE_TENANT, wsids["w-plain"], texts, vecs, False)
+                writes["vectors_no_dedupe"] = len(texts) / secs
+                lag = await wait_indexed(bb, last)
+                row(f"remember_many x{BATCH}, vectors=, dedupe off", f"{writes['vectors_no_dedupe']:,.0f} mem/s",
+                    f"{len(texts):,} memories; index caught up {lag * 1000:.0f} ms after the last "
+                    f"append; {meter.text()}")
+                texts, vecs = corpus.sample(cfg.write_dedupe)
+                secs, last, upd = await write_batches(bb, WRITE_TENANT, wsids["w-dedupe"], texts, vecs, True)
+                writes["vectors_dedupe"] = len(texts) / secs
+                row(f"remember_many x{BATCH}, vectors=, dedupe on", f"{writes['vectors_dedupe']:,.0f} mem/s",
+                    f"{len(texts):,} memories (each waits for the index to hold the previous "
+                    f"batch, then one prefiltered LanceDB search per memory); {upd} updated")
+
+                # ------------------------------------------------------------ 2. remember()
+                texts, vecs = corpus.sample(cfg.warm_memories)
+                _, last, _ = await write_batches(bb, WRITE_TENANT, wsids["w-single"], texts, vecs, False)
+                await wait_indexed(bb, last)
+                one_texts, one_vecs = corpus.sample(cfg.remember_samples + 2)
+                it = iter(range(len(one_texts)))
+
+                async def remember_one() -> None:
+                    await memory.remember(one_texts[next(it)], session_id=wsids["w-single"], tenant=WRITE_TENANT)
+
+                remember_lat = await timed(remember_one, cfg.remember_samples)
+                one_texts, one_vecs = corpus.sample(cfg.remember_samples + 2)
+                it = iter(range(len(one_texts)))
+
+                async def remember_vec() -> None:
+                    i = next(it)
+                    await memory.remember(one_texts[i], session_id=wsids["w-single"], tenant=WRITE_TENANT,
+                                          vector=one_vecs[i])
+
+                remember_vec_lat = await timed(remember_vec, cfg.remember_samples)
+                # the durable path alone (no embedding, no duplicate search), and how long the
+                # index takes to hold such a write: what the next duplicate search waits for
+                one_texts, one_vecs = corpus.sample(cfg.remember_samples + 2)
+                it = iter(range(len(one_texts)))
+                index_lag: list[float] = []
+
+                async def remember_plain() -> None:
+                    i = next(it)
+                    t0 = time.perf_counter()
+                    written = await memory.remember_many(
+                        [one_texts[i]], session_id=wsids["w-single"], tenant=WRITE_TENANT,
+                        vectors=cast(Any, one_vecs[i : i + 1]), dedupe=False)
+                    t1 = time.perf_counter()
+                    await wait_indexed(bb, written[0].sequence)
+                    index_lag.append(time.perf_counter() - t1)
+                    plain_lat.append(t1 - t0)
+
+                plain_lat: list[float] = []
+                await timed(remember_plain, cfg.remember_samples)
+                remember_p95 = ms(remember_lat, 0.95)
+                row("remember(), one sentence", f"p95 {remember_p95:.2f} ms",
+                    f"{lat_text(remember_lat, (0.5, 0.95, 0.99))}; target p95 <= 25 ms; embedding + "
+                    f"usage append + dedupe search + append; scope holds {cfg.warm_memories}+ memories")
+                row("remember(), vector= given", f"p95 {ms(remember_vec_lat, 0.95):.2f} ms",
+                    f"{lat_text(remember_vec_lat, (0.5, 0.95, 0.99))}; the same without embedding")
+                row("  remember_many([1], vectors=, dedupe off)", f"p50 {ms(plain_lat, 0.5):.2f} ms",
+                    f"{lat_text(plain_lat, (0.5, 0.95))}; session lookup + usage append + seal + "
+                    "memory append, no search")
+                row("  index lag after one write", f"p50 {ms(index_lag, 0.5):.2f} ms",
+                    f"{lat_text(index_lag, (0.5, 0.95))}; call returned -> index.seq covers it "
+                    "(merge_insert + checkpoint): a dedupe search waits for the writer's last write")
+
+                # ------------------------------------------------------------ 3. recall
+                recall_p50: dict[str, float] = {}
+                recall_p99: dict[str, float] = {}
+                loads: dict[str, float] = {}
+                users_total = max(cfg.sizes) // PER_USER
+                sids = await create_sessions(bb, users_total, "r", TIER)
+                loaded = 0
+                query_texts, _ = corpus.sample(cfg.recall_samples + cfg.breakdown_samples + 10)
+                profiled = False
+                sid0 = sids[0]
+                for size in cfg.sizes:
+                    n_new = size - loaded
+                    texts, vecs = corpus.sample(n_new)
+                    first_user = loaded // PER_USER
+                    meter = CpuMeter(server.pid)
+                    secs, last = await bulk_load(
+                        bb, sids[first_user : size // PER_USER], texts, vecs, cfg.load_concurrency
+                    )
+                    cpu = meter.text()
+                    lag = await wait_indexed(bb, last)
+                    loaded = size
+                    loads[str(size)] = n_new / secs
+                    table: Any = memory.index.table(TENANT, model_id)
+                    assert table is not None
+                    rows_now = table.count_rows()
+                    row(f"load {n_new:,} memories through the actors", f"{n_new / secs:,.0f} mem/s",
+                        f"remember_many x{BATCH}, vectors=, dedupe off, {cfg.load_concurrency} user "
+                        f"scopes at once; {secs:.1f} s + index lag {lag:.1f} s; {cpu}")
+                    row("  table now", f"{rows_now:,} rows", fragments(table))
+                    qi = iter(range(len(query_texts)))
+
+                    async def recall_one(qi: Any = qi) -> None:
+                        await memory.recall(query_texts[next(qi)], session_id=sid0, k=K)
+
+                    profiler = None
+                    if profile_path is not None and size == max(cfg.sizes):
+                        profiler = cProfile.Profile()
+                        profiler.enable()
+                    lat = await timed(recall_one, cfg.recall_samples, warmup=3)
+                    if profiler is not None and profile_path is not None:
+                        profiler.disable()
+                        profiler.dump_stats(profile_path)
+                        profiled = True
+                    recall_p50[str(size)] = ms(lat, 0.5)
+                    recall_p99[str(size)] = ms(lat, 0.99)
+                    row(f"recall k={K} @ {size:,} memories", f"p50 {recall_p50[str(size)]:.2f} ms",
+                        f"{lat_text(lat)}; {len(lat)} queries; user scopes ~{PER_USER:,} rows"
+                        f"{', under cProfile' if profiler else ''}")
+
+                # where the time of one recall goes (largest size), step by step
+                top = max(cfg.sizes)
+                session = await bb.session_manager.get_session(sid0)
+                assert session is not None
+                scope_ids = [f"session:{sid0}", f"user:{session.user_id}"]
+                matched = table.count_rows(f"scope_id IN ({', '.join(_quote(s) for s in scope_ids)})")
+                bq = query_texts[-cfg.breakdown_samples :]
+                qvecs = embedder.embed(bq)
+                pool = max(K * 4, 20)
+                steps: dict[str, list[float]] = {}
+                steps["session lookup (get_session)"] = await timed(
+                    lambda: bb.session_manager.get_session(sid0), cfg.breakdown_samples)
+                steps["embed query (1 sentence)"] = timed_sync(
+                    lambda: embedder.embed([bq[0]]), cfg.breakdown_samples)
+                by_vector: list[Any] = []
+                by_text: list[Any] = []
+
+                def searcher(tbl: Any, kind: str) -> Callable[[], None]:
+                    """The vector or the full-text search recall() runs, over the breakdown queries."""
+                    n = [0]
+
+                    def run() -> None:
+                        i = n[0] % len(bq)
+                        n[0] += 1
+                        if kind == "vector":
+                            by_vector[:] = tbl.search(qvecs[i]).metric("cosine").where(
+                                recall_where(scope_ids), prefilter=True).limit(pool).to_list()
+                        else:
+                            words = " ".join(re.findall(r"\w+", bq[i]))
+                            by_text[:] = tbl.search(words, query_type="fts").where(
+                                recall_where(scope_ids), prefilter=True).limit(pool).to_list()
+
+                    return run
+
+                steps[f"vector search, prefiltered, limit {pool}"] = timed_sync(
+                    searcher(table, "vector"), cfg.breakdown_samples)
+                steps[f"full-text search, prefiltered, limit {pool}"] = timed_sync(
+                    searcher(table, "fts"), cfg.breakdown_samples)
+                steps["rank (fuse, score, build Memory)"] = timed_sync(
+                    lambda: _rank(by_vector, by_text, qvecs[0], {}, DEFAULT_WEIGHTS, time.time(), K),
+                    cfg.breakdown_samples)
+                breakdown = {name: ms(v, 0.5) for name, v in steps.items()}
+                row(f"recall breakdown @ {top:,} (medians)", f"{sum(breakdown.values()):.2f} ms",
+                    f"sum of the steps below, each timed alone (recall may overlap some), vs recall "
+                    f"p50 {recall_p50[str(top)]:.2f} ms; the filter matches {matched:,} of {rows_now:,} rows")
+                for name, value in breakdown.items():
+                    row(f"  {name}", f"{value:.2f} ms", "")
+
+                # ------------------------------------------------------------ 4. raw LanceDB
+                _, probe = corpus.sample(max(cfg.raw_samples, ANN_QUERIES) + 2)
+                pi = iter(range(len(probe) * 10))
+
+                def flat(tbl: Any) -> Callable[[], Any]:
+                    return lambda: tbl.search(probe[next(pi) % len(probe)]).limit(K).to_list()
+
+                raw_live = timed_sync(flat(table), cfg.raw_samples)
+                row(f"raw LanceDB flat search @ {top:,}, live table", f"p50 {ms(raw_live, 0.5):.2f} ms",
+                    f"{lat_text(raw_live)}; table.search(vec).limit({K}).to_list(), no filter; "
+                    f"{fragments(table)}")
+                raw_pref = timed_sync(
+                    lambda: table.search(probe[next(pi) % len(probe)]).metric("cosine").where(
+                        recall_where(scope_ids), prefilter=True).limit(K).to_list(), cfg.raw_samples)
+                row("  same, with recall's scope prefilter", f"p50 {ms(raw_pref, 0.5):.2f} ms",
+                    f"{lat_text(raw_pref)}; {matched:,} rows match")
+                arrow = table.to_arrow()
+                ids = np.asarray(arrow["memory_id"].to_pylist())
+                matrix = np.ascontiguousarray(
+                    arrow["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(len(ids), -1),
+                    dtype=np.float32)
+                copy_dir = Path(tmp) / "lancedb-copy"
+                copy: Any = lancedb.connect(str(copy_dir)).create_table("copy", data=arrow)
+                raw_copy = timed_sync(flat(copy), cfg.raw_samples)
+                row("  same, on a compacted copy", f"p50 {ms(raw_copy, 0.5):.2f} ms",
+                    f"{lat_text(raw_copy)}; {fragments(copy)}")
+
+                # the recall's two searches on the copy, compacted and fully indexed: FTS over
+                # every row and a BITMAP index on scope_id (compare with the live table's)
+                from lancedb.index import FTS, Bitmap
+
+                t0 = time.perf_counter()
+                copy.create_index("text", config=FTS(), replace=True)
+                copy.create_index("scope_id", config=Bitmap(), replace=True)
+                idx_s = time.perf_counter() - t0
+                vec_idx = timed_sync(searcher(copy, "vector"), cfg.breakdown_samples)
+                fts_idx = timed_sync(searcher(copy, "fts"), cfg.breakdown_samples)
+                indexed = {"vector": ms(vec_idx, 0.5), "fts": ms(fts_idx, 0.5)}
+                live_indices = ", ".join(sorted(f"{i.index_type} on {'/'.join(i.columns)}" for i in table.list_indices()))
+                row("  recall's vector search, indexed copy", f"p50 {indexed['vector']:.2f} ms",
+                    f"{lat_text(vec_idx)}; live table: {breakdown[f'vector search, prefiltered, limit {pool}']:.2f} ms "
+                    f"(its indices: {live_indices or 'none'}; FTS + BITMAP built on the copy in {idx_s:.1f} s)")
+                row("  recall's full-text search, indexed copy", f"p50 {indexed['fts']:.2f} ms",
+                    f"{lat_text(fts_idx)}; live table: {breakdown[f'full-text search, prefiltered, limit {pool}']:.2f} ms")
+                fixed = (breakdown["session lookup (get_session)"] + breakdown["embed query (1 sentence)"]
+                         + breakdown["rank (fuse, score, build Memory)"])
+                projected = fixed + max(indexed["vector"], indexed["fts"])
+                row("  recall on the indexed copy (estimate)", f"{projected:.2f} ms",
+                    f"lookup + embed + rank + the slower search (searches overlapped; one after the "
+                    f"other: {fixed + indexed['vector'] + indexed['fts']:.2f} ms); without the query "
+                    f"embedding: {projected - breakdown['embed query (1 sentence)']:.2f} ms")
+
+                def brute() -> np.ndarray:
+                    q = probe[next(pi) % len(probe)]
+                    scores = matrix @ q
+                    top_k = np.argpartition(scores, -K)[-K:]
+                    return top_k[np.argsort(-scores[top_k])]
+
+                numpy_lat = timed_sync(brute, cfg.raw_samples)
+                row(f"numpy brute force @ {top:,}", f"p50 {ms(numpy_lat, 0.5):.2f} ms",
+                    f"{lat_text(numpy_lat)}; matrix @ q + argpartition, {matrix.shape[0]:,}x{matrix.shape[1]}")
+
+                from lancedb.index import IvfPq
+
+                partitions = max(16, top // 800)
+                t0 = time.perf_counter()
+                copy.create_index("vector", config=IvfPq(
+                    distance_type="cosine", num_partitions=partitions, num_sub_vectors=cfg.ivf_sub_vectors,
+                    max_iterations=10, sample_rate=64))
+                build_s = time.perf_counter() - t0
+                nprobes, refine = 20, 10
+
+                def ann(q: np.ndarray) -> list[dict[str, Any]]:
+                    return (copy.search(q).metric("cosine").nprobes(nprobes).refine_factor(refine)
+                            .limit(K).to_list())
+
+                ann_lat = timed_sync(lambda: ann(probe[next(pi) % len(probe)]), cfg.raw_samples)
+                ivf_desc = (f"IVF_PQ {partitions} partitions x {cfg.ivf_sub_vectors} sub-vectors, "
+                            f"nprobes {nprobes}, refine x{refine}")
+                row(f"LanceDB IVF_PQ search @ {top:,} (copy)", f"p50 {ms(ann_lat, 0.5):.2f} ms",
+                    f"{lat_text(ann_lat)}; {ivf_desc}; built in {build_s:.1f} s")
+
+                # ------------------------------------------------------------ 5. recall@10
+                queries = probe[:ANN_QUERIES]
+                hits = flat_hits = 0
+                for n, q in enumerate(queries):
+                    scores = matrix @ q
+                    exact = set(ids[np.argpartition(scores, -K)[-K:]])
+                    hits += len(exact & {r["memory_id"] for r in ann(q)})
+                    if n < cfg.flat_check_queries:
+                        flat_hits += len(exact & {r["memory_id"] for r in table.search(q).limit(K).to_list()})
+                recall_at_10 = hits / (K * len(queries))
+                row(f"recall@{K}, IVF_PQ vs numpy exact", f"{recall_at_10:.3f}",
+                    f"{len(queries)} held-out queries; target >= 0.95 (flat LanceDB on the live table "
+                    f"vs numpy, {cfg.flat_check_queries} queries: {flat_hits / (K * cfg.flat_check_queries):.3f})")
+                raw_p50 = ms(raw_live, 0.5)
+                ratio = raw_p50 / recall_p50[str(top)]
+                row(f"ratio raw flat p50 / recall p50 @ {top:,}", f"{ratio:.3f}",
+                    "= recalls/s ÷ raw flat searches/s; > 1: a recall (prefiltered vector + "
+                    "full-text search, ranked) beats one unfiltered flat scan")
+
+    total = time.perf_counter() - t_start
+    load_end = load_average()
+    row("total wall time", f"{total:.1f} s", f"load average now {load_end}")
+    if profiled:
+        print(f"cProfile of the recall loop @ {top:,} written to {profile_path}")
+    result.update(
+        recall_at_10=round(recall_at_10, 4),
+        ratio_vs_raw=round(ratio, 4),
+        ratio_definition="raw LanceDB flat search p50 (live table, no filter) / recall p50, largest size",
+        remember_p95_ms=round(remember_p95, 3),
+        remember_p50_ms=round(ms(remember_lat, 0.5), 3),
+        remember_vector_p95_ms=round(ms(remember_vec_lat, 0.95), 3),
+        remember_no_dedupe_p50_ms=round(ms(plain_lat, 0.5), 3),
+        index_lag_one_write_p50_ms=round(ms(index_lag, 0.5), 3),
+        recall_indexed_searches_p50_ms={k: round(v, 3) for k, v in indexed.items()},
+        recall_with_indexes_estimate_ms=round(projected, 3),
+        recall_p50_ms={k: round(v, 3) for k, v in recall_p50.items()},
+        recall_p99_ms={k: round(v, 3) for k, v in recall_p99.items()},
+        recall_breakdown_ms={k: round(v, 3) for k, v in breakdown.items()},
+        writes_per_s={**{k: round(v, 1) for k, v in writes.items()},
+                      **{f"bulk_load_{k}": round(v, 1) for k, v in loads.items()}},
+        embed_sentences_per_s=round(embed_per_s, 1),
+        embed_single_p50_ms=round(ms(single, 0.5), 3),
+        embed_one_blas_thread={k: round(v, 3) for k, v in embed_1t.items()},
+        raw_flat_p50_ms=round(raw_p50, 3),
+        raw_flat_prefilter_p50_ms=round(ms(raw_pref, 0.5), 3),
+        raw_flat_copy_p50_ms=round(ms(raw_copy, 0.5), 3),
+        ivf_pq_p50_ms=round(ms(ann_lat, 0.5), 3),
+        ivf_pq_build_s=round(build_s, 2),
+        numpy_p50_ms=round(ms(numpy_lat, 0.5), 3),
+        sizes=list(cfg.sizes),
+        sizes_note=None if max(cfg.sizes) >= 100_000 else
+        f"--quick: largest size {max(cfg.sizes):,}, 100k does not load within a minute (run without --quick)",
+        fsync=FSYNC,
+        gc=GC_MODE[0],
+        quick=cfg.quick,
+        load_average={"start": load_start, "end": load_end},
+    )
+    return result
+
+
+GC_MODE = ["serve"]
+
+
+def cli() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small counts, under 60 s")
+    parser.add_argument("--profile", metavar="FILE", help="cProfile the recall loop at the largest size into FILE")
+    parser.add_argument(
+        "--default-gc", action="store_true",
+        help="keep CPython's default GC thresholds (by default the process is tuned as "
+        "`blackbird serve` tunes its own)",
+    )
+    args = parser.parse_args()
+    GC_MODE[0] = "default" if args.default_gc else "serve"
+    if not args.default_gc:
+        tune_gc_for_serving()
+    cfg = make_config(args.quick)
+    result = anyio.run(main, cfg, args.profile)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    cli()
