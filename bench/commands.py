@@ -413,6 +413,32 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
     return result
 
 
+#: What the running benchmark does with the garbage collector ("serve" or "default").
+GC_MODE = ["serve"]
+
+
+def run_cli(doc: str, profile_help: str, make_config: Any, main: Any) -> None:
+    """The command line the other benchmarks share: ``--quick``, ``--profile FILE``,
+    ``--default-gc`` (else the process is tuned as `blackbird serve` tunes its own, for the raw
+    baseline and the host alike); prints the result as the last line, one JSON object."""
+    from blackbird._runtime import tune_gc_for_serving
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small counts, under 60 s")
+    parser.add_argument("--profile", metavar="FILE", help=profile_help)
+    parser.add_argument(
+        "--default-gc", action="store_true",
+        help="keep CPython's default GC thresholds (by default the process is tuned as "
+        "`blackbird serve` tunes its own, for the raw baseline and the host alike)",
+    )
+    args = parser.parse_args()
+    GC_MODE[0] = "default" if args.default_gc else "serve"
+    if not args.default_gc:
+        tune_gc_for_serving()
+    result = anyio.run(main, make_config(args.quick), args.profile)
+    print(json.dumps(result), flush=True)
+
+
 def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small counts, under 60 s")

@@ -14,9 +14,12 @@ all-MiniLM-L6-v2; the LanceDB index in a temporary folder) and measures
    (dedupe off, dedupe on). Every memory is a durable append (one Remember command each,
    sealed with the author's key; the scope's actor group-commits what queues up);
 2. ``memory.remember(sentence)`` latency p50/p95 (embedding + storage-quota usage append +
-   near-duplicate search + the durable append), into a user scope that already holds a few
-   hundred indexed memories (so the duplicate search has work); and the same with
-   ``vector=`` given (no embedding);
+   near-duplicate search + the durable append), one call after the other, into a user scope
+   (of its own tenant) that already holds a few hundred indexed memories, so the duplicate
+   search has work; the same with ``vector=`` given (no embedding); the durable path alone
+   (``remember_many([text], vectors=, dedupe=False)``) and the index lag after such a write
+   (a duplicate search first waits until the index holds the writer's previous write). The
+   same again at the end, into the recall tenant's table at its largest size;
 3. recall p50/p99 (``memory.recall(query, session_id=..., k=10)``, default scopes session and
    user) with the tenant's table at 10k and 100k memories (``--quick``: 10k and 30k; 100k
    cannot be loaded within its minute). The memories are loaded through the actors:
@@ -31,8 +34,9 @@ all-MiniLM-L6-v2; the LanceDB index in a temporary folder) and measures
    vector search, the full-text search, ranking) is measured step by step at the largest size;
 4. raw LanceDB on the same data in the same run: ``table.search(vec).limit(10).to_list()`` on
    the live table (``bb.memory.index.table(tenant, model_id)``: flat, no filter), the same on a
-   compacted COPY of it, an IVF_PQ index built on that copy (the live table is not modified),
-   and numpy brute force (``M @ q`` + argpartition). ``ratio_vs_raw`` = raw flat search p50 on
+   compacted COPY of it (where the recall's two prefiltered searches are also timed with an FTS
+   index over every row and a BITMAP index on scope_id), an IVF_PQ index built on that copy
+   (the live table is not modified), and numpy brute force (``M @ q`` + argpartition). ``ratio_vs_raw`` = raw flat search p50 on
    the live table ÷ our recall p50 at the largest size (equivalently recalls/s ÷ raw
    searches/s): above 1, recall answers faster than one unfiltered flat scan of the table;
 5. recall@10 of the IVF_PQ search against exact brute force (numpy) over 100 random queries
@@ -45,11 +49,9 @@ wall-clock on a shared machine: other processes skew every figure (the load aver
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import ctypes
 import glob
-import json
 import math
 import os
 import re
@@ -71,16 +73,16 @@ import anyio
 import lancedb
 import numpy as np
 
-from bench.commands import FSYNC, CpuMeter, create_sessions, percentile, row
+from bench.commands import FSYNC, GC_MODE, CpuMeter, create_sessions, percentile, row, run_cli
 from blackbird import AsyncBlackbird
 from blackbird._memory import DEFAULT_WEIGHTS, _rank
 from blackbird._memory_index import _quote
-from blackbird._runtime import tune_gc_for_serving
 from blackbird._server import EmbeddedServer
 from blackbird.embedding import MiniLMEmbedder
 
 TENANT = "bench"  # the recall data set
 WRITE_TENANT = "benchw"  # the write phases (their own table, so the recall sizes stay exact)
+REMEMBER_TENANT = "benchr"  # remember() latency: a table of a few hundred memories
 TIER = "enterprise"  # storage quota 100 GB / 30 days, no retention: nothing expires meanwhile
 BATCH = 64
 EMBED_BATCH = 256
@@ -126,6 +128,7 @@ class Config:
     write_dedupe: int  # ... with vectors=, dedupe on
     warm_memories: int  # in the scope remember() writes into
     remember_samples: int
+    remember_large_samples: int  # remember() into the recall tenant at the largest size
     recall_samples: int  # per size
     raw_samples: int
     breakdown_samples: int
@@ -139,12 +142,14 @@ def make_config(quick: bool) -> Config:
         return Config(
             quick=True, sizes=(10_000, 30_000), embed_reps=1, single_samples=20, write_embed=128,
             write_plain=1_024, write_dedupe=256, warm_memories=300, remember_samples=30,
+            remember_large_samples=12,
             recall_samples=30, raw_samples=15, breakdown_samples=12, load_concurrency=8,
             ivf_sub_vectors=24, flat_check_queries=10,
         )
     return Config(
         quick=False, sizes=(10_000, 100_000), embed_reps=4, single_samples=100, write_embed=1_024,
-        write_plain=4_096, write_dedupe=2_048, warm_memories=500, remember_samples=200,
+        write_plain=4_096, write_dedupe=2_048, warm_memories=500, remember_samples=100,
+        remember_large_samples=50,
         recall_samples=200, raw_samples=100, breakdown_samples=50, load_concurrency=8,
         ivf_sub_vectors=48, flat_check_queries=ANN_QUERIES,
     )
@@ -317,6 +322,61 @@ def fragments(table: Any) -> str:
         return f"stats unavailable ({type(exc).__name__})"
 
 
+async def remember_phase(
+    bb: AsyncBlackbird, corpus: Corpus, tenant: str, sid: str, samples: int,
+) -> dict[str, Any]:
+    """Sequential single writes into ``sid``'s user scope: ``remember(text)`` (embedding and
+    duplicate search), ``remember(text, vector=)`` (no embedding), and ``remember_many([text],
+    vectors=, dedupe=False)`` (the durable path alone) followed by waiting for the index to
+    hold it (what the next duplicate search would wait for). Latencies in seconds, and the
+    table's fragments before and after (every indexed write adds one until an optimize)."""
+    memory = bb.memory
+    table = memory.index.table(tenant, memory.embedder.model_id)
+    out: dict[str, Any] = {"fragments_before": fragments(table)}
+    texts, vecs = corpus.sample(3 * (samples + 2))
+    it = iter(range(len(texts)))
+
+    async def remember() -> None:
+        await memory.remember(texts[next(it)], session_id=sid, tenant=tenant)
+
+    async def vector() -> None:
+        i = next(it)
+        await memory.remember(texts[i], session_id=sid, tenant=tenant, vector=vecs[i])
+
+    plain: list[float] = []
+    lag: list[float] = []
+
+    async def durable() -> None:
+        i = next(it)
+        t0 = time.perf_counter()
+        written = await memory.remember_many([texts[i]], session_id=sid, tenant=tenant,
+                                             vectors=cast(Any, vecs[i : i + 1]), dedupe=False)
+        t1 = time.perf_counter()
+        await wait_indexed(bb, written[0].sequence)
+        lag.append(time.perf_counter() - t1)
+        plain.append(t1 - t0)
+
+    out["remember"] = await timed(remember, samples)
+    out["vector"] = await timed(vector, samples)
+    await timed(durable, samples)
+    out["durable"], out["index_lag"] = plain, lag
+    out["fragments_after"] = fragments(memory.index.table(tenant, memory.embedder.model_id))
+    return out
+
+
+def report_remember(res: dict[str, Any], scope_size: int) -> None:
+    row("remember(), vector= given", f"p95 {ms(res['vector'], 0.95):.2f} ms",
+        f"{lat_text(res['vector'], (0.5, 0.95, 0.99))}; the same without embedding")
+    row("  remember_many([1], vectors=, dedupe off)", f"p50 {ms(res['durable'], 0.5):.2f} ms",
+        f"{lat_text(res['durable'], (0.5, 0.95))}; session lookup + usage append + seal + "
+        "memory append: no embedding, no search")
+    row("  index lag after one write", f"p50 {ms(res['index_lag'], 0.5):.2f} ms",
+        f"{lat_text(res['index_lag'], (0.5, 0.95))}; call returned -> index.seq covers it "
+        "(merge_insert + checkpoint); a duplicate search first waits for the writer's last write")
+    row("  table fragments, before -> after", "", f"{res['fragments_before']} -> "
+        f"{res['fragments_after']} (user scope ~{scope_size:,} memories)")
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -408,56 +468,18 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
                     f"batch, then one prefiltered LanceDB search per memory); {upd} updated")
 
                 # ------------------------------------------------------------ 2. remember()
+                rsid = (await writer_sessions(bb, REMEMBER_TENANT, ["w-single"]))["w-single"]
                 texts, vecs = corpus.sample(cfg.warm_memories)
-                _, last, _ = await write_batches(bb, WRITE_TENANT, wsids["w-single"], texts, vecs, False)
+                _, last, _ = await write_batches(bb, REMEMBER_TENANT, rsid, texts, vecs, False)
                 await wait_indexed(bb, last)
-                one_texts, one_vecs = corpus.sample(cfg.remember_samples + 2)
-                it = iter(range(len(one_texts)))
-
-                async def remember_one() -> None:
-                    await memory.remember(one_texts[next(it)], session_id=wsids["w-single"], tenant=WRITE_TENANT)
-
-                remember_lat = await timed(remember_one, cfg.remember_samples)
-                one_texts, one_vecs = corpus.sample(cfg.remember_samples + 2)
-                it = iter(range(len(one_texts)))
-
-                async def remember_vec() -> None:
-                    i = next(it)
-                    await memory.remember(one_texts[i], session_id=wsids["w-single"], tenant=WRITE_TENANT,
-                                          vector=one_vecs[i])
-
-                remember_vec_lat = await timed(remember_vec, cfg.remember_samples)
-                # the durable path alone (no embedding, no duplicate search), and how long the
-                # index takes to hold such a write: what the next duplicate search waits for
-                one_texts, one_vecs = corpus.sample(cfg.remember_samples + 2)
-                it = iter(range(len(one_texts)))
-                index_lag: list[float] = []
-
-                async def remember_plain() -> None:
-                    i = next(it)
-                    t0 = time.perf_counter()
-                    written = await memory.remember_many(
-                        [one_texts[i]], session_id=wsids["w-single"], tenant=WRITE_TENANT,
-                        vectors=cast(Any, one_vecs[i : i + 1]), dedupe=False)
-                    t1 = time.perf_counter()
-                    await wait_indexed(bb, written[0].sequence)
-                    index_lag.append(time.perf_counter() - t1)
-                    plain_lat.append(t1 - t0)
-
-                plain_lat: list[float] = []
-                await timed(remember_plain, cfg.remember_samples)
+                small = await remember_phase(bb, corpus, REMEMBER_TENANT, rsid, cfg.remember_samples)
+                remember_lat, remember_vec_lat = small["remember"], small["vector"]
                 remember_p95 = ms(remember_lat, 0.95)
                 row("remember(), one sentence", f"p95 {remember_p95:.2f} ms",
                     f"{lat_text(remember_lat, (0.5, 0.95, 0.99))}; target p95 <= 25 ms; embedding + "
-                    f"usage append + dedupe search + append; scope holds {cfg.warm_memories}+ memories")
-                row("remember(), vector= given", f"p95 {ms(remember_vec_lat, 0.95):.2f} ms",
-                    f"{lat_text(remember_vec_lat, (0.5, 0.95, 0.99))}; the same without embedding")
-                row("  remember_many([1], vectors=, dedupe off)", f"p50 {ms(plain_lat, 0.5):.2f} ms",
-                    f"{lat_text(plain_lat, (0.5, 0.95))}; session lookup + usage append + seal + "
-                    "memory append, no search")
-                row("  index lag after one write", f"p50 {ms(index_lag, 0.5):.2f} ms",
-                    f"{lat_text(index_lag, (0.5, 0.95))}; call returned -> index.seq covers it "
-                    "(merge_insert + checkpoint): a dedupe search waits for the writer's last write")
+                    f"usage append + dedupe search + append; scope (and table) holds "
+                    f"{cfg.warm_memories}+ memories")
+                report_remember(small, cfg.warm_memories)
 
                 # ------------------------------------------------------------ 3. recall
                 recall_p50: dict[str, float] = {}
@@ -651,6 +673,12 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
                 row(f"recall@{K}, IVF_PQ vs numpy exact", f"{recall_at_10:.3f}",
                     f"{len(queries)} held-out queries; target >= 0.95 (flat LanceDB on the live table "
                     f"vs numpy, {cfg.flat_check_queries} queries: {flat_hits / (K * cfg.flat_check_queries):.3f})")
+                # remember() again, now into the recall tenant (its table at the largest size)
+                large = await remember_phase(bb, corpus, TENANT, sid0, cfg.remember_large_samples)
+                row(f"remember(), table of {rows_now:,} rows", f"p95 {ms(large['remember'], 0.95):.2f} ms",
+                    f"{lat_text(large['remember'], (0.5, 0.95, 0.99))}; the user scope holds "
+                    f"~{PER_USER:,}; the tenant's table {rows_now:,} rows")
+                report_remember(large, PER_USER)
                 raw_p50 = ms(raw_live, 0.5)
                 ratio = raw_p50 / recall_p50[str(top)]
                 row(f"ratio raw flat p50 / recall p50 @ {top:,}", f"{ratio:.3f}",
@@ -669,8 +697,11 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
         remember_p95_ms=round(remember_p95, 3),
         remember_p50_ms=round(ms(remember_lat, 0.5), 3),
         remember_vector_p95_ms=round(ms(remember_vec_lat, 0.95), 3),
-        remember_no_dedupe_p50_ms=round(ms(plain_lat, 0.5), 3),
-        index_lag_one_write_p50_ms=round(ms(index_lag, 0.5), 3),
+        remember_no_dedupe_p50_ms=round(ms(small["durable"], 0.5), 3),
+        index_lag_one_write_p50_ms=round(ms(small["index_lag"], 0.5), 3),
+        remember_large_table={"rows": rows_now, "p50_ms": round(ms(large["remember"], 0.5), 3),
+                              "p95_ms": round(ms(large["remember"], 0.95), 3),
+                              "index_lag_p50_ms": round(ms(large["index_lag"], 0.5), 3)},
         recall_indexed_searches_p50_ms={k: round(v, 3) for k, v in indexed.items()},
         recall_with_indexes_estimate_ms=round(projected, 3),
         recall_p50_ms={k: round(v, 3) for k, v in recall_p50.items()},
@@ -698,25 +729,8 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
     return result
 
 
-GC_MODE = ["serve"]
-
-
 def cli() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small counts, under 60 s")
-    parser.add_argument("--profile", metavar="FILE", help="cProfile the recall loop at the largest size into FILE")
-    parser.add_argument(
-        "--default-gc", action="store_true",
-        help="keep CPython's default GC thresholds (by default the process is tuned as "
-        "`blackbird serve` tunes its own)",
-    )
-    args = parser.parse_args()
-    GC_MODE[0] = "default" if args.default_gc else "serve"
-    if not args.default_gc:
-        tune_gc_for_serving()
-    cfg = make_config(args.quick)
-    result = anyio.run(main, cfg, args.profile)
-    print(json.dumps(result), flush=True)
+    run_cli(__doc__, "cProfile the recall loop at the largest size into FILE", make_config, main)
 
 
 if __name__ == "__main__":

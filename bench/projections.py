@@ -40,10 +40,8 @@ A human-readable table goes to stdout; the very last line is one JSON object.
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import gc
-import json
 import os
 import random
 import statistics
@@ -80,9 +78,8 @@ from actors.events import (
     UsageTracked,
     UserSessionOpened,
 )
-from bench.commands import FSYNC, CpuMeter, row
+from bench.commands import FSYNC, GC_MODE, CpuMeter, row, run_cli
 from blackbird._projections import MemoryCheckpoints, NatsCheckpoints
-from blackbird._runtime import tune_gc_for_serving
 from blackbird._server import EmbeddedServer
 from blackbird.config import build_settings
 from blackbird.journal import Journal
@@ -610,25 +607,8 @@ def _snapshot_bytes(runner: ProjectionRunner[Any]) -> bytes:
     return runner._encode(_Snapshot(seq=runner.seq, model=runner.model))
 
 
-GC_MODE = ["serve"]
-
-
 def cli() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="100,000 commits, under 60 s")
-    parser.add_argument("--profile", metavar="FILE", help="cProfile one extra rebuild into FILE")
-    parser.add_argument(
-        "--default-gc", action="store_true",
-        help="keep CPython's default GC thresholds (by default the process is tuned as "
-        "`blackbird serve` tunes its own, for the raw baseline and the rebuild alike)",
-    )
-    args = parser.parse_args()
-    GC_MODE[0] = "default" if args.default_gc else "serve"
-    if not args.default_gc:
-        tune_gc_for_serving()
-    cfg = make_config(args.quick)
-    result = anyio.run(main, cfg, args.profile)
-    print(json.dumps(result), flush=True)
+    run_cli(__doc__, "cProfile one extra rebuild into FILE", make_config, main)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,7 @@ stats to FILE (the throughput of that phase is then distorted by the profiler).
 
 from __future__ import annotations
 
-import argparse
 import cProfile
-import json
 import os
 import sys
 import tempfile
@@ -57,6 +55,8 @@ from actors.events import Applied, CheckRate, Commit, CreateSession, RateAllowed
 from actors.policy import Policy, load_policy
 from actors.session import SessionState, apply_commands, decide, evolve, initial_state
 from bench.commands import (
+    GC_MODE,
+    run_cli,
     create_sessions,
     raw_baselines,
     FSYNC,
@@ -66,7 +66,6 @@ from bench.commands import (
     row,
 )
 from blackbird import AsyncBlackbird, RateLimitError
-from blackbird._runtime import tune_gc_for_serving
 from blackbird._server import EmbeddedServer
 
 TENANT = "bench"
@@ -449,27 +448,8 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
     return result
 
 
-GC_MODE = ["serve"]
-
-
 def cli() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small counts, under 60 s")
-    parser.add_argument(
-        "--profile", metavar="FILE", help="cProfile the 1,000-session allowed phase into FILE"
-    )
-    parser.add_argument(
-        "--default-gc", action="store_true",
-        help="keep CPython's default GC thresholds (by default the process is tuned as "
-        "`blackbird serve` tunes its own, for the raw baseline and the host alike)",
-    )
-    args = parser.parse_args()
-    GC_MODE[0] = "default" if args.default_gc else "serve"
-    if not args.default_gc:
-        tune_gc_for_serving()
-    cfg = make_config(args.quick)
-    result = anyio.run(main, cfg, args.profile)
-    print(json.dumps(result), flush=True)
+    run_cli(__doc__, "cProfile the 1,000-session allowed phase into FILE", make_config, main)
 
 
 if __name__ == "__main__":
