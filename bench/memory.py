@@ -18,8 +18,8 @@ all-MiniLM-L6-v2; the LanceDB index in a temporary folder) and measures
    (of its own tenant) that already holds a few hundred indexed memories, so the duplicate
    search has work; the same with ``vector=`` given (no embedding); the durable path alone
    (``remember_many([text], vectors=, dedupe=False)``) and the index lag after such a write
-   (a duplicate search first waits until the index holds the writer's previous write). The
-   same again at the end, into the recall tenant's table at its largest size;
+   (until recall can find it). The same again at the end, into the recall tenant's table at
+   its largest size;
 3. recall p50/p99 (``memory.recall(query, session_id=..., k=10)``, default scopes session and
    user) with the tenant's table at 10k and 100k memories (``--quick``: 10k and 30k; 100k
    cannot be loaded within its minute). The memories are loaded through the actors:
@@ -36,9 +36,10 @@ all-MiniLM-L6-v2; the LanceDB index in a temporary folder) and measures
    the live table (``bb.memory.index.table(tenant, model_id)``: flat, no filter), the same on a
    compacted COPY of it (where the recall's two prefiltered searches are also timed with an FTS
    index over every row and a BITMAP index on scope_id), an IVF_PQ index built on that copy
-   (the live table is not modified), and numpy brute force (``M @ q`` + argpartition). ``ratio_vs_raw`` = raw flat search p50 on
-   the live table ÷ our recall p50 at the largest size (equivalently recalls/s ÷ raw
-   searches/s): above 1, recall answers faster than one unfiltered flat scan of the table;
+   (the live table is not modified), and numpy brute force (``M @ q`` + argpartition).
+   ``ratio_vs_raw`` = raw flat search p50 on the live table ÷ our recall p50 at the largest
+   size (equivalently recalls/s ÷ raw searches/s): above 1, recall answers faster than one
+   unfiltered flat scan of the table;
 5. recall@10 of the IVF_PQ search against exact brute force (numpy) over 100 random queries
    (held-out vectors from the same generator), target >= 0.95.
 
@@ -328,7 +329,7 @@ async def remember_phase(
     """Sequential single writes into ``sid``'s user scope: ``remember(text)`` (embedding and
     duplicate search), ``remember(text, vector=)`` (no embedding), and ``remember_many([text],
     vectors=, dedupe=False)`` (the durable path alone) followed by waiting for the index to
-    hold it (what the next duplicate search would wait for). Latencies in seconds, and the
+    hold it (from then on recall finds it). Latencies in seconds, and the
     table's fragments before and after (every indexed write adds one until an optimize)."""
     memory = bb.memory
     table = memory.index.table(tenant, memory.embedder.model_id)
@@ -372,7 +373,8 @@ def report_remember(res: dict[str, Any], scope_size: int) -> None:
         "memory append: no embedding, no search")
     row("  index lag after one write", f"p50 {ms(res['index_lag'], 0.5):.2f} ms",
         f"{lat_text(res['index_lag'], (0.5, 0.95))}; call returned -> index.seq covers it "
-        "(merge_insert + checkpoint); a duplicate search first waits for the writer's last write")
+        "(merge_insert + checkpoint): from then on recall finds it; it runs in a thread beside "
+        "the next write's embedding and search")
     row("  table fragments, before -> after", "", f"{res['fragments_before']} -> "
         f"{res['fragments_after']} (user scope ~{scope_size:,} memories)")
 
@@ -464,8 +466,8 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
                 secs, last, upd = await write_batches(bb, WRITE_TENANT, wsids["w-dedupe"], texts, vecs, True)
                 writes["vectors_dedupe"] = len(texts) / secs
                 row(f"remember_many x{BATCH}, vectors=, dedupe on", f"{writes['vectors_dedupe']:,.0f} mem/s",
-                    f"{len(texts):,} memories (each waits for the index to hold the previous "
-                    f"batch, then one prefiltered LanceDB search per memory); {upd} updated")
+                    f"{len(texts):,} memories (one prefiltered LanceDB search per memory, one "
+                    f"after the other); {upd} updated")
 
                 # ------------------------------------------------------------ 2. remember()
                 rsid = (await writer_sessions(bb, REMEMBER_TENANT, ["w-single"]))["w-single"]
