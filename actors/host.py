@@ -29,7 +29,7 @@ import structlog
 from anyio.abc import TaskGroup
 
 from actors.events import Applied, Commit, Event, Rejection
-from actors.ports import AggregateKey, AppendConflict, Journal, SnapshotStore
+from actors.ports import AggregateKey, AppendConflict, CommitTooLarge, Journal, SnapshotStore
 
 S = TypeVar("S")
 
@@ -217,6 +217,16 @@ class ActorHost:
     async def _run(self, actor: _Actor, batch: list[_Request]) -> None:
         try:
             await self._handle(actor, batch)
+        except CommitTooLarge as exc:
+            if len(batch) == 1:  # one command alone is too large: its caller gets the error
+                batch[0].error = exc
+                return
+            # The commands that queued up do not fit in one message together: halve the batch.
+            # Nothing was appended (the append failed whole), so each half decides afresh.
+            half = len(batch) // 2
+            await self._run(actor, batch[:half])
+            await self._run(actor, batch[half:])
+            return
         except Exception as exc:  # the callers get it; the actor reloads from the log next time
             actor.state = None
             for request in batch:

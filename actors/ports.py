@@ -24,6 +24,10 @@ class AppendResult(NamedTuple):
     duplicate: bool  # the log already held a message with this id (a retried append)
 
 
+class CommitTooLarge(Exception):
+    """The encoded commit exceeds the log's message size (a batch may be split and retried)."""
+
+
 class AppendConflict(Exception):
     """Optimistic concurrency failed: the aggregate's last sequence was not the expected one."""
 

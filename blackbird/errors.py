@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from actors.ports import CommitTooLarge
+
 
 class BlackbirdError(Exception):
     """Base class of every error raised by Blackbird."""
@@ -32,7 +34,7 @@ class ValidationError(BlackbirdError, ValueError):
         super().__init__(message, field=field, expected=expected, got=got)
 
 
-class PayloadTooLargeError(ValidationError):
+class PayloadTooLargeError(ValidationError, CommitTooLarge):
     """An encoded command or event exceeds the configured maximum payload size."""
 
     code = "payload_too_large"

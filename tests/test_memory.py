@@ -312,3 +312,20 @@ def test_memory_works_through_the_sync_facade() -> None:
         assert sdk.memory.get("theme", session_id=s.session_id) == "dark"
         assert sdk.memory.delete("theme", session_id=s.session_id) is True
         assert msgspec.to_builtins(found[0])["text"] == "The wifi password is on the fridge."
+
+
+async def test_many_writes_queued_on_one_scope_are_split_across_commits_that_fit(bb: AsyncBlackbird) -> None:
+    """256 memories written at once to one scope queue up on its actor; together they exceed
+    the log's message size, so the actor splits the batch instead of failing all of them."""
+    import numpy as np
+
+    s = await bb.session_manager.create_session("u1", tier="enterprise")
+    rng = np.random.default_rng(7)
+    vectors = rng.normal(size=(256, 384)).astype(np.float32)
+    texts = [f"generated memory number {i} about topic {i % 17}" for i in range(256)]
+    written = await bb.memory.remember_many(texts, session_id=s.session_id, vectors=vectors, dedupe=False)
+    assert len({m.memory_id for m in written}) == 256
+    commits = [e async for e in bb.journal.entries("bb.acme.memory.user:u1")]
+    assert len(commits) > 1  # more than one message...
+    assert sum(len(e.commit.commands) for e in commits) == 256  # ...holding every write once
+    assert all(len(msgspec.json.encode(e.commit)) <= bb.settings.max_payload for e in commits)
