@@ -71,6 +71,7 @@ class MemoryState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     cache: dict[str, CacheEntry] = {}
     members: tuple[str, ...] = ()  # for group and agent scopes
     stored_bytes: int = 0
+    next_expiry: float | None = None  # the earliest expires_at of any memory or cache entry
     recent_commands: bytes = b""
     recent_refusals: dict[str, Rejection] = {}
 
@@ -82,8 +83,27 @@ def retention_score(entry: CacheEntry, now: float) -> float:
     return entry.importance + min(frequency, 1.0) + recency
 
 
+def earliest_expiry(state: MemoryState) -> float | None:
+    times = [m.expires_at for m in state.memories.values() if m.expires_at is not None]
+    times += [c.expires_at for c in state.cache.values() if c.expires_at is not None]
+    return min(times, default=None)
+
+
+def _with_expiry(state: MemoryState, removed: float | None, added: float | None) -> MemoryState:
+    """``state`` with ``next_expiry`` kept right after an entry expiring at ``removed`` left
+    and/or one expiring at ``added`` came (a full scan only when the earliest one left)."""
+    current = state.next_expiry
+    if removed is not None and removed == current:
+        current = earliest_expiry(state)
+    elif added is not None and (current is None or added < current):
+        current = added
+    return state if current == state.next_expiry else msgspec.structs.replace(state, next_expiry=current)
+
+
 def housekeeping(state: MemoryState, now: float) -> tuple[Event, ...]:
     """Expiry events for memories past their retention and cache entries past their TTL."""
+    if state.next_expiry is None or state.next_expiry > now:
+        return ()  # nothing is due: no scan (a scope may hold many thousands of memories)
     expired: list[Event] = [
         MemoryForgotten(at=now, memory_id=mid, reason="expired")
         for mid, info in state.memories.items()
@@ -176,6 +196,14 @@ def _decide(state: MemoryState, command: MemoryCommand, now: float) -> Decision:
 
 
 def evolve(state: MemoryState, event: Event) -> MemoryState:
+    state, removed, added = _evolve(state, event)
+    if removed is None and added is None:
+        return state
+    return _with_expiry(state, removed, added)
+
+
+def _evolve(state: MemoryState, event: Event) -> tuple[MemoryState, float | None, float | None]:
+    """The new state, and the expiry of an entry that left and of one that came (if any)."""
     replace = msgspec.structs.replace
     if isinstance(event, MemoryRemembered):
         memories = dict(state.memories)
@@ -185,41 +213,38 @@ def evolve(state: MemoryState, event: Event) -> MemoryState:
         if event.key is not None:
             keys = {**keys, event.key: event.memory_id}
         stored = state.stored_bytes + event.size - (previous.size if previous else 0)
-        return replace(state, memories=memories, keys=keys, stored_bytes=stored)
-    if isinstance(event, MemorySuperseded):
-        info = state.memories.get(event.memory_id)
-        memories = {k: v for k, v in state.memories.items() if k != event.memory_id}
-        keys = {k: v for k, v in state.keys.items() if v != event.memory_id}
-        return replace(
-            state, memories=memories, keys=keys,
-            stored_bytes=state.stored_bytes - (info.size if info else 0),
-        )
-    if isinstance(event, MemoryForgotten):
+        new = replace(state, memories=memories, keys=keys, stored_bytes=stored)
+        return new, previous.expires_at if previous else None, event.expires_at
+    if isinstance(event, (MemorySuperseded, MemoryForgotten)):
         info = state.memories.get(event.memory_id)
         if info is None:
-            return state
+            return state, None, None
         memories = {k: v for k, v in state.memories.items() if k != event.memory_id}
         keys = {k: v for k, v in state.keys.items() if v != event.memory_id}
-        return replace(state, memories=memories, keys=keys, stored_bytes=state.stored_bytes - info.size)
+        new = replace(state, memories=memories, keys=keys, stored_bytes=state.stored_bytes - info.size)
+        return new, info.expires_at, None
     if isinstance(event, CacheSet):
         old = state.cache.get(event.key)
         entry = CacheEntry(
             author=event.author, sealed=event.sealed, size=event.size, importance=event.importance,
             expires_at=event.expires_at, hits=old.hits if old else 0, last_access=event.at,
         )
-        return replace(state, cache={**state.cache, event.key: entry})
+        new = replace(state, cache={**state.cache, event.key: entry})
+        return new, old.expires_at if old else None, event.expires_at
     if isinstance(event, CacheHit):
         old = state.cache.get(event.key)
         if old is None:
-            return state
+            return state, None, None
         hit = msgspec.structs.replace(old, hits=old.hits + 1, last_access=event.at)
-        return replace(state, cache={**state.cache, event.key: hit})
+        return replace(state, cache={**state.cache, event.key: hit}), None, None
     if isinstance(event, CacheRemoved):
-        return replace(state, cache={k: v for k, v in state.cache.items() if k != event.key})
+        old = state.cache.get(event.key)
+        new = replace(state, cache={k: v for k, v in state.cache.items() if k != event.key})
+        return new, old.expires_at if old else None, None
     if isinstance(event, MembersChanged):
         members = [m for m in state.members if m not in event.removed]
         members += [m for m in event.added if m not in members]
-        return replace(state, members=tuple(members))
+        return replace(state, members=tuple(members)), None, None
     raise TypeError(f"not a memory event: {event!r}")
 
 

@@ -22,7 +22,7 @@ from actors.events import (
     Remember,
     SetCache,
 )
-from actors.memory import CacheEntry, MemoryState, decide, evolve, retention_score
+from actors.memory import CacheEntry, MemoryState, decide, earliest_expiry, evolve, retention_score
 
 T0 = 1_800_000_000.0
 
@@ -119,11 +119,12 @@ def test_members_are_added_and_removed() -> None:
 
 commands = st.lists(
     st.one_of(
-        st.builds(lambda i, k: remember(f"m{i}", key=k), st.integers(0, 5), st.sampled_from([None, "a", "b"])),
+        st.builds(lambda i, k, e: remember(f"m{i}", key=k, expires=e), st.integers(0, 5),
+                  st.sampled_from([None, "a", "b"]), st.sampled_from([None, T0 + 3, T0 + 8, T0 + 20])),
         st.builds(lambda i: ForgetMemory(memory_id=f"m{i}"), st.integers(0, 5)),
-        st.builds(lambda k, imp: SetCache(key=k, author="u1", sealed=b"v", size=1, importance=imp,
-                                          expires_at=None, capacity=2),
-                  st.sampled_from(["x", "y", "z"]), st.floats(0, 1)),
+        st.builds(lambda k, imp, e: SetCache(key=k, author="u1", sealed=b"v", size=1, importance=imp,
+                                             expires_at=e, capacity=2),
+                  st.sampled_from(["x", "y", "z"]), st.floats(0, 1), st.sampled_from([None, T0 + 5, T0 + 12])),
         st.builds(lambda k: GetCache(key=k), st.sampled_from(["x", "y", "z"])),
     ),
     max_size=30,
@@ -141,6 +142,7 @@ def test_capacity_holds_and_replay_through_the_wire_is_identical(commands: list[
             log.append(e)
         assert len(s.cache) <= 2
         assert s.stored_bytes == sum(m.size for m in s.memories.values())
+        assert s.next_expiry == earliest_expiry(s)
         assert set(s.keys.values()) <= set(s.memories)
     replayed = state()
     for e in log:
