@@ -36,7 +36,7 @@ from blackbird.journal import Journal
 log = structlog.get_logger("blackbird.memory")
 
 INF = math.inf
-OPTIMIZE_EVERY = 2_000  # rows written to a table before it is compacted and re-indexed
+OPTIMIZE_EVERY = 2_000  # rows written (or 64 small writes) before a table is compacted and re-indexed
 
 
 class Sealed(msgspec.Struct, frozen=True):
@@ -195,7 +195,8 @@ class MemoryIndex:
                     # every search is prefiltered by scope: an index on it makes that cheap
                     table.create_index("scope_id", config=BTree(), replace=True)
             table.merge_insert("memory_id").when_matched_update_all().when_not_matched_insert_all().execute(rows)
-            self._unoptimized[name] = self._unoptimized.get(name, 0) + len(rows)
+            # every write adds a fragment: count rows, and small writes as a batch's worth each
+            self._unoptimized[name] = self._unoptimized.get(name, 0) + max(len(rows), OPTIMIZE_EVERY // 64)
         for (tenant, memory_id), valid_to in batch.valid_to.items():
             for table in self._tenant_tables(tenant):
                 table.update(where=f"memory_id = {_quote(memory_id)}", values={"valid_to": valid_to})
