@@ -310,21 +310,20 @@ class AsyncMemory:
         await self._index()
         self._pending = [p for p in self._pending if p[0] > self.index.seq]
         mine = [(mid, vec) for _, t, s, mid, vec in self._pending if t == tenant and s == sid]
-        table = self.index.table(tenant, self.embedder.model_id)
-        where = f"scope_id = {_quote(sid)} AND valid_to > {self._clock()!r}"
+        model = self.embedder.model_id
 
         def search() -> list[str | None]:
+            ids, current = self.index.current_vectors(tenant, model, sid)
+            ids += [mid for mid, _ in mine]
+            vectors = [current] if current is not None else []
+            vectors += [v[None, :] for _, v in mine]
+            if not vectors:
+                return [None] * len(matrix)
+            similarity = np.concatenate(vectors) @ matrix.T  # rows: known memories
             found: list[str | None] = []
-            for vec in matrix:
-                best = max(((float(np.dot(v, vec)), mid) for mid, v in mine), default=(0.0, ""))
-                if best[0] >= threshold:
-                    found.append(best[1])
-                    continue
-                rows = [] if table is None else (
-                    table.search(vec).metric("cosine").where(where, prefilter=True).limit(1).to_list()
-                )
-                close = rows and (1.0 - rows[0]["_distance"]) >= threshold
-                found.append(rows[0]["memory_id"] if close else None)
+            for column in range(similarity.shape[1]):
+                best = int(np.argmax(similarity[:, column]))
+                found.append(ids[best] if similarity[best, column] >= threshold else None)
             return found
 
         return await anyio.to_thread.run_sync(search)

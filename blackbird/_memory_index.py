@@ -19,6 +19,7 @@ import datetime
 import json
 import math
 import os
+import threading
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -94,6 +95,12 @@ class MemoryIndex:
         self._embedder = embedder  # re-embed with it when its model differs from the writer's
         self._db: Any = None
         self._unoptimized: dict[str, int] = {}  # table -> rows written since its last optimize
+        # The current (not superseded) vectors of the scopes asked about, for the near-duplicate
+        # check of a write: a dict lookup and one matrix product instead of a LanceDB query.
+        # (table name, scope id) -> {memory id: vector}; loaded from the table on first use,
+        # then kept in step by every batch written.
+        self._current: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+        self._current_lock = threading.Lock()
         self.seq = 0
         self._waiters: list[tuple[int, anyio.Event]] = []
         self._tables: dict[str, Any] = {}
@@ -195,8 +202,22 @@ class MemoryIndex:
                     # every search is prefiltered by scope: an index on it makes that cheap
                     table.create_index("scope_id", config=BTree(), replace=True)
             table.merge_insert("memory_id").when_matched_update_all().when_not_matched_insert_all().execute(rows)
+            with self._current_lock:
+                for row in rows:
+                    scope = self._current.get((name, row["scope_id"]))
+                    if scope is not None:
+                        if math.isinf(row["valid_to"]):
+                            scope[row["memory_id"]] = row["vector"]
+                        else:
+                            scope.pop(row["memory_id"], None)
             # every write adds a fragment: count rows, and small writes as a batch's worth each
             self._unoptimized[name] = self._unoptimized.get(name, 0) + max(len(rows), OPTIMIZE_EVERY // 64)
+        gone = {memory_id for _, memory_id in batch.valid_to} | {i for ids in batch.deletes.values() for i in ids}
+        if gone:
+            with self._current_lock:
+                for scope in self._current.values():
+                    for memory_id in gone:
+                        scope.pop(memory_id, None)
         for (tenant, memory_id), valid_to in batch.valid_to.items():
             for table in self._tenant_tables(tenant):
                 table.update(where=f"memory_id = {_quote(memory_id)}", values={"valid_to": valid_to})
@@ -220,6 +241,28 @@ class MemoryIndex:
                 table = self._tables.get(name) or self.db.open_table(name)
                 self._tables[name] = table
                 yield table
+
+    def current_vectors(self, tenant: str, model_id: str, scope_id: str) -> tuple[list[str], np.ndarray | None]:
+        """The ids and vectors of a scope's current memories (blocking on first use of a scope:
+        call it from a worker thread)."""
+        name = table_name(tenant, model_id)
+        with self._current_lock:
+            scope = self._current.get((name, scope_id))
+        if scope is None:
+            table = self.table(tenant, model_id)
+            loaded: dict[str, np.ndarray] = {}
+            if table is not None:
+                found = table.search().where(
+                    f"scope_id = {_quote(scope_id)} AND valid_to > 1e300", prefilter=True
+                ).select(["memory_id", "vector"]).limit(None).to_arrow()
+                for memory_id, vector in zip(found["memory_id"].to_pylist(), found["vector"].to_numpy(zero_copy_only=False), strict=True):
+                    loaded[memory_id] = np.asarray(vector, dtype=np.float32)
+            with self._current_lock:
+                scope = self._current.setdefault((name, scope_id), loaded)
+        with self._current_lock:
+            ids = list(scope)
+            matrix = np.stack([scope[i] for i in ids]) if ids else None
+        return ids, matrix
 
     async def apply(self, entries: list[tuple[int, str, Commit]]) -> None:
         fresh = [e for e in entries if e[0] > self.seq]
@@ -317,6 +360,8 @@ class MemoryIndex:
                 if name.startswith("mem_"):
                     self.db.drop_table(name)
             self._tables.clear()
+            with self._current_lock:
+                self._current.clear()
             self.seq = 0
         await self.catch_up()
         await self._save()

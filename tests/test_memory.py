@@ -329,3 +329,15 @@ async def test_many_writes_queued_on_one_scope_are_split_across_commits_that_fit
     assert len(commits) > 1  # more than one message...
     assert sum(len(e.commit.commands) for e in commits) == 256  # ...holding every write once
     assert all(len(msgspec.json.encode(e.commit)) <= bb.settings.max_payload for e in commits)
+
+
+async def test_a_near_duplicate_of_an_earlier_process_is_found_in_the_index(tmp_path: Path) -> None:
+    async with AsyncBlackbird(data_dir=tmp_path / "d", tenant="acme") as bb:
+        s = await bb.session_manager.create_session("u1", tier="pro")
+        first = await bb.memory.remember("The garage door code is 4711.", session_id=s.session_id)
+        await bb.memory.recall("garage", session_id=s.session_id)  # the index holds it
+    async with AsyncBlackbird(data_dir=tmp_path / "d", tenant="acme") as bb:  # a new process
+        again = await bb.memory.remember("The garage door code is 4711!", session_id=s.session_id)
+        assert again.updated and again.memory_id == first.memory_id
+        other = await bb.memory.remember("The garden gate has no lock.", session_id=s.session_id)
+        assert not other.updated
