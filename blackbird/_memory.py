@@ -369,18 +369,18 @@ class AsyncMemory:
         wanted = _check_filters(filters)
         session, _ = await self._caller(session_id, tenant)
         sids = sorted({await self._scope(s, session, write=False) for s in scopes})
-        vector = (await anyio.to_thread.run_sync(self.embedder.embed, [query]))[0]
         await self._caught_up()
-        table = self.index.table(session.tenant, self.embedder.model_id)
+        model = self.embedder.model_id
+        table = self.index.table(session.tenant, model)
         if table is None:
             others = self.index.models_of(session.tenant)
             if others:
                 raise EmbeddingModelMismatchError(
                     f"tenant {session.tenant!r} has memories embedded with another model "
-                    f"({', '.join(others)}), not {self.embedder.model_id!r}: searching across "
+                    f"({', '.join(others)}), not {model!r}: searching across "
                     "models is refused; rebuild the index with this embedder "
                     "(memory.rebuild_index()) or use the model the memories were written with",
-                    model_id=self.embedder.model_id,
+                    model_id=model,
                 )
             return []
         now = self._clock()
@@ -391,9 +391,22 @@ class AsyncMemory:
         )
         pool = max(k * (10 if wanted else 4), 20)
         words = " ".join(re.findall(r"\w+", query))
+        found: dict[str, Any] = {}
+
+        def embed() -> None:
+            found["query"] = self.embedder.embed([query])[0]
 
         def by_vector() -> list[dict[str, Any]]:
-            return table.search(vector).metric("cosine").where(where, prefilter=True).limit(pool).to_list()  # type: ignore[no-any-return]
+            vector = found["query"]
+            if as_of is not None:  # the past needs superseded rows: only the table has them
+                return table.search(vector).metric("cosine").where(where, prefilter=True).limit(pool).to_list()  # type: ignore[no-any-return]
+            rows = [r for sid in sids for r in self.index.current_rows(session.tenant, model, sid)
+                    if r["valid_from"] <= at]
+            if not rows:
+                return []
+            similarity = np.stack([r["vector"] for r in rows]) @ vector
+            top = np.argsort(-similarity)[:pool]
+            return [rows[i] for i in top]
 
         def by_text() -> list[dict[str, Any]]:
             if not words:
@@ -404,14 +417,17 @@ class AsyncMemory:
                 log.debug("memory_fts_skipped", error=repr(exc))
                 return []
 
-        found: dict[str, list[dict[str, Any]]] = {}
+        async def vector_side() -> None:
+            await anyio.to_thread.run_sync(embed)
+            found["vector"] = await anyio.to_thread.run_sync(by_vector)
 
-        async def run(name: str, search: Callable[[], list[dict[str, Any]]]) -> None:
-            found[name] = await anyio.to_thread.run_sync(search)
+        async def text_side() -> None:
+            found["text"] = await anyio.to_thread.run_sync(by_text)
 
-        async with anyio.create_task_group() as tg:  # both searches at once, each in a thread
-            tg.start_soon(run, "vector", by_vector)
-            tg.start_soon(run, "text", by_text)
+        async with anyio.create_task_group() as tg:  # full-text search runs while embedding
+            tg.start_soon(vector_side)
+            tg.start_soon(text_side)
+        vector = found["query"]
         return _rank(found["vector"], found["text"], vector, wanted, mix, now, k)
 
     async def forget(self, memory_id: str, *, session_id: str, scope: str = "user", tenant: str | None = None) -> bool:

@@ -95,11 +95,11 @@ class MemoryIndex:
         self._embedder = embedder  # re-embed with it when its model differs from the writer's
         self._db: Any = None
         self._unoptimized: dict[str, int] = {}  # table -> rows written since its last optimize
-        # The current (not superseded) vectors of the scopes asked about, for the near-duplicate
-        # check of a write: a dict lookup and one matrix product instead of a LanceDB query.
-        # (table name, scope id) -> {memory id: vector}; loaded from the table on first use,
-        # then kept in step by every batch written.
-        self._current: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+        # The current (not superseded) rows of the scopes asked about, for the near-duplicate
+        # check of a write and the vector side of a recall: one matrix product instead of a
+        # LanceDB query (which costs 4-5 ms however small the scope). (table name, scope id) ->
+        # {memory id: row}; loaded from the table on first use, kept in step by every batch.
+        self._current: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
         self._current_lock = threading.Lock()
         self.seq = 0
         self._waiters: list[tuple[int, anyio.Event]] = []
@@ -207,7 +207,7 @@ class MemoryIndex:
                     scope = self._current.get((name, row["scope_id"]))
                     if scope is not None:
                         if math.isinf(row["valid_to"]):
-                            scope[row["memory_id"]] = row["vector"]
+                            scope[row["memory_id"]] = row
                         else:
                             scope.pop(row["memory_id"], None)
             # every write adds a fragment: count rows, and small writes as a batch's worth each
@@ -242,27 +242,32 @@ class MemoryIndex:
                 self._tables[name] = table
                 yield table
 
-    def current_vectors(self, tenant: str, model_id: str, scope_id: str) -> tuple[list[str], np.ndarray | None]:
-        """The ids and vectors of a scope's current memories (blocking on first use of a scope:
-        call it from a worker thread)."""
+    def current_rows(self, tenant: str, model_id: str, scope_id: str) -> list[dict[str, Any]]:
+        """The rows of a scope's current memories (blocking on first use of a scope: call it
+        from a worker thread)."""
         name = table_name(tenant, model_id)
         with self._current_lock:
             scope = self._current.get((name, scope_id))
         if scope is None:
             table = self.table(tenant, model_id)
-            loaded: dict[str, np.ndarray] = {}
+            loaded: dict[str, dict[str, Any]] = {}
             if table is not None:
                 found = table.search().where(
                     f"scope_id = {_quote(scope_id)} AND valid_to > 1e300", prefilter=True
-                ).select(["memory_id", "vector"]).limit(None).to_arrow()
-                for memory_id, vector in zip(found["memory_id"].to_pylist(), found["vector"].to_numpy(zero_copy_only=False), strict=True):
-                    loaded[memory_id] = np.asarray(vector, dtype=np.float32)
+                ).limit(None).to_arrow()
+                for row in found.to_pylist():
+                    row["vector"] = np.asarray(row["vector"], dtype=np.float32)
+                    loaded[row["memory_id"]] = row
             with self._current_lock:
                 scope = self._current.setdefault((name, scope_id), loaded)
         with self._current_lock:
-            ids = list(scope)
-            matrix = np.stack([scope[i] for i in ids]) if ids else None
-        return ids, matrix
+            return list(scope.values())
+
+    def current_vectors(self, tenant: str, model_id: str, scope_id: str) -> tuple[list[str], np.ndarray | None]:
+        """The ids and vectors (one row each) of a scope's current memories."""
+        rows = self.current_rows(tenant, model_id, scope_id)
+        ids = [row["memory_id"] for row in rows]
+        return ids, (np.stack([row["vector"] for row in rows]) if rows else None)
 
     async def apply(self, entries: list[tuple[int, str, Commit]]) -> None:
         fresh = [e for e in entries if e[0] > self.seq]
