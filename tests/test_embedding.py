@@ -350,11 +350,10 @@ def test_openai_embedder_reports_a_wrong_dimension_against_a_fake_server(
 def test_openai_embedder_gives_up_after_its_timeout_against_a_fake_server(
     fake_server: FakeEmbeddingsServer,
 ) -> None:
+    # The server answers after 1 s, correctly: an error (not vectors) proves the client gave up.
     fake_server.delay = 1.0
-    started = time.monotonic()
     with pytest.raises(EmbedderError, match="no answer"):
         OpenAIEmbedder("m", base_url=fake_server.url, dimension=8, timeout=0.2).embed(["a"])
-    assert time.monotonic() - started < 0.9
 
 
 def test_openai_embedder_reports_an_unreachable_server() -> None:
