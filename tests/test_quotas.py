@@ -185,20 +185,22 @@ def test_seed_concurrency_decorator_with_threads_never_frees_another_threads_slo
             inside.wait(timeout=30)
             return f"Processed {file_path}"
 
+        refused = threading.Semaphore(0)  # released by each refused worker, once it is done
+
         def worker(file_id: int) -> None:
             try:
                 results[file_id] = process_large_file(f"file_{file_id}.txt")
             except RateLimitError:
                 results[file_id] = "limited"
+                refused.release()
 
         threads = [threading.Thread(target=worker, args=(i,)) for i in range(5)]
         for t in threads:
             t.start()
         inside.wait(timeout=30)
         # the other four were refused, and their `finally` decrements did not free the slot
-        deadline = time.monotonic() + 30
-        while sum(1 for r in results.values() if r == "limited") < 4 and time.monotonic() < deadline:
-            time.sleep(0.01)  # waiting for the refused threads to finish, not for a timing
+        for _ in range(4):
+            assert refused.acquire(timeout=30)
         assert sdk.session_manager.get_session(session.session_id).concurrent_operations == 1
         inside.wait(timeout=30)
         for t in threads:
