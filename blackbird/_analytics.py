@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from actors.events import SessionStatus
 from actors.policy import QuotaType
-from blackbird._validate import check_enum, check_seconds
-from blackbird.errors import SessionNotFoundError, ValidationError
+from blackbird._validate import check_enum, check_seconds, invalid
+from blackbird.errors import SessionNotFoundError
 from blackbird.subjects import validate_token
 from blackbird.types import Session
 from projections import activity
@@ -74,15 +74,9 @@ class AnalyticsMethods:
         and the log sequence. Includes everything this client tracked before the call."""
         user_id = validate_token(user_id, "user_id")
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ValidationError(
-                f"limit: expected a positive int, got {limit!r}", field="limit",
-                expected="a positive int", got=repr(limit),
-            )
+            raise invalid("limit", "a positive int", repr(limit))
         if since is not None and (isinstance(since, bool) or not isinstance(since, int | float)):
-            raise ValidationError(
-                f"since: expected seconds since the epoch, got {type(since).__name__}",
-                field="since", expected="seconds since the epoch", got=type(since).__name__,
-            )
+            raise invalid("since", "seconds since the epoch", type(since).__name__)
         wanted = None if resource_type is None else check_enum(resource_type, QuotaType, "resource_type").value
         model = await self._activity()
         return activity.usage_history(
@@ -113,7 +107,7 @@ class AnalyticsMethods:
         group; only how many were left out is reported."""
         k = self._analytics_k if k is None else k
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValidationError(f"k: expected an int >= 1, got {k!r}", field="k", expected="an int >= 1", got=repr(k))
+            raise invalid("k", "an int >= 1", repr(k))
         return activity.cross_tenant(await self._activity(), k, self._clock())
 
     async def predict_quota_exhaustion(

@@ -53,7 +53,8 @@ from actors.policy import RateLimitType
 from actors.ports import AggregateKey
 from actors.session import SessionState
 from actors.tenant import PolicyBook, TenantState
-from blackbird.errors import BlackbirdError, SessionNotFoundError, ValidationError
+from blackbird._validate import invalid
+from blackbird.errors import BlackbirdError, SessionNotFoundError
 from blackbird.journal import Entry, Journal
 from blackbird.subjects import validate_token
 
@@ -150,9 +151,9 @@ class Auditor:
         SessionNotFoundError for a session the log has never seen.
         """
         if session_id is not None and user_id is not None:
-            raise _invalid("scope", "exactly one of session_id, user_id or tenant", "session_id and user_id")
+            raise invalid("scope", "exactly one of session_id, user_id or tenant", "session_id and user_id")
         if session_id is None and user_id is None and tenant is None:
-            raise _invalid("scope", "exactly one of session_id, user_id or tenant", "none of them")
+            raise invalid("scope", "exactly one of session_id, user_id or tenant", "none of them")
         tenant = self.tenant if tenant is None else validate_token(tenant, "tenant")
         cut = _Cut(_sequence(until_seq), parse_until(until))
         if session_id is not None:
@@ -352,15 +353,13 @@ class _Cut(msgspec.Struct, frozen=True):
         return entries[-1].commit.at if entries else None
 
 
-def _invalid(field: str, expected: str, got: Any) -> ValidationError:
-    return ValidationError(f"{field}: expected {expected}, got {got}", field=field, expected=expected, got=got)
 
 
 def _sequence(value: Any) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _invalid("until_seq", "a stream sequence (an integer >= 1)", repr(value))
+        raise invalid("until_seq", "a stream sequence (an integer >= 1)", repr(value))
     return value
 
 
@@ -372,7 +371,7 @@ def parse_until(value: Any) -> float | None:
     expected = "seconds since the epoch, an aware datetime or an ISO-8601 string"
     if isinstance(value, datetime.datetime):
         if value.tzinfo is None:
-            raise _invalid("until", expected, "a naive datetime")
+            raise invalid("until", expected, "a naive datetime")
         return value.timestamp()
     if isinstance(value, str):
         text = value.strip()
@@ -382,14 +381,14 @@ def parse_until(value: Any) -> float | None:
             try:
                 parsed = datetime.datetime.fromisoformat(text)
             except ValueError:
-                raise _invalid("until", expected, repr(value)) from None
+                raise invalid("until", expected, repr(value)) from None
             if parsed.tzinfo is None:
                 parsed = parsed.replace(tzinfo=datetime.UTC)
             return parsed.timestamp()
     else:
         number = value
     if isinstance(number, bool) or not isinstance(number, int | float) or not math.isfinite(number):
-        raise _invalid("until", expected, repr(value))
+        raise invalid("until", expected, repr(value))
     return float(number)
 
 

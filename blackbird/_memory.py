@@ -47,7 +47,7 @@ from actors.ports import AggregateKey
 from actors.redaction import RedactionPolicy, redact
 from blackbird._dispatch import ask_or_raise
 from blackbird._memory_index import MemoryIndex, Sealed, _quote
-from blackbird._validate import check_metadata, check_seconds, check_text
+from blackbird._validate import check_fraction, check_metadata, check_seconds, check_text, invalid
 from blackbird.errors import (
     EmbeddingModelMismatchError,
     PayloadTooLargeError,
@@ -55,7 +55,6 @@ from blackbird.errors import (
     ScopeAccessError,
     SessionInactiveError,
     SessionNotFoundError,
-    ValidationError,
 )
 from blackbird.subjects import validate_token
 from blackbird.types import Memory
@@ -148,10 +147,10 @@ class AsyncMemory:
     async def _scope(self, spec: Any, session: Any, *, write: bool) -> str:
         """``spec`` ("user", "group:research", ...) as a scope id the caller may use."""
         if not isinstance(spec, str) or not spec:
-            raise _invalid("scope", "one of session, user, tenant, group:<id>, agent:<id>", repr(spec))
+            raise invalid("scope", "one of session, user, tenant, group:<id>, agent:<id>", repr(spec))
         kind, _, owner = spec.partition(":")
         if kind not in SCOPE_KINDS:
-            raise _invalid("scope", "one of session, user, tenant, group:<id>, agent:<id>", repr(spec))
+            raise invalid("scope", "one of session, user, tenant, group:<id>, agent:<id>", repr(spec))
         if kind in ("session", "user", "tenant"):
             mine = {"session": session.session_id, "user": session.user_id, "tenant": session.tenant}[kind]
             if owner and owner != mine:
@@ -175,13 +174,13 @@ class AsyncMemory:
             return self.embedder.embed([text])[0]
         array = np.asarray(vector, dtype=np.float32).reshape(-1)
         if array.shape[0] != self.embedder.dimension or not np.all(np.isfinite(array)):
-            raise _invalid(
+            raise invalid(
                 "vector", f"{self.embedder.dimension} finite numbers ({self.embedder.model_id})",
                 f"{array.shape[0]} values",
             )
         norm = float(np.linalg.norm(array))
         if norm == 0:
-            raise _invalid("vector", "a non-zero vector", "all zeros")
+            raise invalid("vector", "a non-zero vector", "all zeros")
         return array / norm
 
     # ------------------------------------------------------------------ semantic memory
@@ -233,18 +232,17 @@ class AsyncMemory:
         """Remember several texts at once: embedded in one batch, appended together (the
         scope's actor puts the writes that queue up into shared commits)."""
         if isinstance(texts, str) or not isinstance(texts, Sequence) or not texts:
-            raise _invalid("texts", "a non-empty list of strings", type(texts).__name__)
+            raise invalid("texts", "a non-empty list of strings", type(texts).__name__)
         cleaned = [_check_memory_text(t) for t in texts]
-        if not isinstance(importance, int | float) or isinstance(importance, bool) or not 0 <= importance <= 1:
-            raise _invalid("importance", "a number from 0 to 1", repr(importance))
+        importance = check_fraction(importance, "importance")
         meta = check_metadata(metadata)
         kind = check_text(kind, "kind")
         if key is not None:
             key = check_text(key, "key")
             if len(texts) > 1:
-                raise _invalid("key", "no key when remembering several texts", key)
+                raise invalid("key", "no key when remembering several texts", key)
         if vectors is not None and len(vectors) != len(texts):
-            raise _invalid("vectors", f"{len(texts)} vectors, one per text", f"{len(vectors)}")
+            raise invalid("vectors", f"{len(texts)} vectors, one per text", f"{len(vectors)}")
         session, policy = await self._caller(session_id, tenant)
         sid = await self._scope(scope, session, write=True)
         rules = RedactionPolicy(emails="email" in policy.redact, phones="phone" in policy.redact,
@@ -357,15 +355,15 @@ class AsyncMemory:
         not). Includes everything this client wrote before the call."""
         query = _check_memory_text(query, "query")
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 1000:
-            raise _invalid("k", "an int from 1 to 1000", repr(k))
+            raise invalid("k", "an int from 1 to 1000", repr(k))
         if isinstance(scopes, str) or not isinstance(scopes, Sequence) or not scopes:
-            raise _invalid("scopes", "a non-empty list of scopes", repr(scopes))
+            raise invalid("scopes", "a non-empty list of scopes", repr(scopes))
         if as_of is not None and (isinstance(as_of, bool) or not isinstance(as_of, int | float)):
-            raise _invalid("as_of", "seconds since the epoch", type(as_of).__name__)
+            raise invalid("as_of", "seconds since the epoch", type(as_of).__name__)
         mix = dict(DEFAULT_WEIGHTS, **(weights or {}))
         unknown = set(mix) - set(DEFAULT_WEIGHTS)
         if unknown:
-            raise _invalid("weights", f"keys among {sorted(DEFAULT_WEIGHTS)}", sorted(unknown))
+            raise invalid("weights", f"keys among {sorted(DEFAULT_WEIGHTS)}", sorted(unknown))
         wanted = _check_filters(filters)
         session, _ = await self._caller(session_id, tenant)
         sids = sorted({await self._scope(s, session, write=False) for s in scopes})
@@ -452,14 +450,13 @@ class AsyncMemory:
         try:
             data = json.dumps(value, allow_nan=False).encode()
         except (TypeError, ValueError) as exc:
-            raise _invalid("value", "a JSON-serialisable value", str(exc)) from None
+            raise invalid("value", "a JSON-serialisable value", str(exc)) from None
         if len(data) > MAX_CACHE_VALUE:
             raise PayloadTooLargeError(
                 f"value: {len(data)} bytes as JSON, expected at most {MAX_CACHE_VALUE}",
                 field="value", expected=f"at most {MAX_CACHE_VALUE} bytes", got=len(data),
             )
-        if not isinstance(importance, int | float) or isinstance(importance, bool) or not 0 <= importance <= 1:
-            raise _invalid("importance", "a number from 0 to 1", repr(importance))
+        importance = check_fraction(importance, "importance")
         session, policy = await self._caller(session_id, tenant)
         sid = await self._scope(scope, session, write=True)
         sealed = await self._keys.encrypt(session.tenant, session.user_id, data, aad=key.encode())
@@ -505,7 +502,7 @@ class AsyncMemory:
     async def _members(self, scope: str, *, add: Sequence[str], remove: Sequence[str], tenant: str | None) -> list[str]:
         kind, _, owner = scope.partition(":") if isinstance(scope, str) else ("", "", "")
         if kind not in ("group", "agent") or not owner:
-            raise _invalid("scope", "group:<id> or agent:<id>", repr(scope))
+            raise invalid("scope", "group:<id> or agent:<id>", repr(scope))
         validate_token(owner, "scope")
         ids = tuple(validate_token(u, "user_ids") for u in (*add, *remove))
         tenant = self._sessions._tenant_of(tenant)
@@ -604,17 +601,17 @@ def _check_filters(filters: Any) -> dict[str, Any]:
     if filters is None:
         return {}
     if not isinstance(filters, dict):
-        raise _invalid("filters", "a dict", type(filters).__name__)
+        raise invalid("filters", "a dict", type(filters).__name__)
     for name in filters:
         if name not in ("kind", "key", "author") and not (isinstance(name, str) and name.startswith("metadata.")):
-            raise _invalid("filters", "keys kind, key, author or metadata.<field>", repr(name))
+            raise invalid("filters", "keys kind, key, author or metadata.<field>", repr(name))
     return dict(filters)
 
 
 def _check_memory_text(text: Any, field: str = "text") -> str:
     expected = f"a non-empty string of at most {MAX_MEMORY_TEXT} characters"
     if not isinstance(text, str) or not text.strip():
-        raise _invalid(field, expected, repr(text) if isinstance(text, str) else type(text).__name__)
+        raise invalid(field, expected, repr(text) if isinstance(text, str) else type(text).__name__)
     if len(text) > MAX_MEMORY_TEXT:
         raise PayloadTooLargeError(
             f"{field}: {len(text)} characters, expected at most {MAX_MEMORY_TEXT}",
@@ -623,5 +620,3 @@ def _check_memory_text(text: Any, field: str = "text") -> str:
     return text
 
 
-def _invalid(field: str, expected: str, got: Any) -> ValidationError:
-    return ValidationError(f"{field}: expected {expected}, got {got}", field=field, expected=expected, got=got)

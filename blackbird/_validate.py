@@ -20,15 +20,23 @@ MAX_AMOUNT = 1e15
 E = TypeVar("E", bound=enum.Enum)
 
 
-def _invalid(field: str, expected: str, got: Any) -> ValidationError:
+def invalid(field: str, expected: str, got: Any) -> ValidationError:
+    """The ValidationError for ``field``: what was expected, what was got."""
     return ValidationError(f"{field}: expected {expected}, got {got}", field=field, expected=expected, got=got)
+
+
+def check_fraction(value: Any, field: str) -> float:
+    """A number from 0 to 1 (bool is not a number here)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise invalid(field, "a number from 0 to 1", repr(value))
+    return float(value)
 
 
 def check_text(value: Any, field: str) -> str:
     expected = f"a non-empty string of at most {MAX_TEXT_LENGTH} characters"
     if not isinstance(value, str) or not value or len(value) > MAX_TEXT_LENGTH:
         got = type(value).__name__ if not isinstance(value, str) else f"{len(value)} characters"
-        raise _invalid(field, expected, got)
+        raise invalid(field, expected, got)
     return value
 
 
@@ -37,7 +45,7 @@ def check_metadata(metadata: Any, field: str = "metadata") -> dict[str, Any]:
     if metadata is None:
         return {}
     if not isinstance(metadata, dict):
-        raise _invalid(field, expected, type(metadata).__name__)
+        raise invalid(field, expected, type(metadata).__name__)
     try:
         encoded = json.dumps(metadata, allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -62,16 +70,16 @@ def check_enum(value: Any, kind: type[E], field: str) -> E:
     except (ValueError, TypeError):
         expected = "one of " + ", ".join(str(m.value) for m in kind)
         got = repr(value) if isinstance(value, str) else type(value).__name__
-        raise _invalid(field, expected, got) from None
+        raise invalid(field, expected, got) from None
 
 
 def check_amount(amount: Any, field: str = "amount") -> float:
     """A finite, non-negative number (bool is not a number here)."""
     expected = f"a finite number >= 0 and <= {MAX_AMOUNT:g}"
     if isinstance(amount, bool) or not isinstance(amount, int | float):
-        raise _invalid(field, expected, type(amount).__name__)
+        raise invalid(field, expected, type(amount).__name__)
     if not math.isfinite(amount) or amount < 0 or amount > MAX_AMOUNT:
-        raise _invalid(field, expected, repr(amount))
+        raise invalid(field, expected, repr(amount))
     return float(amount)
 
 
@@ -80,7 +88,7 @@ def check_costs(costs: Any, kind: type[E], field: str = "costs") -> dict[E, floa
     if costs is None:
         return {}
     if not isinstance(costs, Mapping):
-        raise _invalid(field, "a mapping of quota type to amount", type(costs).__name__)
+        raise invalid(field, "a mapping of quota type to amount", type(costs).__name__)
     checked: dict[E, float] = {}
     for key, amount in costs.items():
         quota = check_enum(key, kind, f"{field} key")
@@ -96,9 +104,9 @@ def check_seconds(value: Any, field: str, *, maximum: float = 366 * 86400) -> fl
         value = value.total_seconds()
     expected = f"a number of seconds > 0 and <= {maximum:g} (or a timedelta)"
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _invalid(field, expected, type(value).__name__)
+        raise invalid(field, expected, type(value).__name__)
     if not math.isfinite(value) or value <= 0 or value > maximum:
-        raise _invalid(field, expected, repr(value))
+        raise invalid(field, expected, repr(value))
     return float(value)
 
 
@@ -111,11 +119,11 @@ def check_instant(value: Any, field: str, now: float) -> float | None:
         value = now + value.total_seconds()
     if isinstance(value, datetime.datetime):
         if value.tzinfo is None:
-            raise _invalid(field, "a timezone-aware datetime", "a naive datetime")
+            raise invalid(field, "a timezone-aware datetime", "a naive datetime")
         value = value.timestamp()
     expected = "seconds since the epoch, an aware datetime or a timedelta, in the future"
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise _invalid(field, expected, repr(value) if isinstance(value, float) else type(value).__name__)
+        raise invalid(field, expected, repr(value) if isinstance(value, float) else type(value).__name__)
     if value <= now:
-        raise _invalid(field, expected, repr(value))
+        raise invalid(field, expected, repr(value))
     return float(value)
