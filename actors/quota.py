@@ -95,9 +95,14 @@ def limit_in_force(
     return (limit if boost is None else boost), start, resets
 
 
-def reserved(state: SessionState, resource: str) -> float:
-    """Amount of ``resource`` held by unsettled reservations (expired ones are gone already)."""
-    return sum((amounts.get(resource, 0.0) for _, amounts, _ in state.reservations.values()), 0.0)
+def reserved(state: SessionState, resource: str, now: float = -math.inf) -> float:
+    """Amount of ``resource`` held by unsettled reservations still live at ``now`` (a decision
+    has released the expired ones already; a read of the state may not have)."""
+    return sum(
+        (amounts.get(resource, 0.0)
+         for _, amounts, expires in state.reservations.values() if expires > now),
+        0.0,
+    )
 
 
 def quota_info(
@@ -110,11 +115,7 @@ def quota_info(
     for resource in resources:
         limit, start, resets = limit_in_force(state, tier, resource, now, user_boosts)
         used = used_in_window(state, resource, start)
-        held = sum(
-            (amounts.get(resource, 0.0)
-             for _, amounts, expires in state.reservations.values() if expires > now),
-            0.0,
-        )
+        held = reserved(state, resource, now)
         info[resource] = {
             "used": used,
             "limit": limit,
