@@ -33,6 +33,7 @@ import structlog
 
 from actors.events import Commit, MemoryForgotten, MemoryRemembered, MemorySuperseded
 from blackbird.journal import Journal
+from projections.runner import Waiters
 
 log = structlog.get_logger("blackbird.memory")
 
@@ -102,7 +103,7 @@ class MemoryIndex:
         self._current: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
         self._current_lock = threading.Lock()
         self.seq = 0
-        self._waiters: list[tuple[int, anyio.Event]] = []
+        self._waiters = Waiters()
         self._tables: dict[str, Any] = {}
         self._filter = f"{journal.subjects.prefix}.*.memory.*"
         self._lock = anyio.Lock()
@@ -277,23 +278,11 @@ class MemoryIndex:
         async with self._lock:
             await anyio.to_thread.run_sync(self._write, batch)
             self.seq = fresh[-1][0]
-        self._wake()
-
-    def _wake(self) -> None:
-        ready = [e for s, e in self._waiters if s <= self.seq]
-        self._waiters = [(s, e) for s, e in self._waiters if s > self.seq]
-        for event in ready:
-            event.set()
+        self._waiters.wake(self.seq)
 
     async def wait_for(self, seq: int, timeout: float) -> bool:
         """True once the tables include sequence ``seq``; False after ``timeout``."""
-        if seq <= self.seq:
-            return True
-        event = anyio.Event()
-        self._waiters.append((seq, event))
-        with anyio.move_on_after(timeout):
-            await event.wait()
-        return seq <= self.seq
+        return await self._waiters.wait(seq, timeout, lambda: self.seq)
 
     # ------------------------------------------------------------------ running
 

@@ -96,6 +96,35 @@ class ProjectionTimeout(Exception):
         self.name, self.wanted, self.applied, self.timeout = name, wanted, applied, timeout
 
 
+class Waiters:
+    """Callers waiting until a sequence is applied (read-your-writes)."""
+
+    def __init__(self) -> None:
+        self._waiting: list[tuple[int, anyio.Event]] = []
+
+    def wake(self, applied: int) -> None:
+        """Release everyone waiting for ``applied`` or an earlier sequence."""
+        if not self._waiting:
+            return
+        ready = [event for wanted, event in self._waiting if wanted <= applied]
+        self._waiting = [(wanted, event) for wanted, event in self._waiting if wanted > applied]
+        for event in ready:
+            event.set()
+
+    async def wait(self, seq: int, timeout: float, applied: Callable[[], int]) -> bool:
+        """True once ``applied()`` reaches ``seq``; False after ``timeout`` seconds."""
+        if seq <= applied():
+            return True
+        event = anyio.Event()
+        self._waiting.append((seq, event))
+        with anyio.move_on_after(timeout):
+            await event.wait()
+        if seq > applied():
+            self._waiting = [(s, e) for s, e in self._waiting if e is not event]
+            return False
+        return True
+
+
 class _Snapshot(msgspec.Struct, Generic[M]):
     seq: int
     model: M
@@ -128,7 +157,7 @@ class ProjectionRunner(Generic[M]):
         self._token: Any = None
         self._saved_seq = 0
         self._saved_at = 0.0
-        self._waiters: list[tuple[int, anyio.Event]] = []
+        self._waiters = Waiters()
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode = msgspec.msgpack.Decoder(_Snapshot[projection.model_type]).decode  # type: ignore[name-defined]
         self.log = log.bind(projection=self.name)
@@ -146,12 +175,7 @@ class ProjectionRunner(Generic[M]):
         self._apply(seq, subject, commit)
 
     def _wake(self) -> None:
-        if not self._waiters:
-            return
-        ready = [event for wanted, event in self._waiters if wanted <= self.seq]
-        self._waiters = [(wanted, event) for wanted, event in self._waiters if wanted > self.seq]
-        for event in ready:
-            event.set()
+        self._waiters.wake(self.seq)
 
     # ------------------------------------------------------------------ running
 
@@ -219,14 +243,7 @@ class ProjectionRunner(Generic[M]):
 
     async def wait_for(self, seq: int, timeout: float) -> None:
         """Return once the model includes sequence ``seq``; ProjectionTimeout after ``timeout``."""
-        if seq <= self.seq:
-            return
-        event = anyio.Event()
-        self._waiters.append((seq, event))
-        with anyio.move_on_after(timeout):
-            await event.wait()
-        if seq > self.seq:
-            self._waiters = [(s, e) for s, e in self._waiters if e is not event]
+        if not await self._waiters.wait(seq, timeout, lambda: self.seq):
             raise ProjectionTimeout(self.name, seq, self.seq, timeout)
 
     async def lag(self) -> int:
