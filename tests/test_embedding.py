@@ -114,14 +114,22 @@ def fake_server() -> Iterator[FakeEmbeddingsServer]:
 
 
 @pytest.fixture(scope="module")
-def minilm() -> Embedder:
+def minilm_numpy() -> MiniLMEmbedder:
+    return MiniLMEmbedder(engine="numpy")
+
+
+@pytest.fixture(scope="module", params=["onnxruntime", "numpy"])
+def minilm(request: pytest.FixtureRequest) -> Embedder:
+    """Both engines of the local model: the default (ONNX Runtime) and the numpy one."""
+    if request.param == "numpy":
+        return request.getfixturevalue("minilm_numpy")  # type: ignore[no-any-return]
     return default_embedder()
 
 
 @pytest.fixture(params=["minilm", "openai_against_a_fake_server"])
 def embedder(request: pytest.FixtureRequest) -> Embedder:
     if request.param == "minilm":
-        return request.getfixturevalue("minilm")  # type: ignore[no-any-return]
+        return default_embedder()
     server: FakeEmbeddingsServer = request.getfixturevalue("fake_server")
     return OpenAIEmbedder("fake-embedding-model", base_url=server.url, api_key="k")
 
@@ -232,9 +240,25 @@ def test_minilm_without_weights_says_how_to_install_them(tmp_path: Path) -> None
     assert info.value.code == "embedder_unavailable"
 
 
-def test_default_embedder_is_one_shared_minilm() -> None:
+def test_default_embedder_is_one_shared_minilm_on_onnxruntime() -> None:
     assert default_embedder() is default_embedder()
     assert isinstance(default_embedder(), MiniLMEmbedder)
+    assert default_embedder().engine == "onnxruntime"  # onnx + onnxruntime are dependencies
+
+
+def test_minilm_engines_give_the_same_vectors(minilm_numpy: MiniLMEmbedder) -> None:
+    onnx_vectors = default_embedder().embed(REFERENCE_TEXTS)
+    np.testing.assert_allclose(onnx_vectors, minilm_numpy.embed(REFERENCE_TEXTS), atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [({"engine": "torch"}, "engine"), ({"threads": 0}, "threads"), ({"threads": "2"}, "threads")],
+)
+def test_minilm_refuses_an_unknown_engine_or_thread_count(kwargs: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        MiniLMEmbedder(**kwargs)
+    assert info.value.fields["field"] == field
 
 
 # ------------------------------------------------------------------------------------------
