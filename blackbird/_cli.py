@@ -27,6 +27,7 @@ import anyio
 import structlog
 
 from blackbird._audit import parse_until
+from blackbird._errors_group import single_error
 from blackbird._client import DEFAULT_DATA_DIR, AsyncBlackbird
 from blackbird._logging import configure_default_logging
 from blackbird._runtime import tune_gc_for_serving
@@ -146,21 +147,9 @@ def _parse_metadata(raw: str | None) -> dict[str, Any] | None:
     return value
 
 
-def _unwrap(exc: BaseException) -> BaseException:
-    """The single error inside (nested) exception groups, else ``exc`` itself."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
-
-
 def _run(func: Callable[[], Awaitable[int]]) -> int:
-    try:
+    with single_error():
         return anyio.run(func, backend="asyncio")
-    except BaseExceptionGroup as group:
-        inner = _unwrap(group)
-        if inner is group:
-            raise
-        raise inner from None
 
 
 # --------------------------------------------------------------------------- serve

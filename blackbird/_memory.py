@@ -19,7 +19,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import anyio.abc
@@ -46,6 +46,7 @@ from actors.policy import MemoryPolicy, QuotaType
 from actors.ports import AggregateKey
 from actors.redaction import RedactionPolicy, redact
 from blackbird._dispatch import ask_or_raise
+from blackbird._errors_group import single_error
 from blackbird._memory_index import MemoryIndex, Sealed, _quote
 from blackbird._validate import check_fraction, check_metadata, check_seconds, check_text, invalid
 from blackbird.errors import (
@@ -311,9 +312,9 @@ class AsyncMemory:
         model = self.embedder.model_id
 
         def search() -> list[str | None]:
-            ids, current = self.index.current_vectors(tenant, model, sid)
-            ids += [mid for mid, _ in mine]
-            vectors = [current] if current is not None else []
+            known = self.index.current(tenant, model, sid)
+            ids = [row["memory_id"] for row in known.rows] + [mid for mid, _ in mine]
+            vectors = [known.matrix] if known.matrix is not None else []
             vectors += [v[None, :] for _, v in mine]
             if not vectors:
                 return [None] * len(matrix)
@@ -365,68 +366,61 @@ class AsyncMemory:
         if unknown:
             raise invalid("weights", f"keys among {sorted(DEFAULT_WEIGHTS)}", sorted(unknown))
         wanted = _check_filters(filters)
+        embedded: list[np.ndarray] = []
+
+        async def embed() -> None:
+            embedded.append((await anyio.to_thread.run_sync(self.embedder.embed, [query]))[0])
+
+        # The query is embedded (the bulk of a recall's time) while the session is looked up,
+        # the scopes are checked and the keyword side is searched.
+        with single_error():
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(embed)
+                plan = await self._plan_recall(query, session_id, tenant, scopes, k, bool(wanted), as_of)
+        if plan is None:
+            return []
+        vector = embedded[0]
+        by_vector = await plan.candidates.by_vector(vector, plan.pool)
+        return _rank(by_vector, plan.by_text, vector, wanted, mix, plan.now, k)
+
+    async def _plan_recall(
+        self, query: str, session_id: str, tenant: str | None, scopes: Sequence[str], k: int,
+        filtered: bool, as_of: float | None,
+    ) -> _RecallPlan | None:
+        """All of a recall but the query's embedding and the vector side: who asks, which
+        scopes, the keyword side. None when the tenant has no memories yet."""
         session, _ = await self._caller(session_id, tenant)
         sids = sorted({await self._scope(s, session, write=False) for s in scopes})
         await self._caught_up()
-        model = self.embedder.model_id
-        table = self.index.table(session.tenant, model)
+        table = self._table_for(session.tenant)
         if table is None:
-            others = self.index.models_of(session.tenant)
+            return None
+        now = self._clock()
+        at = now if as_of is None else float(as_of)
+        pool = max(k * (10 if filtered else 4), 20)
+        candidates: _PresentCandidates | _PastCandidates = (
+            _PresentCandidates(self.index, session.tenant, self.embedder.model_id, sids, at)
+            if as_of is None else _PastCandidates(table, sids, at)
+        )
+        by_text = await anyio.to_thread.run_sync(candidates.by_text, query, pool)
+        return _RecallPlan(candidates, by_text, pool, now)
+
+    def _table_for(self, tenant: str) -> Any | None:
+        """The tenant's table of this client's embedding model; None if it has no memories yet.
+        Raises EmbeddingModelMismatchError if its memories were embedded by other models only."""
+        model = self.embedder.model_id
+        table = self.index.table(tenant, model)
+        if table is None:
+            others = self.index.models_of(tenant)
             if others:
                 raise EmbeddingModelMismatchError(
-                    f"tenant {session.tenant!r} has memories embedded with another model "
+                    f"tenant {tenant!r} has memories embedded with another model "
                     f"({', '.join(others)}), not {model!r}: searching across "
                     "models is refused; rebuild the index with this embedder "
                     "(memory.rebuild_index()) or use the model the memories were written with",
                     model_id=model,
                 )
-            return []
-        now = self._clock()
-        at = now if as_of is None else float(as_of)
-        where = (
-            f"scope_id IN ({', '.join(_quote(s) for s in sids)}) "
-            f"AND valid_from <= {at!r} AND valid_to > {at!r}"
-        )
-        pool = max(k * (10 if wanted else 4), 20)
-        words = " ".join(re.findall(r"\w+", query))
-        found: dict[str, Any] = {}
-
-        def embed() -> None:
-            found["query"] = self.embedder.embed([query])[0]
-
-        def by_vector() -> list[dict[str, Any]]:
-            vector = found["query"]
-            if as_of is not None:  # the past needs superseded rows: only the table has them
-                return table.search(vector).metric("cosine").where(where, prefilter=True).limit(pool).to_list()  # type: ignore[no-any-return]
-            rows = [r for sid in sids for r in self.index.current_rows(session.tenant, model, sid)
-                    if r["valid_from"] <= at]
-            if not rows:
-                return []
-            similarity = np.stack([r["vector"] for r in rows]) @ vector
-            top = np.argsort(-similarity)[:pool]
-            return [rows[i] for i in top]
-
-        def by_text() -> list[dict[str, Any]]:
-            if not words:
-                return []
-            try:
-                return table.search(words, query_type="fts").where(where, prefilter=True).limit(pool).to_list()  # type: ignore[no-any-return]
-            except Exception as exc:  # no FTS index yet, or an unparsable query: vectors only
-                log.debug("memory_fts_skipped", error=repr(exc))
-                return []
-
-        async def vector_side() -> None:
-            await anyio.to_thread.run_sync(embed)
-            found["vector"] = await anyio.to_thread.run_sync(by_vector)
-
-        async def text_side() -> None:
-            found["text"] = await anyio.to_thread.run_sync(by_text)
-
-        async with anyio.create_task_group() as tg:  # full-text search runs while embedding
-            tg.start_soon(vector_side)
-            tg.start_soon(text_side)
-        vector = found["query"]
-        return _rank(found["vector"], found["text"], vector, wanted, mix, now, k)
+        return table
 
     async def forget(self, memory_id: str, *, session_id: str, scope: str = "user", tenant: str | None = None) -> bool:
         """Delete a memory from ``scope`` (an event; the index drops it). False if unknown."""
@@ -550,6 +544,69 @@ class AsyncMemory:
         return await self.index.rebuild()
 
 
+# --------------------------------------------------------------------------- recall candidates
+
+
+class _RecallPlan(NamedTuple):
+    candidates: _PresentCandidates | _PastCandidates
+    by_text: list[dict[str, Any]]
+    pool: int
+    now: float
+
+
+class _PresentCandidates:
+    """A recall of the present, from the scopes' current rows the index keeps in memory: BM25
+    over their inverted index for the words, one matrix product for the vector (no LanceDB
+    query: a recall then costs about one query embedding)."""
+
+    def __init__(self, index: MemoryIndex, tenant: str, model: str, sids: list[str], at: float) -> None:
+        self._index, self._tenant, self._model, self._sids, self._at = index, tenant, model, sids, at
+        self._scopes: list[Any] = []
+
+    def by_text(self, query: str, pool: int) -> list[dict[str, Any]]:
+        """Blocking (loads a scope from the table on its first use): run in a worker thread."""
+        self._scopes = [self._index.current(self._tenant, self._model, sid) for sid in self._sids]
+        ids = self._index.keyword_search(self._tenant, self._model, self._sids, query, pool)
+        by_id = {row["memory_id"]: row for scope in self._scopes for row in scope.rows}
+        return [by_id[i] for i in ids if i in by_id and by_id[i]["valid_from"] <= self._at]
+
+    async def by_vector(self, vector: np.ndarray, pool: int) -> list[dict[str, Any]]:
+        scopes = [scope for scope in self._scopes if scope.matrix is not None]
+        if not scopes:
+            return []
+        rows = [row for scope in scopes for row in scope.rows]
+        similarity = np.concatenate([scope.matrix @ vector for scope in scopes])
+        top = np.argpartition(-similarity, pool)[:pool] if len(rows) > pool else np.arange(len(rows))
+        top = top[np.argsort(-similarity[top], kind="stable")]
+        return [rows[i] for i in top if rows[i]["valid_from"] <= self._at]
+
+
+class _PastCandidates:
+    """A recall as of an earlier instant: superseded rows count, and only the table has them,
+    so LanceDB's full-text and vector searches, prefiltered to the rows valid then."""
+
+    def __init__(self, table: Any, sids: list[str], at: float) -> None:
+        self._table = table
+        self._where = (
+            f"scope_id IN ({', '.join(_quote(s) for s in sids)}) "
+            f"AND valid_from <= {at!r} AND valid_to > {at!r}"
+        )
+
+    def by_text(self, query: str, pool: int) -> list[dict[str, Any]]:
+        words = " ".join(re.findall(r"\w+", query))
+        if not words:
+            return []
+        try:
+            return self._table.search(words, query_type="fts").where(self._where, prefilter=True).limit(pool).to_list()  # type: ignore[no-any-return]
+        except Exception as exc:  # no FTS index yet, or an unparsable query: vectors only
+            log.debug("memory_fts_skipped", error=repr(exc))
+            return []
+
+    async def by_vector(self, vector: np.ndarray, pool: int) -> list[dict[str, Any]]:
+        search = self._table.search(vector).metric("cosine").where(self._where, prefilter=True).limit(pool)
+        return await anyio.to_thread.run_sync(search.to_list)  # type: ignore[no-any-return]
+
+
 # --------------------------------------------------------------------------- ranking (pure)
 
 
@@ -564,27 +621,34 @@ def _rank(
             rows.setdefault(row["memory_id"], row)
             fused[row["memory_id"]] = fused.get(row["memory_id"], 0.0) + 1.0 / (60 + rank + 1)
     best = 2.0 / 61
-    scored: list[tuple[float, Memory]] = []
+    scored: list[tuple[float, str, dict[str, float]]] = []
+    metadata: dict[str, dict[str, Any]] = {}
     for memory_id, row in rows.items():
-        metadata = json.loads(row["metadata"])
-        if not _matches(row, metadata, wanted):
-            continue
+        if wanted:
+            metadata[memory_id] = json.loads(row["metadata"])
+            if not _matches(row, metadata[memory_id], wanted):
+                continue
         similarity = float(np.dot(np.asarray(row["vector"], dtype=np.float32), query))
         recency = math.exp(-max(0.0, now - row["valid_from"]) * math.log(2) / RECENCY_HALF_LIFE)
         parts = {
             "similarity": similarity, "keyword": fused[memory_id] / best,
             "recency": recency, "importance": float(row["importance"]),
         }
-        score = sum(weights[name] * value for name, value in parts.items())
-        scored.append((score, Memory(
+        scored.append((sum(weights[name] * value for name, value in parts.items()), memory_id, parts))
+    scored.sort(key=lambda item: (-item[0], item[1]))
+    out = []
+    for score, memory_id, parts in scored[:k]:
+        row = rows[memory_id]
+        out.append(Memory(
             memory_id=memory_id, text=row["text"], scope=row["scope"], owner=row["owner"],
             author=row["author"], key=row["key"] or None, kind=row["kind"],
-            importance=float(row["importance"]), metadata=metadata, valid_from=row["valid_from"],
+            importance=float(row["importance"]),
+            metadata=metadata.get(memory_id) or json.loads(row["metadata"]),
+            valid_from=row["valid_from"],
             valid_to=None if math.isinf(row["valid_to"]) else row["valid_to"], sequence=row["seq"],
             score=score, scores=parts,
-        )))
-    scored.sort(key=lambda pair: (-pair[0], pair[1].memory_id))
-    return [memory for _, memory in scored[:k]]
+        ))
+    return out
 
 
 def _matches(row: dict[str, Any], metadata: dict[str, Any], wanted: dict[str, Any]) -> bool:

@@ -32,6 +32,7 @@ import numpy as np
 import structlog
 
 from actors.events import Commit, MemoryForgotten, MemoryRemembered, MemorySuperseded
+from blackbird._fulltext import KeywordIndex, search
 from blackbird.journal import Journal
 from projections.runner import Waiters
 
@@ -75,6 +76,45 @@ def schema(dimension: int) -> Any:
     ])
 
 
+class ScopeRows:
+    """A scope's current (not superseded) memories: ``rows`` and, row for row, their vectors
+    stacked in ``matrix`` (None when empty). An immutable snapshot: a write makes a new one."""
+
+    __slots__ = ("matrix", "rows")
+
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self.rows = rows
+        self.matrix = np.stack([row["vector"] for row in rows]) if rows else None
+
+
+class _Scope:
+    """The index's live copy of one scope's current rows and the keyword index of their texts
+    (guarded by the index's lock)."""
+
+    __slots__ = ("_snapshot", "keywords", "rows")
+
+    def __init__(self, rows: dict[str, dict[str, Any]]) -> None:
+        self.rows = rows
+        self.keywords = KeywordIndex((memory_id, row["text"]) for memory_id, row in rows.items())
+        self._snapshot: ScopeRows | None = None
+
+    def put(self, row: dict[str, Any]) -> None:
+        self.rows[row["memory_id"]] = row
+        self.keywords.put(row["memory_id"], row["text"])
+        self._snapshot = None
+
+    def drop(self, memory_id: str) -> None:
+        if self.rows.pop(memory_id, None) is not None:
+            self.keywords.drop(memory_id)
+            self._snapshot = None
+
+    def snapshot(self) -> ScopeRows:
+        # stacked once per change, not per search: a recall then costs one matrix product
+        if self._snapshot is None:
+            self._snapshot = ScopeRows(list(self.rows.values()))
+        return self._snapshot
+
+
 class _Batch:
     """What one batch of commits does to the tables, coalesced per memory id."""
 
@@ -99,8 +139,8 @@ class MemoryIndex:
         # The current (not superseded) rows of the scopes asked about, for the near-duplicate
         # check of a write and the vector side of a recall: one matrix product instead of a
         # LanceDB query (which costs 4-5 ms however small the scope). (table name, scope id) ->
-        # {memory id: row}; loaded from the table on first use, kept in step by every batch.
-        self._current: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+        # its rows; loaded from the table on first use, kept in step by every batch.
+        self._current: dict[tuple[str, str], _Scope] = {}
         self._current_lock = threading.Lock()
         self.seq = 0
         self._waiters = Waiters()
@@ -208,9 +248,9 @@ class MemoryIndex:
                     scope = self._current.get((name, row["scope_id"]))
                     if scope is not None:
                         if math.isinf(row["valid_to"]):
-                            scope[row["memory_id"]] = row
+                            scope.put(row)
                         else:
-                            scope.pop(row["memory_id"], None)
+                            scope.drop(row["memory_id"])
             # every write adds a fragment: count rows, and small writes as a batch's worth each
             self._unoptimized[name] = self._unoptimized.get(name, 0) + max(len(rows), OPTIMIZE_EVERY // 64)
         gone = {memory_id for _, memory_id in batch.valid_to} | {i for ids in batch.deletes.values() for i in ids}
@@ -218,7 +258,7 @@ class MemoryIndex:
             with self._current_lock:
                 for scope in self._current.values():
                     for memory_id in gone:
-                        scope.pop(memory_id, None)
+                        scope.drop(memory_id)
         for (tenant, memory_id), valid_to in batch.valid_to.items():
             for table in self._tenant_tables(tenant):
                 table.update(where=f"memory_id = {_quote(memory_id)}", values={"valid_to": valid_to})
@@ -243,10 +283,7 @@ class MemoryIndex:
                 self._tables[name] = table
                 yield table
 
-    def current_rows(self, tenant: str, model_id: str, scope_id: str) -> list[dict[str, Any]]:
-        """The rows of a scope's current memories (blocking on first use of a scope: call it
-        from a worker thread)."""
-        name = table_name(tenant, model_id)
+    def _scope(self, name: str, tenant: str, model_id: str, scope_id: str) -> _Scope:
         with self._current_lock:
             scope = self._current.get((name, scope_id))
         if scope is None:
@@ -259,16 +296,25 @@ class MemoryIndex:
                 for row in found.to_pylist():
                     row["vector"] = np.asarray(row["vector"], dtype=np.float32)
                     loaded[row["memory_id"]] = row
+            fresh = _Scope(loaded)  # built outside the lock: its keyword index takes a while
             with self._current_lock:
-                scope = self._current.setdefault((name, scope_id), loaded)
-        with self._current_lock:
-            return list(scope.values())
+                scope = self._current.setdefault((name, scope_id), fresh)
+        return scope
 
-    def current_vectors(self, tenant: str, model_id: str, scope_id: str) -> tuple[list[str], np.ndarray | None]:
-        """The ids and vectors (one row each) of a scope's current memories."""
-        rows = self.current_rows(tenant, model_id, scope_id)
-        ids = [row["memory_id"] for row in rows]
-        return ids, (np.stack([row["vector"] for row in rows]) if rows else None)
+    def current(self, tenant: str, model_id: str, scope_id: str) -> ScopeRows:
+        """A scope's current memories (blocking on first use of a scope, when they are read from
+        the table: call it from a worker thread)."""
+        scope = self._scope(table_name(tenant, model_id), tenant, model_id, scope_id)
+        with self._current_lock:
+            return scope.snapshot()
+
+    def keyword_search(self, tenant: str, model_id: str, scope_ids: Iterable[str], query: str, limit: int) -> list[str]:
+        """Ids of the ``limit`` current memories of ``scope_ids`` best matching ``query`` by
+        full-text BM25 (the scopes scored as one corpus), best first. Blocking like ``current``."""
+        name = table_name(tenant, model_id)
+        scopes = [self._scope(name, tenant, model_id, sid) for sid in scope_ids]
+        with self._current_lock:
+            return search([scope.keywords for scope in scopes], query, limit)
 
     async def apply(self, entries: list[tuple[int, str, Commit]]) -> None:
         fresh = [e for e in entries if e[0] > self.seq]

@@ -202,6 +202,20 @@ async def test_near_duplicates_update_and_keys_supersede_with_as_of(nats_server:
         assert past.valid_to is not None
 
 
+async def test_full_text_side_finds_a_rare_token_and_never_a_superseded_row(bb: AsyncBlackbird) -> None:
+    s = await bb.session_manager.create_session("u1", tier="enterprise")
+    await bb.memory.remember_many([fact for fact, _ in FACTS], session_id=s.session_id)
+    ticket = await bb.memory.remember("Ticket ZQ-88412 waits for legal review.", session_id=s.session_id, key="ticket")
+    top = (await bb.memory.recall("ZQ-88412", session_id=s.session_id, k=1))[0]
+    assert top.memory_id == ticket.memory_id
+    # fused keyword part: 0.5 is one list's first place; above it, the full-text search found it too
+    assert top.scores["keyword"] > 0.5
+    await bb.memory.remember("The ticket about the contract is closed.", session_id=s.session_id, key="ticket")
+    found = await bb.memory.recall("ZQ-88412 legal review", session_id=s.session_id, k=50)
+    assert ticket.memory_id not in [m.memory_id for m in found]
+    assert all(m.valid_to is None for m in found)
+
+
 async def test_cache_evicts_by_retention_score_not_recency(bb: AsyncBlackbird) -> None:
     sm = bb.session_manager
     await sm.set_tenant_policy({"tiers": {"free": {"memory": {"cache_entries": 3}}}})

@@ -1,0 +1,102 @@
+"""The in-memory keyword index (BM25) a recall of the present uses: terms like LanceDB's full-text
+index makes them, incremental updates equal to a rebuild, scores equal to the BM25 formula."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blackbird._fulltext import B, K1, KeywordIndex, search, terms
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("The users are RUNNING", ["user", "run"]),  # stop words gone, lower-cased, stemmed
+        ("Zürich café", ["zurich", "cafe"]),  # folded to ASCII
+        ("ticket ZQ-88412, under_score!", ["ticket", "zq", "88412", "under", "score"]),
+        ("a" * 41 + " kept", ["kept"]),  # tokens over 40 characters are dropped
+        ("the and of", []),
+        ("", []),
+    ],
+)
+def test_terms_are_made_like_the_lancedb_full_text_index(text: str, expected: list[str]) -> None:
+    assert terms(text) == expected
+
+
+def reference_scores(docs: dict[str, str], query: str) -> dict[str, float]:
+    """BM25 straight from its definition, over every document."""
+    counted = {doc_id: Counter(terms(text)) for doc_id, text in docs.items()}
+    if not counted:
+        return {}
+    average = sum(sum(c.values()) for c in counted.values()) / len(counted)
+    out: dict[str, float] = {}
+    for term in set(terms(query)):
+        df = sum(1 for c in counted.values() if term in c)
+        if not df:
+            continue
+        idf = math.log(1 + (len(counted) - df + 0.5) / (df + 0.5))
+        for doc_id, c in counted.items():
+            if term in c:
+                length = sum(c.values())
+                norm = K1 * (1 - B + B * length / average) if average else K1
+                out[doc_id] = out.get(doc_id, 0.0) + idf * c[term] * (K1 + 1) / (c[term] + norm)
+    return out
+
+
+WORDS = st.sampled_from("alpha beta gamma delta running runs the of cafe café zeta".split())
+TEXTS = st.lists(WORDS, max_size=8).map(" ".join)
+OPS = st.lists(
+    st.tuples(st.sampled_from(["put", "drop"]), st.sampled_from("abcdefgh"), TEXTS), max_size=40
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(OPS, TEXTS)
+def test_incremental_updates_score_like_bm25_over_the_final_documents(
+    ops: list[tuple[str, str, str]], query: str
+) -> None:
+    index = KeywordIndex()
+    docs: dict[str, str] = {}
+    for op, doc_id, text in ops:
+        if op == "put":
+            index.put(doc_id, text)
+            docs[doc_id] = text
+        else:
+            index.drop(doc_id)
+            docs.pop(doc_id, None)
+    assert len(index) == len(docs)
+    got = index.scores(terms(query))
+    expected = reference_scores(docs, query)
+    assert got.keys() == expected.keys()
+    for doc_id, score in expected.items():
+        assert got[doc_id] == pytest.approx(score)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.dictionaries(st.sampled_from("abcdefgh"), TEXTS), st.dictionaries(st.sampled_from("ijklmn"), TEXTS), TEXTS)
+def test_several_indexes_search_as_one_corpus(
+    first: dict[str, str], second: dict[str, str], query: str
+) -> None:
+    split = search([KeywordIndex(first.items()), KeywordIndex(second.items())], query, 100)
+    whole = search([KeywordIndex({**first, **second}.items())], query, 100)
+    assert split == whole
+    expected = reference_scores({**first, **second}, query)
+    assert split == sorted(expected, key=lambda d: (-expected[d], d))
+
+
+def test_search_ranks_by_matched_rare_and_repeated_terms_and_honours_the_limit() -> None:
+    index = KeywordIndex([
+        ("common", "the meeting is on friday"),
+        ("rare", "the dentist appointment is on friday"),
+        ("twice", "dentist dentist reminder"),
+        ("none", "nothing relevant here"),
+    ])
+    # both words, then the rarer word twice, then the commoner word once
+    assert search([index], "dentist friday", 10) == ["rare", "twice", "common"]
+    assert search([index], "dentist friday", 1) == ["rare"]
+    assert search([index], "the of", 10) == []  # stop words only
