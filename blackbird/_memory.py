@@ -67,6 +67,7 @@ MAX_CACHE_VALUE = 64 * 1024  # bytes of JSON
 SCOPE_KINDS = ("session", "user", "tenant", "group", "agent")
 DEFAULT_WEIGHTS = {"similarity": 0.6, "keyword": 0.15, "recency": 0.1, "importance": 0.15}
 RECENCY_HALF_LIFE = 7 * 86400.0
+_REDACT_ALL = RedactionPolicy()  # every kind: what any tier's policy could redact
 
 
 class _CacheValue(msgspec.Struct):
@@ -244,15 +245,29 @@ class AsyncMemory:
                 raise invalid("key", "no key when remembering several texts", key)
         if vectors is not None and len(vectors) != len(texts):
             raise invalid("vectors", f"{len(texts)} vectors, one per text", f"{len(vectors)}")
-        session, policy = await self._caller(session_id, tenant)
-        sid = await self._scope(scope, session, write=True)
+        # A text no policy would redact is the text embedded whatever the tier says: embed it
+        # while the session is looked up (otherwise only once the tier's redaction is known).
+        early = vectors is None and all(sum(redact(t, _REDACT_ALL)[1].values()) == 0 for t in cleaned)
+        embedded: list[np.ndarray] = []
+
+        async def embed() -> None:
+            embedded.append(await anyio.to_thread.run_sync(self.embedder.embed, cleaned))
+
+        with single_error():
+            async with anyio.create_task_group() as tg:
+                if early:
+                    tg.start_soon(embed)
+                session, policy = await self._caller(session_id, tenant)
+                sid = await self._scope(scope, session, write=True)
         rules = RedactionPolicy(emails="email" in policy.redact, phones="phone" in policy.redact,
                                 cards="card" in policy.redact)
         cleaned = [redact(t, rules)[0] for t in cleaned]
-        if vectors is None:
-            matrix = await anyio.to_thread.run_sync(self.embedder.embed, cleaned)
-        else:
+        if vectors is not None:
             matrix = np.stack([self._vector(t, v) for t, v in zip(cleaned, vectors, strict=True)])
+        else:
+            if not early:
+                await embed()
+            matrix = embedded[0]
         sizes = [len(t.encode()) for t in cleaned]
         await self._sessions.track_usage(
             session.session_id, "memory.remember", QuotaType.STORAGE, float(sum(sizes)),
@@ -294,9 +309,10 @@ class AsyncMemory:
                 superseded=superseded,
             )
 
-        async with anyio.create_task_group() as tg:
-            for i in range(len(cleaned)):
-                tg.start_soon(write, i)
+        with single_error():
+            async with anyio.create_task_group() as tg:
+                for i in range(len(cleaned)):
+                    tg.start_soon(write, i)
         return memories
 
     async def _duplicates(self, tenant: str, sid: str, matrix: np.ndarray, threshold: float) -> list[str | None]:
@@ -311,8 +327,9 @@ class AsyncMemory:
         mine = [(mid, vec) for _, t, s, mid, vec in self._pending if t == tenant and s == sid]
         model = self.embedder.model_id
 
+        (known,) = await self.index.scopes(tenant, model, [sid])
+
         def search() -> list[str | None]:
-            known = self.index.current(tenant, model, sid)
             ids = [row["memory_id"] for row in known.rows] + [mid for mid, _ in mine]
             vectors = [known.matrix] if known.matrix is not None else []
             vectors += [v[None, :] for _, v in mine]
@@ -325,7 +342,8 @@ class AsyncMemory:
                 found.append(ids[best] if similarity[best, column] >= threshold else None)
             return found
 
-        return await anyio.to_thread.run_sync(search)
+        # one product: a few vectors are answered on the spot, a batch in a worker thread
+        return search() if len(matrix) <= 8 else await anyio.to_thread.run_sync(search)
 
     async def _caught_up(self) -> None:
         await self._index()
@@ -402,7 +420,7 @@ class AsyncMemory:
             _PresentCandidates(self.index, session.tenant, self.embedder.model_id, sids, at)
             if as_of is None else _PastCandidates(table, sids, at)
         )
-        by_text = await anyio.to_thread.run_sync(candidates.by_text, query, pool)
+        by_text = await candidates.by_text(query, pool)
         return _RecallPlan(candidates, by_text, pool, now)
 
     def _table_for(self, tenant: str) -> Any | None:
@@ -563,22 +581,26 @@ class _PresentCandidates:
         self._index, self._tenant, self._model, self._sids, self._at = index, tenant, model, sids, at
         self._scopes: list[Any] = []
 
-    def by_text(self, query: str, pool: int) -> list[dict[str, Any]]:
-        """Blocking (loads a scope from the table on its first use): run in a worker thread."""
-        self._scopes = [self._index.current(self._tenant, self._model, sid) for sid in self._sids]
-        ids = self._index.keyword_search(self._tenant, self._model, self._sids, query, pool)
-        by_id = {row["memory_id"]: row for scope in self._scopes for row in scope.rows}
-        return [by_id[i] for i in ids if i in by_id and by_id[i]["valid_from"] <= self._at]
+    async def by_text(self, query: str, pool: int) -> list[dict[str, Any]]:
+        self._scopes = await self._index.scopes(self._tenant, self._model, self._sids)
+        # in memory from here on: no thread hop (the query is being embedded in one)
+        found = []
+        for memory_id in self._index.keyword_search(self._tenant, self._model, self._sids, query, pool):
+            row = next((s.by_id[memory_id] for s in self._scopes if memory_id in s.by_id), None)
+            if row is not None and row["valid_from"] <= self._at:
+                found.append(row)
+        return found
 
     async def by_vector(self, vector: np.ndarray, pool: int) -> list[dict[str, Any]]:
-        scopes = [scope for scope in self._scopes if scope.matrix is not None]
-        if not scopes:
-            return []
-        rows = [row for scope in scopes for row in scope.rows]
-        similarity = np.concatenate([scope.matrix @ vector for scope in scopes])
-        top = np.argpartition(-similarity, pool)[:pool] if len(rows) > pool else np.arange(len(rows))
-        top = top[np.argsort(-similarity[top], kind="stable")]
-        return [rows[i] for i in top if rows[i]["valid_from"] <= self._at]
+        best: list[tuple[float, int, dict[str, Any]]] = []
+        for scope in self._scopes:
+            if scope.matrix is None:
+                continue
+            similarity = scope.matrix @ vector
+            top = np.argpartition(-similarity, pool)[:pool] if len(similarity) > pool else range(len(similarity))
+            best += [(-float(similarity[i]), len(best) + n, scope.rows[i]) for n, i in enumerate(top)]
+        best.sort(key=lambda item: item[:2])
+        return [row for _, _, row in best if row["valid_from"] <= self._at][:pool]
 
 
 class _PastCandidates:
@@ -592,12 +614,15 @@ class _PastCandidates:
             f"AND valid_from <= {at!r} AND valid_to > {at!r}"
         )
 
-    def by_text(self, query: str, pool: int) -> list[dict[str, Any]]:
+    async def by_text(self, query: str, pool: int) -> list[dict[str, Any]]:
         words = " ".join(re.findall(r"\w+", query))
         if not words:
             return []
-        try:
+        def search() -> list[dict[str, Any]]:
             return self._table.search(words, query_type="fts").where(self._where, prefilter=True).limit(pool).to_list()  # type: ignore[no-any-return]
+
+        try:
+            return await anyio.to_thread.run_sync(search)
         except Exception as exc:  # no FTS index yet, or an unparsable query: vectors only
             log.debug("memory_fts_skipped", error=repr(exc))
             return []

@@ -77,14 +77,16 @@ def schema(dimension: int) -> Any:
 
 
 class ScopeRows:
-    """A scope's current (not superseded) memories: ``rows`` and, row for row, their vectors
-    stacked in ``matrix`` (None when empty). An immutable snapshot: a write makes a new one."""
+    """A scope's current (not superseded) memories: ``rows``, the same ``by_id`` and, row for
+    row, their vectors stacked in ``matrix`` (None when empty). An immutable snapshot: a write
+    makes a new one."""
 
-    __slots__ = ("matrix", "rows")
+    __slots__ = ("by_id", "matrix", "rows")
 
-    def __init__(self, rows: list[dict[str, Any]]) -> None:
-        self.rows = rows
-        self.matrix = np.stack([row["vector"] for row in rows]) if rows else None
+    def __init__(self, by_id: dict[str, dict[str, Any]]) -> None:
+        self.by_id = by_id
+        self.rows = list(by_id.values())
+        self.matrix = np.stack([row["vector"] for row in self.rows]) if self.rows else None
 
 
 class _Scope:
@@ -111,7 +113,7 @@ class _Scope:
     def snapshot(self) -> ScopeRows:
         # stacked once per change, not per search: a recall then costs one matrix product
         if self._snapshot is None:
-            self._snapshot = ScopeRows(list(self.rows.values()))
+            self._snapshot = ScopeRows(dict(self.rows))
         return self._snapshot
 
 
@@ -307,6 +309,17 @@ class MemoryIndex:
         scope = self._scope(table_name(tenant, model_id), tenant, model_id, scope_id)
         with self._current_lock:
             return scope.snapshot()
+
+    async def scopes(self, tenant: str, model_id: str, scope_ids: list[str]) -> list[ScopeRows]:
+        """``current`` of each scope, reading those not in memory yet in a worker thread."""
+        name = table_name(tenant, model_id)
+        with self._current_lock:
+            loaded = all((name, sid) in self._current for sid in scope_ids)
+        if not loaded:
+            return await anyio.to_thread.run_sync(
+                lambda: [self.current(tenant, model_id, sid) for sid in scope_ids]
+            )
+        return [self.current(tenant, model_id, sid) for sid in scope_ids]
 
     def keyword_search(self, tenant: str, model_id: str, scope_ids: Iterable[str], query: str, limit: int) -> list[str]:
         """Ids of the ``limit`` current memories of ``scope_ids`` best matching ``query`` by

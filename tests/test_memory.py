@@ -216,6 +216,32 @@ async def test_full_text_side_finds_a_rare_token_and_never_a_superseded_row(bb: 
     assert all(m.valid_to is None for m in found)
 
 
+async def test_redaction_as_the_tier_says_comes_before_embedding_and_storage(bb: AsyncBlackbird) -> None:
+    text = "Write to ana.silva@example.com or call +1 415 555 0100 about the refund."
+    question = "How do I reach someone about the refund?"
+
+    def similarity(stored: str) -> float:
+        vectors = bb.memory.embedder.embed([stored, question])
+        return float(vectors[0] @ vectors[1])
+
+    s = await bb.session_manager.create_session("u1", tier="pro", tenant="acme")
+    kept = await bb.memory.remember(text, session_id=s.session_id, tenant="acme")
+    assert kept.text == "Write to [email] or call [phone] about the refund."
+    (found,) = await bb.memory.recall(question, session_id=s.session_id, k=1, tenant="acme")
+    assert found.text == kept.text
+    # the vector stored is the redacted text's, not the original's
+    assert found.scores["similarity"] == pytest.approx(similarity(kept.text), abs=1e-4)
+    assert abs(similarity(text) - similarity(kept.text)) > 1e-3
+
+    # another tenant's pro tier redacts nothing: the text is kept, and embedded, as written
+    await bb.session_manager.set_tenant_policy({"tiers": {"pro": {"memory": {"redact": []}}}}, tenant="globex")
+    g = await bb.session_manager.create_session("u1", tier="pro", tenant="globex")
+    verbatim = await bb.memory.remember(text, session_id=g.session_id, tenant="globex")
+    assert verbatim.text == text
+    (found,) = await bb.memory.recall(question, session_id=g.session_id, k=1, tenant="globex")
+    assert found.scores["similarity"] == pytest.approx(similarity(text), abs=1e-4)
+
+
 async def test_cache_evicts_by_retention_score_not_recency(bb: AsyncBlackbird) -> None:
     sm = bb.session_manager
     await sm.set_tenant_policy({"tiers": {"free": {"memory": {"cache_entries": 3}}}})
