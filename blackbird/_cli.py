@@ -27,8 +27,8 @@ import anyio
 import structlog
 
 from blackbird._audit import parse_until
-from blackbird._errors_group import single_error
 from blackbird._client import DEFAULT_DATA_DIR, AsyncBlackbird
+from blackbird._errors_group import single_error
 from blackbird._logging import configure_default_logging
 from blackbird._runtime import tune_gc_for_serving
 from blackbird._server import EmbeddedServer

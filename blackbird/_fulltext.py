@@ -24,10 +24,11 @@ K1 = 1.2
 B = 0.75
 MAX_TOKEN_LENGTH = 40
 # tantivy's (and Lucene's) English stop words
-STOP_WORDS = frozenset(
-    "a an and are as at be but by for if in into is it no not of on or such that the their then "
-    "there these they this to was will with".split()
-)
+STOP_WORDS = frozenset((
+    "a", "an", "and", "are", "as", "at", "be", "but", "by", "for", "if", "in", "into", "is", "it",
+    "no", "not", "of", "on", "or", "such", "that", "the", "their", "then", "there", "these",
+    "they", "this", "to", "was", "will", "with",
+))
 _TOKEN = re.compile(r"[^\W_]+")
 _stemmers = threading.local()  # a Snowball stemmer keeps state between calls: one per thread
 

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import json
 import math
 import os
+import tempfile
 import threading
 import warnings
 from collections.abc import Iterable
@@ -33,6 +35,7 @@ import structlog
 
 from actors.events import Commit, MemoryForgotten, MemoryRemembered, MemorySuperseded
 from blackbird._fulltext import KeywordIndex, search
+from blackbird.errors import MemoryIndexBusyError
 from blackbird.journal import Journal
 from projections.runner import Waiters
 
@@ -129,10 +132,13 @@ class _Batch:
 class MemoryIndex:
     """Keeps LanceDB in step with the log. ``await tg.start(index.run)``."""
 
-    def __init__(self, path: Path, journal: Journal, keys: Any, *, embedder: Any = None) -> None:
+    def __init__(
+        self, path: Path, journal: Journal, keys: Any, *, embedder: Any = None,
+        private_if_busy: bool = False,
+    ) -> None:
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
         self._checkpoint = self.path / "checkpoint.json"
+        self._private_if_busy = private_if_busy
         self._journal = journal
         self._keys = keys
         self._embedder = embedder  # re-embed with it when its model differs from the writer's
@@ -145,6 +151,8 @@ class MemoryIndex:
         self._current: dict[tuple[str, str], _Scope] = {}
         self._current_lock = threading.Lock()
         self.seq = 0
+        # True once the tables are known to hold the log up to self.seq and nothing after it
+        self._exact = False
         self._waiters = Waiters()
         self._tables: dict[str, Any] = {}
         self._filter = f"{journal.subjects.prefix}.*.memory.*"
@@ -187,6 +195,8 @@ class MemoryIndex:
                         row = await self._row(tenant, seq, event)
                         if row is not None:
                             name = table_name(tenant, row.pop("_model"))
+                            earlier = batch.upserts.get((name, event.memory_id))
+                            row["_new"] = earlier["_new"] if earlier else not event.updated
                             batch.upserts[(name, event.memory_id)] = row
                     elif isinstance(event, MemorySuperseded):
                         touched = [k for k in batch.upserts if k[1] == event.memory_id]
@@ -244,7 +254,16 @@ class MemoryIndex:
                     table.create_index("text", config=FTS(), replace=True)
                     # every search is prefiltered by scope: an index on it makes that cheap
                     table.create_index("scope_id", config=BTree(), replace=True)
-            table.merge_insert("memory_id").when_matched_update_all().when_not_matched_insert_all().execute(rows)
+            # A memory id first remembered here is not in the table, unless this batch was
+            # applied once already before a crash cut its checkpoint: adding is then only safe
+            # once the start-up catch-up (upserts) has passed every such batch. Adding costs
+            # a third of an upsert (4 vs 12 ms for one row of a 30,000-row table).
+            fresh = [row for row in rows if row.pop("_new") and self._exact]
+            known = [row for row in rows if row not in fresh]
+            if fresh:
+                table.add(fresh)
+            if known:
+                table.merge_insert("memory_id").when_matched_update_all().when_not_matched_insert_all().execute(known)
             with self._current_lock:
                 for row in rows:
                     scope = self._current.get((name, row["scope_id"]))
@@ -362,10 +381,42 @@ class MemoryIndex:
             if not entries:
                 return self.seq
 
+    def _claim(self, stack: contextlib.ExitStack) -> None:
+        """Hold the folder's writer lock while running: two writers of one folder would apply
+        every event twice and share one checkpoint. When another client holds it, a private
+        folder (rebuilt from the log, removed at exit) if ``private_if_busy``, else
+        MemoryIndexBusyError."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        handle = stack.enter_context(open(self.path / "writer.lock", "a+b"))  # noqa: SIM115
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if not self._private_if_busy:
+                raise MemoryIndexBusyError(
+                    f"the memory index in {self.path} is maintained by another client: give "
+                    "this one its own memory_dir (any folder: the index is rebuilt from the log)",
+                    path=str(self.path),
+                ) from None
+        shared = self.path
+        self.path = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="blackbird-memory-")))
+        self._checkpoint = self.path / "checkpoint.json"
+        log.info("memory_index_private", shared=str(shared), path=str(self.path))
+
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        with contextlib.ExitStack() as stack:
+            self._claim(stack)
+            try:
+                await self._run(task_status)
+            finally:  # the lock (and a private folder) go, the tables' handles first
+                self._tables.clear()
+                self._db = None
+
+    async def _run(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         self.seq = self._load_checkpoint()
         await self.catch_up()
         await self._save()
+        self._exact = True  # the tables hold exactly the log up to self.seq from here on
         task_status.started()
         send, receive = anyio.create_memory_object_stream[tuple[int, str, Commit]](max_buffer_size=10_000)
 

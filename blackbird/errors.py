@@ -176,6 +176,13 @@ class EmbeddingModelMismatchError(BlackbirdError):
     code = "embedding_model_mismatch"
 
 
+class MemoryIndexBusyError(BlackbirdError):
+    """Another client (``path``) already maintains the memory index folder given as
+    ``memory_dir``: one writer per folder."""
+
+    code = "memory_index_busy"
+
+
 _BY_CODE: dict[str, type[BlackbirdError]] = {
     cls.code: cls
     for cls in (
@@ -200,6 +207,7 @@ _BY_CODE: dict[str, type[BlackbirdError]] = {
         EmbedderError,
         ScopeAccessError,
         EmbeddingModelMismatchError,
+        MemoryIndexBusyError,
     )
 }
 

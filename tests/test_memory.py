@@ -13,7 +13,7 @@ import nats
 import pytest
 
 from actors.events import CacheRemoved, MemoryForgotten
-from blackbird import AsyncBlackbird, BlackbirdSDK, QuotaExceededError, ValidationError
+from blackbird import AsyncBlackbird, BlackbirdSDK, MemoryIndexBusyError, QuotaExceededError, ValidationError
 from blackbird._memory import EmbeddingModelMismatchError, ScopeAccessError
 from blackbird._memory_index import MemoryIndex
 from blackbird.errors import PayloadTooLargeError
@@ -381,3 +381,30 @@ async def test_a_near_duplicate_of_an_earlier_process_is_found_in_the_index(tmp_
         assert again.updated and again.memory_id == first.memory_id
         other = await bb.memory.remember("The garden gate has no lock.", session_id=s.session_id)
         assert not other.updated
+
+
+async def test_one_writer_per_index_folder_and_clients_sharing_a_data_dir_still_see_everything(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    data = tmp_path / "d"
+    async with AsyncBlackbird(data_dir=data, tenant="acme") as first, AsyncBlackbird(data_dir=data, tenant="acme") as second:
+        s = await first.session_manager.create_session("u1", tier="pro")
+        written = await first.memory.remember("The boat is moored at pier 9.", session_id=s.session_id)
+        # the folder is taken: the second client builds its own index from the log
+        found = await second.memory.recall("Where is the boat?", session_id=s.session_id, k=1)
+        assert [m.memory_id for m in found] == [written.memory_id]
+        assert first.memory.index.path == data / "memory"
+        assert second.memory.index.path != data / "memory"
+        await first.memory.recall("boat", session_id=s.session_id)
+        assert [r["memory_id"] for r in first.memory.index.rows("acme")] == [written.memory_id]
+    # a folder named explicitly is never silently replaced
+    shared = str(tmp_path / "m")
+    async with (
+        AsyncBlackbird(nats_url=nats_server.url, tenant="acme", memory_dir=shared) as a,
+        AsyncBlackbird(nats_url=nats_server.url, tenant="acme", memory_dir=shared) as b,
+    ):
+        s = await a.session_manager.create_session("u2", tier="pro")
+        await a.memory.remember("The spare key is under the mat.", session_id=s.session_id)
+        with pytest.raises(MemoryIndexBusyError) as info:
+            await b.memory.recall("key", session_id=s.session_id)
+        assert info.value.fields["path"] == shared
