@@ -408,3 +408,21 @@ async def test_one_writer_per_index_folder_and_clients_sharing_a_data_dir_still_
         with pytest.raises(MemoryIndexBusyError) as info:
             await b.memory.recall("key", session_id=s.session_id)
         assert info.value.fields["path"] == shared
+
+
+async def test_events_applied_again_after_a_lost_checkpoint_are_not_duplicated(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    folder = tmp_path / "m"
+    async with AsyncBlackbird(nats_url=nats_server.url, tenant="acme", memory_dir=str(folder)) as bb:
+        s = await bb.session_manager.create_session("u1", tier="pro")
+        for text in ("The tent is in the attic.", "The kayak is at the lake house.", "Skis go in the shed."):
+            await bb.memory.remember(text, session_id=s.session_id)
+        await bb.memory.recall("tent", session_id=s.session_id)  # the index holds all three
+        before = bb.memory.index.rows("acme")
+    assert len(before) == 3
+    # as if the process died after writing the tables but before saving its checkpoint
+    (folder / "checkpoint.json").write_text('{"seq": 0}')
+    async with AsyncBlackbird(nats_url=nats_server.url, tenant="acme", memory_dir=str(folder)) as bb:
+        await bb.memory.recall("tent", session_id=s.session_id)
+        assert bb.memory.index.rows("acme") == before
