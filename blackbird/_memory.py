@@ -618,6 +618,7 @@ class _PastCandidates:
         words = " ".join(re.findall(r"\w+", query))
         if not words:
             return []
+
         def search() -> list[dict[str, Any]]:
             return self._table.search(words, query_type="fts").where(self._where, prefilter=True).limit(pool).to_list()  # type: ignore[no-any-return]
 

@@ -258,8 +258,10 @@ class MemoryIndex:
             # applied once already before a crash cut its checkpoint: adding is then only safe
             # once the start-up catch-up (upserts) has passed every such batch. Adding costs
             # a third of an upsert (4 vs 12 ms for one row of a 30,000-row table).
-            fresh = [row for row in rows if row.pop("_new") and self._exact]
-            known = [row for row in rows if row not in fresh]
+            fresh: list[dict[str, Any]] = []
+            known: list[dict[str, Any]] = []
+            for row in rows:
+                (fresh if row.pop("_new") and self._exact else known).append(row)
             if fresh:
                 table.add(fresh)
             if known:
