@@ -263,7 +263,10 @@ class AsyncBlackbird:
             )
         )
         self._memory = AsyncMemory(
-            self._session_manager, memory_host, MemoryIndex(memory_dir, journal, keys, private_if_busy=s.memory_dir is None),
+            self._session_manager, memory_host, MemoryIndex(
+                memory_dir, journal, keys, private_if_busy=s.memory_dir is None,
+                cache_rows=s.memory_cache_rows,
+            ),
             keys, self._embedder, tasks=tasks, principal=s.principal, timeout=s.command_timeout,
             clock=self._clock,
         )

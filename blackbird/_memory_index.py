@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import fcntl
@@ -134,7 +135,7 @@ class MemoryIndex:
 
     def __init__(
         self, path: Path, journal: Journal, keys: Any, *, embedder: Any = None,
-        private_if_busy: bool = False,
+        private_if_busy: bool = False, cache_rows: int = 200_000,
     ) -> None:
         self.path = Path(path)
         self._checkpoint = self.path / "checkpoint.json"
@@ -148,8 +149,13 @@ class MemoryIndex:
         # check of a write and the vector side of a recall: one matrix product instead of a
         # LanceDB query (which costs 4-5 ms however small the scope). (table name, scope id) ->
         # its rows; loaded from the table on first use, kept in step by every batch.
-        self._current: dict[tuple[str, str], _Scope] = {}
+        # The least recently used scopes leave once they hold more than cache_rows rows together.
+        self._current: collections.OrderedDict[tuple[str, str], _Scope] = collections.OrderedDict()
         self._current_lock = threading.Lock()
+        self._cache_rows = cache_rows
+        # held while a batch is written and while a scope is read from the table, so a scope
+        # never misses a batch written between its read and its arrival in _current
+        self._write_lock = threading.Lock()
         self.seq = 0
         # True once the tables are known to hold the log up to self.seq and nothing after it
         self._exact = False
@@ -236,6 +242,10 @@ class MemoryIndex:
 
     def _write(self, batch: _Batch) -> None:
         """Apply a prepared batch (blocking: runs in a worker thread)."""
+        with self._write_lock:
+            self._write_batch(batch)
+
+    def _write_batch(self, batch: _Batch) -> None:
         by_table: dict[str, list[dict[str, Any]]] = {}
         for (name, _), row in batch.upserts.items():
             by_table.setdefault(name, []).append(row)
@@ -274,6 +284,7 @@ class MemoryIndex:
                             scope.put(row)
                         else:
                             scope.drop(row["memory_id"])
+                self._evict()
             # every write adds a fragment: count rows, and small writes as a batch's worth each
             self._unoptimized[name] = self._unoptimized.get(name, 0) + max(len(rows), OPTIMIZE_EVERY // 64)
         gone = {memory_id for _, memory_id in batch.valid_to} | {i for ids in batch.deletes.values() for i in ids}
@@ -307,9 +318,17 @@ class MemoryIndex:
                 yield table
 
     def _scope(self, name: str, tenant: str, model_id: str, scope_id: str) -> _Scope:
+        key = (name, scope_id)
         with self._current_lock:
-            scope = self._current.get((name, scope_id))
-        if scope is None:
+            scope = self._current.get(key)
+            if scope is not None:
+                self._current.move_to_end(key)
+                return scope
+        with self._write_lock:
+            with self._current_lock:
+                scope = self._current.get(key)
+            if scope is not None:  # another thread read it meanwhile
+                return scope
             table = self.table(tenant, model_id)
             loaded: dict[str, dict[str, Any]] = {}
             if table is not None:
@@ -319,10 +338,19 @@ class MemoryIndex:
                 for row in found.to_pylist():
                     row["vector"] = np.asarray(row["vector"], dtype=np.float32)
                     loaded[row["memory_id"]] = row
-            fresh = _Scope(loaded)  # built outside the lock: its keyword index takes a while
+            scope = _Scope(loaded)
             with self._current_lock:
-                scope = self._current.setdefault((name, scope_id), fresh)
+                self._current[key] = scope
+                self._evict()
         return scope
+
+    def _evict(self) -> None:
+        """Drop the least recently used scopes beyond the row budget (a scope's next use reads
+        it again). Called with the current-rows lock held."""
+        total = sum(len(scope.rows) for scope in self._current.values())
+        while total > self._cache_rows and len(self._current) > 1:
+            _, scope = self._current.popitem(last=False)
+            total -= len(scope.rows)
 
     def current(self, tenant: str, model_id: str, scope_id: str) -> ScopeRows:
         """A scope's current memories (blocking on first use of a scope, when they are read from

@@ -96,6 +96,11 @@ class SessionManager(_SyncMirror, mirrors=AsyncSessionManager):
 class Memory(_SyncMirror, mirrors=AsyncMemory):
     """Synchronous memory: same methods as :class:`~blackbird._memory.AsyncMemory`, blocking."""
 
+    @property
+    def embedder(self) -> Any:
+        """The embedder (the local all-MiniLM-L6-v2 unless another was given)."""
+        return self._target.embedder
+
 
 class SyncAuditor(_SyncMirror, mirrors=Auditor):
     """Synchronous audit: same methods as :class:`~blackbird._audit.Auditor` (``replay``,

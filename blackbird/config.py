@@ -36,6 +36,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     usage_history_limit: int = 10_000  # usage records kept per user in the read model
     analytics_k: int = 5  # cross-tenant aggregates leave out tenants with fewer users
     memory_dir: str | None = None  # the LanceDB memory index (default: <data_dir>/memory)
+    # memories of recently used scopes kept in memory for recall (~1.5 KB each plus the text)
+    memory_cache_rows: int = 200_000
     detect_abuse: bool = True  # hosts run the abuse detector and raise its alerts
     abuse: dict[str, Any] = {}  # thresholds: see projections.abuse.AbuseConfig
 

@@ -352,6 +352,7 @@ def test_memory_works_through_the_sync_facade() -> None:
         assert sdk.memory.get("theme", session_id=s.session_id) == "dark"
         assert sdk.memory.delete("theme", session_id=s.session_id) is True
         assert msgspec.to_builtins(found[0])["text"] == "The wifi password is on the fridge."
+        assert sdk.memory.embedder.model_id == "sentence-transformers/all-MiniLM-L6-v2"
 
 
 async def test_many_writes_queued_on_one_scope_are_split_across_commits_that_fit(bb: AsyncBlackbird) -> None:
@@ -426,3 +427,24 @@ async def test_events_applied_again_after_a_lost_checkpoint_are_not_duplicated(
     async with AsyncBlackbird(nats_url=nats_server.url, tenant="acme", memory_dir=str(folder)) as bb:
         await bb.memory.recall("tent", session_id=s.session_id)
         assert bb.memory.index.rows("acme") == before
+
+
+async def test_scopes_beyond_the_row_budget_leave_memory_and_come_back_from_the_table(
+    nats_server: NatsServer,
+) -> None:
+    async with AsyncBlackbird(nats_url=nats_server.url, tenant="acme", memory_cache_rows=4) as bb:
+        a = await bb.session_manager.create_session("ua", tier="pro")
+        b = await bb.session_manager.create_session("ub", tier="pro")
+        for i, fact in enumerate(["The red bike is Anna's.", "Anna swims on Tuesdays.", "Anna's cat is Miso."]):
+            await bb.memory.remember(fact, session_id=a.session_id, importance=0.1 * i)
+        for fact in ["Ben plays the cello.", "Ben lives in Ghent.", "Ben's dog is Pip."]:
+            await bb.memory.remember(fact, session_id=b.session_id)
+        assert [m.text for m in await bb.memory.recall("Anna's pet", session_id=a.session_id, scopes=["user"], k=1)] == ["Anna's cat is Miso."]
+        assert [m.text for m in await bb.memory.recall("Ben's pet", session_id=b.session_id, scopes=["user"], k=1)] == ["Ben's dog is Pip."]
+        cached = [scope for _, scope in bb.memory.index._current]
+        assert "user:ub" in cached and "user:ua" not in cached  # 3 + 3 rows > 4: Anna's went
+        # a write while it is out of memory is found when it comes back
+        await bb.memory.remember("Anna's second cat is Tofu.", session_id=a.session_id)
+        found = await bb.memory.recall("Anna's cats", session_id=a.session_id, scopes=["user"], k=4)
+        assert {"Anna's cat is Miso.", "Anna's second cat is Tofu."} <= {m.text for m in found}
+        assert len(found) == 4
