@@ -13,7 +13,13 @@ import nats
 import pytest
 
 from actors.events import CacheRemoved, MemoryForgotten
-from blackbird import AsyncBlackbird, BlackbirdSDK, MemoryIndexBusyError, QuotaExceededError, ValidationError
+from blackbird import (
+    AsyncBlackbird,
+    BlackbirdSDK,
+    MemoryIndexBusyError,
+    QuotaExceededError,
+    ValidationError,
+)
 from blackbird._memory import EmbeddingModelMismatchError, ScopeAccessError
 from blackbird._memory_index import MemoryIndex
 from blackbird.errors import PayloadTooLargeError
