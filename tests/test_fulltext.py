@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -102,3 +103,29 @@ def test_search_ranks_by_matched_rare_and_repeated_terms_and_honours_the_limit()
     assert search([index], "dentist friday", 10) == ["rare", "twice", "common"]
     assert search([index], "dentist friday", 1) == ["rare"]
     assert search([index], "the of", 10) == []  # stop words only
+
+
+DOCS = [
+    "The runner was running fast", "Cafés in Zürich are cosy", "ticket ZQ-88412 under_review",
+    "They will be there", "Generously funded projects", "an apple a day",
+    "Connection connected connecting", "über cool straße",
+]
+QUERIES = [
+    "run", "runs", "the", "zurich", "cafe", "zq", "88412", "review", "there", "generous",
+    "apple", "connect", "uber", "strasse", "they will", "cosy runner",
+]
+
+
+def test_the_same_documents_match_as_in_a_real_lancedb_full_text_index(tmp_path: Path) -> None:
+    import lancedb
+    import pyarrow as pa
+    from lancedb.index import FTS
+
+    table = lancedb.connect(str(tmp_path)).create_table(
+        "docs", pa.table({"id": [str(i) for i in range(len(DOCS))], "text": DOCS})
+    )
+    table.create_index("text", config=FTS(), replace=True)  # the memory tables' configuration
+    ours = KeywordIndex((str(i), text) for i, text in enumerate(DOCS))
+    for query in QUERIES:
+        theirs = {row["id"] for row in table.search(query, query_type="fts").limit(50).to_list()}
+        assert set(search([ours], query, 50)) == theirs, query
