@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -37,7 +37,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     analytics_k: int = 5  # cross-tenant aggregates leave out tenants with fewer users
     memory_dir: str | None = None  # the LanceDB memory index (default: <data_dir>/memory)
     # memories of recently used scopes kept in memory for recall (~1.5 KB each plus the text)
-    memory_cache_rows: int = 200_000
+    memory_cache_rows: Annotated[int, msgspec.Meta(ge=0)] = 200_000
     detect_abuse: bool = True  # hosts run the abuse detector and raise its alerts
     abuse: dict[str, Any] = {}  # thresholds: see projections.abuse.AbuseConfig
 

@@ -273,6 +273,9 @@ def test_bad_settings_name_the_setting() -> None:
     with pytest.raises(ValidationError) as err:
         AsyncBlackbird(snapshot_every="often")
     assert err.value.field == "snapshot_every"
+    with pytest.raises(ValidationError) as err:
+        AsyncBlackbird(memory_cache_rows=-1)
+    assert err.value.field == "memory_cache_rows" and ">= 0" in str(err.value)
     with pytest.raises(ValidationError):
         AsyncBlackbird(tenant="a.b")
 
