@@ -623,7 +623,7 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
                     snapshot[:] = await index.scopes(TENANT, model_id, scope_ids)
 
                 steps["scopes snapshot in memory (index.scopes)"] = await timed(scopes_step, n_steps)
-                scope_rows = sum(len(s.rows) for s in snapshot)
+                scope_rows = sum(len(s) for s in snapshot)
                 steps[f"keyword search in memory (BM25), limit {pool}"] = timed_sync(
                     lambda: index.keyword_search(snapshot, next(texts_cycle), pool),
                     n_steps)

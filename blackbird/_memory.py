@@ -330,12 +330,12 @@ class AsyncMemory:
         (known,) = await self.index.scopes(tenant, model, [sid])
 
         def search() -> list[str | None]:
-            ids = [row["memory_id"] for row in known.rows] + [mid for mid, _ in mine]
-            vectors = [known.matrix] if known.matrix is not None else []
-            vectors += [v[None, :] for _, v in mine]
-            if not vectors:
+            ids = [row["memory_id"] if row else None for row in known.rows] + [mid for mid, _ in mine]
+            parts = [known.similarity(matrix)]  # rows: known memories (dead ones: -inf)
+            parts += [np.stack([v for _, v in mine]) @ matrix.T] if mine else []
+            similarity = np.concatenate(parts)
+            if not len(similarity):
                 return [None] * len(matrix)
-            similarity = np.concatenate(vectors) @ matrix.T  # rows: known memories
             found: list[str | None] = []
             for column in range(similarity.shape[1]):
                 best = int(np.argmax(similarity[:, column]))
@@ -584,21 +584,15 @@ class _PresentCandidates:
     async def by_text(self, query: str, pool: int) -> list[dict[str, Any]]:
         self._scopes = await self._index.scopes(self._tenant, self._model, self._sids)
         # in memory from here on: no thread hop (the query is being embedded in one)
-        found = []
-        for memory_id in self._index.keyword_search(self._scopes, query, pool):
-            row = next((s.by_id[memory_id] for s in self._scopes if memory_id in s.by_id), None)
-            if row is not None and row["valid_from"] <= self._at:
-                found.append(row)
-        return found
+        rows = self._index.keyword_search(self._scopes, query, pool)
+        return [row for row in rows if row["valid_from"] <= self._at]
 
     async def by_vector(self, vector: np.ndarray, pool: int) -> list[dict[str, Any]]:
         best: list[tuple[float, int, dict[str, Any]]] = []
         for scope in self._scopes:
-            if scope.matrix is None:
-                continue
-            similarity = scope.matrix @ vector
+            similarity = scope.similarity(vector)
             top = np.argpartition(-similarity, pool)[:pool] if len(similarity) > pool else range(len(similarity))
-            best += [(-float(similarity[i]), len(best) + n, scope.rows[i]) for n, i in enumerate(top)]
+            best += [(-float(similarity[i]), len(best) + n, scope.rows[i]) for n, i in enumerate(top) if scope.alive[i]]  # type: ignore[misc]
         best.sort(key=lambda item: item[:2])
         return [row for _, _, row in best if row["valid_from"] <= self._at][:pool]
 

@@ -35,7 +35,8 @@ import numpy as np
 import structlog
 
 from actors.events import Commit, MemoryForgotten, MemoryRemembered, MemorySuperseded
-from blackbird._fulltext import KeywordIndex, search
+from blackbird._fulltext import search
+from blackbird._scope_rows import LiveScope, Row, ScopeRows
 from blackbird.errors import MemoryIndexBusyError
 from blackbird.journal import Journal
 from projections.runner import Waiters
@@ -80,49 +81,6 @@ def schema(dimension: int) -> Any:
     ])
 
 
-class ScopeRows:
-    """A scope's current (not superseded) memories: ``rows``, the same ``by_id`` and, row for
-    row, their vectors stacked in ``matrix`` (None when empty): an immutable snapshot, a write
-    makes a new one. ``keywords`` is the scope's live keyword index (search it with
-    ``MemoryIndex.keyword_search``, which holds the lock it needs)."""
-
-    __slots__ = ("by_id", "keywords", "matrix", "rows")
-
-    def __init__(self, by_id: dict[str, dict[str, Any]], keywords: KeywordIndex) -> None:
-        self.by_id = by_id
-        self.keywords = keywords
-        self.rows = list(by_id.values())
-        self.matrix = np.stack([row["vector"] for row in self.rows]) if self.rows else None
-
-
-class _Scope:
-    """The index's live copy of one scope's current rows and the keyword index of their texts
-    (guarded by the index's lock)."""
-
-    __slots__ = ("_snapshot", "keywords", "rows")
-
-    def __init__(self, rows: dict[str, dict[str, Any]]) -> None:
-        self.rows = rows
-        self.keywords = KeywordIndex((memory_id, row["text"]) for memory_id, row in rows.items())
-        self._snapshot: ScopeRows | None = None
-
-    def put(self, row: dict[str, Any]) -> None:
-        self.rows[row["memory_id"]] = row
-        self.keywords.put(row["memory_id"], row["text"])
-        self._snapshot = None
-
-    def drop(self, memory_id: str) -> None:
-        if self.rows.pop(memory_id, None) is not None:
-            self.keywords.drop(memory_id)
-            self._snapshot = None
-
-    def snapshot(self) -> ScopeRows:
-        # stacked once per change, not per search: a recall then costs one matrix product
-        if self._snapshot is None:
-            self._snapshot = ScopeRows(dict(self.rows), self.keywords)
-        return self._snapshot
-
-
 class _Batch:
     """What one batch of commits does to the tables, coalesced per memory id."""
 
@@ -152,7 +110,7 @@ class MemoryIndex:
         # LanceDB query (which costs 4-5 ms however small the scope). (table name, scope id) ->
         # its rows; loaded from the table on first use, kept in step by every batch.
         # The least recently used scopes leave once they hold more than cache_rows rows together.
-        self._current: collections.OrderedDict[tuple[str, str], _Scope] = collections.OrderedDict()
+        self._current: collections.OrderedDict[tuple[str, str], LiveScope] = collections.OrderedDict()
         self._current_lock = threading.Lock()
         self._cache_rows = cache_rows
         # held while a batch is written and while a scope is read from the table, so a scope
@@ -319,7 +277,7 @@ class MemoryIndex:
                 self._tables[name] = table
                 yield table
 
-    def _scope(self, name: str, tenant: str, model_id: str, scope_id: str) -> _Scope:
+    def _scope(self, name: str, tenant: str, model_id: str, scope_id: str) -> LiveScope:
         key = (name, scope_id)
         with self._current_lock:
             scope = self._current.get(key)
@@ -340,7 +298,7 @@ class MemoryIndex:
                 for row in found.to_pylist():
                     row["vector"] = np.asarray(row["vector"], dtype=np.float32)
                     loaded[row["memory_id"]] = row
-            scope = _Scope(loaded)
+            scope = LiveScope(loaded)
             with self._current_lock:
                 self._current[key] = scope
                 self._evict()
@@ -372,11 +330,14 @@ class MemoryIndex:
             )
         return [self.current(tenant, model_id, sid) for sid in scope_ids]
 
-    def keyword_search(self, scopes: Iterable[ScopeRows], query: str, limit: int) -> list[str]:
-        """Ids of the ``limit`` memories of ``scopes`` best matching ``query`` by full-text BM25
-        (the scopes scored as one corpus), best first. In memory, never blocking on I/O."""
+    def keyword_search(self, scopes: Iterable[ScopeRows], query: str, limit: int) -> list[Row]:
+        """The rows of the ``limit`` current memories of ``scopes`` best matching ``query`` by
+        full-text BM25 (the scopes scored as one corpus), best first. In memory, never blocking
+        on I/O."""
         with self._current_lock:
-            return search([scope.keywords for scope in scopes], query, limit)
+            live = [snapshot.scope for snapshot in scopes]
+            found = search([scope.keywords for scope in live], query, limit)
+            return [row for memory_id in found for scope in live if (row := scope.rows.get(memory_id))]
 
     async def apply(self, entries: list[tuple[int, str, Commit]]) -> None:
         fresh = [e for e in entries if e[0] > self.seq]
