@@ -322,13 +322,15 @@ class MemoryIndex:
     async def scopes(self, tenant: str, model_id: str, scope_ids: list[str]) -> list[ScopeRows]:
         """``current`` of each scope, reading those not in memory yet in a worker thread."""
         name = table_name(tenant, model_id)
-        with self._current_lock:
-            loaded = all((name, sid) in self._current for sid in scope_ids)
-        if not loaded:
-            return await anyio.to_thread.run_sync(
-                lambda: [self.current(tenant, model_id, sid) for sid in scope_ids]
-            )
-        return [self.current(tenant, model_id, sid) for sid in scope_ids]
+        with self._current_lock:  # all in memory: answered here, nothing can block
+            held = [self._current.get((name, sid)) for sid in scope_ids]
+            if all(held):
+                for sid in scope_ids:
+                    self._current.move_to_end((name, sid))
+                return [scope.snapshot() for scope in held if scope]
+        return await anyio.to_thread.run_sync(
+            lambda: [self.current(tenant, model_id, sid) for sid in scope_ids]
+        )
 
     def keyword_search(self, scopes: Iterable[ScopeRows], query: str, limit: int) -> list[Row]:
         """The rows of the ``limit`` current memories of ``scopes`` best matching ``query`` by
