@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, Self, TypeVar
 
 import anyio
 import msgspec
@@ -140,7 +140,7 @@ class ActorHost:
         self._snapshot_codec = msgspec.msgpack.Encoder()
         self._snapshot_decoder = msgspec.msgpack.Decoder(_Snapshot[behaviour.state_type])  # type: ignore[name-defined]
 
-    async def __aenter__(self) -> ActorHost:
+    async def __aenter__(self) -> Self:
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         self._tg.start_soon(self._passivation_loop)

@@ -14,18 +14,18 @@ import msgspec
 
 from actors import aggregate
 from actors.events import (
-    EraseUser,
-    UserErased,
     AlertRaised,
-    RaiseAlert,
     CloseUserSessions,
     Commit,
     Decision,
+    EraseUser,
     Event,
     GetSession,
     OpenUserSession,
+    RaiseAlert,
     Rejection,
     UserCommand,
+    UserErased,
     UserSessionClosed,
     UserSessionDenied,
     UserSessionOpened,

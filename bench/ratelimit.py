@@ -55,15 +55,15 @@ from actors.events import Applied, CheckRate, Commit, CreateSession, RateAllowed
 from actors.policy import Policy, load_policy
 from actors.session import SessionState, apply_commands, decide, evolve, initial_state
 from bench.commands import (
-    GC_MODE,
-    run_cli,
-    create_sessions,
-    raw_baselines,
     FSYNC,
+    GC_MODE,
     CpuMeter,
     PhaseResult,
+    create_sessions,
     percentile,
+    raw_baselines,
     row,
+    run_cli,
 )
 from blackbird import AsyncBlackbird, RateLimitError
 from blackbird._server import EmbeddedServer

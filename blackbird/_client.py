@@ -8,7 +8,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import anyio
 import msgspec
@@ -158,7 +158,7 @@ class AsyncBlackbird:
     def host(self) -> ActorHost | None:
         return self._host
 
-    async def __aenter__(self) -> AsyncBlackbird:
+    async def __aenter__(self) -> Self:
         stack = contextlib.AsyncExitStack()
         await stack.__aenter__()
         try:

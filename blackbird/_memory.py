@@ -142,8 +142,7 @@ class AsyncMemory:
             self._host, AggregateKey(tenant, "memory", sid), command,
             command_id or os.urandom(16).hex(), self._principal,
         )
-        if outcome.sequence > self._written:
-            self._written = outcome.sequence
+        self._written = max(self._written, outcome.sequence)
         return outcome
 
     async def _scope(self, spec: Any, session: Any, *, write: bool) -> str:

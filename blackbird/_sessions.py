@@ -111,8 +111,7 @@ class AsyncSessionManager(QuotaMethods, AnalyticsMethods):
         reply = await self._dispatcher.dispatch(
             tenant, session_id, command, command_id or os.urandom(16).hex(), self._principal
         )
-        if reply.sequence > self._written:
-            self._written = reply.sequence
+        self._written = max(self._written, reply.sequence)
         raise_for_rejection(reply)
         if reply.session is None:  # decide() refuses commands on unknown sessions; belt and braces
             raise SessionNotFoundError(f"session {session_id!r} not found", session_id=session_id)

@@ -14,7 +14,7 @@ import threading
 import weakref
 from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
@@ -210,7 +210,7 @@ class BlackbirdSDK:
         self._portal = None
         self._stack.close()
 
-    def __enter__(self) -> BlackbirdSDK:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

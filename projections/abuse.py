@@ -55,11 +55,11 @@ from actors.events import (
 )
 
 __all__ = [
-    "AbuseProjection",
     "DENIAL_BURST",
     "SESSION_BURST",
     "USAGE_SPIKE",
     "AbuseConfig",
+    "AbuseProjection",
     "AbuseState",
     "Alert",
     "observe",

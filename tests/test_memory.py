@@ -18,6 +18,7 @@ from blackbird import (
     BlackbirdSDK,
     MemoryIndexBusyError,
     QuotaExceededError,
+    SessionNotFoundError,
     ValidationError,
 )
 from blackbird._memory import EmbeddingModelMismatchError, ScopeAccessError
@@ -122,7 +123,7 @@ async def test_scopes_are_checked_and_tenants_are_walls(bb: AsyncBlackbird) -> N
     # the same user id in another tenant sees nothing of acme's
     other = await memory.recall("code word pineapple", session_id=g1.session_id, scopes=["user", "tenant"], tenant="globex")
     assert other == []
-    with pytest.raises(Exception):  # a session of acme is unknown to globex
+    with pytest.raises(SessionNotFoundError):  # a session of acme is unknown to globex
         await memory.recall("code word", session_id=a1.session_id, tenant="globex")
 
 

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from actors import ratelog
+from actors import tenant as tenant_logic
 from actors.events import (
     AcquireSlot,
     AdjustQuota,
@@ -41,9 +42,16 @@ from actors.events import (
     UsageTracked,
 )
 from actors.policy import PolicyError, QuotaType, RateLimitType, load_policy
-from actors import tenant as tenant_logic
 from actors.quota import quota_info, rate_status
-from actors.session import SessionState, apply_commands, apply_commit, decide, evolve, fold, initial_state
+from actors.session import (
+    SessionState,
+    apply_commands,
+    apply_commit,
+    decide,
+    evolve,
+    fold,
+    initial_state,
+)
 
 T0 = 1_700_000_000.0
 

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from actors import idempotency
 from actors.events import (
     Applied,
     ChangeTier,
@@ -22,7 +23,6 @@ from actors.events import (
     TierChanged,
     TouchSession,
 )
-from actors import idempotency
 from actors.policy import PolicyError, default_policy, load_policy
 from actors.session import RECENT_COMMANDS, SessionState, apply_commit, decide, fold, initial_state
 from blackbird.types import Session
@@ -229,7 +229,12 @@ def test_a_refusal_never_changes_state_except_recording_expiry(script: list) -> 
 def test_activity_events_are_exactly_those_that_move_last_activity() -> None:
     """The read models rely on ACTIVITY_EVENTS; evolve() is the truth it must match."""
     from actors.events import (
-        AcquireSlot, Admit, CheckRate, PostMessage, QuotaAdjusted, TrackUsage,
+        AcquireSlot,
+        Admit,
+        CheckRate,
+        PostMessage,
+        QuotaAdjusted,
+        TrackUsage,
     )
     from actors.policy import QuotaType
     from actors.session import ACTIVITY_EVENTS, evolve
