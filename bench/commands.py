@@ -30,10 +30,16 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("BLACKBIRD_LOG_LEVEL", "warning")
+
+if __package__ in (None, ""):  # run as ``python bench/commands.py``: the repo's packages first,
+    # before this folder (whose projections.py would shadow the ``projections`` package)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import anyio
 import msgspec
@@ -143,14 +149,16 @@ async def create_sessions(bb: AsyncBlackbird, n: int, label: str, tier: str = "e
     return ids
 
 
-async def run_touch_phase(
-    bb: AsyncBlackbird, ids: list[str], warmup: float, seconds: float, server_pid: int,
-    profiler: cProfile.Profile | None = None,
-) -> PhaseResult:
-    """One worker per session, each touching its session in a loop; latencies after warmup."""
-    touch = bb.session_manager.touch_session
+async def run_phase(
+    ids: list[str], call: Callable[[str], Awaitable[bool]], warmup: float, seconds: float,
+    server_pid: int, profiler: cProfile.Profile | None = None,
+) -> tuple[PhaseResult, int]:
+    """One worker per session, each awaiting ``call(session_id)`` in a loop (it returns True
+    when the call was refused); latencies after warmup. Returns the phase and how many of its
+    measured calls were refused."""
     clock = time.perf_counter
     latencies: list[list[float]] = [[] for _ in ids]
+    refused_counts = [0] * len(ids)
     begin = clock()
     measure_from = begin + warmup
     deadline = measure_from + seconds
@@ -161,15 +169,18 @@ async def run_touch_phase(
         await anyio.sleep(max(0.0, measure_from - clock()))
         meter.append(CpuMeter(server_pid))
 
-    async def worker(sid: str, lat: list[float]) -> None:
+    async def worker(i: int, sid: str, lat: list[float]) -> None:
+        refused = 0
         while True:
             t0 = clock()
             if t0 >= deadline:
                 break
-            await touch(sid)
+            was_refused = await call(sid)
             t1 = clock()
             if t0 >= measure_from:
                 lat.append(t1 - t0)
+                refused += was_refused
+        refused_counts[i] = refused
         finished.append(clock())
 
     if profiler is not None:
@@ -178,15 +189,15 @@ async def run_touch_phase(
         async with anyio.create_task_group() as tg:
             tg.start_soon(start_meter)
             for i, sid in enumerate(ids):
-                tg.start_soon(worker, sid, latencies[i])
+                tg.start_soon(worker, i, sid, latencies[i])
     finally:
         if profiler is not None:
             profiler.disable()
-    # Commands started in [measure_from, deadline); the window ends when the last one returns.
+    # Calls started in [measure_from, deadline); the window ends when the last one returns.
     end = max(finished)
     cpu = meter[0].text() if meter else ""
     flat = sorted(x for lat in latencies for x in lat)
-    return PhaseResult(
+    phase = PhaseResult(
         sessions=len(ids),
         commands=len(flat),
         seconds=end - measure_from,
@@ -194,6 +205,22 @@ async def run_touch_phase(
         p99_ms=percentile(flat, 0.99) * 1000,
         cpu=cpu,
     )
+    return phase, sum(refused_counts)
+
+
+async def run_touch_phase(
+    bb: AsyncBlackbird, ids: list[str], warmup: float, seconds: float, server_pid: int,
+    profiler: cProfile.Profile | None = None,
+) -> PhaseResult:
+    """One worker per session, each touching its session in a loop; latencies after warmup."""
+    touch = bb.session_manager.touch_session
+
+    async def call(sid: str) -> bool:
+        await touch(sid)
+        return False
+
+    phase, _ = await run_phase(ids, call, warmup, seconds, server_pid, profiler)
+    return phase
 
 
 async def commit_payload(url: str, stream: str, subject: str, principal: str) -> tuple[bytes, int]:
@@ -337,7 +364,7 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
                     res = await run_touch_phase(
                         bb, ids[n], cfg.warmup, cfg.seconds[n], server.pid, profiler
                     )
-                    if profiler is not None:
+                    if profiler is not None and profile_path is not None:
                         profiler.dump_stats(profile_path)
                     phases[n] = res
                     row(f"touch_session, {n} concurrent session(s)", f"{res.per_s:,.0f} cmd/s",

@@ -33,6 +33,7 @@ stats to FILE (the throughput of that phase is then distorted by the profiler).
 from __future__ import annotations
 
 import cProfile
+import dataclasses
 import os
 import sys
 import tempfile
@@ -46,7 +47,6 @@ os.environ.setdefault("BLACKBIRD_LOG_LEVEL", "warning")
 if __package__ in (None, ""):  # run as ``python bench/ratelimit.py``: make ``bench`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import anyio
 import msgspec
 import nats
 
@@ -57,13 +57,12 @@ from actors.session import SessionState, apply_commands, decide, evolve, initial
 from bench.commands import (
     FSYNC,
     GC_MODE,
-    CpuMeter,
     PhaseResult,
     create_sessions,
-    percentile,
     raw_baselines,
     row,
     run_cli,
+    run_phase,
 )
 from blackbird import AsyncBlackbird, RateLimitError
 from blackbird._server import EmbeddedServer
@@ -128,62 +127,16 @@ async def run_rate_phase(
     """One worker per session, each asking for a rate decision in a loop; latencies (allowed
     and denied alike) and counts after warmup."""
     enforce = bb.session_manager.enforce_rate_limit
-    clock = time.perf_counter
-    latencies: list[list[float]] = [[] for _ in ids]
-    denied_counts = [0] * len(ids)
-    begin = clock()
-    measure_from = begin + warmup
-    deadline = measure_from + seconds
-    finished: list[float] = []
-    meter: list[CpuMeter] = []
 
-    async def start_meter() -> None:
-        await anyio.sleep(max(0.0, measure_from - clock()))
-        meter.append(CpuMeter(server_pid))
+    async def call(sid: str) -> bool:
+        try:
+            await enforce(sid, OPERATION)
+        except RateLimitError:
+            return True
+        return False
 
-    async def worker(i: int, sid: str, lat: list[float]) -> None:
-        denied = 0
-        while True:
-            t0 = clock()
-            if t0 >= deadline:
-                break
-            try:
-                await enforce(sid, OPERATION)
-                refused = False
-            except RateLimitError:
-                refused = True
-            t1 = clock()
-            if t0 >= measure_from:
-                lat.append(t1 - t0)
-                denied += refused
-        denied_counts[i] = denied
-        finished.append(clock())
-
-    if profiler is not None:
-        profiler.enable()
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(start_meter)
-            for i, sid in enumerate(ids):
-                tg.start_soon(worker, i, sid, latencies[i])
-    finally:
-        if profiler is not None:
-            profiler.disable()
-    # Calls started in [measure_from, deadline); the window ends when the last one returns.
-    end = max(finished)
-    cpu = meter[0].text() if meter else ""
-    flat = sorted(x for lat in latencies for x in lat)
-    denied_total = sum(denied_counts)
-    return RatePhase(
-        sessions=len(ids),
-        commands=len(flat),
-        seconds=end - measure_from,
-        p50_ms=percentile(flat, 0.50) * 1000,
-        p99_ms=percentile(flat, 0.99) * 1000,
-        cpu=cpu,
-        allowed=len(flat) - denied_total,
-        denied=denied_total,
-    )
+    phase, denied = await run_phase(ids, call, warmup, seconds, server_pid, profiler)
+    return RatePhase(**dataclasses.asdict(phase), allowed=phase.commands - denied, denied=denied)
 
 
 async def stored_commit(url: str, stream: str, subject: str) -> tuple[bytes, Commit]:
@@ -375,7 +328,7 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
                     res = await run_rate_phase(
                         bb, ids[n], cfg.warmup, cfg.seconds[n], server.pid, profiler
                     )
-                    if profiler is not None:
+                    if profiler is not None and profile_path is not None:
                         profiler.dump_stats(profile_path)
                     phases[n] = res
                     phase_row(f"enforce_rate_limit, {n} session(s), allowed", res, profiled)
