@@ -8,7 +8,9 @@
   the state evolved and the caller answered.
 * Group commit: many actors' appends are in flight at once (each actor drains its mailbox in
   its own task), so throughput comes from pipelining, not from skipping durability.
-* A conflict (another host wrote first) reloads the tail and re-decides, up to ``max_retries``.
+* A conflict (another host wrote first) reloads the tail and re-decides: at least
+  ``max_retries`` times, and on for ``retry_for`` seconds, so a host is not starved by a peer
+  that keeps writing the same aggregate (it wins once the peer pauses).
 * Idle actors are passivated; every ``snapshot_every`` commits a snapshot is written.
 """
 
@@ -124,6 +126,7 @@ class ActorHost:
         snapshot_every: int = 500,
         passivate_after: float = 300.0,
         max_retries: int = 8,
+        retry_for: float = 5.0,
         max_batch: int = 256,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -133,6 +136,7 @@ class ActorHost:
         self._snapshot_every = snapshot_every
         self._passivate_after = passivate_after
         self._max_retries = max_retries
+        self._retry_for = retry_for
         self._max_batch = max_batch
         self._clock = clock
         self._actors: dict[AggregateKey, _Actor] = {}
@@ -242,7 +246,9 @@ class ActorHost:
         fresh = actor.state is None
         if fresh:
             await self._activate(actor)
-        for attempt in range(self._max_retries):
+        started = time.monotonic()
+        attempt = -1
+        while (attempt := attempt + 1) < self._max_retries or time.monotonic() - started < self._retry_for:
             now = self._clock()
             state = actor.state
             applied: list[Applied] = []
@@ -299,7 +305,7 @@ class ActorHost:
                     after = msgspec.structs.replace(after, version=commit.version)
                 request.outcome = Outcome(after, result.seq, rejection, duplicate, events)
             return
-        raise ConflictRetriesExhausted(actor.key, self._max_retries)
+        raise ConflictRetriesExhausted(actor.key, attempt)
 
     async def _activate(self, actor: _Actor) -> None:
         started = time.perf_counter()

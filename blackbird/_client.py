@@ -199,7 +199,7 @@ class AsyncBlackbird:
         # session command is decided or any limit reported.
         book = PolicyBook(self.policy)
         tenant_host = await stack.enter_async_context(
-            ActorHost(TenantBehaviour(self.policy), journal, NoSnapshots(), max_retries=s.max_retries, clock=self._clock)
+            ActorHost(TenantBehaviour(self.policy), journal, NoSnapshots(), max_retries=s.max_retries, retry_for=s.command_timeout / 2, clock=self._clock)
         )
         tenants = TenantDirectory(journal, book, tenant_host, s.principal)
         tasks = await stack.enter_async_context(anyio.create_task_group())
@@ -209,7 +209,7 @@ class AsyncBlackbird:
             ActorHost(
                 UserBehaviour(book), journal, NoSnapshots() if self.remote else journal,
                 snapshot_every=s.snapshot_every, passivate_after=s.passivate_after,
-                max_retries=s.max_retries, clock=self._clock,
+                max_retries=s.max_retries, retry_for=s.command_timeout / 2, clock=self._clock,
             )
         )
 
@@ -229,7 +229,7 @@ class AsyncBlackbird:
                 journal,
                 snapshot_every=s.snapshot_every,
                 passivate_after=s.passivate_after,
-                max_retries=s.max_retries,
+                max_retries=s.max_retries, retry_for=s.command_timeout / 2,
                 clock=self._clock,
             )
             await stack.enter_async_context(host)
@@ -259,7 +259,7 @@ class AsyncBlackbird:
             ActorHost(
                 MemoryBehaviour(), journal, NoSnapshots() if self.remote else journal,
                 snapshot_every=s.snapshot_every, passivate_after=s.passivate_after,
-                max_retries=s.max_retries, clock=self._clock,
+                max_retries=s.max_retries, retry_for=s.command_timeout / 2, clock=self._clock,
             )
         )
         self._memory = AsyncMemory(

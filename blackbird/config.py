@@ -28,7 +28,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     max_payload: int = 256 * 1024  # bytes of one encoded commit
     snapshot_every: int = 500
     passivate_after: float = 300.0
-    max_retries: int = 8
+    max_retries: int = 8  # append conflicts retried at least this often, and for command_timeout / 2 s
     command_timeout: float = 10.0
     serve_commands: bool = False  # also answer commands on NATS request/reply
     queue_group: str = "blackbird-hosts"

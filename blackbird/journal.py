@@ -108,6 +108,9 @@ class Entry(NamedTuple):
     commit: Commit
 
 
+_DIRECT_READS = 8  # commits read by direct gets before a catch-up switches to a consumer
+
+
 class Journal:
     """The JetStream-backed event log. Use ``async with Journal.open(nc, settings) as journal``."""
 
@@ -233,9 +236,21 @@ class Journal:
         subject = self.subjects.aggregate(key)
         if until_seq is None:
             until_seq = await self.last_seq_of(subject)
-        if until_seq <= after_seq:
-            return []
-        return [(e.seq, e.commit) for e in await self._collect(subject, after_seq, until_seq)]
+        out: list[tuple[int, Commit]] = []
+        # A few commits behind (a lost append race, a query's catch-up): get them one by one,
+        # a round trip each, instead of creating a consumer (several round trips). A host that
+        # lost a race is back with a fresh decision sooner, so it rarely loses the next one.
+        direct = self._settings.replicas == 1  # as in last_seq: read-your-writes on one copy
+        while after_seq < until_seq and len(out) < _DIRECT_READS:
+            msg = await self._js.get_msg(self.stream, seq=after_seq + 1, subject=subject, next=True, direct=direct)
+            seq = int(msg.seq or 0)
+            if not after_seq < seq <= until_seq:
+                break
+            out.append((seq, upcast(self._decode(msg.data or b""))))
+            after_seq = seq
+        if after_seq < until_seq:
+            out += [(e.seq, e.commit) for e in await self._collect(subject, after_seq, until_seq)]
+        return out
 
     # ------------------------------------------------------------------ reading
 

@@ -8,11 +8,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import msgspec
 import nats
+import numpy as np
 import pytest
 
-from actors.events import CacheRemoved, MemoryForgotten
+from actors.events import CacheRemoved, MemoryForgotten, MemoryRemembered
 from blackbird import (
     AsyncBlackbird,
     BlackbirdSDK,
@@ -455,3 +457,45 @@ async def test_scopes_beyond_the_row_budget_leave_memory_and_come_back_from_the_
         found = await bb.memory.recall("Anna's cats", session_id=a.session_id, scopes=["user"], k=4)
         assert {"Anna's cat is Miso.", "Anna's second cat is Tofu."} <= {m.text for m in found}
         assert len(found) == 4
+
+
+async def test_a_killed_server_keeps_every_acknowledged_memory(nats_server: NatsServer, tmp_path: Path) -> None:
+    facts = [f"Locker {i} holds the spare {thing}." for i, thing in enumerate(["keys", "badge", "laptop", "charger", "umbrella"])]
+    async with AsyncBlackbird(nats_url=nats_server.url, tenant="acme", memory_dir=str(tmp_path / "m1")) as bb:
+        s = await bb.session_manager.create_session("u1", tier="pro")
+        written = {(await bb.memory.remember(f, session_id=s.session_id)).memory_id: f for f in facts}
+    nats_server.kill()  # SIGKILL: no graceful flush
+    nats_server.start()
+    # a fresh index folder: everything it holds comes from the log that survived the kill
+    async with AsyncBlackbird(nats_url=nats_server.url, tenant="acme", memory_dir=str(tmp_path / "m2")) as bb:
+        found = await bb.memory.recall("spare", session_id=s.session_id, k=10)
+        assert {m.memory_id: m.text for m in found} == written
+        storage = await bb.session_manager.get_quota(s.session_id, "storage")
+        assert storage["used"] == sum(len(f.encode()) for f in facts)
+
+
+async def test_two_hosts_writing_one_scope_at_once_lose_and_double_nothing(nats_server: NatsServer, tmp_path: Path) -> None:
+    async with (
+        AsyncBlackbird(nats_url=nats_server.url, tenant="acme", memory_dir=str(tmp_path / "a")) as first,
+        AsyncBlackbird(nats_url=nats_server.url, tenant="acme", memory_dir=str(tmp_path / "b")) as second,
+    ):
+        s = await first.session_manager.create_session("u1", tier="enterprise")
+        rng = np.random.default_rng(3)
+        vectors = rng.normal(size=(60, 384)).astype(np.float32)  # far apart: no near-duplicates
+
+        async def write(client: AsyncBlackbird, start: int) -> None:
+            for i in range(start, start + 30):
+                await client.memory.remember(f"note {i}", session_id=s.session_id, vector=vectors[i])
+
+        async with anyio.create_task_group() as tg:  # both hosts race on the scope's aggregate
+            tg.start_soon(write, first, 0)
+            tg.start_soon(write, second, 30)
+        last = await first.journal.stream_last_seq()
+        for client in (first, second):
+            # a client reads its own writes at once, the other's once its index has them
+            assert await client.memory.index.wait_for(last, timeout=10)
+            found = await client.memory.recall("note", session_id=s.session_id, scopes=["user"], k=100)
+            assert sorted(m.text for m in found) == sorted(f"note {i}" for i in range(60))
+        commits = [e async for e in first.journal.entries("bb.acme.memory.user:u1")]
+        remembered = [ev for e in commits for a in e.commit.commands for ev in a.events if isinstance(ev, MemoryRemembered)]
+        assert len(remembered) == 60  # each write appended once, none lost to a conflict

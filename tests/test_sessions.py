@@ -358,3 +358,24 @@ async def test_a_refusal_inside_a_batch_does_not_block_the_others(bb: AsyncBlack
     assert kinds.count("SessionTerminated") == 1 and kinds[-1] == "SessionTerminated"
     ok_touches = sum(1 for o in outcomes if o.startswith("touch") and o.endswith(":ok"))
     assert ok_touches == kinds.count("SessionTouched")
+
+
+async def test_reading_an_aggregate_returns_its_commits_in_order_however_far_behind(bb: AsyncBlackbird) -> None:
+    """Direct gets for the first few commits, an ordered consumer for the rest: the same list."""
+    from actors.events import Applied, Commit, SessionTouched
+
+    key, other = AggregateKey("acme", "session", "r1"), AggregateKey("acme", "session", "r2")
+    seqs: list[int] = []
+    last = {key: 0, other: 0}
+    for i in range(20):  # interleaved with another aggregate's commits
+        for k in (key, other):
+            commit = Commit(at=float(i), version=i + 1, commands=(Applied(new_id(), "t", (SessionTouched(at=float(i), operation=k.id),)),))
+            result = await bb.journal.append(k, commit, expected_seq=last[k], msg_id=commit.commands[0].command_id)
+            last[k] = result.seq
+            if k == key:
+                seqs.append(result.seq)
+    for after in (0, seqs[4], seqs[-3], seqs[-1]):
+        read = await bb.journal.read(key, after)
+        assert [seq for seq, _ in read] == [s for s in seqs if s > after]
+        assert [c.version for _, c in read] == [seqs.index(s) + 1 for s in seqs if s > after]
+    assert [s for s, _ in await bb.journal.read(key, 0, seqs[9])] == seqs[:10]  # up to a bound
