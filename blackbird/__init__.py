@@ -14,6 +14,7 @@ from blackbird._audit import Auditor, AuditReport
 from blackbird._client import AsyncBlackbird
 from blackbird._memory import AsyncMemory
 from blackbird._sessions import AsyncSessionManager
+from blackbird._streams import AsyncStreams, StreamEvent, Subscription
 from blackbird._sync import BlackbirdSDK, SessionManager
 from blackbird.config import Settings
 from blackbird.errors import (
@@ -47,6 +48,7 @@ __all__ = [
     "AsyncBlackbird",
     "AsyncMemory",
     "AsyncSessionManager",
+    "AsyncStreams",
     "AuditReport",
     "Auditor",
     "BlackbirdError",
@@ -78,6 +80,8 @@ __all__ = [
     "SessionNotFoundError",
     "SessionStatus",
     "Settings",
+    "StreamEvent",
+    "Subscription",
     "UsageRecord",
     "ValidationError",
 ]

@@ -155,7 +155,35 @@ def _run(func: Callable[[], Awaitable[int]]) -> int:
 # --------------------------------------------------------------------------- serve
 
 
-def _announce(bb: AsyncBlackbird) -> None:
+def _host_port(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT (e.g. 127.0.0.1:8080), got {value!r}")
+    return host, int(port)
+
+
+def _http_tokens(args: argparse.Namespace) -> dict[str, str]:
+    from blackbird._http import load_tokens
+
+    if args.http_tokens is not None:
+        try:
+            raw, where = Path(args.http_tokens).read_text("utf-8"), "--http-tokens"
+        except OSError as exc:
+            raise CliError(f"--http-tokens: cannot read {args.http_tokens} ({exc.strerror})", EXIT_USAGE) from None
+    else:
+        raw, where = os.environ.get("BLACKBIRD_HTTP_TOKENS", ""), "BLACKBIRD_HTTP_TOKENS"
+    if not raw.strip():
+        raise CliError(
+            "--http needs bearer tokens (tenants are walls): --http-tokens FILE or "
+            'BLACKBIRD_HTTP_TOKENS, JSON {"<token>": "<tenant>"}', EXIT_USAGE,
+        )
+    try:
+        return load_tokens(raw, where)
+    except ValidationError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+
+
+def _announce(bb: AsyncBlackbird, http: tuple[str, int] | None = None) -> None:
     subjects = bb.journal.subjects
     url = bb.nats_url
     command_pattern = f"{subjects.command_prefix}.<tenant>.<session_id>"
@@ -173,6 +201,11 @@ def _announce(bb: AsyncBlackbird) -> None:
     _out(f"  events:      {events}  (JetStream stream {bb.journal.stream})")
     _out(f"  data folder: {store}")
     _out(f"  tenant:      {bb.settings.tenant}  (default; a command's subject names its tenant)")
+    if http is not None:
+        _out(
+            f"  streams:     http://{http[0]}:{http[1]}/v1/sessions/<session_id>/events  "
+            "(SSE; Authorization: Bearer <a tenant's token>; resume with Last-Event-ID)"
+        )
     _out(f"  try:         blackbird session create --user-id u1 --nats-url {url}")
     _out("  stop:        Ctrl-C or SIGTERM")
     _out(f"blackbird ready nats_url={url} commands={subjects.command_wildcard} pid={os.getpid()}")
@@ -215,8 +248,18 @@ async def _serve(args: argparse.Namespace) -> int:
                         started = True
                         if not args.default_gc:
                             tune_gc_for_serving()
-                        _announce(bb)
-                        await stop.wait()
+                        async with anyio.create_task_group() as web:
+                            server = None
+                            if args.http is not None:
+                                from blackbird._http import http_server, sse_app
+
+                                host, port = args.http
+                                server = http_server(sse_app(bb, args.http_tokens), host, port)
+                                web.start_soon(server.serve)
+                            _announce(bb, args.http)
+                            await stop.wait()
+                            if server is not None:
+                                server.should_exit = True
             finally:
                 tg.cancel_scope.cancel()
     if lifetime.cancelled_caught and not stop.is_set():
@@ -230,6 +273,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     _configure_logging(args.log_level, "info")
+    args.http_tokens = _http_tokens(args) if args.http is not None else {}
     return _run(lambda: _serve(args))
 
 
@@ -425,6 +469,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--default-gc", action="store_true",
         help="keep CPython's default garbage-collector thresholds (by default a host freezes its "
         "start-up objects and collects less often: about 20%% more commands per second)",
+    )
+    serve.add_argument(
+        "--http", type=_host_port, metavar="HOST:PORT",
+        help="also serve session streams as Server-Sent Events on this address "
+        "(needs tokens: --http-tokens or BLACKBIRD_HTTP_TOKENS)",
+    )
+    serve.add_argument(
+        "--http-tokens", metavar="FILE",
+        help='JSON file {"<token>": "<tenant>", ...}: each bearer token reads one tenant\'s streams '
+        "(default: the JSON in BLACKBIRD_HTTP_TOKENS)",
     )
     serve.set_defaults(func=_cmd_serve)
 

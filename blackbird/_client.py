@@ -34,6 +34,7 @@ from blackbird._projections import MemoryCheckpoints, NatsCheckpoints, Projectio
 from blackbird._server import EmbeddedServer
 from blackbird._service import CommandService
 from blackbird._sessions import AsyncSessionManager
+from blackbird._streams import AsyncStreams
 from blackbird._tenants import TenantDirectory
 from blackbird.config import Settings, build_settings
 from blackbird.errors import ClosedError, EmbeddedServerError, ValidationError, field_of
@@ -112,6 +113,7 @@ class AsyncBlackbird:
         self._auditor: Auditor | None = None
         self._projections: Projections | None = None
         self._memory: AsyncMemory | None = None
+        self._streams: AsyncStreams | None = None
         self.data_dir: Path | None = None
         self.nats_url: str | None = self.settings.nats_url
 
@@ -153,6 +155,13 @@ class AsyncBlackbird:
         if self._memory is None:
             raise ClosedError("AsyncBlackbird is not open; use `async with AsyncBlackbird(...)`")
         return self._memory
+
+    @property
+    def streams(self) -> AsyncStreams:
+        """Session streams: subscribe to a session's channel messages, resumable by event id."""
+        if self._streams is None:
+            raise ClosedError("AsyncBlackbird is not open; use `async with AsyncBlackbird(...)`")
+        return self._streams
 
     @property
     def host(self) -> ActorHost | None:
@@ -252,6 +261,7 @@ class AsyncBlackbird:
             projections=projections, analytics_k=s.analytics_k, clock=self._clock,
         )
         self._auditor = Auditor(journal, book, s.tenant, projections=self._projections)
+        self._streams = AsyncStreams(self._session_manager, journal)
         # Memory: its actors here (OCC keeps each scope single-writer across processes), its
         # LanceDB index beside the data (or in a temporary folder: it is rebuilt from the log).
         keys = await UserKeys.open(journal.jetstream, replicas=s.replicas, create=not self.remote)
@@ -312,6 +322,7 @@ class AsyncBlackbird:
         """Stop hosting actors, flush the connection and stop the embedded server if we own it."""
         stack, self._stack = self._stack, None
         self._session_manager = None
+        self._streams = None
         if stack is not None:
             await stack.aclose()
             log.info("blackbird_closed")

@@ -22,6 +22,7 @@ from blackbird._audit import Auditor
 from blackbird._client import AsyncBlackbird
 from blackbird._memory import AsyncMemory
 from blackbird._sessions import AsyncSessionManager
+from blackbird._streams import AsyncStreams, StreamEvent, Subscription
 from blackbird.errors import ClosedError
 from blackbird.types import UsageRecord
 
@@ -111,6 +112,51 @@ class SyncAuditor(_SyncMirror, mirrors=Auditor):
         return self._target.tenant  # type: ignore[no-any-return]
 
 
+class SyncSubscription:
+    """The blocking side of a :class:`~blackbird._streams.Subscription`: ``for event in sub``
+    waits for each message; ``get(timeout)`` gives None when none came in time."""
+
+    def __init__(self, target: Subscription, portal: BlockingPortal) -> None:
+        self._target = target
+        self._portal = portal
+
+    @property
+    def backlog(self) -> int:
+        return self._target.backlog
+
+    @property
+    def coalesced(self) -> int:
+        return self._target.coalesced
+
+    def caught_up(self) -> None:
+        """Return once the history (the log as it was at subscription) has been read."""
+        self._portal.call(self._target.caught_up)
+
+    def get(self, timeout: float | None = None) -> StreamEvent | None:
+        """The next message, or None if none came within ``timeout`` seconds."""
+        return self._portal.call(self._target.get, timeout)
+
+    def __iter__(self) -> Iterator[StreamEvent]:
+        while True:
+            yield self._portal.call(self._target.__anext__)
+
+
+class Streams:
+    """Synchronous session streams: same as :class:`~blackbird._streams.AsyncStreams`."""
+
+    def __init__(self, target: AsyncStreams, portal: BlockingPortal) -> None:
+        self._target = target
+        self._portal = portal
+
+    @contextlib.contextmanager
+    def subscribe(self, session_id: str, **options: Any) -> Iterator[SyncSubscription]:
+        """``with sdk.streams.subscribe(session_id) as messages: for m in messages``; the
+        options are those of :meth:`AsyncStreams.subscribe`."""
+        manager = self._portal.wrap_async_context_manager(self._target.subscribe(session_id, **options))
+        with manager as subscription:
+            yield SyncSubscription(subscription, self._portal)
+
+
 class BlackbirdSDK:
     """Synchronous Blackbird client. Same constructor as :class:`AsyncBlackbird`.
 
@@ -167,6 +213,13 @@ class BlackbirdSDK:
         if self._portal is None:
             raise ClosedError("BlackbirdSDK is closed")
         return Memory(self._client.memory, self._portal)
+
+    @property
+    def streams(self) -> Streams:
+        """Session streams: subscribe to a session's channel messages (blocking iteration)."""
+        if self._portal is None:
+            raise ClosedError("BlackbirdSDK is closed")
+        return Streams(self._client.streams, self._portal)
 
     @property
     def audit(self) -> SyncAuditor:

@@ -1,0 +1,223 @@
+"""Session streams: a session's channel messages, replayed from the log and then followed live.
+
+A message posted on a session's channel (``send_message``: chat, progress, notification, ...)
+is a ``MessagePosted`` event in the log, so a subscriber replays what it missed and goes on
+live. Every message has an id, ``"<stream sequence>-<index>"`` (its commit's sequence and its
+place among that commit's messages): a subscriber that resumes ``after`` the last id it saw
+gets every later message once, in order, with nothing lost or repeated — across disconnects,
+client restarts and server restarts alike. The id is what an SSE client sends back as
+``Last-Event-ID`` (see :mod:`blackbird._http`).
+
+Backpressure: a slow reader holds at most ``max_pending`` messages in memory; beyond that the
+log waits on the server (JetStream flow control), nothing is dropped. Messages on a coalescing
+channel (``progress`` by default) that the reader has not taken yet are replaced by the newer
+one of the same channel, so a reader that falls behind gets the latest progress instead of every
+step, and the chat and notification messages behind it arrive sooner. Nothing is reordered, so
+ids stay increasing and resuming stays exact.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import re
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import anyio
+import anyio.abc
+import msgspec
+import structlog
+
+from actors.events import MessagePosted
+from blackbird._errors_group import single_error
+from blackbird._validate import invalid
+from blackbird.errors import SessionNotFoundError
+from blackbird.journal import Journal
+from blackbird.subjects import validate_token
+
+log = structlog.get_logger("blackbird.streams")
+
+COALESCE = ("progress",)
+_ID = re.compile(r"^(\d+)-(\d+)$")
+
+
+class StreamEvent(msgspec.Struct, frozen=True):
+    """One message of a session's stream."""
+
+    id: str  # "<sequence>-<index>": pass it back as ``after`` (or SSE Last-Event-ID) to resume
+    sequence: int  # stream sequence of the commit that holds it
+    index: int  # its place among that commit's messages
+    tenant: str
+    session_id: str
+    channel: str
+    text: str
+    metadata: dict[str, Any]
+    at: float
+
+
+def parse_event_id(value: Any, field: str = "after") -> tuple[int, int]:
+    """``after`` as (sequence, index): the position just past it. None or "" is the start;
+    an int is a whole commit's sequence (everything after that commit)."""
+    if value is None or value == "":
+        return (0, -1)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return (value, 1 << 62)
+    if isinstance(value, str):
+        match = _ID.match(value.strip())
+        if match:
+            return (int(match.group(1)), int(match.group(2)))
+    raise invalid(field, 'an event id "<sequence>-<index>" (as a stream gave it) or a sequence', repr(value))
+
+
+class Subscription:
+    """The messages of one session, in order: ``async for event in subscription``.
+
+    Made by :meth:`AsyncStreams.subscribe` (an ``async with``, which owns the task that reads
+    the log). ``backlog`` is how many messages wait for the reader; ``coalesced`` how many were
+    replaced by a newer one of their channel; :meth:`caught_up` waits until every message that
+    was in the log when the subscription started has been read from it.
+    """
+
+    def __init__(self, max_pending: int, coalesce: Sequence[str], until: int) -> None:
+        self._pending: collections.deque[StreamEvent] = collections.deque()
+        self._max_pending = max_pending
+        self._coalesce = frozenset(coalesce)
+        self._until = until  # the log's last sequence when subscribing
+        self._caught_up = anyio.Event()
+        self._changed = anyio.Event()
+        self._failure: BaseException | None = None
+        self.coalesced = 0
+
+    @property
+    def backlog(self) -> int:
+        return len(self._pending)
+
+    async def caught_up(self) -> None:
+        """Return once the history (the log as it was at subscription) has been read."""
+        await self._caught_up.wait()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def _put(self, event: StreamEvent) -> None:
+        if event.channel in self._coalesce:
+            for i, waiting in enumerate(self._pending):
+                if waiting.channel == event.channel:
+                    del self._pending[i]
+                    self.coalesced += 1
+                    break
+        while len(self._pending) >= self._max_pending:
+            changed = self._changed
+            await changed.wait()
+        self._pending.append(event)
+        self._wake()
+
+    def _reached(self, seq: int) -> None:
+        if seq >= self._until:
+            self._caught_up.set()
+
+    def _fail(self, exc: BaseException) -> None:
+        self._failure = exc
+        self._wake()
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def get(self, timeout: float | None = None) -> StreamEvent | None:
+        """The next message, or None if none came within ``timeout`` seconds."""
+        with anyio.move_on_after(timeout):
+            return await self.__anext__()
+        return None
+
+    async def __anext__(self) -> StreamEvent:
+        while not self._pending:
+            if self._failure is not None:
+                raise self._failure
+            changed = self._changed
+            await changed.wait()
+        event = self._pending.popleft()
+        self._wake()
+        return event
+
+
+class AsyncStreams:
+    """``.streams`` on AsyncBlackbird: subscribe to a session's channel messages."""
+
+    def __init__(self, sessions: Any, journal: Journal) -> None:
+        self._sessions = sessions  # AsyncSessionManager
+        self._journal = journal
+
+    @contextlib.asynccontextmanager
+    async def subscribe(
+        self,
+        session_id: str,
+        *,
+        channels: Sequence[str] | None = None,
+        after: str | int | None = None,
+        tenant: str | None = None,
+        max_pending: int = 1000,
+        coalesce: Sequence[str] = COALESCE,
+    ) -> AsyncIterator[Subscription]:
+        """``async with streams.subscribe(session_id) as messages: async for m in messages``.
+
+        Every message of the session (or of ``channels``) after ``after`` (an event id this
+        stream gave, or a commit sequence; default: from the start), then live ones as they are
+        posted. Scoped to the tenant: a session of another tenant is unknown
+        (SessionNotFoundError). Raises ValidationError for a malformed ``after``, channel or
+        ``max_pending``."""
+        start, index = parse_event_id(after)
+        wanted = None if channels is None else check_channels(channels)
+        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
+            raise invalid("max_pending", "an int >= 1", repr(max_pending))
+        for channel in coalesce:
+            validate_token(channel, "coalesce")
+        session = await self._sessions.get_session(session_id, tenant=tenant)
+        if session is None:
+            raise SessionNotFoundError(f"session {session_id!r} not found", session_id=session_id)
+        subject = self._journal.subjects.session(session.tenant, session.session_id)
+        until = await self._journal.last_seq_of(subject)
+        subscription = Subscription(max_pending, coalesce, until)
+        if until <= start:  # nothing of the history is due
+            subscription._caught_up.set()
+        bound = log.bind(tenant=session.tenant, session_id=session.session_id)
+
+        async def read() -> None:
+            try:
+                # the commit holding ``after`` is read again: its later messages are still due
+                first = start - 1 if index < (1 << 62) and start > 0 else start
+                async for entry in self._journal.follow(subject, first):
+                    position = 0
+                    for applied in entry.commit.commands:
+                        for event in applied.events:
+                            if not isinstance(event, MessagePosted):
+                                continue
+                            if (entry.seq, position) > (start, index) and (wanted is None or event.channel in wanted):
+                                await subscription._put(StreamEvent(
+                                    id=f"{entry.seq}-{position}", sequence=entry.seq, index=position,
+                                    tenant=session.tenant, session_id=session.session_id,
+                                    channel=event.channel, text=event.text,
+                                    metadata=dict(event.metadata), at=event.at,
+                                ))
+                            position += 1
+                    subscription._reached(entry.seq)
+            except Exception as exc:  # the reader gets it on its next message
+                bound.warning("stream_failed", error=repr(exc))
+                subscription._fail(exc)
+
+        bound.debug("stream_subscribed", after=after, channels=wanted and sorted(wanted))
+        with single_error():  # the caller's own error leaves its ``async with`` as itself
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(read)
+                try:
+                    yield subscription
+                finally:
+                    tg.cancel_scope.cancel()
+
+
+def check_channels(channels: Any) -> frozenset[str]:
+    """The channel names, each a valid token; ValidationError naming ``channels``."""
+    if isinstance(channels, str) or not isinstance(channels, Sequence) or not channels:
+        raise invalid("channels", "a non-empty list of channel names", repr(channels))
+    return frozenset(validate_token(c, "channels") for c in channels)
