@@ -33,7 +33,7 @@ from actors.events import MessagePosted
 from blackbird._errors_group import single_error
 from blackbird._validate import invalid
 from blackbird.errors import SessionNotFoundError
-from blackbird.journal import Journal
+from blackbird.journal import Entry, Journal
 from blackbird.subjects import validate_token
 
 log = structlog.get_logger("blackbird.streams")
@@ -85,7 +85,10 @@ class Subscription:
         self._coalesce = frozenset(coalesce)
         self._until = until  # the log's last sequence when subscribing
         self._caught_up = anyio.Event()
-        self._changed = anyio.Event()
+        # set when the other side may go on; made only when someone waits (one per message
+        # would cost more than the rest of a message's way through)
+        self._reader: anyio.Event | None = None
+        self._writer: anyio.Event | None = None
         self._failure: BaseException | None = None
         self.coalesced = 0
 
@@ -97,10 +100,6 @@ class Subscription:
         """Return once the history (the log as it was at subscription) has been read."""
         await self._caught_up.wait()
 
-    def _wake(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
-
     async def _put(self, event: StreamEvent) -> None:
         if event.channel in self._coalesce:
             for i, waiting in enumerate(self._pending):
@@ -109,10 +108,12 @@ class Subscription:
                     self.coalesced += 1
                     break
         while len(self._pending) >= self._max_pending:
-            changed = self._changed
-            await changed.wait()
+            self._writer = anyio.Event()
+            await self._writer.wait()
         self._pending.append(event)
-        self._wake()
+        if self._reader is not None:
+            self._reader.set()
+            self._reader = None
 
     def _reached(self, seq: int) -> None:
         if seq >= self._until:
@@ -120,7 +121,8 @@ class Subscription:
 
     def _fail(self, exc: BaseException) -> None:
         self._failure = exc
-        self._wake()
+        if self._reader is not None:
+            self._reader.set()
 
     def __aiter__(self) -> Subscription:
         return self
@@ -135,10 +137,12 @@ class Subscription:
         while not self._pending:
             if self._failure is not None:
                 raise self._failure
-            changed = self._changed
-            await changed.wait()
+            self._reader = anyio.Event()
+            await self._reader.wait()
         event = self._pending.popleft()
-        self._wake()
+        if self._writer is not None:
+            self._writer.set()
+            self._writer = None
         return event
 
 
@@ -183,25 +187,27 @@ class AsyncStreams:
             subscription._caught_up.set()
         bound = log.bind(tenant=session.tenant, session_id=session.session_id)
 
+        async def on_entry(entry: Entry) -> None:
+            position = 0
+            for applied in entry.commit.commands:
+                for event in applied.events:
+                    if not isinstance(event, MessagePosted):
+                        continue
+                    if (entry.seq, position) > (start, index) and (wanted is None or event.channel in wanted):
+                        await subscription._put(StreamEvent(
+                            id=f"{entry.seq}-{position}", sequence=entry.seq, index=position,
+                            tenant=session.tenant, session_id=session.session_id,
+                            channel=event.channel, text=event.text,
+                            metadata=dict(event.metadata), at=event.at,
+                        ))
+                    position += 1
+            subscription._reached(entry.seq)
+
         async def read() -> None:
+            # the commit holding ``after`` is read again: its later messages are still due
+            first = start - 1 if index < (1 << 62) and start > 0 else start
             try:
-                # the commit holding ``after`` is read again: its later messages are still due
-                first = start - 1 if index < (1 << 62) and start > 0 else start
-                async for entry in self._journal.follow(subject, first):
-                    position = 0
-                    for applied in entry.commit.commands:
-                        for event in applied.events:
-                            if not isinstance(event, MessagePosted):
-                                continue
-                            if (entry.seq, position) > (start, index) and (wanted is None or event.channel in wanted):
-                                await subscription._put(StreamEvent(
-                                    id=f"{entry.seq}-{position}", sequence=entry.seq, index=position,
-                                    tenant=session.tenant, session_id=session.session_id,
-                                    channel=event.channel, text=event.text,
-                                    metadata=dict(event.metadata), at=event.at,
-                                ))
-                            position += 1
-                    subscription._reached(entry.seq)
+                await self._journal.follow_with(subject, first, on_entry)
             except Exception as exc:  # the reader gets it on its next message
                 bound.warning("stream_failed", error=repr(exc))
                 subscription._fail(exc)

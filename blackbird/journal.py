@@ -296,6 +296,35 @@ class Journal:
                 await sub.unsubscribe()
             send.close()
 
+    async def follow_with(
+        self, subject_filter: str, after_seq: int, on_entry: Callable[[Entry], Awaitable[None]]
+    ) -> None:
+        """Like :meth:`follow`, but each commit is decoded and handed to ``on_entry`` (awaited,
+        in order) from the delivery callback itself: no hand-off to another task per commit.
+        Runs until cancelled; an error ``on_entry`` raises ends it with that error. While
+        ``on_entry`` waits, delivery waits (JetStream flow control holds the rest)."""
+        failed: list[BaseException] = []
+        stop = anyio.Event()
+
+        async def deliver(msg: Msg) -> None:
+            if stop.is_set():
+                return
+            try:
+                seq = msg.metadata.sequence.stream
+                await on_entry(Entry(seq, msg.subject, upcast(self._decode(msg.data))))
+            except Exception as exc:  # handed to the following task, not to nats-py
+                failed.append(exc)
+                stop.set()
+
+        sub = await self._subscribe_ordered(subject_filter, after_seq, deliver)
+        try:
+            await stop.wait()
+        finally:
+            stop.set()
+            with anyio.CancelScope(shield=True):
+                await sub.unsubscribe()
+        raise failed[0]
+
     async def replay(
         self,
         subject_filter: str,

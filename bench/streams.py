@@ -1,0 +1,240 @@
+"""Benchmark: session streams (replay, live delivery, SSE) vs. raw nats-py on the same subject.
+
+Run as ``python bench/streams.py [--quick] [--profile FILE] [--default-gc]``.
+
+It starts its own nats-server (``blackbird._server.EmbeddedServer`` on a temporary data dir,
+default fsync mode), posts N chat messages to one session with ``send_message`` (one durable
+commit each, one after the other: ``--quick`` 5,000, else 30,000), and measures
+
+1. replay: ``bb.streams.subscribe(session_id)`` from the start until all N messages came out
+   (decoded commits, ``StreamEvent`` each), next to a raw nats-py ordered consumer reading the
+   same subject in the same run (a callback per message, counting; the payload not decoded).
+   ``ratio_vs_raw`` = our messages/s ÷ raw messages/s;
+2. resume: a subscription ``after`` the id of the message in the middle, until the last one:
+   time to the first message and messages/s;
+3. live latency: ``send_message`` called -> the subscriber holding the message (the durable
+   append included), one at a time, p50/p99, and how long after the append's acknowledgement;
+4. SSE: the same replay over HTTP (``blackbird._http`` on uvicorn, read with httpx, SSE parsed),
+   messages/s.
+
+A human-readable table goes to stdout; the very last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("BLACKBIRD_LOG_LEVEL", "warning")
+
+if __package__ in (None, ""):  # run as ``python bench/streams.py``: make ``bench`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import anyio
+import nats
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from bench.commands import FSYNC, GC_MODE, percentile, row, run_cli
+from blackbird import AsyncBlackbird
+from blackbird._server import EmbeddedServer
+
+TENANT = "bench"
+TOKEN = "bench-stream-token-0001"
+
+
+@dataclass(frozen=True)
+class Config:
+    quick: bool
+    messages: int
+    live: int
+
+
+def make_config(quick: bool) -> Config:
+    return Config(quick=True, messages=5_000, live=200) if quick else Config(quick=False, messages=30_000, live=1_000)
+
+
+def load_average() -> str:
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+async def raw_replay(url: str, stream: str, subject: str, n: int) -> float:
+    """Seconds for a raw nats-py ordered consumer to receive ``n`` messages of ``subject``."""
+    nc = await nats.connect(url, name="bench-raw")
+    try:
+        js = nc.jetstream()
+        done = anyio.Event()
+        count = 0
+
+        async def cb(msg: Any) -> None:
+            nonlocal count
+            count += 1
+            if count >= n:
+                done.set()
+
+        started = time.perf_counter()
+        sub = await js.subscribe(
+            subject, stream=stream, cb=cb, ordered_consumer=True,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+        )
+        await done.wait()
+        elapsed = time.perf_counter() - started
+        await sub.unsubscribe()
+        return elapsed
+    finally:
+        await nc.close()
+
+
+async def sse_replay(bb: AsyncBlackbird, session_id: str, n: int) -> float:
+    """Seconds to read ``n`` messages of the session over SSE (uvicorn + httpx)."""
+    import httpx
+
+    from blackbird._http import http_server, sse_app
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    server = http_server(sse_app(bb, {TOKEN: TENANT}), "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1/sessions/{session_id}/events"
+    got = 0
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: server.serve(sockets=[sock]))
+        try:
+            async with httpx.AsyncClient(timeout=60) as http:
+                started = time.perf_counter()
+                async with http.stream("GET", url, headers={"Authorization": f"Bearer {TOKEN}"}) as response:
+                    async for line in response.aiter_lines():
+                        got += line.startswith("data: ")
+                        if got == n:
+                            break
+                elapsed = time.perf_counter() - started
+        finally:
+            server.should_exit = True
+    if got != n:
+        raise RuntimeError(f"the SSE stream ended after {got} of {n} events")
+    return elapsed
+
+
+async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    load_start = load_average()
+    result: dict[str, Any] = {"bench": "streams"}
+    with tempfile.TemporaryDirectory(prefix="bb-bench-") as tmp:
+        async with EmbeddedServer(Path(tmp)) as server:
+            url = server.url
+            print(f"nats-server {url} (embedded), fsync: {FSYNC}")
+            print(f"mode: {'quick' if cfg.quick else 'full'}; python {sys.version.split()[0]}; "
+                  f"{os.cpu_count()} cpus; load average {load_start} (other processes skew every "
+                  f"figure); gc: {GC_MODE[0]}")
+            print()
+            row("measurement", "value", "detail")
+            row("-" * 44, "-" * 16, "-" * 40)
+            async with AsyncBlackbird(nats_url=url, tenant=TENANT) as bb:
+                s = await bb.session_manager.create_session("bench-user", tier="enterprise")
+                sid = s.session_id
+                started = time.perf_counter()
+                for i in range(cfg.messages):
+                    await bb.send_message(f"message number {i} of the benchmark", session_id=sid)
+                post_s = time.perf_counter() - started
+                row(f"post {cfg.messages:,} messages", f"{cfg.messages / post_s:,.0f} msg/s",
+                    "send_message one after the other: a durable commit each")
+                subject = bb.journal.subjects.session(TENANT, sid)
+
+                # 1. replay vs raw
+                raw_s = await raw_replay(url, bb.journal.stream, subject, cfg.messages + 1)
+                raw_rate = (cfg.messages + 1) / raw_s
+                row("raw nats-py ordered consumer", f"{raw_rate:,.0f} msg/s",
+                    f"{cfg.messages + 1:,} messages of the session's subject, a callback each, not decoded")
+                profiler = cProfile.Profile() if profile_path else None
+                if profiler:
+                    profiler.enable()
+                started = time.perf_counter()
+                async with bb.streams.subscribe(sid, coalesce=()) as stream:
+                    for _ in range(cfg.messages):
+                        await stream.__anext__()
+                replay_s = time.perf_counter() - started
+                if profiler and profile_path:
+                    profiler.disable()
+                    profiler.dump_stats(profile_path)
+                replay_rate = cfg.messages / replay_s
+                ratio = replay_rate / raw_rate
+                row("streams.subscribe replay", f"{replay_rate:,.0f} msg/s",
+                    f"{cfg.messages:,} StreamEvents from the start (commits decoded); ratio to raw {ratio:.2f}")
+
+                # 2. resume from the middle
+                async with bb.streams.subscribe(sid, coalesce=()) as stream:
+                    middle = None
+                    for i in range(cfg.messages // 2):
+                        middle = await stream.__anext__()
+                assert middle is not None
+                started = time.perf_counter()
+                async with bb.streams.subscribe(sid, after=middle.id, coalesce=()) as stream:
+                    await stream.__anext__()
+                    first_s = time.perf_counter() - started
+                    for _ in range(cfg.messages - cfg.messages // 2 - 1):
+                        await stream.__anext__()
+                resume_s = time.perf_counter() - started
+                resumed = cfg.messages - cfg.messages // 2
+                row("resume after the middle id", f"{first_s * 1000:.2f} ms",
+                    f"to the first message; then {resumed / resume_s:,.0f} msg/s for {resumed:,} messages")
+
+                # 3. live latency
+                latencies: list[float] = []
+                after_ack: list[float] = []
+                async with bb.streams.subscribe(sid, after=f"{await bb.journal.last_seq_of(subject)}-0") as stream:
+                    for i in range(cfg.live):
+                        sent = time.perf_counter()
+                        await bb.send_message(f"live {i}", session_id=sid)
+                        acked = time.perf_counter()
+                        await stream.__anext__()
+                        received = time.perf_counter()
+                        latencies.append(received - sent)
+                        after_ack.append(received - acked)
+                latencies.sort()
+                live_p50, live_p99 = percentile(latencies, 0.5) * 1000, percentile(latencies, 0.99) * 1000
+                ack_p50 = statistics.median(after_ack) * 1000
+                row("live: send_message called -> received", f"p50 {live_p50:.2f} ms",
+                    f"p99 {live_p99:.2f} ms (the durable append included); {cfg.live} messages one at "
+                    f"a time; after the append's ack the subscriber had it within {ack_p50:.2f} ms (p50)")
+
+                # 4. SSE replay
+                sse_s = await sse_replay(bb, sid, cfg.messages)
+                sse_rate = cfg.messages / sse_s
+                row("SSE replay over HTTP (uvicorn, httpx)", f"{sse_rate:,.0f} msg/s",
+                    f"{cfg.messages:,} events from the start, parsed by the client")
+    total = time.perf_counter() - t_start
+    load_end = load_average()
+    row("total wall time", f"{total:.1f} s", f"load average now {load_end}")
+    result.update(
+        ratio_vs_raw=round(ratio, 4),
+        ratio_definition="streams.subscribe replay msg/s / raw nats-py ordered consumer msg/s, same subject, same run",
+        messages=cfg.messages,
+        post_msgs_per_s=round(cfg.messages / post_s, 1),
+        raw_msgs_per_s=round(raw_rate, 1),
+        replay_msgs_per_s=round(replay_rate, 1),
+        resume_first_ms=round(first_s * 1000, 3),
+        live_p50_ms=round(live_p50, 3),
+        live_p99_ms=round(live_p99, 3),
+        sse_msgs_per_s=round(sse_rate, 1),
+        live_after_ack_p50_ms=round(ack_p50, 3),
+        fsync=FSYNC,
+        gc=GC_MODE[0],
+        quick=cfg.quick,
+        load_average={"start": load_start, "end": load_end},
+    )
+    return result
+
+
+def cli() -> None:
+    run_cli(__doc__, "cProfile the replay into FILE", make_config, main)
+
+
+if __name__ == "__main__":
+    cli()
