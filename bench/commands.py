@@ -87,6 +87,19 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[rank - 1]
 
 
+def load_average() -> str:
+    """The 1/5/15-minute load averages ("n/a" where the OS has none)."""
+    try:
+        return "/".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def run_context(quick: bool, load_start: str, load_end: str) -> dict[str, Any]:
+    """What every benchmark's JSON line says about how it ran."""
+    return {"fsync": FSYNC, "gc": GC_MODE[0], "quick": quick, "load_average": {"start": load_start, "end": load_end}}
+
+
 def row(name: str, value: str, detail: str = "") -> None:
     print(f"{name:<44} {value:>16}  {detail}", flush=True)
 

@@ -84,7 +84,17 @@ import anyio
 import lancedb
 import numpy as np
 
-from bench.commands import FSYNC, GC_MODE, CpuMeter, create_sessions, percentile, row, run_cli
+from bench.commands import (
+    FSYNC,
+    GC_MODE,
+    CpuMeter,
+    create_sessions,
+    load_average,
+    percentile,
+    row,
+    run_cli,
+    run_context,
+)
 from blackbird import AsyncBlackbird
 from blackbird._memory import DEFAULT_WEIGHTS, _PresentCandidates, _rank
 from blackbird._memory_index import _quote
@@ -270,11 +280,6 @@ def timed_sync(fn: Callable[[], Any], n: int, warmup: int = 2) -> list[float]:
     return out
 
 
-def load_average() -> str:
-    try:
-        return "/".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 async def writer_sessions(bb: AsyncBlackbird, tenant: str, users: list[str]) -> dict[str, str]:
@@ -836,10 +841,7 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
         sizes=list(cfg.sizes),
         sizes_note=None if max(cfg.sizes) >= 100_000 else
         f"--quick: largest size {max(cfg.sizes):,}, 100k does not load within a minute (run without --quick)",
-        fsync=FSYNC,
-        gc=GC_MODE[0],
-        quick=cfg.quick,
-        load_average={"start": load_start, "end": load_end},
+        **run_context(cfg.quick, load_start, load_end),
     )
     return result
 

@@ -59,9 +59,11 @@ from bench.commands import (
     GC_MODE,
     PhaseResult,
     create_sessions,
+    load_average,
     raw_baselines,
     row,
     run_cli,
+    run_context,
     run_phase,
 )
 from blackbird import AsyncBlackbird, RateLimitError
@@ -277,11 +279,6 @@ def pure_decide(policy: Policy, seconds: float) -> dict[str, Any]:
 # --------------------------------------------------------------------------- main
 
 
-def load_average() -> str:
-    try:
-        return "/".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 
@@ -393,10 +390,7 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
         p99_ms={k: round(p.p99_ms, 3) for k, p in all_phases.items()},
         payload_bytes=len(payload),
         denied_payload_bytes=len(denied_payload),
-        fsync=FSYNC,
-        gc=GC_MODE[0],
-        quick=cfg.quick,
-        load_average={"start": load_start, "end": load_end},
+        **run_context(cfg.quick, load_start, load_end),
     )
     return result
 

@@ -42,7 +42,7 @@ import anyio
 import nats
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from bench.commands import FSYNC, GC_MODE, percentile, row, run_cli
+from bench.commands import FSYNC, GC_MODE, load_average, percentile, row, run_cli, run_context
 from blackbird import AsyncBlackbird
 from blackbird._server import EmbeddedServer
 
@@ -61,8 +61,6 @@ def make_config(quick: bool) -> Config:
     return Config(quick=True, messages=5_000, live=200) if quick else Config(quick=False, messages=30_000, live=1_000)
 
 
-def load_average() -> str:
-    return "/".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 async def raw_replay(url: str, stream: str, subject: str, n: int) -> float:
@@ -224,10 +222,7 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
         live_p99_ms=round(live_p99, 3),
         sse_msgs_per_s=round(sse_rate, 1),
         live_after_ack_p50_ms=round(ack_p50, 3),
-        fsync=FSYNC,
-        gc=GC_MODE[0],
-        quick=cfg.quick,
-        load_average={"start": load_start, "end": load_end},
+        **run_context(cfg.quick, load_start, load_end),
     )
     return result
 
