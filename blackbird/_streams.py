@@ -40,6 +40,7 @@ log = structlog.get_logger("blackbird.streams")
 
 COALESCE = ("progress",)
 _ID = re.compile(r"^(\d+)-(\d+)$")
+_WHOLE_COMMIT = 1 << 62  # an index past every message of a commit
 
 
 class StreamEvent(msgspec.Struct, frozen=True):
@@ -62,7 +63,7 @@ def parse_event_id(value: Any, field: str = "after") -> tuple[int, int]:
     if value is None or value == "":
         return (0, -1)
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return (value, 1 << 62)
+        return (value, _WHOLE_COMMIT)
     if isinstance(value, str):
         match = _ID.match(value.strip())
         if match:
@@ -175,6 +176,8 @@ class AsyncStreams:
         wanted = None if channels is None else check_channels(channels)
         if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
             raise invalid("max_pending", "an int >= 1", repr(max_pending))
+        if isinstance(coalesce, str) or not isinstance(coalesce, Sequence):
+            raise invalid("coalesce", "a list of channel names (empty: keep every message)", repr(coalesce))
         for channel in coalesce:
             validate_token(channel, "coalesce")
         session = await self._sessions.get_session(session_id, tenant=tenant)
@@ -205,7 +208,7 @@ class AsyncStreams:
 
         async def read() -> None:
             # the commit holding ``after`` is read again: its later messages are still due
-            first = start - 1 if index < (1 << 62) and start > 0 else start
+            first = start - 1 if index < _WHOLE_COMMIT and start > 0 else start
             try:
                 await self._journal.follow_with(subject, first, on_entry)
             except Exception as exc:  # the reader gets it on its next message

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -379,3 +380,20 @@ async def test_reading_an_aggregate_returns_its_commits_in_order_however_far_beh
         assert [seq for seq, _ in read] == [s for s in seqs if s > after]
         assert [c.version for _, c in read] == [seqs.index(s) + 1 for s in seqs if s > after]
     assert [s for s, _ in await bb.journal.read(key, 0, seqs[9])] == seqs[:10]  # up to a bound
+
+
+async def test_follow_with_hands_commits_in_order_and_ends_with_the_handlers_error(bb: AsyncBlackbird) -> None:
+    s = await bb.session_manager.create_session("u1")
+    for _ in range(3):
+        await bb.session_manager.touch_session(s.session_id)
+    subject = bb.journal.subjects.session(s.tenant, s.session_id)
+    seen: list[int] = []
+
+    async def on_entry(entry: Any) -> None:
+        seen.append(entry.seq)
+        if len(seen) == 3:
+            raise LookupError("enough")
+
+    with pytest.raises(LookupError, match="enough"):
+        await bb.journal.follow_with(subject, 0, on_entry)
+    assert seen == sorted(seen) and len(seen) == 3

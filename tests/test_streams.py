@@ -134,7 +134,7 @@ async def test_tenants_are_walls_for_streams(nats_server: NatsServer) -> None:
     [
         ({"after": "garbage"}, "after"), ({"after": -3}, "after"), ({"after": "3-x"}, "after"),
         ({"channels": []}, "channels"), ({"channels": "chat"}, "channels"), ({"channels": ["a.b"]}, "channels"),
-        ({"max_pending": 0}, "max_pending"), ({"coalesce": ["*"]}, "coalesce"),
+        ({"max_pending": 0}, "max_pending"), ({"coalesce": ["*"]}, "coalesce"), ({"coalesce": "progress"}, "coalesce"),
     ],
 )
 async def test_bad_stream_input_gets_a_typed_error_naming_the_field(bb: AsyncBlackbird, options: dict[str, Any], field: str) -> None:
