@@ -313,8 +313,13 @@ class ActorHost:
         seq = 0
         raw = await self._snapshots.load(actor.key)
         if raw is not None:
-            snapshot = self._snapshot_decoder.decode(raw)
-            state, seq = snapshot.state, snapshot.seq
+            try:
+                snapshot = self._snapshot_decoder.decode(raw)
+                state, seq = snapshot.state, snapshot.seq
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                # a snapshot is only a shortcut (say, written by a version whose state had
+                # another shape): the log alone gives the same state
+                actor.log.warning("snapshot_unreadable", error=str(exc))
         actor.state, actor.seq = state, seq
         replayed = await self._catch_up(actor)
         actor.since_snapshot = replayed

@@ -158,6 +158,21 @@ async def test_snapshot_and_full_replay_give_the_same_session(nats_server: NatsS
         assert await bb.session_manager.get_session(s.session_id) == with_snapshot
 
 
+async def test_an_unreadable_snapshot_is_skipped_for_the_log(nats_server: NatsServer) -> None:
+    """A snapshot another version wrote in another shape must not lock an aggregate out."""
+    async with AsyncBlackbird(nats_url=nats_server.url, snapshot_every=4) as bb:
+        s = await bb.session_manager.create_session("u1")
+        for _ in range(10):
+            await bb.session_manager.touch_session(s.session_id)
+        expected = await bb.session_manager.get_session(s.session_id)
+        key = AggregateKey("default", "session", s.session_id)
+        await bb.journal.save(key, b"\x93not a snapshot of this shape")
+        assert bb.host is not None
+        bb.host.passivate_idle(0)
+        assert await bb.session_manager.get_session(s.session_id) == expected
+        await bb.session_manager.touch_session(s.session_id)  # and it takes commands again
+
+
 BAD_INPUTS = [
     ("user_id", {"user_id": ""}),
     ("user_id", {"user_id": 42}),
