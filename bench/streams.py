@@ -173,7 +173,7 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
                         middle = await stream.__anext__()
                 assert middle is not None
                 started = time.perf_counter()
-                async with bb.streams.subscribe(sid, after=middle.id, coalesce=()) as stream:
+                async with bb.streams.subscribe(sid, after=middle.resume, coalesce=()) as stream:
                     await stream.__anext__()
                     first_s = time.perf_counter() - started
                     for _ in range(cfg.messages - cfg.messages // 2 - 1):

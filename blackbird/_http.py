@@ -1,10 +1,10 @@
 """Session streams over HTTP as Server-Sent Events, for browsers and other non-NATS clients.
 
 ``GET /v1/sessions/{session_id}/events`` streams a session's channel messages
-(:mod:`blackbird._streams`): first what the log holds after the client's position, then live
-ones. Each SSE event carries ``id: <sequence>-<index>``, ``event: <channel>`` and ``data:`` the
+(:mod:`blackbird._streams`): first what the log holds that the client has not had, then live
+ones. Each SSE event carries ``id:`` its resume token, ``event: <channel>`` and ``data:`` the
 message as JSON; a client that reconnects sends the last id back as ``Last-Event-ID`` (browsers'
-EventSource do so by themselves) and gets every later message once, in order. ``?after=<id>``
+EventSource do so by themselves) and gets every message it has not had, once. ``?after=<token>``
 does the same explicitly, ``?channels=chat,progress`` filters. A comment line every
 ``heartbeat`` seconds keeps idle connections open through proxies.
 
@@ -40,7 +40,8 @@ def sse_app(bb: Any, tokens: Mapping[str, str], *, heartbeat: float = HEARTBEAT)
     from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
-    from blackbird._streams import check_channels, parse_event_id
+    from blackbird._backlog import parse_resume
+    from blackbird._streams import check_channels
 
     def error(status: int, exc: BlackbirdError | None, code: str, message: str) -> Response:
         fields = {} if exc is None else {k: v for k, v in exc.fields.items() if _jsonable(v)}
@@ -64,7 +65,7 @@ def sse_app(bb: Any, tokens: Mapping[str, str], *, heartbeat: float = HEARTBEAT)
         raw_channels = request.query_params.get("channels")
         channels = None if raw_channels is None else [c for c in raw_channels.split(",") if c]
         try:  # everything a stream could refuse is checked before the 200 goes out
-            parse_event_id(after, "after" if "last-event-id" not in request.headers else "Last-Event-ID")
+            parse_resume(after, "after" if "last-event-id" not in request.headers else "Last-Event-ID")
             if channels is not None:
                 check_channels(channels)
             session = await bb.session_manager.get_session(session_id, tenant=tenant)
@@ -84,7 +85,7 @@ def sse_app(bb: Any, tokens: Mapping[str, str], *, heartbeat: float = HEARTBEAT)
                         yield b": keep-alive\n\n"
                         continue
                     data = msgspec.json.encode(message).decode()
-                    yield f"id: {message.id}\nevent: {message.channel}\ndata: {data}\n\n".encode()
+                    yield f"id: {message.resume}\nevent: {message.channel}\ndata: {data}\n\n".encode()
 
         log.debug("sse_opened", tenant=tenant, session_id=session_id, after=after)
         return StreamingResponse(

@@ -3,24 +3,22 @@
 A message posted on a session's channel (``send_message``: chat, progress, notification, ...)
 is a ``MessagePosted`` event in the log, so a subscriber replays what it missed and goes on
 live. Every message has an id, ``"<stream sequence>-<index>"`` (its commit's sequence and its
-place among that commit's messages): a subscriber that resumes ``after`` the last id it saw
-gets every later message once, in order, with nothing lost or repeated — across disconnects,
-client restarts and server restarts alike. The id is what an SSE client sends back as
-``Last-Event-ID`` (see :mod:`blackbird._http`).
+place among that commit's messages), and comes with a resume token: a subscriber that resumes
+``after`` the token of the last message it took gets every message it has not had, once, with
+nothing lost or repeated — across disconnects, client restarts and server restarts alike. The
+token is what an SSE client sends back as ``Last-Event-ID`` (see :mod:`blackbird._http`).
 
 Backpressure: a slow reader holds at most ``max_pending`` messages in memory; beyond that the
-log waits on the server (JetStream flow control), nothing is dropped. Messages on a coalescing
-channel (``progress`` by default) that the reader has not taken yet are replaced by the newer
-one of the same channel, so a reader that falls behind gets the latest progress instead of every
-step, and the chat and notification messages behind it arrive sooner. Nothing is reordered, so
-ids stay increasing and resuming stays exact.
+log waits on the server (JetStream flow control), nothing is dropped. Among the messages
+waiting, critical ones (``notification`` by default) go first; a message of a coalescing channel
+(``progress`` by default) replaces the earlier one of its channel still waiting, so a reader that
+falls behind gets the latest progress instead of every step. The token accounts for both (see
+:mod:`blackbird._backlog`); a reader that keeps up gets every message in log order.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import re
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -30,6 +28,7 @@ import msgspec
 import structlog
 
 from actors.events import MessagePosted
+from blackbird._backlog import WHOLE_COMMIT, Backlog, Position, parse_resume
 from blackbird._errors_group import single_error
 from blackbird._validate import invalid
 from blackbird.errors import SessionNotFoundError
@@ -39,14 +38,13 @@ from blackbird.subjects import validate_token
 log = structlog.get_logger("blackbird.streams")
 
 COALESCE = ("progress",)
-_ID = re.compile(r"^(\d+)-(\d+)$")
-_WHOLE_COMMIT = 1 << 62  # an index past every message of a commit
+CRITICAL = ("notification",)
 
 
 class StreamEvent(msgspec.Struct, frozen=True):
     """One message of a session's stream."""
 
-    id: str  # "<sequence>-<index>": pass it back as ``after`` (or SSE Last-Event-ID) to resume
+    id: str  # "<sequence>-<index>": its position in the log
     sequence: int  # stream sequence of the commit that holds it
     index: int  # its place among that commit's messages
     tenant: str
@@ -55,20 +53,7 @@ class StreamEvent(msgspec.Struct, frozen=True):
     text: str
     metadata: dict[str, Any]
     at: float
-
-
-def parse_event_id(value: Any, field: str = "after") -> tuple[int, int]:
-    """``after`` as (sequence, index): the position just past it. None or "" is the start;
-    an int is a whole commit's sequence (everything after that commit)."""
-    if value is None or value == "":
-        return (0, -1)
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return (value, _WHOLE_COMMIT)
-    if isinstance(value, str):
-        match = _ID.match(value.strip())
-        if match:
-            return (int(match.group(1)), int(match.group(2)))
-    raise invalid(field, 'an event id "<sequence>-<index>" (as a stream gave it) or a sequence', repr(value))
+    resume: str = ""  # pass it back as ``after`` (or SSE Last-Event-ID) to go on after this one
 
 
 class Subscription:
@@ -80,10 +65,9 @@ class Subscription:
     was in the log when the subscription started has been read from it.
     """
 
-    def __init__(self, max_pending: int, coalesce: Sequence[str], until: int) -> None:
-        self._pending: collections.deque[StreamEvent] = collections.deque()
+    def __init__(self, backlog: Backlog, max_pending: int, until: int) -> None:
+        self._backlog = backlog
         self._max_pending = max_pending
-        self._coalesce = frozenset(coalesce)
         self._until = until  # the log's last sequence when subscribing
         self._caught_up = anyio.Event()
         # set when the other side may go on; made only when someone waits (one per message
@@ -91,32 +75,30 @@ class Subscription:
         self._reader: anyio.Event | None = None
         self._writer: anyio.Event | None = None
         self._failure: BaseException | None = None
-        self.coalesced = 0
 
     @property
     def backlog(self) -> int:
-        return len(self._pending)
+        return len(self._backlog)
+
+    @property
+    def coalesced(self) -> int:
+        return self._backlog.coalesced
 
     async def caught_up(self) -> None:
         """Return once the history (the log as it was at subscription) has been read."""
         await self._caught_up.wait()
 
     async def _put(self, event: StreamEvent) -> None:
-        if event.channel in self._coalesce:
-            for i, waiting in enumerate(self._pending):
-                if waiting.channel == event.channel:
-                    del self._pending[i]
-                    self.coalesced += 1
-                    break
-        while len(self._pending) >= self._max_pending:
+        while len(self._backlog) >= self._max_pending and not self._backlog.replaces(event):
             self._writer = anyio.Event()
             await self._writer.wait()
-        self._pending.append(event)
+        self._backlog.push(event)
         if self._reader is not None:
             self._reader.set()
             self._reader = None
 
-    def _reached(self, seq: int) -> None:
+    def _read_commit(self, seq: int) -> None:
+        self._backlog.seen(Position(seq, WHOLE_COMMIT))
         if seq >= self._until:
             self._caught_up.set()
 
@@ -135,16 +117,16 @@ class Subscription:
         return None
 
     async def __anext__(self) -> StreamEvent:
-        while not self._pending:
+        while not len(self._backlog):
             if self._failure is not None:
                 raise self._failure
             self._reader = anyio.Event()
             await self._reader.wait()
-        event = self._pending.popleft()
+        event, token = self._backlog.pop()
         if self._writer is not None:
             self._writer.set()
             self._writer = None
-        return event
+        return msgspec.structs.replace(event, resume=token)  # type: ignore[no-any-return]
 
 
 class AsyncStreams:
@@ -164,29 +146,34 @@ class AsyncStreams:
         tenant: str | None = None,
         max_pending: int = 1000,
         coalesce: Sequence[str] = COALESCE,
+        critical: Sequence[str] = CRITICAL,
     ) -> AsyncIterator[Subscription]:
         """``async with streams.subscribe(session_id) as messages: async for m in messages``.
 
-        Every message of the session (or of ``channels``) after ``after`` (an event id this
-        stream gave, or a commit sequence; default: from the start), then live ones as they are
-        posted. Scoped to the tenant: a session of another tenant is unknown
-        (SessionNotFoundError). Raises ValidationError for a malformed ``after``, channel or
-        ``max_pending``."""
-        start, index = parse_event_id(after)
+        Every message of the session (or of ``channels``) not yet had by a reader that resumes
+        ``after`` (the ``resume`` token of the last message it took, or a commit sequence;
+        default: from the start), then live ones as they are posted. Among waiting messages,
+        ``critical`` channels go first and ``coalesce`` channels keep only their latest (both
+        may be empty). Scoped to the tenant: a session of another tenant is unknown
+        (SessionNotFoundError). Raises ValidationError for a malformed ``after``, channel
+        list or ``max_pending``."""
+        resume = parse_resume(after)
         wanted = None if channels is None else check_channels(channels)
         if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
             raise invalid("max_pending", "an int >= 1", repr(max_pending))
-        if isinstance(coalesce, str) or not isinstance(coalesce, Sequence):
-            raise invalid("coalesce", "a list of channel names (empty: keep every message)", repr(coalesce))
-        for channel in coalesce:
-            validate_token(channel, "coalesce")
+        for name, value in (("coalesce", coalesce), ("critical", critical)):
+            if isinstance(value, str) or not isinstance(value, Sequence):
+                raise invalid(name, "a list of channel names (may be empty)", repr(value))
+            for channel in value:
+                validate_token(channel, name)
         session = await self._sessions.get_session(session_id, tenant=tenant)
         if session is None:
             raise SessionNotFoundError(f"session {session_id!r} not found", session_id=session_id)
         subject = self._journal.subjects.session(session.tenant, session.session_id)
         until = await self._journal.last_seq_of(subject)
-        subscription = Subscription(max_pending, coalesce, until)
-        if until <= start:  # nothing of the history is due
+        backlog = Backlog(resume, critical=critical, coalesce=coalesce)
+        subscription = Subscription(backlog, max_pending, until)
+        if until <= resume.after.sequence:  # nothing of the history is due
             subscription._caught_up.set()
         bound = log.bind(tenant=session.tenant, session_id=session.session_id)
 
@@ -196,7 +183,7 @@ class AsyncStreams:
                 for event in applied.events:
                     if not isinstance(event, MessagePosted):
                         continue
-                    if (entry.seq, position) > (start, index) and (wanted is None or event.channel in wanted):
+                    if resume.due(Position(entry.seq, position)) and (wanted is None or event.channel in wanted):
                         await subscription._put(StreamEvent(
                             id=f"{entry.seq}-{position}", sequence=entry.seq, index=position,
                             tenant=session.tenant, session_id=session.session_id,
@@ -204,11 +191,12 @@ class AsyncStreams:
                             metadata=dict(event.metadata), at=event.at,
                         ))
                     position += 1
-            subscription._reached(entry.seq)
+            subscription._read_commit(entry.seq)
 
         async def read() -> None:
             # the commit holding ``after`` is read again: its later messages are still due
-            first = start - 1 if index < _WHOLE_COMMIT and start > 0 else start
+            start = resume.after
+            first = start.sequence - 1 if start.place < WHOLE_COMMIT and start.sequence > 0 else start.sequence
             try:
                 await self._journal.follow_with(subject, first, on_entry)
             except Exception as exc:  # the reader gets it on its next message

@@ -89,12 +89,19 @@ async def test_channels_filter_and_a_slow_reader_gets_the_latest_progress(bb: As
         await stream.caught_up()  # the reader has taken nothing yet
         got = await take(stream, stream.backlog)
         assert stream.coalesced == 7  # eight progress messages, the last one kept
-    # nothing reordered: the notification before the latest progress, everything else kept
-    assert [(e.channel, e.text) for e in got] == [("chat", "hello"), ("notification", "disk full"), ("progress", "70%")]
-    async with bb.streams.subscribe(s.session_id, coalesce=()) as stream:  # a reader that wants every step
+    # the notification first (critical), the latest progress only, nothing else dropped
+    assert [(e.channel, e.text) for e in got] == [("notification", "disk full"), ("chat", "hello"), ("progress", "70%")]
+    # a reconnect after the notification (taken early) still gets "hello", and not the notification
+    async with bb.streams.subscribe(s.session_id, after=got[0].resume) as stream:
+        again = await take(stream, 2)
+    assert [(e.channel, e.text) for e in again] == [("chat", "hello"), ("progress", "70%")]
+    async with bb.streams.subscribe(s.session_id, coalesce=(), critical=()) as stream:  # every step, in log order
         await stream.caught_up()
         assert stream.backlog == 10 and stream.coalesced == 0
-    async with bb.streams.subscribe(s.session_id, channels=["chat", "notification"]) as stream:
+        in_order = await take(stream, 10)
+        assert [e.text for e in in_order][:3] == ["hello", "0%", "10%"]
+        assert all(e.resume == e.id or e.resume == str(e.sequence) for e in in_order)
+    async with bb.streams.subscribe(s.session_id, channels=["chat", "notification"], critical=()) as stream:
         assert [e.text for e in await take(stream, 2)] == ["hello", "disk full"]
         assert await stream.get(timeout=0.2) is None
 
@@ -135,6 +142,7 @@ async def test_tenants_are_walls_for_streams(nats_server: NatsServer) -> None:
         ({"after": "garbage"}, "after"), ({"after": -3}, "after"), ({"after": "3-x"}, "after"),
         ({"channels": []}, "channels"), ({"channels": "chat"}, "channels"), ({"channels": ["a.b"]}, "channels"),
         ({"max_pending": 0}, "max_pending"), ({"coalesce": ["*"]}, "coalesce"), ({"coalesce": "progress"}, "coalesce"),
+        ({"critical": "notification"}, "critical"), ({"after": "3-1+x"}, "after"),
     ],
 )
 async def test_bad_stream_input_gets_a_typed_error_naming_the_field(bb: AsyncBlackbird, options: dict[str, Any], field: str) -> None:
@@ -195,7 +203,7 @@ async def test_sse_streams_a_session_and_resumes_with_last_event_id(bb: AsyncBla
             first = await sse_events(response.aiter_lines(), 2)
         assert [e["data"]["text"] for e in first] == ["one", "two"]
         assert [e["event"] for e in first] == ["chat", "chat"]
-        assert all(e["id"] == e["data"]["id"] for e in first)
+        assert all(e["id"] == e["data"]["resume"] for e in first)
         await post(bb, s.session_id, ["four"])
         # reconnect as an EventSource does: the last id it saw, then everything after it once
         async with http.stream("GET", url, headers={**auth, "Last-Event-ID": first[-1]["id"]}) as response:
