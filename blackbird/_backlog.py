@@ -19,7 +19,7 @@ from __future__ import annotations
 import collections
 import re
 from collections.abc import Iterable
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 from blackbird._validate import invalid
 
@@ -59,6 +59,9 @@ class Message(Protocol):
     def channel(self) -> str: ...
 
 
+M = TypeVar("M", bound=Message)
+
+
 def _format(position: Position) -> str:
     if position.place >= WHOLE_COMMIT:
         return str(position.sequence)
@@ -95,11 +98,11 @@ def parse_resume(value: Any, field: str = "after") -> Resume:
     )
 
 
-class Backlog:
-    """The messages waiting for one reader."""
+class Backlog(Generic[M]):
+    """The messages waiting for one reader (anything with a sequence, an index and a channel)."""
 
     def __init__(self, resume: Resume, *, critical: Iterable[str] = (), coalesce: Iterable[str] = ()) -> None:
-        self._pending: collections.deque[Any] = collections.deque()  # by position
+        self._pending: collections.deque[M] = collections.deque()  # by position
         self._critical = frozenset(critical)
         self._coalesce = frozenset(coalesce)
         self._read = resume.after  # the last position read from the log (or resumed after)
@@ -116,11 +119,11 @@ class Backlog:
         """The log was read up to ``position`` (a message of this stream or not)."""
         self._read = max(self._read, position)
 
-    def replaces(self, message: Any) -> bool:
+    def replaces(self, message: M) -> bool:
         """Whether pushing ``message`` would replace a waiting one (the backlog does not grow)."""
         return message.channel in self._coalesce and self._waiting[message.channel] > 0
 
-    def push(self, message: Any) -> None:
+    def push(self, message: M) -> None:
         """A due message, after every message pushed before it."""
         position = Position(message.sequence, message.index)
         if self.replaces(message):
@@ -135,7 +138,7 @@ class Backlog:
             self._waiting[message.channel] += 1
         self.seen(position)
 
-    def pop(self) -> tuple[Any, str]:
+    def pop(self) -> tuple[M, str]:
         """The next message (the earliest critical one, else the earliest) and the resume token
         that holds once the reader has it. IndexError if nothing waits."""
         chosen = 0

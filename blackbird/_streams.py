@@ -65,7 +65,7 @@ class Subscription:
     was in the log when the subscription started has been read from it.
     """
 
-    def __init__(self, backlog: Backlog, max_pending: int, until: int) -> None:
+    def __init__(self, backlog: Backlog[StreamEvent], max_pending: int, until: int) -> None:
         self._backlog = backlog
         self._max_pending = max_pending
         self._until = until  # the log's last sequence when subscribing
@@ -126,7 +126,7 @@ class Subscription:
         if self._writer is not None:
             self._writer.set()
             self._writer = None
-        return msgspec.structs.replace(event, resume=token)  # type: ignore[no-any-return]
+        return msgspec.structs.replace(event, resume=token)
 
 
 class AsyncStreams:
@@ -171,7 +171,7 @@ class AsyncStreams:
             raise SessionNotFoundError(f"session {session_id!r} not found", session_id=session_id)
         subject = self._journal.subjects.session(session.tenant, session.session_id)
         until = await self._journal.last_seq_of(subject)
-        backlog = Backlog(resume, critical=critical, coalesce=coalesce)
+        backlog: Backlog[StreamEvent] = Backlog(resume, critical=critical, coalesce=coalesce)
         subscription = Subscription(backlog, max_pending, until)
         if until <= resume.after.sequence:  # nothing of the history is due
             subscription._caught_up.set()
