@@ -219,7 +219,8 @@ def _evolve(state: MemoryState, event: Event) -> tuple[MemoryState, float | None
         info = state.memories.get(event.memory_id)
         if info is None:
             return state, None, None
-        memories = {k: v for k, v in state.memories.items() if k != event.memory_id}
+        memories = dict(state.memories)  # a C-speed copy: a scope may hold 100,000 memories
+        del memories[event.memory_id]
         keys = {k: v for k, v in state.keys.items() if v != event.memory_id}
         new = replace(state, memories=memories, keys=keys, stored_bytes=state.stored_bytes - info.size)
         return new, info.expires_at, None
