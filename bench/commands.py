@@ -164,11 +164,11 @@ async def create_sessions(bb: AsyncBlackbird, n: int, label: str, tier: str = "e
 
 async def run_phase(
     ids: list[str], call: Callable[[str], Awaitable[bool]], warmup: float, seconds: float,
-    server_pid: int, profiler: cProfile.Profile | None = None,
+    server_pid: int, profile_to: str | None = None,
 ) -> tuple[PhaseResult, int]:
     """One worker per session, each awaiting ``call(session_id)`` in a loop (it returns True
     when the call was refused); latencies after warmup. Returns the phase and how many of its
-    measured calls were refused."""
+    measured calls were refused. ``profile_to``: cProfile the phase into that file."""
     clock = time.perf_counter
     latencies: list[list[float]] = [[] for _ in ids]
     refused_counts = [0] * len(ids)
@@ -196,6 +196,7 @@ async def run_phase(
         refused_counts[i] = refused
         finished.append(clock())
 
+    profiler = cProfile.Profile() if profile_to is not None else None
     if profiler is not None:
         profiler.enable()
     try:
@@ -204,8 +205,9 @@ async def run_phase(
             for i, sid in enumerate(ids):
                 tg.start_soon(worker, i, sid, latencies[i])
     finally:
-        if profiler is not None:
+        if profiler is not None and profile_to is not None:
             profiler.disable()
+            profiler.dump_stats(profile_to)
     # Calls started in [measure_from, deadline); the window ends when the last one returns.
     end = max(finished)
     cpu = meter[0].text() if meter else ""
@@ -223,7 +225,7 @@ async def run_phase(
 
 async def run_touch_phase(
     bb: AsyncBlackbird, ids: list[str], warmup: float, seconds: float, server_pid: int,
-    profiler: cProfile.Profile | None = None,
+    profile_to: str | None = None,
 ) -> PhaseResult:
     """One worker per session, each touching its session in a loop; latencies after warmup."""
     touch = bb.session_manager.touch_session
@@ -232,7 +234,7 @@ async def run_touch_phase(
         await touch(sid)
         return False
 
-    phase, _ = await run_phase(ids, call, warmup, seconds, server_pid, profiler)
+    phase, _ = await run_phase(ids, call, warmup, seconds, server_pid, profile_to)
     return phase
 
 
@@ -373,17 +375,15 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
                 ids = {n: await create_sessions(bb, n, f"s{n}") for n in cfg.concurrency}
                 for n in cfg.concurrency:
                     profiled = profile_path is not None and n == max(cfg.concurrency)
-                    profiler = cProfile.Profile() if profiled else None
                     res = await run_touch_phase(
-                        bb, ids[n], cfg.warmup, cfg.seconds[n], server.pid, profiler
+                        bb, ids[n], cfg.warmup, cfg.seconds[n], server.pid,
+                        profile_path if profiled else None,
                     )
-                    if profiler is not None and profile_path is not None:
-                        profiler.dump_stats(profile_path)
                     phases[n] = res
                     row(f"touch_session, {n} concurrent session(s)", f"{res.per_s:,.0f} cmd/s",
                         f"p50 {res.p50_ms:.2f} ms  p99 {res.p99_ms:.2f} ms  "
                         f"({res.commands:,} cmds in {res.seconds:.1f} s; {res.cpu}"
-                        f"{', under cProfile' if profiler else ''})")
+                        f"{', under cProfile' if profiled else ''})")
                 settings = bb.settings
                 subject = bb.journal.subjects.session(TENANT, ids[1][0])
             payload, built_size = await commit_payload(

@@ -32,7 +32,6 @@ stats to FILE (the throughput of that phase is then distorted by the profiler).
 
 from __future__ import annotations
 
-import cProfile
 import dataclasses
 import os
 import sys
@@ -124,7 +123,7 @@ class RatePhase(PhaseResult):
 
 async def run_rate_phase(
     bb: AsyncBlackbird, ids: list[str], warmup: float, seconds: float, server_pid: int,
-    profiler: cProfile.Profile | None = None,
+    profile_to: str | None = None,
 ) -> RatePhase:
     """One worker per session, each asking for a rate decision in a loop; latencies (allowed
     and denied alike) and counts after warmup."""
@@ -137,7 +136,7 @@ async def run_rate_phase(
             return True
         return False
 
-    phase, denied = await run_phase(ids, call, warmup, seconds, server_pid, profiler)
+    phase, denied = await run_phase(ids, call, warmup, seconds, server_pid, profile_to)
     return RatePhase(**dataclasses.asdict(phase), allowed=phase.commands - denied, denied=denied)
 
 
@@ -321,12 +320,10 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
                 denied_ids = await create_sessions(bb, cfg.denied_sessions, "d", DENY_TIER)
                 for n in cfg.concurrency:
                     profiled = profile_path is not None and n == max(cfg.concurrency)
-                    profiler = cProfile.Profile() if profiled else None
                     res = await run_rate_phase(
-                        bb, ids[n], cfg.warmup, cfg.seconds[n], server.pid, profiler
+                        bb, ids[n], cfg.warmup, cfg.seconds[n], server.pid,
+                        profile_path if profiled else None,
                     )
-                    if profiler is not None and profile_path is not None:
-                        profiler.dump_stats(profile_path)
                     phases[n] = res
                     phase_row(f"enforce_rate_limit, {n} session(s), allowed", res, profiled)
                 denied = await run_rate_phase(

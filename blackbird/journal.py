@@ -120,6 +120,10 @@ class Journal:
         self._settings = settings
         self.subjects = Subjects(settings.subject_prefix)
         self.stream = settings.stream
+        # Reads of an aggregate's tail: on a single replica the direct-get API answers from the
+        # one copy, so it is read-your-writes and much cheaper; with replicas a follower could
+        # answer stale, so they go to the leader.
+        self._direct = settings.replicas == 1
         self._encode = msgspec.json.Encoder().encode
         self._decode = msgspec.json.Decoder(Commit).decode
         self._decode_ack = msgspec.json.Decoder(_PubAck).decode
@@ -217,10 +221,7 @@ class Journal:
         return AppendResult(ack.seq, ack.duplicate)
 
     async def last_seq(self, key: AggregateKey) -> int:
-        # On a single replica the direct-get API answers from the one copy, so it is
-        # read-your-writes and much cheaper; with replicas, a follower could answer stale.
-        direct = self._settings.replicas == 1
-        return await self.last_seq_of(self.subjects.aggregate(key), direct=direct)
+        return await self.last_seq_of(self.subjects.aggregate(key), direct=self._direct)
 
     async def last_seq_of(self, subject: str, *, direct: bool = False) -> int:
         """Sequence of the last message on ``subject`` (wildcards allowed; 0 if none)."""
@@ -240,9 +241,8 @@ class Journal:
         # A few commits behind (a lost append race, a query's catch-up): get them one by one,
         # a round trip each, instead of creating a consumer (several round trips). A host that
         # lost a race is back with a fresh decision sooner, so it rarely loses the next one.
-        direct = self._settings.replicas == 1  # as in last_seq: read-your-writes on one copy
         while after_seq < until_seq and len(out) < _DIRECT_READS:
-            msg = await self._js.get_msg(self.stream, seq=after_seq + 1, subject=subject, next=True, direct=direct)
+            msg = await self._js.get_msg(self.stream, seq=after_seq + 1, subject=subject, next=True, direct=self._direct)
             seq = int(msg.seq or 0)
             if not after_seq < seq <= until_seq:
                 break
