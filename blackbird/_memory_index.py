@@ -113,6 +113,7 @@ class MemoryIndex:
         self._current: collections.OrderedDict[tuple[str, str], LiveScope] = collections.OrderedDict()
         self._current_lock = threading.Lock()
         self._cache_rows = cache_rows
+        self._cached_rows = 0  # rows of every scope in _current, kept in step (no sum per batch)
         # held while a batch is written and while a scope is read from the table, so a scope
         # never misses a batch written between its read and its arrival in _current
         self._write_lock = threading.Lock()
@@ -240,10 +241,12 @@ class MemoryIndex:
                 for row in rows:
                     scope = self._current.get((name, row["scope_id"]))
                     if scope is not None:
+                        before = len(scope.rows)
                         if math.isinf(row["valid_to"]):
                             scope.put(row)
                         else:
                             scope.drop(row["memory_id"])
+                        self._cached_rows += len(scope.rows) - before
                 self._evict()
             # every write adds a fragment: count rows, and small writes as a batch's worth each
             self._unoptimized[name] = self._unoptimized.get(name, 0) + max(len(rows), OPTIMIZE_EVERY // 64)
@@ -251,8 +254,10 @@ class MemoryIndex:
         if gone:
             with self._current_lock:
                 for scope in self._current.values():
+                    before = len(scope.rows)
                     for memory_id in gone:
                         scope.drop(memory_id)
+                    self._cached_rows += len(scope.rows) - before
         for (tenant, memory_id), valid_to in batch.valid_to.items():
             for table in self._tenant_tables(tenant):
                 table.update(where=f"memory_id = {_quote(memory_id)}", values={"valid_to": valid_to})
@@ -301,16 +306,16 @@ class MemoryIndex:
             scope = LiveScope(loaded)
             with self._current_lock:
                 self._current[key] = scope
+                self._cached_rows += len(scope.rows)
                 self._evict()
         return scope
 
     def _evict(self) -> None:
         """Drop the least recently used scopes beyond the row budget (a scope's next use reads
         it again). Called with the current-rows lock held."""
-        total = sum(len(scope.rows) for scope in self._current.values())
-        while total > self._cache_rows and len(self._current) > 1:
+        while self._cached_rows > self._cache_rows and len(self._current) > 1:
             _, scope = self._current.popitem(last=False)
-            total -= len(scope.rows)
+            self._cached_rows -= len(scope.rows)
 
     def current(self, tenant: str, model_id: str, scope_id: str) -> ScopeRows:
         """A scope's current memories (blocking on first use of a scope, when they are read from
@@ -459,6 +464,7 @@ class MemoryIndex:
             self._tables.clear()
             with self._current_lock:
                 self._current.clear()
+                self._cached_rows = 0
             self.seq = 0
         await self.catch_up()
         await self._save()
