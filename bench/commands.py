@@ -2,7 +2,7 @@
 
 Run as ``python bench/commands.py [--quick] [--profile FILE]``.
 
-It starts its own nats-server (``blackbird._server.EmbeddedServer`` on a temporary data dir,
+It starts its own nats-server (``blackbird.server.embedded.EmbeddedServer`` on a temporary data dir,
 default fsync mode: JetStream's ``sync_interval`` of 2 minutes, acks after the write to the
 page cache), connects ``AsyncBlackbird(nats_url=..., tenant="bench")`` and measures
 
@@ -49,7 +49,7 @@ from nats.js.api import StorageType, StreamConfig
 from actors.events import Applied, Commit, SessionTouched
 from actors.ports import AggregateKey
 from blackbird import AsyncBlackbird
-from blackbird._server import EmbeddedServer
+from blackbird.server.embedded import EmbeddedServer
 
 FSYNC = "default (JetStream sync_interval 2m)"
 TENANT = "bench"

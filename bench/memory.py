@@ -2,7 +2,7 @@
 
 Run as ``python bench/memory.py [--quick] [--profile FILE] [--default-gc]``.
 
-It starts its own nats-server (``blackbird._server.EmbeddedServer`` on a temporary data dir,
+It starts its own nats-server (``blackbird.server.embedded.EmbeddedServer`` on a temporary data dir,
 default fsync mode: JetStream's ``sync_interval`` of 2 minutes), connects
 ``AsyncBlackbird(nats_url=..., tenant="bench", embedder=MiniLMEmbedder())`` (the real local
 all-MiniLM-L6-v2 on its default engine, ONNX Runtime when installed; the header line says which
@@ -96,9 +96,9 @@ from bench.commands import (
     run_context,
 )
 from blackbird import AsyncBlackbird
-from blackbird._memory import DEFAULT_WEIGHTS, _PresentCandidates, _rank
-from blackbird._memory_index import _quote
-from blackbird._server import EmbeddedServer
+from blackbird.memory.service import DEFAULT_WEIGHTS, _PresentCandidates, _rank
+from blackbird.memory.index import _quote
+from blackbird.server.embedded import EmbeddedServer
 from blackbird.embedding import MiniLMEmbedder
 
 TENANT = "bench"  # the recall data set
@@ -345,7 +345,7 @@ async def wait_indexed(bb: AsyncBlackbird, seq: int, timeout: float = 600.0) -> 
 
 def recall_where(sids: list[str]) -> str:
     """The LanceDB filter ``recall(as_of=now)`` builds for ``sids`` (_PastCandidates in
-    blackbird/_memory.py; a recall of the present queries no LanceDB table)."""
+    blackbird/memory/service.py; a recall of the present queries no LanceDB table)."""
     at = time.time()
     return (f"scope_id IN ({', '.join(_quote(s) for s in sorted(sids))}) "
             f"AND valid_from <= {at!r} AND valid_to > {at!r}")

@@ -2,7 +2,7 @@
 
 Run as ``python bench/projections.py [--quick] [--profile FILE] [--default-gc]``.
 
-It starts its own nats-server (``blackbird._server.EmbeddedServer`` on a temporary data dir,
+It starts its own nats-server (``blackbird.server.embedded.EmbeddedServer`` on a temporary data dir,
 default fsync mode: JetStream's ``sync_interval`` of 2 minutes), opens the log with
 ``Journal.open(nc, build_settings(nats_url=url))`` (stream "BLACKBIRD") and
 
@@ -80,7 +80,7 @@ from actors.events import (
 )
 from bench.commands import FSYNC, GC_MODE, CpuMeter, row, run_cli
 from blackbird._projections import MemoryCheckpoints, NatsCheckpoints
-from blackbird._server import EmbeddedServer
+from blackbird.server.embedded import EmbeddedServer
 from blackbird.config import build_settings
 from blackbird.journal import Journal
 from projections.activity import ActivityProjection

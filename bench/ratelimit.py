@@ -2,7 +2,7 @@
 
 Run as ``python bench/ratelimit.py [--quick] [--profile FILE]``.
 
-It starts its own nats-server (``blackbird._server.EmbeddedServer`` on a temporary data dir,
+It starts its own nats-server (``blackbird.server.embedded.EmbeddedServer`` on a temporary data dir,
 default fsync mode: JetStream's ``sync_interval`` of 2 minutes, acks after the write to the
 page cache), writes a tier policy into the same temporary folder (tier ``bench``: every window
 has a limit too high to be reached, so decisions are allowed; tier ``strict``: one request per
@@ -66,7 +66,7 @@ from bench.commands import (
     run_phase,
 )
 from blackbird import AsyncBlackbird, RateLimitError
-from blackbird._server import EmbeddedServer
+from blackbird.server.embedded import EmbeddedServer
 
 TENANT = "bench"
 OPERATION = "api_call"

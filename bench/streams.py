@@ -2,7 +2,7 @@
 
 Run as ``python bench/streams.py [--quick] [--profile FILE] [--default-gc]``.
 
-It starts its own nats-server (``blackbird._server.EmbeddedServer`` on a temporary data dir,
+It starts its own nats-server (``blackbird.server.embedded.EmbeddedServer`` on a temporary data dir,
 default fsync mode), posts N chat messages to one session with ``send_message`` (one durable
 commit each, one after the other: ``--quick`` 5,000, else 30,000), and measures
 
@@ -14,7 +14,7 @@ commit each, one after the other: ``--quick`` 5,000, else 30,000), and measures
    time to the first message and messages/s;
 3. live latency: ``send_message`` called -> the subscriber holding the message (the durable
    append included), one at a time, p50/p99, and how long after the append's acknowledgement;
-4. SSE: the same replay over HTTP (``blackbird._http`` on uvicorn, read with httpx, SSE parsed),
+4. SSE: the same replay over HTTP (``blackbird.http.app`` on uvicorn, read with httpx, SSE parsed),
    messages/s.
 
 A human-readable table goes to stdout; the very last line is one JSON object.
@@ -44,7 +44,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from bench.commands import FSYNC, GC_MODE, load_average, percentile, row, run_cli, run_context
 from blackbird import AsyncBlackbird
-from blackbird._server import EmbeddedServer
+from blackbird.server.embedded import EmbeddedServer
 
 TENANT = "bench"
 TOKEN = "bench-stream-token-0001"
@@ -94,7 +94,7 @@ async def sse_replay(bb: AsyncBlackbird, session_id: str, n: int) -> float:
     """Seconds to read ``n`` messages of the session over SSE (uvicorn + httpx)."""
     import httpx
 
-    from blackbird._http import http_server, sse_app
+    from blackbird.http.app import http_server, sse_app
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

@@ -5,16 +5,14 @@
 >>> session = sdk.session_manager.create_session(user_id="user123", tier="pro")
 """
 
-from blackbird._logging import configure_default_logging
-
-configure_default_logging()
+from importlib.metadata import PackageNotFoundError, version
 
 from actors.policy import QuotaType, RateLimitType
-from blackbird._audit import Auditor, AuditReport
+from blackbird.audit.replay import Auditor, AuditReport
 from blackbird._client import AsyncBlackbird
-from blackbird._memory import AsyncMemory
-from blackbird._sessions import AsyncSessionManager
-from blackbird._streams import AsyncStreams, StreamEvent, Subscription
+from blackbird.memory.service import AsyncMemory
+from blackbird.sessions.manager import AsyncSessionManager
+from blackbird.streams.subscription import AsyncStreams, StreamEvent, Subscription
 from blackbird._sync import BlackbirdSDK, SessionManager
 from blackbird.config import Settings
 from blackbird.errors import (
@@ -86,4 +84,7 @@ __all__ = [
     "ValidationError",
 ]
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("blackbird-sdk")
+except PackageNotFoundError:  # imported from a checkout that was never installed
+    __version__ = "0+unknown"

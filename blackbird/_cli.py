@@ -26,12 +26,12 @@ from typing import Any
 import anyio
 import structlog
 
-from blackbird._audit import parse_until
+from blackbird.audit.replay import parse_until
 from blackbird._client import DEFAULT_DATA_DIR, AsyncBlackbird
 from blackbird._errors_group import single_error
 from blackbird._logging import configure_default_logging
 from blackbird._runtime import tune_gc_for_serving
-from blackbird._server import EmbeddedServer
+from blackbird.server.embedded import EmbeddedServer
 from blackbird.errors import BlackbirdError, ValidationError
 from blackbird.subjects import validate_token
 
@@ -163,7 +163,7 @@ def _host_port(value: str) -> tuple[str, int]:
 
 
 def _http_tokens(args: argparse.Namespace) -> dict[str, str]:
-    from blackbird._http import load_tokens
+    from blackbird.http.app import load_tokens
 
     if args.http_tokens is not None:
         try:
@@ -251,7 +251,7 @@ async def _serve(args: argparse.Namespace) -> int:
                         async with anyio.create_task_group() as web:
                             server = None
                             if args.http is not None:
-                                from blackbird._http import http_server, sse_app
+                                from blackbird.http.app import http_server, sse_app
 
                                 host, port = args.http
                                 server = http_server(sse_app(bb, args.http_tokens), host, port)

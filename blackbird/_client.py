@@ -25,17 +25,18 @@ from actors.ports import AggregateKey, NoSnapshots
 from actors.session import SessionBehaviour
 from actors.tenant import PolicyBook, TenantBehaviour
 from actors.user import UserBehaviour
-from blackbird._audit import Auditor
-from blackbird._dispatch import Dispatcher, LocalDispatcher, RemoteDispatcher, ask_or_raise
-from blackbird._keys import UserKeys
-from blackbird._memory import AsyncMemory
-from blackbird._memory_index import MemoryIndex
+from blackbird.audit.replay import Auditor
+from blackbird.commands.dispatch import Dispatcher, LocalDispatcher, RemoteDispatcher, ask_or_raise
+from blackbird.memory.keys import UserKeys
+from blackbird.memory.service import AsyncMemory
+from blackbird.memory.index import MemoryIndex
+from blackbird._logging import configure_default_logging
 from blackbird._projections import MemoryCheckpoints, NatsCheckpoints, Projections, alert_raiser
-from blackbird._server import EmbeddedServer
-from blackbird._service import CommandService
-from blackbird._sessions import AsyncSessionManager
-from blackbird._streams import AsyncStreams
-from blackbird._tenants import TenantDirectory
+from blackbird.server.embedded import EmbeddedServer
+from blackbird.commands.service import CommandService
+from blackbird.sessions.manager import AsyncSessionManager
+from blackbird.streams.subscription import AsyncStreams
+from blackbird.sessions.tenants import TenantDirectory
 from blackbird.config import Settings, build_settings
 from blackbird.errors import ClosedError, EmbeddedServerError, ValidationError, field_of
 from blackbird.journal import Journal
@@ -97,6 +98,7 @@ class AsyncBlackbird:
         embedder: Any = None,
         **options: Any,
     ) -> None:
+        configure_default_logging()  # only if the application configured none
         self.settings = build_settings(data_dir=data_dir, nats_url=nats_url, tenant=tenant, **options)
         self._embedder = embedder  # None: the local all-MiniLM-L6-v2, loaded on first use
         validate_token(self.settings.tenant, "tenant")

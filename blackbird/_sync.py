@@ -18,11 +18,11 @@ from typing import Any, Self, TypeVar
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from blackbird._audit import Auditor
+from blackbird.audit.replay import Auditor
 from blackbird._client import AsyncBlackbird
-from blackbird._memory import AsyncMemory
-from blackbird._sessions import AsyncSessionManager
-from blackbird._streams import AsyncStreams, StreamEvent, Subscription
+from blackbird.memory.service import AsyncMemory
+from blackbird.sessions.manager import AsyncSessionManager
+from blackbird.streams.subscription import AsyncStreams, StreamEvent, Subscription
 from blackbird.errors import ClosedError
 from blackbird.types import UsageRecord
 
@@ -95,7 +95,7 @@ class SessionManager(_SyncMirror, mirrors=AsyncSessionManager):
 
 
 class Memory(_SyncMirror, mirrors=AsyncMemory):
-    """Synchronous memory: same methods as :class:`~blackbird._memory.AsyncMemory`, blocking."""
+    """Synchronous memory: same methods as :class:`~blackbird.memory.service.AsyncMemory`, blocking."""
 
     @property
     def embedder(self) -> Any:
@@ -104,7 +104,7 @@ class Memory(_SyncMirror, mirrors=AsyncMemory):
 
 
 class SyncAuditor(_SyncMirror, mirrors=Auditor):
-    """Synchronous audit: same methods as :class:`~blackbird._audit.Auditor` (``replay``,
+    """Synchronous audit: same methods as :class:`~blackbird.audit.replay.Auditor` (``replay``,
     ``verify``), blocking."""
 
     @property
@@ -113,7 +113,7 @@ class SyncAuditor(_SyncMirror, mirrors=Auditor):
 
 
 class SyncSubscription:
-    """The blocking side of a :class:`~blackbird._streams.Subscription`: ``for event in sub``
+    """The blocking side of a :class:`~blackbird.streams.subscription.Subscription`: ``for event in sub``
     waits for each message; ``get(timeout)`` gives None when none came in time."""
 
     def __init__(self, target: Subscription, portal: BlockingPortal) -> None:
@@ -142,7 +142,7 @@ class SyncSubscription:
 
 
 class Streams:
-    """Synchronous session streams: same as :class:`~blackbird._streams.AsyncStreams`."""
+    """Synchronous session streams: same as :class:`~blackbird.streams.subscription.AsyncStreams`."""
 
     def __init__(self, target: AsyncStreams, portal: BlockingPortal) -> None:
         self._target = target

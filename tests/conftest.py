@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from blackbird import AsyncBlackbird
-from blackbird._server import _free_port, find_nats_server_binary
+from blackbird.server.embedded import _free_port, find_nats_server_binary
 
 os.environ.setdefault("BLACKBIRD_LOG_LEVEL", "warning")
 

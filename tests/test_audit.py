@@ -29,7 +29,7 @@ from blackbird import (
     SessionNotFoundError,
     ValidationError,
 )
-from blackbird._audit import Auditor, AuditReport
+from blackbird.audit.replay import Auditor, AuditReport
 
 from .conftest import NatsServer
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blackbird._backlog import WHOLE_COMMIT, Backlog, Position, Resume, parse_resume
+from blackbird.streams.backlog import WHOLE_COMMIT, Backlog, Position, Resume, parse_resume
 from blackbird.errors import ValidationError
 
 

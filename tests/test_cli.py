@@ -23,7 +23,7 @@ import nats
 import pytest
 
 from blackbird._cli import main
-from blackbird._server import _free_port, _nats_running
+from blackbird.server.embedded import _free_port, _nats_running
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "blackbird._cli"]

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blackbird._fulltext import K1, B, KeywordIndex, search, terms
+from blackbird.memory.fulltext import K1, B, KeywordIndex, search, terms
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from blackbird._keys import BUCKET, DecryptionError, UserKeys
+from blackbird.memory.keys import BUCKET, DecryptionError, UserKeys
 from blackbird.errors import LogError, ValidationError
 from tests.conftest import NatsServer
 

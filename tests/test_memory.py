@@ -23,8 +23,8 @@ from blackbird import (
     SessionNotFoundError,
     ValidationError,
 )
-from blackbird._memory import EmbeddingModelMismatchError, ScopeAccessError
-from blackbird._memory_index import MemoryIndex
+from blackbird.memory.service import EmbeddingModelMismatchError, ScopeAccessError
+from blackbird.memory.index import MemoryIndex
 from blackbird.errors import PayloadTooLargeError
 
 from .conftest import NatsServer

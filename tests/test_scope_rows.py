@@ -10,7 +10,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blackbird._scope_rows import LiveScope, ScopeRows
+from blackbird.memory.rows import LiveScope, ScopeRows
 
 DIM = 4
 IDS = st.sampled_from([f"m{i}" for i in range(40)])

@@ -19,8 +19,8 @@ import anyio.to_thread
 import nats
 import pytest
 
-from blackbird import _server
-from blackbird._server import EmbeddedServer, find_nats_server_binary
+from blackbird.server import embedded as _server
+from blackbird.server.embedded import EmbeddedServer, find_nats_server_binary
 from blackbird.errors import EmbeddedServerError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # lines are log output), and holds the server until a line arrives on stdin.
 HOLDER = """
 import sys, anyio, anyio.to_thread
-from blackbird._server import EmbeddedServer
+from blackbird.server.embedded import EmbeddedServer
 
 async def main():
     async with EmbeddedServer(sys.argv[1]) as srv:

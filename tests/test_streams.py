@@ -18,8 +18,8 @@ import pytest
 from actors.events import Applied, Commit, MessagePosted
 from actors.ports import AggregateKey
 from blackbird import AsyncBlackbird, BlackbirdSDK, SessionNotFoundError, ValidationError
-from blackbird._http import http_server, load_tokens, sse_app
-from blackbird._streams import StreamEvent, Subscription
+from blackbird.http.app import http_server, load_tokens, sse_app
+from blackbird.streams.subscription import StreamEvent, Subscription
 
 from .conftest import NatsServer, new_id
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from blackbird._fulltext import KeywordIndex
+from blackbird.memory.fulltext import KeywordIndex
 
 Row = dict[str, Any]
 _MIN_CAPACITY = 16

@@ -1,5 +1,5 @@
 """Read-model queries: the session manager's analytics half (mixed into
-:class:`~blackbird._sessions.AsyncSessionManager`).
+:class:`~blackbird.sessions.manager.AsyncSessionManager`).
 
 Answers come from the activity projection (a fold of the log). Each waits until the projection
 has applied this client's last write (read-your-writes), or raises ProjectionTimeoutError.

@@ -11,7 +11,7 @@ Resuming with the token gives exactly the messages not done yet. Without reorder
 is just the last message's own position, ``"<sequence>-<index>"``; ``"<sequence>"`` alone means
 "after that whole commit".
 
-No I/O, no clock, no locking: :class:`blackbird._streams.Subscription` drives it.
+No I/O, no clock, no locking: :class:`blackbird.streams.subscription.Subscription` drives it.
 """
 
 from __future__ import annotations

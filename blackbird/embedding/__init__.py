@@ -22,8 +22,8 @@ from typing import Any, Protocol
 import msgspec
 import numpy as np
 
-from blackbird import _minilm_onnx
-from blackbird._minilm import MiniLMWeights, NumpyEncoder, Vectors
+from blackbird.embedding import minilm_onnx as _minilm_onnx
+from blackbird.embedding.minilm import MiniLMWeights, NumpyEncoder, Vectors
 from blackbird.errors import (
     EmbedderError,
     EmbedderUnavailableError,

@@ -1,7 +1,7 @@
 """Session streams over HTTP as Server-Sent Events, for browsers and other non-NATS clients.
 
 ``GET /v1/sessions/{session_id}/events`` streams a session's channel messages
-(:mod:`blackbird._streams`): first what the log holds that the client has not had, then live
+(:mod:`blackbird.streams.subscription`): first what the log holds that the client has not had, then live
 ones. Each SSE event carries ``id:`` its resume token, ``event: <channel>`` and ``data:`` the
 message as JSON; a client that reconnects sends the last id back as ``Last-Event-ID`` (browsers'
 EventSource do so by themselves) and gets every message it has not had, once. ``?after=<token>``
@@ -40,8 +40,8 @@ def sse_app(bb: Any, tokens: Mapping[str, str], *, heartbeat: float = HEARTBEAT)
     from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
-    from blackbird._backlog import parse_resume
-    from blackbird._streams import check_channels
+    from blackbird.streams.backlog import parse_resume
+    from blackbird.streams.subscription import check_channels
 
     def error(status: int, exc: BlackbirdError | None, code: str, message: str) -> Response:
         fields = {} if exc is None else {k: v for k, v in exc.fields.items() if _jsonable(v)}

@@ -20,7 +20,7 @@ from actors.events import TenantCommand
 from actors.host import ActorHost
 from actors.ports import AggregateKey
 from actors.tenant import PolicyBook, TenantState
-from blackbird._dispatch import ask_or_raise
+from blackbird.commands.dispatch import ask_or_raise
 from blackbird.journal import Journal
 
 log = structlog.get_logger("blackbird.tenants")

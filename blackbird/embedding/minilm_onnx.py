@@ -1,7 +1,7 @@
 """all-MiniLM-L6-v2's encoder on ONNX Runtime, built in memory from the same weights as numpy's.
 
 No ``.onnx`` file ships or is downloaded: :func:`build_graph` writes the BERT forward pass of
-:class:`~blackbird._minilm.NumpyEncoder` as a standard ONNX graph (opset 17: ``LayerNormalization``,
+:class:`~blackbird.embedding.minilm.NumpyEncoder` as a standard ONNX graph (opset 17: ``LayerNormalization``,
 ``Erf``-based GELU, masked softmax attention, mean pooling) around the weights read from the
 safetensors, and ONNX Runtime fuses and runs it.  On this project's 2-core machine one short
 sentence takes ~4 ms on two threads (~4.5 ms on one), against ~10 ms for the numpy encoder, with
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from blackbird._minilm import MiniLMWeights, Vectors
+from blackbird.embedding.minilm import MiniLMWeights, Vectors
 
 
 def build_graph(w: MiniLMWeights) -> Any:

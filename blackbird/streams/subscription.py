@@ -6,14 +6,14 @@ live. Every message has an id, ``"<stream sequence>-<index>"`` (its commit's seq
 place among that commit's messages), and comes with a resume token: a subscriber that resumes
 ``after`` the token of the last message it took gets every message it has not had, once, with
 nothing lost or repeated — across disconnects, client restarts and server restarts alike. The
-token is what an SSE client sends back as ``Last-Event-ID`` (see :mod:`blackbird._http`).
+token is what an SSE client sends back as ``Last-Event-ID`` (see :mod:`blackbird.http.app`).
 
 Backpressure: a slow reader holds at most ``max_pending`` messages in memory; beyond that the
 log waits on the server (JetStream flow control), nothing is dropped. Among the messages
 waiting, critical ones (``notification`` by default) go first; a message of a coalescing channel
 (``progress`` by default) replaces the earlier one of its channel still waiting, so a reader that
 falls behind gets the latest progress instead of every step. The token accounts for both (see
-:mod:`blackbird._backlog`); a reader that keeps up gets every message in log order.
+:mod:`blackbird.streams.backlog`); a reader that keeps up gets every message in log order.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import msgspec
 import structlog
 
 from actors.events import MessagePosted
-from blackbird._backlog import WHOLE_COMMIT, Backlog, Position, parse_resume
+from blackbird.streams.backlog import WHOLE_COMMIT, Backlog, Position, parse_resume
 from blackbird._errors_group import single_error
 from blackbird._validate import invalid
 from blackbird.errors import SessionNotFoundError

@@ -17,7 +17,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from actors.events import CommandReply, CommandRequest, Rejection
-from blackbird._dispatch import Dispatcher, rejection_from_error
+from blackbird.commands.dispatch import Dispatcher, rejection_from_error
 from blackbird.errors import BlackbirdError, field_of
 from blackbird.subjects import Subjects
 

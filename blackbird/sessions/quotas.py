@@ -1,5 +1,5 @@
 """Quotas, rate limits, concurrency slots, admission and tenant policy: the session manager's
-limit-keeping half (mixed into :class:`~blackbird._sessions.AsyncSessionManager`).
+limit-keeping half (mixed into :class:`~blackbird.sessions.manager.AsyncSessionManager`).
 
 Every decision is made by the session's actor from its own state (exact under concurrency) and
 recorded as an event with the policy version it used, allowed or denied.

@@ -2,7 +2,7 @@
 
 The timeline's events and refusals as short text with their key figures, the report as a text
 table followed by the state (quotas and rate windows one line each, instants as ISO-8601 UTC),
-and the report as JSON-ready builtins. Replaying the log is :mod:`blackbird._audit`'s job.
+and the report as JSON-ready builtins. Replaying the log is :mod:`blackbird.audit.replay`'s job.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from actors.events import (
 )
 
 if TYPE_CHECKING:
-    from blackbird._audit import AuditReport
+    from blackbird.audit.replay import AuditReport
 
 
 # --------------------------------------------------------------------------- the timeline

@@ -4,7 +4,7 @@ The report is rebuilt from the log alone (no snapshot, no read model): a timelin
 command (when, who, what it caused, allowed or refused and why, at which sequence) and the
 state the aggregates were in at that point. Every read goes through the audited tenant's own
 subjects, so an audit of one tenant cannot see another tenant's commits. How the report reads
-(its events in words, the text table, the JSON form) is in :mod:`blackbird._audit_render`.
+(its events in words, the text table, the JSON form) is in :mod:`blackbird.audit.render`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from actors.policy import RateLimitType
 from actors.ports import AggregateKey
 from actors.session import SessionState
 from actors.tenant import PolicyBook, TenantState
-from blackbird._audit_render import describe, finite, iso, key_figures, render_text
+from blackbird.audit.render import describe, finite, iso, key_figures, render_text
 from blackbird._validate import invalid
 from blackbird.errors import BlackbirdError, SessionNotFoundError
 from blackbird.journal import Entry, Journal

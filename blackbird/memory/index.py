@@ -35,8 +35,8 @@ import numpy as np
 import structlog
 
 from actors.events import Commit, MemoryForgotten, MemoryRemembered, MemorySuperseded
-from blackbird._fulltext import search
-from blackbird._scope_rows import LiveScope, Row, ScopeRows
+from blackbird.memory.fulltext import search
+from blackbird.memory.rows import LiveScope, Row, ScopeRows
 from blackbird.errors import MemoryIndexBusyError
 from blackbird.journal import Journal
 from projections.runner import Waiters

@@ -2,7 +2,7 @@
 
 Writes go through the memory scope's actor (``<scope>:<owner>``) and become events; texts,
 vectors and metadata are redacted, then sealed with the author's data key before they are
-appended. The LanceDB tables are a projection of those events (:mod:`blackbird._memory_index`).
+appended. The LanceDB tables are a projection of those events (:mod:`blackbird.memory.index`).
 
 Every call names the acting session (``session_id=``): it tells the tenant, the user and the
 tier (capacity, retention, redaction, storage quota), and every scope read or written is checked
@@ -45,9 +45,9 @@ from actors.memory import MemoryState, scope_id
 from actors.policy import MemoryPolicy, QuotaType
 from actors.ports import AggregateKey
 from actors.redaction import RedactionPolicy, redact
-from blackbird._dispatch import ask_or_raise
+from blackbird.commands.dispatch import ask_or_raise
 from blackbird._errors_group import single_error
-from blackbird._memory_index import MemoryIndex, Sealed, _quote
+from blackbird.memory.index import MemoryIndex, Sealed, _quote
 from blackbird._validate import check_fraction, check_metadata, check_seconds, check_text, invalid
 from blackbird.errors import (
     EmbeddingModelMismatchError,

@@ -29,10 +29,10 @@ from actors.events import (
 )
 from actors.host import Outcome
 from actors.tenant import PolicyBook
-from blackbird._analytics import AnalyticsMethods
-from blackbird._dispatch import Dispatcher, raise_for_rejection
+from blackbird.sessions.analytics import AnalyticsMethods
+from blackbird.commands.dispatch import Dispatcher, raise_for_rejection
 from blackbird._projections import Projections
-from blackbird._quotas import QuotaMethods, TenantCommands
+from blackbird.sessions.quotas import QuotaMethods, TenantCommands
 from blackbird._validate import check_metadata, check_text
 from blackbird.errors import (
     BlackbirdError,
