@@ -32,6 +32,7 @@ from blackbird._errors_group import single_error
 from blackbird._logging import configure_default_logging
 from blackbird._runtime import tune_gc_for_serving
 from blackbird.server.embedded import EmbeddedServer
+from blackbird.config import Settings, build_settings
 from blackbird.errors import BlackbirdError, ValidationError
 from blackbird.subjects import validate_token
 
@@ -98,7 +99,7 @@ def _configure_logging(level: str | None, default: str) -> None:
     nats-py logs every failed connection attempt through the stdlib ``nats`` logger with a full
     traceback; route that logger to stderr as one line per record at the same level.
     """
-    name = level or os.environ.get("BLACKBIRD_LOG_LEVEL") or default
+    name = level or _environment().log_level or default
     configure_default_logging(name, force=True)
     numeric = logging.getLevelName(name.upper())
     nats_logger = logging.getLogger("nats")
@@ -114,16 +115,25 @@ def _configure_logging(level: str | None, default: str) -> None:
     nats_logger.propagate = False
 
 
+def _environment() -> Settings:
+    """The settings the environment gives (``BLACKBIRD_*``), for defaults of the options."""
+    try:
+        return build_settings()
+    except ValidationError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+
+
 def _data_dir(arg: str | None) -> Path:
-    return Path(arg or os.environ.get("BLACKBIRD_DATA_DIR") or DEFAULT_DATA_DIR).resolve()
+    return Path(arg or _environment().data_dir or DEFAULT_DATA_DIR).resolve()
 
 
 def _resolve_nats_url(args: argparse.Namespace) -> str:
     """--nats-url; else --data-dir's server; else BLACKBIRD_NATS_URL; else the default folder's."""
     if args.nats_url:
         return str(args.nats_url)
-    if args.data_dir is None and os.environ.get("BLACKBIRD_NATS_URL"):
-        return os.environ["BLACKBIRD_NATS_URL"]
+    env_url = _environment().nats_url
+    if args.data_dir is None and env_url:
+        return env_url
     data_dir = _data_dir(args.data_dir)
     url = EmbeddedServer.running_url(data_dir)
     if url is None:
@@ -171,7 +181,7 @@ def _http_tokens(args: argparse.Namespace) -> dict[str, str]:
         except OSError as exc:
             raise CliError(f"--http-tokens: cannot read {args.http_tokens} ({exc.strerror})", EXIT_USAGE) from None
     else:
-        raw, where = os.environ.get("BLACKBIRD_HTTP_TOKENS", ""), "BLACKBIRD_HTTP_TOKENS"
+        raw, where = _environment().http_tokens or "", "BLACKBIRD_HTTP_TOKENS"
     if not raw.strip():
         raise CliError(
             "--http needs bearer tokens (tenants are walls): --http-tokens FILE or "

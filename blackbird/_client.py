@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -18,28 +17,31 @@ import structlog
 from nats.aio.client import Client as NATS
 
 from actors.events import UserCommand
-from actors.host import ActorHost, Outcome
+from actors.host import ActorHost, Behaviour, Outcome
 from actors.memory import MemoryBehaviour
 from actors.policy import Policy, PolicyError, default_policy, load_policy
 from actors.ports import AggregateKey, NoSnapshots
 from actors.session import SessionBehaviour
 from actors.tenant import PolicyBook, TenantBehaviour
 from actors.user import UserBehaviour
-from blackbird.audit.replay import Auditor
-from blackbird.commands.dispatch import Dispatcher, LocalDispatcher, RemoteDispatcher, ask_or_raise
-from blackbird.memory.keys import UserKeys
-from blackbird.memory.service import AsyncMemory
-from blackbird.memory.index import MemoryIndex
 from blackbird._logging import configure_default_logging
 from blackbird._projections import MemoryCheckpoints, NatsCheckpoints, Projections, alert_raiser
-from blackbird.server.embedded import EmbeddedServer
+from blackbird.audit.replay import Auditor
+from blackbird.commands.dispatch import Dispatcher, LocalDispatcher, RemoteDispatcher, ask_or_raise
 from blackbird.commands.service import CommandService
-from blackbird.sessions.manager import AsyncSessionManager
-from blackbird.streams.subscription import AsyncStreams
-from blackbird.sessions.tenants import TenantDirectory
 from blackbird.config import Settings, build_settings
 from blackbird.errors import ClosedError, EmbeddedServerError, ValidationError, field_of
 from blackbird.journal import Journal
+from blackbird.memory.index import MemoryIndex
+from blackbird.memory.keys import UserKeys
+from blackbird.memory.service import AsyncMemory
+from blackbird.server.embedded import EmbeddedServer
+from blackbird.sessions.analytics import Analytics
+from blackbird.sessions.gateway import SessionGateway
+from blackbird.sessions.manager import AsyncSessionManager
+from blackbird.sessions.quotas import Quotas
+from blackbird.sessions.tenants import TenantDirectory
+from blackbird.streams.subscription import AsyncStreams
 from blackbird.subjects import validate_token
 from projections.abuse import AbuseConfig, AbuseProjection
 from projections.activity import ActivityProjection
@@ -98,8 +100,8 @@ class AsyncBlackbird:
         embedder: Any = None,
         **options: Any,
     ) -> None:
-        configure_default_logging()  # only if the application configured none
         self.settings = build_settings(data_dir=data_dir, nats_url=nats_url, tenant=tenant, **options)
+        configure_default_logging(self.settings.log_level)  # only if the application configured none
         self._embedder = embedder  # None: the local all-MiniLM-L6-v2, loaded on first use
         validate_token(self.settings.tenant, "tenant")
         self.development_mode = development_mode
@@ -209,41 +211,28 @@ class AsyncBlackbird:
         # aggregate single-writer) and follows every tenant's log; it is caught up before any
         # session command is decided or any limit reported.
         book = PolicyBook(self.policy)
-        tenant_host = await stack.enter_async_context(
-            ActorHost(TenantBehaviour(self.policy), journal, NoSnapshots(), max_retries=s.max_retries, retry_for=s.command_timeout / 2, clock=self._clock)
-        )
+        tenant_host = await stack.enter_async_context(self._actor_host(TenantBehaviour(self.policy), journal))
         tenants = TenantDirectory(journal, book, tenant_host, s.principal)
         tasks = await stack.enter_async_context(anyio.create_task_group())
         stack.callback(tasks.cancel_scope.cancel)
         await tasks.start(tenants.follow)
         users = await stack.enter_async_context(
-            ActorHost(
-                UserBehaviour(book), journal, NoSnapshots() if self.remote else journal,
-                snapshot_every=s.snapshot_every, passivate_after=s.passivate_after,
-                max_retries=s.max_retries, retry_for=s.command_timeout / 2, clock=self._clock,
-            )
+            self._actor_host(UserBehaviour(book), journal, snapshots=not self.remote)
         )
 
         async def user_commands(
             tenant: str, user_id: str, command: UserCommand, command_id: str | None
         ) -> Outcome:
             key = AggregateKey(tenant, "user", user_id)
-            return await ask_or_raise(users, key, command, command_id or os.urandom(16).hex(), s.principal)
+            return await ask_or_raise(users, key, command, command_id, s.principal)
 
         dispatcher: Dispatcher
         if self.remote:
             dispatcher = RemoteDispatcher(nc, journal.subjects, s.command_timeout)
         else:
-            host = ActorHost(
-                SessionBehaviour(book),
-                journal,
-                journal,
-                snapshot_every=s.snapshot_every,
-                passivate_after=s.passivate_after,
-                max_retries=s.max_retries, retry_for=s.command_timeout / 2,
-                clock=self._clock,
+            host = await stack.enter_async_context(
+                self._actor_host(SessionBehaviour(book), journal, snapshots=True)
             )
-            await stack.enter_async_context(host)
             self._host = host
             dispatcher = LocalDispatcher(host)
             if s.serve_commands:
@@ -258,31 +247,40 @@ class AsyncBlackbird:
             projections.register(AbuseProjection(self._abuse_config), alert_raiser(user_commands, dispatcher))
             await projections.runner(AbuseProjection.name)
         self._projections = projections
+        gateway = SessionGateway(
+            dispatcher, book, user_commands, tenants.command, tenant=s.tenant, principal=s.principal,
+            clock=self._clock,
+        )
+        quotas = Quotas(gateway)
         self._session_manager = AsyncSessionManager(
-            dispatcher, book, tenants.command, user_commands, tenant=s.tenant, principal=s.principal,
-            projections=projections, analytics_k=s.analytics_k, clock=self._clock,
+            gateway, quotas, Analytics(gateway, quotas, projections, s.analytics_k)
         )
         self._auditor = Auditor(journal, book, s.tenant, projections=self._projections)
-        self._streams = AsyncStreams(self._session_manager, journal)
+        self._streams = AsyncStreams(gateway, journal)
         # Memory: its actors here (OCC keeps each scope single-writer across processes), its
         # LanceDB index beside the data (or in a temporary folder: it is rebuilt from the log).
         keys = await UserKeys.open(journal.jetstream, replicas=s.replicas, create=not self.remote)
         memory_host = await stack.enter_async_context(
-            ActorHost(
-                MemoryBehaviour(), journal, NoSnapshots() if self.remote else journal,
-                snapshot_every=s.snapshot_every, passivate_after=s.passivate_after,
-                max_retries=s.max_retries, retry_for=s.command_timeout / 2, clock=self._clock,
-            )
+            self._actor_host(MemoryBehaviour(), journal, snapshots=not self.remote)
         )
         self._memory = AsyncMemory(
-            self._session_manager, memory_host, MemoryIndex(
+            gateway, quotas, memory_host, MemoryIndex(
                 memory_dir, journal, keys, private_if_busy=s.memory_dir is None,
                 cache_rows=s.memory_cache_rows,
             ),
-            keys, self._embedder, tasks=tasks, principal=s.principal, timeout=s.command_timeout,
+            journal, keys, self._embedder, tasks=tasks, principal=s.principal, timeout=s.command_timeout,
             clock=self._clock,
         )
         log.info("blackbird_opened", nats_url=url, data_dir=str(self.data_dir), remote=self.remote)
+
+    def _actor_host(self, behaviour: Behaviour[Any], journal: Journal, *, snapshots: bool = False) -> ActorHost:
+        """An actor host with this client's settings; ``snapshots`` in the journal's KV bucket."""
+        s = self.settings
+        return ActorHost(
+            behaviour, journal, journal if snapshots else NoSnapshots(),
+            snapshot_every=s.snapshot_every, passivate_after=s.passivate_after,
+            max_retries=s.max_retries, retry_for=s.command_timeout / 2, clock=self._clock,
+        )
 
     async def _connect(self, url: str) -> NATS:
         """Connect within ``command_timeout``; once connected, reconnect forever on blips."""

@@ -1,15 +1,15 @@
 """Default log output when the application has not configured structlog itself.
 
 Blackbird logs through structlog with tenant/session bound. If the host application never
-called ``structlog.configure``, we install a level filter (``BLACKBIRD_LOG_LEVEL``, default
-``warning``) so a library import does not flood stdout; an application's own configuration,
-made before or after, always wins.
+called ``structlog.configure``, the first client (or the CLI) installs a level filter (the
+``log_level`` setting, ``BLACKBIRD_LOG_LEVEL``; default ``warning``) so a library does not flood
+stdout; an application's own configuration, made before or after, always wins. Importing
+``blackbird`` configures nothing.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 import structlog
@@ -19,7 +19,7 @@ def configure_default_logging(level: str | None = None, *, force: bool = False) 
     """Install Blackbird's default structlog configuration unless one exists (or ``force``)."""
     if structlog.is_configured() and not force:
         return
-    name = (level or os.environ.get("BLACKBIRD_LOG_LEVEL") or "warning").upper()
+    name = (level or "warning").upper()
     numeric = logging.getLevelName(name)
     if not isinstance(numeric, int):
         numeric = logging.WARNING

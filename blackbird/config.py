@@ -40,6 +40,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     memory_cache_rows: Annotated[int, msgspec.Meta(ge=0)] = 200_000
     detect_abuse: bool = True  # hosts run the abuse detector and raise its alerts
     abuse: dict[str, Any] = {}  # thresholds: see projections.abuse.AbuseConfig
+    log_level: str | None = None  # when Blackbird configures structlog: debug, info, warning, ...
+    http_tokens: str | None = None  # `blackbird serve --http`: JSON {"<token>": "<tenant>"}
 
 
 def _from_env() -> dict[str, Any]:

@@ -22,6 +22,7 @@ from blackbird.errors import (
     ConcurrencyConflictError,
     error_from_code,
 )
+from blackbird.ids import new_id
 from blackbird.subjects import Subjects
 
 log = structlog.get_logger("blackbird.dispatch")
@@ -49,11 +50,12 @@ def rejection_from_error(exc: BlackbirdError) -> Rejection:
 
 
 async def ask_or_raise(
-    host: ActorHost, key: AggregateKey, command: Any, command_id: str, principal: str
+    host: ActorHost, key: AggregateKey, command: Any, command_id: str | None, principal: str
 ) -> Outcome:
-    """Run a command on a local actor; a refusal or a lost race is raised as its typed error."""
+    """Run a command on a local actor (``command_id`` None: a new one); a refusal or a lost
+    race is raised as its typed error."""
     try:
-        outcome = await host.ask(key, command, command_id, principal)
+        outcome = await host.ask(key, command, command_id or new_id(), principal)
     except ConflictRetriesExhausted as exc:
         raise ConcurrencyConflictError(
             f"{key.kind} {key.id!r}: {exc}; retry with the same command id", id=key.id

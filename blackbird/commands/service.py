@@ -8,8 +8,6 @@ names the offending field, never a silent drop.
 
 from __future__ import annotations
 
-import uuid
-
 import anyio
 import msgspec
 import structlog
@@ -19,6 +17,7 @@ from nats.aio.msg import Msg
 from actors.events import CommandReply, CommandRequest, Rejection
 from blackbird.commands.dispatch import Dispatcher, rejection_from_error
 from blackbird.errors import BlackbirdError, field_of
+from blackbird.ids import new_id
 from blackbird.subjects import Subjects
 
 log = structlog.get_logger("blackbird.service")
@@ -76,7 +75,7 @@ class CommandService:
                     {"field": "body", "expected": "JSON object"},
                 )
             )
-        command_id = request.command_id or uuid.uuid4().hex
+        command_id = request.command_id or new_id()
         return await self._dispatcher.dispatch(
             tenant, session_id, request.command, command_id, request.principal
         )

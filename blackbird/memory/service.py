@@ -15,7 +15,6 @@ from __future__ import annotations
 import builtins
 import json
 import math
-import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -41,22 +40,26 @@ from actors.events import (
     SetCache,
 )
 from actors.host import ActorHost
-from actors.memory import MemoryState, scope_id
+from actors.memory import SCOPES, MemoryState, scope_id
 from actors.policy import MemoryPolicy, QuotaType
 from actors.ports import AggregateKey
 from actors.redaction import RedactionPolicy, redact
-from blackbird.commands.dispatch import ask_or_raise
 from blackbird._errors_group import single_error
-from blackbird.memory.index import MemoryIndex, Sealed, _quote
 from blackbird._validate import check_fraction, check_metadata, check_seconds, check_text, invalid
+from blackbird.commands.dispatch import ask_or_raise
 from blackbird.errors import (
     EmbeddingModelMismatchError,
     PayloadTooLargeError,
     ProjectionTimeoutError,
     ScopeAccessError,
     SessionInactiveError,
-    SessionNotFoundError,
 )
+from blackbird.ids import new_id
+from blackbird.journal import Journal
+from blackbird.memory.index import MemoryIndex, Sealed, quote
+from blackbird.memory.keys import UserKeys
+from blackbird.sessions.gateway import SessionGateway
+from blackbird.sessions.quotas import Quotas
 from blackbird.subjects import validate_token
 from blackbird.types import Memory
 
@@ -64,14 +67,9 @@ log = structlog.get_logger("blackbird.memory")
 
 MAX_MEMORY_TEXT = 16_384  # characters
 MAX_CACHE_VALUE = 64 * 1024  # bytes of JSON
-SCOPE_KINDS = ("session", "user", "tenant", "group", "agent")
 DEFAULT_WEIGHTS = {"similarity": 0.6, "keyword": 0.15, "recency": 0.1, "importance": 0.15}
 RECENCY_HALF_LIFE = 7 * 86400.0
 _REDACT_ALL = RedactionPolicy()  # every kind: what any tier's policy could redact
-
-
-class _CacheValue(msgspec.Struct):
-    value: Any
 
 
 class AsyncMemory:
@@ -79,10 +77,12 @@ class AsyncMemory:
 
     def __init__(
         self,
-        sessions: Any,  # AsyncSessionManager
+        gateway: SessionGateway,
+        quotas: Quotas,
         host: ActorHost,
         index: MemoryIndex,
-        keys: Any,  # UserKeys
+        journal: Journal,
+        keys: UserKeys,
         embedder: Any,
         *,
         tasks: anyio.abc.TaskGroup,
@@ -90,7 +90,9 @@ class AsyncMemory:
         timeout: float,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._sessions = sessions
+        self._gateway = gateway
+        self._quotas = quotas
+        self._journal = journal
         self._host = host
         self.index = index
         self._keys = keys
@@ -126,21 +128,17 @@ class AsyncMemory:
         return self.index
 
     async def _caller(self, session_id: Any, tenant: str | None) -> tuple[Any, MemoryPolicy]:
-        session = await self._sessions.get_session(session_id, tenant=tenant)
-        if session is None:
-            raise SessionNotFoundError(f"session {session_id!r} not found", session_id=session_id)
+        session = await self._gateway.existing(session_id, tenant)
         if not session.active_at(self._clock()):
             raise SessionInactiveError(
                 f"session {session.session_id!r} is not active; memory needs an active session",
                 session_id=session.session_id, reason=session.status.value,
             )
-        tier = self._sessions._policies.policy(session.tenant).tier(session.tier)
-        return session, (tier.memory if tier is not None else MemoryPolicy())
+        return session, self._gateway.memory_policy(session)
 
     async def _ask(self, tenant: str, sid: str, command: Any, command_id: str | None = None) -> Any:
         outcome = await ask_or_raise(
-            self._host, AggregateKey(tenant, "memory", sid), command,
-            command_id or os.urandom(16).hex(), self._principal,
+            self._host, AggregateKey(tenant, "memory", sid), command, command_id, self._principal
         )
         self._written = max(self._written, outcome.sequence)
         return outcome
@@ -150,7 +148,7 @@ class AsyncMemory:
         if not isinstance(spec, str) or not spec:
             raise invalid("scope", "one of session, user, tenant, group:<id>, agent:<id>", repr(spec))
         kind, _, owner = spec.partition(":")
-        if kind not in SCOPE_KINDS:
+        if kind not in SCOPES:
             raise invalid("scope", "one of session, user, tenant, group:<id>, agent:<id>", repr(spec))
         if kind in ("session", "user", "tenant"):
             mine = {"session": session.session_id, "user": session.user_id, "tenant": session.tenant}[kind]
@@ -268,7 +266,7 @@ class AsyncMemory:
                 await embed()
             matrix = embedded[0]
         sizes = [len(t.encode()) for t in cleaned]
-        await self._sessions.track_usage(
+        await self._quotas.track_usage(
             session.session_id, "memory.remember", QuotaType.STORAGE, float(sum(sizes)),
             tenant=session.tenant,
         )
@@ -280,7 +278,7 @@ class AsyncMemory:
         memories: list[Memory] = [None] * len(cleaned)  # type: ignore[list-item]
 
         async def write(i: int) -> None:
-            memory_id = os.urandom(12).hex()
+            memory_id = new_id(12)
             sealed_plain = msgspec.msgpack.encode(
                 Sealed(text=cleaned[i], vector=matrix[i].astype("<f4").tobytes(), metadata=meta)
             )
@@ -516,7 +514,7 @@ class AsyncMemory:
             raise invalid("scope", "group:<id> or agent:<id>", repr(scope))
         validate_token(owner, "scope")
         ids = tuple(validate_token(u, "user_ids") for u in (*add, *remove))
-        tenant = self._sessions._tenant_of(tenant)
+        tenant = self._gateway.tenant_of(tenant)
         outcome = await self._ask(tenant, scope_id(kind, owner), ChangeMembers(
             add=ids[: len(add)], remove=ids[len(add):]))
         return list(outcome.state.members)
@@ -526,8 +524,8 @@ class AsyncMemory:
         their data key is destroyed, so what they wrote cannot be recovered from the log
         either (crypto-shredding). The erasure itself is an event (``UserErased``)."""
         user_id = validate_token(user_id, "user_id")
-        tenant = self._sessions._tenant_of(tenant)
-        await self._sessions._user_commands(tenant, user_id, EraseUser(), f"erase:{user_id}:{os.urandom(4).hex()}")
+        tenant = self._gateway.tenant_of(tenant)
+        await self._gateway.user_commands(tenant, user_id, EraseUser(), f"erase:{user_id}:{new_id(4)}")
         scopes = await self._scopes_written_by(tenant, user_id)
         erased = 0
         for sid in scopes:
@@ -542,7 +540,7 @@ class AsyncMemory:
     async def _scopes_written_by(self, tenant: str, user_id: str) -> builtins.set[str]:
         """Every memory scope of the tenant with a commit by ``user_id`` (from the log)."""
         found: builtins.set[str] = {scope_id("user", user_id)}
-        prefix = f"{self.index._journal.subjects.prefix}.{tenant}.memory."
+        prefix = f"{self._journal.subjects.prefix}.{tenant}.memory."
 
         def collect(seq: int, subject: str, commit: Any) -> None:
             for applied in commit.commands:
@@ -550,15 +548,14 @@ class AsyncMemory:
                     if getattr(event, "author", None) == user_id:
                         found.add(subject[len(prefix):])
 
-        await self.index._journal.replay(prefix + "*", 0, collect)
+        await self._journal.replay(prefix + "*", 0, collect)
         return found
 
     async def rebuild_index(self, *, reembed: bool = False) -> int:
         """Drop the LanceDB tables and rebuild them from the log; with ``reembed``, every text
         is embedded again with this client's embedder (moving the memories to its model)."""
         await self._index()
-        self.index._embedder = self.embedder if reembed else None
-        return await self.index.rebuild()
+        return await self.index.rebuild(embedder=self.embedder if reembed else None)
 
 
 # --------------------------------------------------------------------------- recall candidates
@@ -603,7 +600,7 @@ class _PastCandidates:
     def __init__(self, table: Any, sids: list[str], at: float) -> None:
         self._table = table
         self._where = (
-            f"scope_id IN ({', '.join(_quote(s) for s in sids)}) "
+            f"scope_id IN ({', '.join(quote(s) for s in sids)}) "
             f"AND valid_from <= {at!r} AND valid_to > {at!r}"
         )
 

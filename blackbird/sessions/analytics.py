@@ -1,5 +1,5 @@
-"""Read-model queries: the session manager's analytics half (mixed into
-:class:`~blackbird.sessions.manager.AsyncSessionManager`).
+"""Read-model queries on sessions: usage history, statistics, analytics and predictions (the
+session manager forwards its analytics methods here).
 
 Answers come from the activity projection (a fold of the log). Each waits until the projection
 has applied this client's last write (read-your-writes), or raises ProjectionTimeoutError.
@@ -9,46 +9,39 @@ and it reports aggregates over tenants with at least ``k`` users.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from actors.events import SessionStatus
 from actors.policy import QuotaType
+from blackbird._projections import Projections
 from blackbird._validate import check_enum, check_seconds, invalid
-from blackbird.errors import SessionNotFoundError
+from blackbird.sessions.gateway import SessionGateway
+from blackbird.sessions.quotas import Quotas
 from blackbird.subjects import validate_token
 from blackbird.types import Session
 from projections import activity
 from projections.activity import Activity
 
-if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    from blackbird._projections import Projections
-
 ACTIVITY = "activity"
 
 
-class AnalyticsMethods:
-    if TYPE_CHECKING:
-        _projections: Projections
-        _written: int
-        _clock: Callable[[], float]
-        _analytics_k: int
+class Analytics:
+    """Answers from the activity projection, scoped to a tenant, after this client's writes."""
 
-        def _tenant_of(self, tenant: str | None) -> str: ...
-
-        async def get_session(self, session_id: str, *, tenant: str | None = None) -> Session | None: ...
-
-        async def get_quota(self, session_id: str, quota_type: Any = None, *, tenant: str | None = None) -> dict[str, Any]: ...
+    def __init__(self, gateway: SessionGateway, quotas: Quotas, projections: Projections, k: int) -> None:
+        self._gateway = gateway
+        self._quotas = quotas
+        self._projections = projections
+        self._k = k
 
     async def _activity(self) -> Activity:
-        runner = await self._projections.caught_up(ACTIVITY, self._written)
+        runner = await self._projections.caught_up(ACTIVITY, self._gateway.written)
         return runner.model  # type: ignore[no-any-return]
 
     async def get_user_sessions(self, user_id: str, *, tenant: str | None = None) -> list[Session]:
         """Every session of ``user_id`` in the tenant (oldest first), as of the read model."""
         user_id = validate_token(user_id, "user_id")
-        tenant = self._tenant_of(tenant)
+        tenant = self._gateway.tenant_of(tenant)
         rows = activity.user_sessions(await self._activity(), tenant, user_id)
         return [
             Session(
@@ -69,9 +62,7 @@ class AnalyticsMethods:
         *,
         tenant: str | None = None,
     ) -> list[dict[str, Any]]:
-        """The user's usage records, newest first: JSON-ready dicts with operation,
-        resource_type (the value, as get_quota's keys), amount, timestamp, session_id, metadata
-        and the log sequence. Includes everything this client tracked before the call."""
+        """The user's usage records, newest first."""
         user_id = validate_token(user_id, "user_id")
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise invalid("limit", "a positive int", repr(limit))
@@ -80,14 +71,12 @@ class AnalyticsMethods:
         wanted = None if resource_type is None else check_enum(resource_type, QuotaType, "resource_type").value
         model = await self._activity()
         return activity.usage_history(
-            model, self._tenant_of(tenant), user_id, limit=limit, since=since, resource_type=wanted
+            model, self._gateway.tenant_of(tenant), user_id, limit=limit, since=since, resource_type=wanted
         )
 
     async def get_statistics(self, *, tenant: str | None = None) -> dict[str, Any]:
-        """Tenant-wide figures (JSON-ready): active_sessions, total_sessions, total_users,
-        average_sessions_per_user, sessions_by_tier, usage_by_resource, refusals, alerts and
-        the projections' lag (commits not yet applied)."""
-        stats = activity.statistics(await self._activity(), self._tenant_of(tenant), self._clock())
+        """Tenant-wide figures (JSON-ready)."""
+        stats = activity.statistics(await self._activity(), self._gateway.tenant_of(tenant), self._gateway.clock())
         stats["projection_lag"] = await self._projections.lag()
         return stats
 
@@ -95,40 +84,34 @@ class AnalyticsMethods:
         """One user's sessions, operation breakdown, resource usage, most used operation,
         refusals and alerts (exact over the whole history)."""
         user_id = validate_token(user_id, "user_id")
-        return activity.user_analytics(await self._activity(), self._tenant_of(tenant), user_id, self._clock())
+        return activity.user_analytics(await self._activity(), self._gateway.tenant_of(tenant), user_id, self._gateway.clock())
 
     async def get_tenant_analytics(self, *, tenant: str | None = None) -> dict[str, Any]:
         """The tenant's statistics plus its top users and most recent alerts."""
-        return activity.tenant_analytics(await self._activity(), self._tenant_of(tenant), self._clock())
+        return activity.tenant_analytics(await self._activity(), self._gateway.tenant_of(tenant), self._gateway.clock())
 
     async def get_cross_tenant_analytics(self, k: int | None = None) -> dict[str, Any]:
-        """Aggregates across tenants for the operator. Tenants with fewer than ``k`` users
-        (default: the ``analytics_k`` setting) are left out, so no figure describes a small
-        group; only how many were left out is reported."""
-        k = self._analytics_k if k is None else k
+        """Aggregates across tenants for the operator."""
+        k = self._k if k is None else k
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise invalid("k", "an int >= 1", repr(k))
-        return activity.cross_tenant(await self._activity(), k, self._clock())
+        return activity.cross_tenant(await self._activity(), k, self._gateway.clock())
 
     async def predict_quota_exhaustion(
         self, session_id: str, window: float = 3600.0, *, tenant: str | None = None
     ) -> dict[str, dict[str, Any]]:
-        """Per quota the session used in the last ``window`` seconds: the usage rate (per hour),
-        hours until the remaining quota runs out at that rate and the predicted instant
-        (seconds since the epoch); ``resets_first`` when the quota resets before that."""
+        """Per quota the session used in the last ``window`` seconds."""
         window = check_seconds(window, "window") or 3600.0
-        session = await self.get_session(session_id, tenant=tenant)
-        if session is None:
-            raise SessionNotFoundError(f"session {session_id!r} not found", session_id=session_id)
-        quotas = await self.get_quota(session_id, tenant=tenant)
+        session = await self._gateway.existing(session_id, tenant)
+        quotas = await self._quotas.get_quota(session_id, tenant=tenant)
         history = [
             row for row in activity.usage_history(
                 await self._activity(), session.tenant, session.user_id, limit=10**9,
-                since=self._clock() - window,
+                since=self._gateway.clock() - window,
             )
             if row["session_id"] == session.session_id
         ]
-        now = self._clock()
+        now = self._gateway.clock()
         # a session younger than the window has used its quota over its own life, not the window
         span = max(60.0, min(window, now - session.created_at))
         return activity.predict_exhaustion(history, quotas, now, span)

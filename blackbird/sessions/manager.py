@@ -1,4 +1,7 @@
-"""The session manager: the seed's session API, one implementation (async).
+"""The session manager: the seed's session API (sessions, their limits and analytics), async.
+
+Sessions are handled here; limits and analytics by the :class:`Quotas` and :class:`Analytics`
+objects it is made of, which share one :class:`SessionGateway` (tenant, tier policy, session).
 
 Every argument is validated here, before anything is sent, so bad input gets a
 :class:`~blackbird.errors.ValidationError` naming the field and appends nothing.
@@ -6,129 +9,48 @@ Every argument is validated here, before anything is sent, so bad input gets a
 
 from __future__ import annotations
 
-import os
-import time
-from collections.abc import Callable
-from typing import Any, Protocol
+import contextlib
+from collections.abc import AsyncIterator, Callable, Hashable
+from typing import Any
 
 import structlog
 
 from actors.events import (
     ChangeTier,
     CloseUserSessions,
-    CommandReply,
     CreateSession,
     GetSession,
     OpenUserSession,
     PostMessage,
-    SessionCommand,
     TerminateSession,
     TouchSession,
-    UserCommand,
     UserSessionOpened,
 )
-from actors.host import Outcome
-from actors.tenant import PolicyBook
-from blackbird.sessions.analytics import AnalyticsMethods
-from blackbird.commands.dispatch import Dispatcher, raise_for_rejection
-from blackbird._projections import Projections
-from blackbird.sessions.quotas import QuotaMethods, TenantCommands
+from actors.policy import QuotaType, RateLimitType
 from blackbird._validate import check_metadata, check_text
-from blackbird.errors import (
-    BlackbirdError,
-    SessionLimitError,
-    SessionNotFoundError,
-    ValidationError,
-)
+from blackbird.errors import BlackbirdError, SessionLimitError, ValidationError
+from blackbird.ids import new_id
+from blackbird.sessions.analytics import Analytics
+from blackbird.sessions.gateway import SessionGateway
+from blackbird.sessions.quotas import Quotas
 from blackbird.subjects import validate_token
-from blackbird.types import Session
+from blackbird.types import Admission, Session, UsageRecord
 
 log = structlog.get_logger("blackbird.sessions")
 
 MAX_MESSAGE_LENGTH = 65536
 
 
-class UserCommands(Protocol):
-    async def __call__(
-        self, tenant: str, user_id: str, command: UserCommand, command_id: str | None
-    ) -> Outcome:
-        """Run a command on the user's actor; refusals raise their typed error."""
-        ...
-
-class AsyncSessionManager(QuotaMethods, AnalyticsMethods):
+class AsyncSessionManager:
     """Sessions and their limits: create, read, touch, re-tier and terminate sessions; quotas,
-    rate limits, concurrency slots and admission (see :class:`QuotaMethods`). Every write is
-    durable when it returns."""
+    rate limits, concurrency slots and admission; analytics from the read models. Every write
+    is durable when it returns."""
 
-    def __init__(
-        self,
-        dispatcher: Dispatcher,
-        policies: PolicyBook,
-        tenant_commands: TenantCommands,
-        user_commands: UserCommands,
-        *,
-        tenant: str,
-        principal: str,
-        projections: Projections,
-        analytics_k: int = 5,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        super().__init__(clock)
-        self._projections = projections
-        self._analytics_k = analytics_k
-        self._written = 0  # the last sequence this client wrote (read-your-writes)
-        self._dispatcher = dispatcher
-        self._policies = policies
-        self._tenant_commands = tenant_commands
-        self._user_commands = user_commands
-        self._tenant = validate_token(tenant, "tenant")
+    def __init__(self, gateway: SessionGateway, quotas: Quotas, analytics: Analytics) -> None:
+        self._gateway = gateway
+        self._quotas = quotas
+        self._analytics = analytics
         self._current: tuple[str, str] | None = None  # the last session this client created
-        self._principal = principal
-
-    def _tenant_of(self, tenant: str | None) -> str:
-        if tenant is None or tenant == self._tenant:
-            return self._tenant  # validated once, in __init__
-        return validate_token(tenant, "tenant")
-
-    def _tier(self, tier: Any, tenant: str | None) -> str:
-        tiers = self._policies.policy(self._tenant_of(tenant)).tiers
-        expected = "one of " + ", ".join(sorted(tiers))
-        value = getattr(tier, "value", tier)  # accept a str Enum
-        if not isinstance(value, str) or value not in tiers:
-            got = value if isinstance(value, str) else type(value).__name__
-            raise ValidationError(f"tier: expected {expected}, got {got!r}", field="tier", expected=expected, got=got)
-        return value
-
-    async def _dispatch(
-        self, tenant: str | None, session_id: Any, command: SessionCommand, command_id: str | None
-    ) -> CommandReply:
-        """Send ``command`` to the session's actor and return the reply; a refusal is raised as
-        its typed error, an unknown session as SessionNotFoundError."""
-        tenant = self._tenant_of(tenant)
-        session_id = validate_token(session_id, "session_id")
-        if command_id is not None:
-            validate_token(command_id, "command_id")
-        reply = await self._dispatcher.dispatch(
-            tenant, session_id, command, command_id or os.urandom(16).hex(), self._principal
-        )
-        self._written = max(self._written, reply.sequence)
-        raise_for_rejection(reply)
-        if reply.session is None:  # decide() refuses commands on unknown sessions; belt and braces
-            raise SessionNotFoundError(f"session {session_id!r} not found", session_id=session_id)
-        return reply
-
-    async def _request(
-        self, tenant: str | None, session_id: Any, command: SessionCommand, command_id: str | None
-    ) -> tuple[Session, CommandReply]:
-        """Like :meth:`_dispatch`, with the session after the command."""
-        reply = await self._dispatch(tenant, session_id, command, command_id)
-        assert reply.session is not None
-        return Session.from_view(reply.session), reply
-
-    async def _send_existing(
-        self, tenant: str | None, session_id: Any, command: SessionCommand, command_id: str | None
-    ) -> Session:
-        return (await self._request(tenant, session_id, command, command_id))[0]
 
     async def create_session(
         self,
@@ -149,17 +71,17 @@ class AsyncSessionManager(QuotaMethods, AnalyticsMethods):
         ``max_sessions_per_user`` open sessions (terminated and lapsed ones do not count).
         """
         user_id = validate_token(user_id, "user_id")
-        tier = self._tier(tier, tenant)
+        tier = self._gateway.tier_name(tier, tenant)
         command = CreateSession(user_id=user_id, tier=tier, metadata=check_metadata(metadata))
-        tenant = self._tenant_of(tenant)
-        sid = validate_token(os.urandom(16).hex() if session_id is None else session_id, "session_id")
+        tenant = self._gateway.tenant_of(tenant)
+        sid = validate_token(new_id() if session_id is None else session_id, "session_id")
         if command_id is not None:
             validate_token(command_id, "command_id")
-        command_id = command_id or os.urandom(16).hex()
+        command_id = command_id or new_id()
         # The user's actor counts the session first, so two hosts cannot both open the last one.
         opened = await self._open_for_user(tenant, user_id, sid, tier, command_id)
         try:
-            session = await self._send_existing(tenant, sid, command, command_id)
+            session = await self._gateway.send(tenant, sid, command, command_id)
         except BlackbirdError:
             if opened:  # give the place back: this session was never created
                 await self._close_for_user(tenant, user_id, [sid], "not_created", f"{command_id}:undo")
@@ -172,25 +94,25 @@ class AsyncSessionManager(QuotaMethods, AnalyticsMethods):
         is reached, sessions that lapsed or never came to exist are closed first."""
         open_ = OpenUserSession(session_id=sid, tier=tier)
         try:
-            outcome = await self._user_commands(tenant, user_id, open_, f"{command_id}:user")
+            outcome = await self._gateway.user_commands(tenant, user_id, open_, f"{command_id}:user")
         except SessionLimitError:
-            listed = await self._user_commands(tenant, user_id, GetSession(), None)
+            listed = await self._gateway.user_commands(tenant, user_id, GetSession(), None)
             stale = []
             for other in listed.state.sessions:
                 session = await self.get_session(other, tenant=tenant)
-                if session is None or not session.active_at(self._clock()):
+                if session is None or not session.active_at(self._gateway.clock()):
                     stale.append(other)
             if not stale:
                 raise
             await self._close_for_user(tenant, user_id, stale, "expired", None)
-            outcome = await self._user_commands(tenant, user_id, open_, f"{command_id}:user-retry")
+            outcome = await self._gateway.user_commands(tenant, user_id, open_, f"{command_id}:user-retry")
         return any(isinstance(e, UserSessionOpened) for e in outcome.events)
 
     async def _close_for_user(
         self, tenant: str, user_id: str, sids: list[str], reason: str, command_id: str | None
     ) -> None:
         try:
-            await self._user_commands(
+            await self._gateway.user_commands(
                 tenant, user_id, CloseUserSessions(session_ids=tuple(sids), reason=reason), command_id
             )
         except BlackbirdError as exc:  # the next reconciliation closes them
@@ -198,10 +120,7 @@ class AsyncSessionManager(QuotaMethods, AnalyticsMethods):
 
     async def get_session(self, session_id: str, *, tenant: str | None = None) -> Session | None:
         """The session as it is now (read-your-writes across hosts), or None if unknown."""
-        try:
-            return await self._send_existing(tenant, session_id, GetSession(), None)
-        except SessionNotFoundError:
-            return None
+        return await self._gateway.find(session_id, tenant)
 
     async def get_session_data(self, session_id: str, *, tenant: str | None = None) -> dict[str, Any] | None:
         """The session as a JSON-serialisable dict (with is_active, age and idle seconds), or None."""
@@ -214,13 +133,13 @@ class AsyncSessionManager(QuotaMethods, AnalyticsMethods):
     ) -> Session:
         """Record activity (resets the idle timer). Raises SessionInactiveError if it lapsed."""
         command = TouchSession(operation=check_text(operation, "operation"))
-        return await self._send_existing(tenant, session_id, command, command_id)
+        return await self._gateway.send(tenant, session_id, command, command_id)
 
     async def change_tier(
         self, session_id: str, tier: str, *, tenant: str | None = None, command_id: str | None = None
     ) -> Session:
         """Move a session to another tier; its limits apply at once (recorded as TierChanged)."""
-        return await self._send_existing(tenant, session_id, ChangeTier(tier=self._tier(tier, tenant)), command_id)
+        return await self._gateway.send(tenant, session_id, ChangeTier(tier=self._gateway.tier_name(tier, tenant)), command_id)
 
     async def terminate_session(
         self, session_id: str, reason: str = "terminated", *, tenant: str | None = None,
@@ -229,7 +148,7 @@ class AsyncSessionManager(QuotaMethods, AnalyticsMethods):
         """Terminate a session; later commands on it raise SessionInactiveError. It no longer
         counts against the user's open sessions."""
         command = TerminateSession(reason=check_text(reason, "reason"))
-        session = await self._send_existing(tenant, session_id, command, command_id)
+        session = await self._gateway.send(tenant, session_id, command, command_id)
         await self._close_for_user(session.tenant, session.user_id, [session.session_id], "terminated", None)
         return session
 
@@ -263,12 +182,270 @@ class AsyncSessionManager(QuotaMethods, AnalyticsMethods):
         command = PostMessage(
             channel=validate_token(channel, "channel"), text=message, metadata=check_metadata(metadata)
         )
-        session, reply = await self._request(tenant, session_id, command, command_id)
+        session, reply = await self._gateway.request(tenant, session_id, command, command_id)
         assert session is not None
         return {
             "session_id": session.session_id, "tenant": session.tenant, "channel": channel,
             "message": message, "sequence": reply.sequence,
         }
 
+    # ------------------------------------------------------------------ limits (Quotas)
+
+    async def get_quota(
+        self, session_id: str, quota_type: QuotaType | str | None = None, *, tenant: str | None = None
+    ) -> dict[str, Any]:
+        """Quota usage now: ``{quota: {used, limit, remaining, usage_percentage, resets_at,
+        reserved}}`` keyed by QuotaType value ("tokens", ...), or that one dict when
+        ``quota_type`` is given. ``remaining`` already excludes reserved (unsettled) amounts;
+        ``limit`` includes any live adjustment. Raises SessionNotFoundError."""
+        return await self._quotas.get_quota(session_id, quota_type, tenant=tenant)
+
+    async def get_rate_limits(self, session_id: str, *, tenant: str | None = None) -> dict[str, Any]:
+        """Per operation and window: ``{limit, remaining, reset_at}`` now (``reset_at``: when one
+        more request would be admitted)."""
+        return await self._quotas.get_rate_limits(session_id, tenant=tenant)
+
+    async def track_usage(
+        self,
+        session_id: str,
+        operation: str,
+        resource_type: QuotaType | str,
+        amount: float,
+        metadata: dict[str, Any] | None = None,
+        *,
+        tenant: str | None = None,
+        command_id: str | None = None,
+    ) -> bool:
+        """Count ``amount`` of ``resource_type`` against the session's quota; True once durable.
+
+        Raises QuotaExceededError (message, used, limit, quota_type, resets_at) and counts
+        nothing if it would exceed the quota; ValidationError for a negative, NaN, infinite or
+        non-numeric amount. Usage callbacks run after the usage is durable.
+        """
+        return await self._quotas.track_usage(
+            session_id, operation, resource_type, amount, metadata, tenant=tenant,
+            command_id=command_id
+        )
+
+    def add_usage_callback(self, callback: Callable[[UsageRecord], Any]) -> None:
+        """Call ``callback(record)`` (sync or async) once per usage charged through this client
+        (track_usage, admit, settle), after it is durable. A callback that raises is logged and
+        breaks nothing."""
+        self._quotas.add_usage_callback(callback)
+
+    def remove_usage_callback(self, callback: Callable[[UsageRecord], Any]) -> None:
+        """Stop calling ``callback``; unknown callbacks are ignored."""
+        self._quotas.remove_usage_callback(callback)
+
+    async def enforce_rate_limit(
+        self,
+        session_id: str,
+        operation: str,
+        limit_type: RateLimitType | str | None = None,
+        *,
+        tenant: str | None = None,
+        command_id: str | None = None,
+    ) -> bool:
+        """Admit one ``operation`` request if every checked window (``limit_type``, or all) has
+        room; True once durable. Exact under concurrency (the session's actor decides) and
+        sliding: never more than the limit in any window, wherever it starts.
+
+        Raises RateLimitError (message, retry_after seconds, limit_type, limit)."""
+        return await self._quotas.enforce_rate_limit(
+            session_id, operation, limit_type, tenant=tenant, command_id=command_id
+        )
+
+    async def manage_concurrency(
+        self,
+        session_id: str,
+        operation: str,
+        increment: bool,
+        *,
+        tenant: str | None = None,
+        lease_seconds: float | None = None,
+        holder: Hashable | None = None,
+    ) -> int:
+        """Take (``increment=True``) or give back a concurrency slot for ``operation``; returns
+        the session's slots in use. Over the limit raises RateLimitError.
+
+        A slot is a lease: one never given back (a crashed holder) expires after
+        ``lease_seconds`` (the tier's default if None). Giving back releases the slot this
+        ``holder`` took (default: the calling task; the synchronous facade uses the calling
+        thread), so a caller whose increment was refused and who decrements anyway (a
+        ``finally`` block) cannot free somebody else's slot. Giving back with no slot held is a
+        no-op. To release from elsewhere, use :meth:`release_slot` with the lease id.
+        """
+        return await self._quotas.manage_concurrency(
+            session_id, operation, increment, tenant=tenant,
+            lease_seconds=lease_seconds, holder=holder
+        )
+
+    async def release_slot(
+        self, session_id: str, operation: str, lease_id: str | None = None, *,
+        tenant: str | None = None, command_id: str | None = None,
+    ) -> int:
+        """Give back the slot ``lease_id`` (from :meth:`admit`), or the oldest slot of
+        ``operation``; returns the slots in use. Idempotent."""
+        return await self._quotas.release_slot(
+            session_id, operation, lease_id, tenant=tenant, command_id=command_id
+        )
+
+    @contextlib.asynccontextmanager
+    async def concurrency_slot(
+        self, session_id: str, operation: str, *, tenant: str | None = None
+    ) -> AsyncIterator[None]:
+        """``async with`` a concurrency slot; it is given back on exit, even on error."""
+        async with self._quotas.concurrency_slot(session_id, operation, tenant=tenant):
+            yield
+
+    async def admit(
+        self,
+        session_id: str,
+        operation: str,
+        costs: dict[QuotaType | str, float] | None = None,
+        *,
+        rate: bool = True,
+        slot: bool = True,
+        reserve: bool = False,
+        lease_seconds: float | None = None,
+        hold_seconds: float | None = None,
+        tenant: str | None = None,
+        command_id: str | None = None,
+    ) -> Admission:
+        """Check quotas for ``costs``, every rate window of ``operation`` (if ``rate``) and a
+        concurrency slot (if ``slot``) in one decision: everything is granted together, or
+        nothing is and the first limit hit is raised (QuotaExceededError or RateLimitError).
+
+        With ``reserve=True`` the costs are held, not charged: settle the real amounts with
+        :meth:`settle` once known (e.g. the tokens an LLM stream really used); an unsettled
+        hold is released after ``hold_seconds``. The slot, if taken, is a lease: give it back
+        with :meth:`release_slot` or let it expire after ``lease_seconds``.
+        """
+        return await self._quotas.admit(
+            session_id, operation, costs, rate=rate, slot=slot, reserve=reserve,
+            lease_seconds=lease_seconds, hold_seconds=hold_seconds, tenant=tenant,
+            command_id=command_id
+        )
+
+    async def reserve(
+        self,
+        session_id: str,
+        operation: str,
+        costs: dict[QuotaType | str, float],
+        *,
+        hold_seconds: float | None = None,
+        tenant: str | None = None,
+        command_id: str | None = None,
+    ) -> Admission:
+        """Hold ``costs`` (an estimate, e.g. max tokens) against the quotas; settle the real
+        amounts with :meth:`settle`. Raises QuotaExceededError if the estimate does not fit."""
+        return await self._quotas.reserve(
+            session_id, operation, costs, hold_seconds=hold_seconds, tenant=tenant,
+            command_id=command_id
+        )
+
+    async def settle(
+        self,
+        session_id: str,
+        reservation_id: str,
+        actual: dict[QuotaType | str, float] | None = None,
+        *,
+        tenant: str | None = None,
+        command_id: str | None = None,
+    ) -> dict[str, float]:
+        """Charge what reserved work really used (``actual``; None or {} charges nothing) and
+        release the hold; returns what was charged. Settling never fails for quota (the work is
+        done: an overshoot is recorded and later requests are refused instead). Raises
+        ReservationNotFoundError if the hold expired, was settled already or never existed."""
+        return await self._quotas.settle(
+            session_id, reservation_id, actual, tenant=tenant, command_id=command_id
+        )
+
+    async def adjust_quota(
+        self,
+        session_id: str | None = None,
+        quota_type: QuotaType | str | None = None,
+        limit: float | None = None,
+        until: Any = None,
+        *,
+        user_id: str | None = None,
+        tenant: str | None = None,
+        command_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Set the limit of one quota for a session (``session_id``) or for every session of a
+        user (``user_id=``), until ``until`` (seconds since the epoch, an aware datetime, or a
+        timedelta from now; None: until changed again). ``limit=None`` removes the adjustment.
+        A session adjustment wins over a user one, which wins over the tier. The change is an
+        event; a boost ends by itself at ``until``. Returns the adjusted quota's info (for a
+        session) or the user's adjustments."""
+        return await self._quotas.adjust_quota(
+            session_id, quota_type, limit, until, user_id=user_id, tenant=tenant,
+            command_id=command_id
+        )
+
+    async def set_tenant_policy(
+        self, overrides: dict[str, Any], *, tenant: str | None = None, command_id: str | None = None
+    ) -> dict[str, Any]:
+        """Merge ``overrides`` (any part of the tier policy document, e.g. ``{"tiers": {"pro":
+        {"quotas": {"tokens": {"limit": 5000}}}}}``) into the tenant's policy; the change is an
+        event and gets the next policy version, which every later decision records. Returns
+        the tenant's effective policy. Raises ValidationError naming the wrong field."""
+        return await self._quotas.set_tenant_policy(overrides, tenant=tenant, command_id=command_id)
+
+    async def get_tenant_policy(self, *, tenant: str | None = None) -> dict[str, Any]:
+        """The tenant's effective tier policy as a JSON-ready dict (with its ``version``)."""
+        return await self._quotas.get_tenant_policy(tenant=tenant)
+
+    # ------------------------------------------------------------------ analytics (read models)
+
+    async def get_user_sessions(self, user_id: str, *, tenant: str | None = None) -> list[Session]:
+        """Every session of ``user_id`` in the tenant (oldest first), as of the read model."""
+        return await self._analytics.get_user_sessions(user_id, tenant=tenant)
+
+    async def get_usage_history(
+        self,
+        user_id: str,
+        limit: int = 100,
+        since: float | None = None,
+        resource_type: QuotaType | str | None = None,
+        *,
+        tenant: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """The user's usage records, newest first: JSON-ready dicts with operation,
+        resource_type (the value, as get_quota's keys), amount, timestamp, session_id, metadata
+        and the log sequence. Includes everything this client tracked before the call."""
+        return await self._analytics.get_usage_history(
+            user_id, limit, since, resource_type, tenant=tenant
+        )
+
+    async def get_statistics(self, *, tenant: str | None = None) -> dict[str, Any]:
+        """Tenant-wide figures (JSON-ready): active_sessions, total_sessions, total_users,
+        average_sessions_per_user, sessions_by_tier, usage_by_resource, refusals, alerts and
+        the projections' lag (commits not yet applied)."""
+        return await self._analytics.get_statistics(tenant=tenant)
+
+    async def get_user_analytics(self, user_id: str, *, tenant: str | None = None) -> dict[str, Any]:
+        """One user's sessions, operation breakdown, resource usage, most used operation,
+        refusals and alerts (exact over the whole history)."""
+        return await self._analytics.get_user_analytics(user_id, tenant=tenant)
+
+    async def get_tenant_analytics(self, *, tenant: str | None = None) -> dict[str, Any]:
+        """The tenant's statistics plus its top users and most recent alerts."""
+        return await self._analytics.get_tenant_analytics(tenant=tenant)
+
+    async def get_cross_tenant_analytics(self, k: int | None = None) -> dict[str, Any]:
+        """Aggregates across tenants for the operator. Tenants with fewer than ``k`` users
+        (default: the ``analytics_k`` setting) are left out, so no figure describes a small
+        group; only how many were left out is reported."""
+        return await self._analytics.get_cross_tenant_analytics(k)
+
+    async def predict_quota_exhaustion(
+        self, session_id: str, window: float = 3600.0, *, tenant: str | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """Per quota the session used in the last ``window`` seconds: the usage rate (per hour),
+        hours until the remaining quota runs out at that rate and the predicted instant
+        (seconds since the epoch); ``resets_first`` when the quota resets before that."""
+        return await self._analytics.predict_quota_exhaustion(session_id, window, tenant=tenant)
+
     def __repr__(self) -> str:
-        return f"<AsyncSessionManager tenant={self._tenant!r}>"
+        return f"<AsyncSessionManager tenant={self._gateway.tenant!r}>"

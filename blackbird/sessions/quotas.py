@@ -10,9 +10,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-import time
 from collections.abc import AsyncIterator, Callable, Hashable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 import anyio
 import msgspec
@@ -29,16 +28,13 @@ from actors.events import (
     RateAllowed,
     ReleaseSlot,
     Reserved,
-    SessionCommand,
     SetTenantPolicy,
     Settle,
     SlotAcquired,
-    TenantCommand,
     TrackUsage,
     UsageTracked,
 )
-from actors.policy import Policy, QuotaType, RateLimitType, TierPolicy
-from actors.tenant import PolicyBook, TenantState
+from actors.policy import Policy, QuotaType, RateLimitType
 from blackbird._validate import (
     check_amount,
     check_costs,
@@ -48,77 +44,34 @@ from blackbird._validate import (
     check_seconds,
     check_text,
 )
-from blackbird.errors import SessionNotFoundError, ValidationError
+from blackbird.errors import ValidationError
+from blackbird.sessions.gateway import SessionGateway
 from blackbird.subjects import validate_token
-from blackbird.types import Admission, Session, UsageRecord
+from blackbird.types import Admission, UsageRecord
 
 log = structlog.get_logger("blackbird.quotas")
 
 
-class TenantCommands(Protocol):
-    async def __call__(self, tenant: str, command: TenantCommand, command_id: str | None) -> TenantState:
-        """Run a tenant command durably; the tenant's state after it (refusals raise)."""
-        ...
+class Quotas:
+    """Quotas, rate limits, concurrency slots, admission and tenant policy on sessions (the
+    session manager forwards its limit methods here)."""
 
-
-class QuotaMethods:
-    """Quotas, rate limits, concurrency and admission on sessions."""
-
-    if TYPE_CHECKING:
-        _policies: PolicyBook
-        _tenant_commands: TenantCommands
-
-        def _tenant_of(self, tenant: str | None) -> str: ...
-
-        async def get_session(self, session_id: str, *, tenant: str | None = None) -> Session | None: ...
-
-        async def _dispatch(
-            self, tenant: str | None, session_id: Any, command: SessionCommand, command_id: str | None
-        ) -> CommandReply: ...
-
-        async def _request(
-            self, tenant: str | None, session_id: Any, command: SessionCommand, command_id: str | None
-        ) -> tuple[Session, CommandReply]: ...
-
-        async def _send_existing(
-            self, tenant: str | None, session_id: Any, command: SessionCommand, command_id: str | None
-        ) -> Session: ...
-
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self._clock = clock  # the actors' clock: windows and expiries are read against it
+    def __init__(self, gateway: SessionGateway) -> None:
+        self._gateway = gateway
         self._usage_callbacks: list[Callable[[UsageRecord], Any]] = []
         # leases this client holds: (tenant, session, operation, holder) -> lease ids
         self._held: dict[tuple[str, str, str, Hashable], list[str]] = {}
 
     # ------------------------------------------------------------------ reading limits
 
-    def _tier_policy(self, session: Session) -> TierPolicy:
-        tier = self._policies.policy(session.tenant).tier(session.tier)
-        if tier is None:
-            raise ValidationError(
-                f"tier: session {session.session_id!r} is on tier {session.tier!r}, which the "
-                "tenant's policy no longer defines",
-                field="tier", expected="a tier of the current policy", got=session.tier,
-            )
-        return tier
-
-    async def _existing(self, session_id: Any, tenant: str | None) -> Session:
-        session = await self.get_session(session_id, tenant=tenant)
-        if session is None:
-            raise SessionNotFoundError(f"session {session_id!r} not found", session_id=session_id)
-        return session
-
     async def get_quota(
         self, session_id: str, quota_type: QuotaType | str | None = None, *, tenant: str | None = None
     ) -> dict[str, Any]:
-        """Quota usage now: ``{quota: {used, limit, remaining, usage_percentage, resets_at,
-        reserved}}`` keyed by QuotaType value ("tokens", ...), or that one dict when
-        ``quota_type`` is given. ``remaining`` already excludes reserved (unsettled) amounts;
-        ``limit`` includes any live adjustment. Raises SessionNotFoundError."""
+        """Quota usage now."""
         wanted = None if quota_type is None else check_enum(quota_type, QuotaType, "quota_type")
-        session = await self._existing(session_id, tenant)
-        boosts = self._policies.user_boosts(session.tenant, session.user_id)
-        info = quota.quota_info(session, self._tier_policy(session), self._clock(), boosts)  # type: ignore[arg-type]
+        session = await self._gateway.existing(session_id, tenant)
+        boosts = self._gateway.policies.user_boosts(session.tenant, session.user_id)
+        info = quota.quota_info(session, self._gateway.tier_policy(session), self._gateway.clock(), boosts)  # type: ignore[arg-type]
         if wanted is None:
             return info
         return info.get(wanted.value) or {
@@ -127,10 +80,9 @@ class QuotaMethods:
         }
 
     async def get_rate_limits(self, session_id: str, *, tenant: str | None = None) -> dict[str, Any]:
-        """Per operation and window: ``{limit, remaining, reset_at}`` now (``reset_at``: when one
-        more request would be admitted)."""
-        session = await self._existing(session_id, tenant)
-        return quota.rate_status(session, self._tier_policy(session), self._clock())  # type: ignore[arg-type]
+        """Per operation and window."""
+        session = await self._gateway.existing(session_id, tenant)
+        return quota.rate_status(session, self._gateway.tier_policy(session), self._gateway.clock())  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ usage
 
@@ -145,19 +97,14 @@ class QuotaMethods:
         tenant: str | None = None,
         command_id: str | None = None,
     ) -> bool:
-        """Count ``amount`` of ``resource_type`` against the session's quota; True once durable.
-
-        Raises QuotaExceededError (message, used, limit, quota_type, resets_at) and counts
-        nothing if it would exceed the quota; ValidationError for a negative, NaN, infinite or
-        non-numeric amount. Usage callbacks run after the usage is durable.
-        """
+        """Count ``amount`` of ``resource_type`` against the session's quota."""
         command = TrackUsage(
             operation=check_text(operation, "operation"),
             resource_type=check_enum(resource_type, QuotaType, "resource_type"),
             amount=check_amount(amount),
             metadata=check_metadata(metadata),
         )
-        await self._report_usage(await self._dispatch(tenant, session_id, command, command_id))
+        await self._report_usage(await self._gateway.dispatch(tenant, session_id, command, command_id))
         return True
 
     async def _report_usage(self, reply: CommandReply) -> dict[str, float]:
@@ -180,12 +127,11 @@ class QuotaMethods:
 
     def add_usage_callback(self, callback: Callable[[UsageRecord], Any]) -> None:
         """Call ``callback(record)`` (sync or async) once per usage charged through this client
-        (track_usage, admit, settle), after it is durable. A callback that raises is logged and
-        breaks nothing."""
+        (track_usage, admit, settle), after it is durable."""
         self._usage_callbacks.append(callback)
 
     def remove_usage_callback(self, callback: Callable[[UsageRecord], Any]) -> None:
-        """Stop calling ``callback``; unknown callbacks are ignored."""
+        """Stop calling ``callback``."""
         with contextlib.suppress(ValueError):
             self._usage_callbacks.remove(callback)
 
@@ -213,15 +159,12 @@ class QuotaMethods:
         command_id: str | None = None,
     ) -> bool:
         """Admit one ``operation`` request if every checked window (``limit_type``, or all) has
-        room; True once durable. Exact under concurrency (the session's actor decides) and
-        sliding: never more than the limit in any window, wherever it starts.
-
-        Raises RateLimitError (message, retry_after seconds, limit_type, limit)."""
+        room."""
         command = CheckRate(
             operation=check_text(operation, "operation"),
             limit_type=None if limit_type is None else check_enum(limit_type, RateLimitType, "limit_type"),
         )
-        await self._dispatch(tenant, session_id, command, command_id)
+        await self._gateway.dispatch(tenant, session_id, command, command_id)
         return True
 
     # ------------------------------------------------------------------ concurrency
@@ -236,35 +179,26 @@ class QuotaMethods:
         lease_seconds: float | None = None,
         holder: Hashable | None = None,
     ) -> int:
-        """Take (``increment=True``) or give back a concurrency slot for ``operation``; returns
-        the session's slots in use. Over the limit raises RateLimitError.
-
-        A slot is a lease: one never given back (a crashed holder) expires after
-        ``lease_seconds`` (the tier's default if None). Giving back releases the slot this
-        ``holder`` took (default: the calling task; the synchronous facade uses the calling
-        thread), so a caller whose increment was refused and who decrements anyway (a
-        ``finally`` block) cannot free somebody else's slot. Giving back with no slot held is a
-        no-op. To release from elsewhere, use :meth:`release_slot` with the lease id.
-        """
+        """Take (``increment=True``) or give back a concurrency slot for ``operation``."""
         operation = check_text(operation, "operation")
         if holder is None:
             holder = ("task", anyio.get_current_task().id)
-        key = (self._tenant_of(tenant), validate_token(session_id, "session_id"), operation, holder)
+        key = (self._gateway.tenant_of(tenant), validate_token(session_id, "session_id"), operation, holder)
         if increment:
             command = AcquireSlot(operation=operation, lease_seconds=check_seconds(lease_seconds, "lease_seconds"))
-            session, reply = await self._request(tenant, session_id, command, None)
+            session, reply = await self._gateway.request(tenant, session_id, command, None)
             leases = [e.lease_id for e in reply.events if isinstance(e, SlotAcquired)]
             self._held.setdefault(key, []).extend(leases)
         else:
             held = self._held.get(key)
             if not held:
                 log.debug("slot_release_without_slot", tenant=key[0], session_id=key[1], operation=operation)
-                session = await self._existing(session_id, tenant)
+                session = await self._gateway.existing(session_id, tenant)
                 return session.concurrent_operations
             lease_id = held.pop()
             if not held:
                 del self._held[key]
-            session, _ = await self._request(
+            session, _ = await self._gateway.request(
                 tenant, session_id, ReleaseSlot(operation=operation, lease_id=lease_id), None
             )
         return session.concurrent_operations
@@ -274,11 +208,11 @@ class QuotaMethods:
         tenant: str | None = None, command_id: str | None = None,
     ) -> int:
         """Give back the slot ``lease_id`` (from :meth:`admit`), or the oldest slot of
-        ``operation``; returns the slots in use. Idempotent."""
+        ``operation``."""
         operation = check_text(operation, "operation")
         if lease_id is not None:
             lease_id = check_text(lease_id, "lease_id")
-        session = await self._send_existing(
+        session = await self._gateway.send(
             tenant, session_id, ReleaseSlot(operation=operation, lease_id=lease_id), command_id
         )
         return session.concurrent_operations
@@ -287,7 +221,7 @@ class QuotaMethods:
     async def concurrency_slot(
         self, session_id: str, operation: str, *, tenant: str | None = None
     ) -> AsyncIterator[None]:
-        """``async with`` a concurrency slot; it is given back on exit, even on error."""
+        """``async with`` a concurrency slot."""
         holder = ("slot", object())  # this block's own slot, whichever task exits it
         await self.manage_concurrency(session_id, operation, True, tenant=tenant, holder=holder)
         try:
@@ -313,14 +247,7 @@ class QuotaMethods:
         command_id: str | None = None,
     ) -> Admission:
         """Check quotas for ``costs``, every rate window of ``operation`` (if ``rate``) and a
-        concurrency slot (if ``slot``) in one decision: everything is granted together, or
-        nothing is and the first limit hit is raised (QuotaExceededError or RateLimitError).
-
-        With ``reserve=True`` the costs are held, not charged: settle the real amounts with
-        :meth:`settle` once known (e.g. the tokens an LLM stream really used); an unsettled
-        hold is released after ``hold_seconds``. The slot, if taken, is a lease: give it back
-        with :meth:`release_slot` or let it expire after ``lease_seconds``.
-        """
+        concurrency slot (if ``slot``) in one decision."""
         command = Admit(
             operation=check_text(operation, "operation"),
             costs=check_costs(costs, QuotaType),
@@ -330,7 +257,7 @@ class QuotaMethods:
             lease_seconds=check_seconds(lease_seconds, "lease_seconds"),
             hold_seconds=check_seconds(hold_seconds, "hold_seconds"),
         )
-        reply = await self._dispatch(tenant, session_id, command, command_id)
+        reply = await self._gateway.dispatch(tenant, session_id, command, command_id)
         assert reply.session is not None
         charged = await self._report_usage(reply)
         admission: dict[str, Any] = {"charged": charged}
@@ -358,8 +285,7 @@ class QuotaMethods:
         tenant: str | None = None,
         command_id: str | None = None,
     ) -> Admission:
-        """Hold ``costs`` (an estimate, e.g. max tokens) against the quotas; settle the real
-        amounts with :meth:`settle`. Raises QuotaExceededError if the estimate does not fit."""
+        """Hold ``costs`` (an estimate, e.g."""
         return await self.admit(
             session_id, operation, costs, rate=False, slot=False, reserve=True,
             hold_seconds=hold_seconds, tenant=tenant, command_id=command_id,
@@ -374,15 +300,12 @@ class QuotaMethods:
         tenant: str | None = None,
         command_id: str | None = None,
     ) -> dict[str, float]:
-        """Charge what reserved work really used (``actual``; None or {} charges nothing) and
-        release the hold; returns what was charged. Settling never fails for quota (the work is
-        done: an overshoot is recorded and later requests are refused instead). Raises
-        ReservationNotFoundError if the hold expired, was settled already or never existed."""
+        """Charge what reserved work really used (``actual``."""
         command = Settle(
             reservation_id=check_text(reservation_id, "reservation_id"),
             actual=check_costs(actual, QuotaType, "actual"),
         )
-        return await self._report_usage(await self._dispatch(tenant, session_id, command, command_id))
+        return await self._report_usage(await self._gateway.dispatch(tenant, session_id, command, command_id))
 
     # ------------------------------------------------------------------ dynamic limits
 
@@ -399,10 +322,7 @@ class QuotaMethods:
     ) -> dict[str, Any]:
         """Set the limit of one quota for a session (``session_id``) or for every session of a
         user (``user_id=``), until ``until`` (seconds since the epoch, an aware datetime, or a
-        timedelta from now; None: until changed again). ``limit=None`` removes the adjustment.
-        A session adjustment wins over a user one, which wins over the tier. The change is an
-        event; a boost ends by itself at ``until``. Returns the adjusted quota's info (for a
-        session) or the user's adjustments."""
+        timedelta from now."""
         if (session_id is None) == (user_id is None):
             raise ValidationError(
                 "session_id/user_id: expected exactly one of them",
@@ -410,23 +330,20 @@ class QuotaMethods:
             )
         quota_type = check_enum(quota_type, QuotaType, "quota_type")
         new_limit = None if limit is None else check_amount(limit, "limit")
-        deadline = check_instant(until, "until", self._clock())
+        deadline = check_instant(until, "until", self._gateway.clock())
         if user_id is not None:
             user_id = validate_token(user_id, "user_id")
             command = AdjustUserQuota(user_id=user_id, resource_type=quota_type, limit=new_limit, until=deadline)
-            state = await self._tenant_commands(self._tenant_of(tenant), command, command_id)
+            state = await self._gateway.tenant_commands(self._gateway.tenant_of(tenant), command, command_id)
             return {q: {"limit": lim, "until": u} for q, (lim, u) in state.user_boosts.get(user_id, {}).items()}
         adjust = AdjustQuota(resource_type=quota_type, limit=new_limit, until=deadline)
-        await self._send_existing(tenant, session_id, adjust, command_id)
+        await self._gateway.send(tenant, session_id, adjust, command_id)
         return await self.get_quota(session_id, quota_type, tenant=tenant)  # type: ignore[arg-type]
 
     async def set_tenant_policy(
         self, overrides: dict[str, Any], *, tenant: str | None = None, command_id: str | None = None
     ) -> dict[str, Any]:
-        """Merge ``overrides`` (any part of the tier policy document, e.g. ``{"tiers": {"pro":
-        {"quotas": {"tokens": {"limit": 5000}}}}}``) into the tenant's policy; the change is an
-        event and gets the next policy version, which every later decision records. Returns
-        the tenant's effective policy. Raises ValidationError naming the wrong field."""
+        """Merge ``overrides`` (any part of the tier policy document, e.g."""
         if not isinstance(overrides, dict):
             raise ValidationError(
                 f"overrides: expected a dict, got {type(overrides).__name__}",
@@ -434,12 +351,12 @@ class QuotaMethods:
                 got=type(overrides).__name__,
             )
         command = SetTenantPolicy(overrides=check_metadata(overrides, "overrides"))
-        tenant = self._tenant_of(tenant)
-        await self._tenant_commands(tenant, command, command_id)
+        tenant = self._gateway.tenant_of(tenant)
+        await self._gateway.tenant_commands(tenant, command, command_id)
         return await self.get_tenant_policy(tenant=tenant)
 
     async def get_tenant_policy(self, *, tenant: str | None = None) -> dict[str, Any]:
         """The tenant's effective tier policy as a JSON-ready dict (with its ``version``)."""
-        policy: Policy = self._policies.policy(self._tenant_of(tenant))
+        policy: Policy = self._gateway.policies.policy(self._gateway.tenant_of(tenant))
         return msgspec.to_builtins(policy)  # type: ignore[no-any-return]
 

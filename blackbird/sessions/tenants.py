@@ -8,8 +8,6 @@ policies) and is updated at once by the tenant commands this process runs itself
 
 from __future__ import annotations
 
-import os
-
 import anyio
 import anyio.abc
 import nats.js.errors
@@ -36,7 +34,7 @@ class TenantDirectory:
     async def command(self, tenant: str, command: TenantCommand, command_id: str | None) -> TenantState:
         """Run a tenant command durably and return the tenant's state after it."""
         key = AggregateKey(tenant, "tenant", tenant)
-        outcome = await ask_or_raise(self._host, key, command, command_id or os.urandom(16).hex(), self._principal)
+        outcome = await ask_or_raise(self._host, key, command, command_id, self._principal)
         self._book.observe(outcome.state)
         return outcome.state  # type: ignore[no-any-return]
 

@@ -28,11 +28,11 @@ import msgspec
 import structlog
 
 from actors.events import MessagePosted
-from blackbird.streams.backlog import WHOLE_COMMIT, Backlog, Position, parse_resume
 from blackbird._errors_group import single_error
 from blackbird._validate import invalid
-from blackbird.errors import SessionNotFoundError
 from blackbird.journal import Entry, Journal
+from blackbird.sessions.gateway import SessionGateway
+from blackbird.streams.backlog import WHOLE_COMMIT, Backlog, Position, parse_resume
 from blackbird.subjects import validate_token
 
 log = structlog.get_logger("blackbird.streams")
@@ -132,8 +132,8 @@ class Subscription:
 class AsyncStreams:
     """``.streams`` on AsyncBlackbird: subscribe to a session's channel messages."""
 
-    def __init__(self, sessions: Any, journal: Journal) -> None:
-        self._sessions = sessions  # AsyncSessionManager
+    def __init__(self, gateway: SessionGateway, journal: Journal) -> None:
+        self._gateway = gateway
         self._journal = journal
 
     @contextlib.asynccontextmanager
@@ -166,9 +166,7 @@ class AsyncStreams:
                 raise invalid(name, "a list of channel names (may be empty)", repr(value))
             for channel in value:
                 validate_token(channel, name)
-        session = await self._sessions.get_session(session_id, tenant=tenant)
-        if session is None:
-            raise SessionNotFoundError(f"session {session_id!r} not found", session_id=session_id)
+        session = await self._gateway.existing(session_id, tenant)
         subject = self._journal.subjects.session(session.tenant, session.session_id)
         until = await self._journal.last_seq_of(subject)
         backlog: Backlog[StreamEvent] = Backlog(resume, critical=critical, coalesce=coalesce)
