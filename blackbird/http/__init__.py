@@ -1,1 +1,1 @@
-"""http"""
+"""The HTTP edge: a Starlette app serving session streams as Server-Sent Events (app)."""

@@ -1,1 +1,1 @@
-"""server"""
+"""The embedded nats-server a Blackbird data folder runs on (embedded)."""
