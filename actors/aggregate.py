@@ -23,6 +23,8 @@ def apply_commands(evolve: Callable[[S, Event], S], state: S, applied: tuple[App
     for command in applied:
         for event in command.events:
             state = evolve(state, event)
+    # Every state has these fields (see above), but a type variable cannot be bound to "a Struct
+    # with these fields" (mypy has no intersection of Struct and a protocol), hence the ignores.
     recent = idempotency.remember(state.recent_commands, (c.command_id for c in applied))  # type: ignore[attr-defined]
     refusals = idempotency.remember_refusals(
         state.recent_refusals,  # type: ignore[attr-defined]
@@ -60,4 +62,4 @@ class Behaviour:
         return idempotency.refusal(state.recent_refusals, command_id)
 
     def version(self, state: Any) -> int:
-        return state.version  # type: ignore[no-any-return]
+        return state.version  # type: ignore[no-any-return]  # every state's version is an int

@@ -59,10 +59,10 @@ class Behaviour(Protocol[S]):
     def version(self, state: S) -> int: ...
 
 
-class Outcome(msgspec.Struct, Generic[S], gc=False):
+class Outcome(msgspec.Struct, gc=False):
     """The host's answer to one command: the state after it and, if refused, why."""
 
-    state: Any
+    state: Any  # the aggregate's state; a host serves one behaviour, of any state type
     sequence: int
     rejection: Rejection | None = None
     duplicate: bool = False
@@ -142,6 +142,7 @@ class ActorHost:
         self._actors: dict[AggregateKey, _Actor] = {}
         self._tg: TaskGroup | None = None
         self._snapshot_codec = msgspec.msgpack.Encoder()
+        # a type chosen at run time: mypy reads a subscript as a static type, and cannot here
         self._snapshot_decoder = msgspec.msgpack.Decoder(_Snapshot[behaviour.state_type])  # type: ignore[name-defined]
 
     async def __aenter__(self) -> Self:
@@ -237,7 +238,8 @@ class ActorHost:
                 request.error = exc
         if actor.since_snapshot >= self._snapshot_every and actor.state is not None:
             actor.since_snapshot = 0
-            self._tg.start_soon(self._save_snapshot, actor, actor.seq, actor.state)  # type: ignore[union-attr]
+            assert self._tg is not None  # set on entry, before any command could run
+            self._tg.start_soon(self._save_snapshot, actor, actor.seq, actor.state)
 
     async def _handle(self, actor: _Actor, batch: list[_Request]) -> None:
         """Decide every request of ``batch`` in order, append their events as one commit, and
@@ -295,7 +297,7 @@ class ActorHost:
                 await self._catch_up(actor)
                 fresh = True
                 continue
-            final = msgspec.structs.replace(state, version=commit.version)  # type: ignore[type-var]
+            final = msgspec.structs.replace(state, version=commit.version)
             actor.state, actor.seq = final, result.seq
             actor.since_snapshot += 1
             for request, (after, rejection, duplicate, events) in zip(batch, answers, strict=True):

@@ -1,11 +1,11 @@
-"""The window of recent command ids an aggregate remembers, so a retry is applied once even
-after JetStream's duplicate window has passed.
+"""The window of recent command ids an aggregate remembers, so a retry is applied once.
 
-Kept as packed 64-bit fingerprints in one ``bytes`` value rather than a tuple of strings: a
-bytes object is a single allocation the garbage collector never scans, so a thousand busy
-sessions with full windows cost no more per command than empty ones. (A tuple of 256 strings
-per session made sustained throughput fall by a quarter.) Two distinct ids share a fingerprint
-with probability about 2^-64 per pair.
+It outlives JetStream's duplicate window (2 minutes by default), which alone would let a late
+retry through. Kept as packed 64-bit fingerprints in one ``bytes`` value rather than a tuple of
+strings: a bytes object is a single allocation the garbage collector never scans, so a thousand
+busy sessions with full windows cost no more per command than empty ones. (A tuple of 256
+strings per session made sustained throughput fall by a quarter.) Two distinct ids share a
+fingerprint with probability about 2^-64 per pair.
 """
 
 from __future__ import annotations

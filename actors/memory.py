@@ -1,11 +1,12 @@
-"""The memory aggregate (pure): one per memory scope, ``<scope>:<owner>`` (``user:u1``,
-``session:s1``, ``group:research``, ``agent:planner``, ``tenant:acme``).
+"""The memory aggregate (pure): what a write, an expiry or an eviction means for one scope.
 
-It decides what a memory write means — a new memory, an update of a near-duplicate (the shell
-found it by vector search and says so in the command), or a newer memory with the same ``key``
-superseding the old one (``valid_to`` set, so ``as_of`` queries still see it) — and keeps the
-key-value cache, evicting by a retention score rather than plain LRU. Expiry (retention periods,
-cache TTLs) is decided here as events. Texts travel sealed (encrypted by the author's key).
+There is one per memory scope, ``<scope>:<owner>`` (``user:u1``, ``session:s1``,
+``group:research``, ``agent:planner``, ``tenant:acme``). It decides what a memory write means —
+a new memory, an update of a near-duplicate (the shell found it by vector search and says so in
+the command), or a newer memory with the same ``key`` superseding the old one (``valid_to`` set,
+so ``as_of`` queries still see it) — and keeps the key-value cache, evicting by a retention
+score rather than plain LRU. Expiry (retention periods, cache TTLs) is decided here as events.
+Texts travel sealed (encrypted by the author's key).
 """
 
 from __future__ import annotations

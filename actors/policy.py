@@ -69,6 +69,7 @@ class RateLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     per_day: Count | None = None
 
     def limit(self, window: RateLimitType) -> int | None:
+        # the field named by the window's value: int | None, which getattr cannot tell mypy
         return getattr(self, window.value)  # type: ignore[no-any-return]
 
 

@@ -1,7 +1,8 @@
 """Quota, rate-limit, concurrency and admission decisions for the session aggregate (pure).
 
-Each function takes the session state, the command, ``now``, the tier policy in force and the
-policy version, and returns a :class:`Decision` whose events record the outcome either way:
+Each function takes the session's state (read through :class:`actors.limits.QuotaView`, so the
+API's ``SessionView`` serves for reports too), the command, ``now``, the tier policy in force and
+the policy version, and returns a :class:`Decision` whose events record the outcome either way:
 allowed (``UsageTracked``, ``RateAllowed``, ``SlotAcquired``, ``Reserved``) or denied
 (``QuotaDenied``, ``RateDenied``, ``SlotDenied``) with the policy version, so an audit shows
 why a request was refused. Because the session's single actor makes every decision from its
@@ -17,9 +18,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
-
-import msgspec
 
 from actors import ratelog
 from actors.events import (
@@ -29,6 +27,7 @@ from actors.events import (
     CheckRate,
     Decision,
     Event,
+    Metadata,
     QuotaAdjusted,
     QuotaDenied,
     RateAllowed,
@@ -46,15 +45,8 @@ from actors.events import (
     TrackUsage,
     UsageTracked,
 )
+from actors.limits import NO_BOOSTS, Boosts, QuotaState, QuotaView
 from actors.policy import QuotaType, RateLimitType, TierPolicy
-
-if TYPE_CHECKING:
-    from actors.session import SessionState
-
-#: quota value -> (limit, until or None for "until changed again")
-Boosts = Mapping[str, tuple[float, float | None]]
-NO_BOOSTS: Boosts = {}
-
 
 # --------------------------------------------------------------------------- quotas
 
@@ -64,7 +56,7 @@ def window_start(created_at: float, period: float, now: float) -> float:
     return created_at + math.floor(max(0.0, now - created_at) / period) * period
 
 
-def used_in_window(state: SessionState, resource: str, start: float) -> float:
+def used_in_window(state: QuotaView, resource: str, start: float) -> float:
     current = state.usage.get(resource)
     return current[1] if current is not None and current[0] == start else 0.0
 
@@ -77,7 +69,7 @@ def _live_boost(boosts: Boosts, resource: str, now: float) -> float | None:
 
 
 def limit_in_force(
-    state: SessionState, tier: TierPolicy, resource: str, now: float, user_boosts: Boosts
+    state: QuotaView, tier: TierPolicy, resource: str, now: float, user_boosts: Boosts
 ) -> tuple[float, float, float | None]:
     """``(limit, window_start, resets_at)`` for ``resource`` at ``now``.
 
@@ -95,7 +87,7 @@ def limit_in_force(
     return (limit if boost is None else boost), start, resets
 
 
-def reserved(state: SessionState, resource: str, now: float = -math.inf) -> float:
+def reserved(state: QuotaView, resource: str, now: float = -math.inf) -> float:
     """Amount of ``resource`` held by unsettled reservations still live at ``now`` (a decision
     has released the expired ones already; a read of the state may not have)."""
     return sum(
@@ -106,7 +98,7 @@ def reserved(state: SessionState, resource: str, now: float = -math.inf) -> floa
 
 
 def quota_info(
-    state: SessionState, tier: TierPolicy, now: float, user_boosts: Boosts = NO_BOOSTS
+    state: QuotaView, tier: TierPolicy, now: float, user_boosts: Boosts = NO_BOOSTS
 ) -> dict[str, dict[str, float | None]]:
     """``{quota: {used, limit, remaining, usage_percentage, resets_at, reserved}}`` at ``now``
     for every quota the tier meters (and any other the session has used)."""
@@ -128,7 +120,7 @@ def quota_info(
 
 
 def _check_costs(
-    state: SessionState,
+    state: QuotaView,
     tier: TierPolicy,
     operation: str,
     costs: Mapping[str, float],
@@ -163,11 +155,11 @@ def _check_costs(
 
 
 def _charges(
-    state: SessionState,
+    state: QuotaView,
     tier: TierPolicy,
     operation: str,
     costs: Mapping[str, float],
-    metadata: dict,
+    metadata: Metadata,
     now: float,
     user_boosts: Boosts,
     version: int,
@@ -183,7 +175,7 @@ def _charges(
 
 
 def decide_usage(
-    state: SessionState, command: TrackUsage, now: float, tier: TierPolicy, version: int,
+    state: QuotaView, command: TrackUsage, now: float, tier: TierPolicy, version: int,
     user_boosts: Boosts = NO_BOOSTS,
 ) -> Decision:
     costs = {command.resource_type.value: command.amount}
@@ -195,7 +187,7 @@ def decide_usage(
     )
 
 
-def decide_adjust(state: SessionState, command: AdjustQuota, now: float, version: int) -> Decision:
+def decide_adjust(state: QuotaView, command: AdjustQuota, now: float, version: int) -> Decision:
     if command.until is not None and command.until <= now:
         return Decision(
             rejection=Rejection(
@@ -226,7 +218,7 @@ def rate_key(operation: str, window: RateLimitType) -> str:
 
 
 def rate_status(
-    state: SessionState, tier: TierPolicy, now: float
+    state: QuotaView, tier: TierPolicy, now: float
 ) -> dict[str, dict[str, dict[str, float | int]]]:
     """Per operation (the named ones, ``default`` and any seen) and window: limit, remaining,
     reset_at (when one more request would be admitted)."""
@@ -252,7 +244,7 @@ def rate_status(
 
 
 def _check_rate(
-    state: SessionState,
+    state: QuotaView,
     tier: TierPolicy,
     operation: str,
     only: RateLimitType | None,
@@ -289,7 +281,7 @@ def _check_rate(
 
 
 def decide_rate(
-    state: SessionState, command: CheckRate, now: float, tier: TierPolicy, version: int
+    state: QuotaView, command: CheckRate, now: float, tier: TierPolicy, version: int
 ) -> Decision:
     denied, windows = _check_rate(state, tier, command.operation, command.limit_type, now, version)
     if denied is not None:
@@ -302,7 +294,7 @@ def decide_rate(
 # --------------------------------------------------------------------------- concurrency
 
 
-def housekeeping(state: SessionState, now: float) -> tuple[Event, ...]:
+def housekeeping(state: QuotaView, now: float) -> tuple[Event, ...]:
     """Expiry events for leases and reservations whose time is up: a crashed holder loses its
     slot and its hold, and the log says when."""
     expired: list[Event] = [
@@ -319,7 +311,7 @@ def housekeeping(state: SessionState, now: float) -> tuple[Event, ...]:
 
 
 def _check_slot(
-    state: SessionState, tier: TierPolicy, operation: str, now: float, version: int
+    state: QuotaView, tier: TierPolicy, operation: str, now: float, version: int
 ) -> Decision | None:
     rule = tier.concurrency
     same = sum(1 for op, _, _ in state.leases.values() if op == operation)
@@ -346,10 +338,10 @@ def _check_slot(
 
 
 def _grant_slot(
-    state: SessionState, tier: TierPolicy, operation: str, lease_seconds: float | None,
+    state: QuotaView, token: int, tier: TierPolicy, operation: str, lease_seconds: float | None,
     now: float, version: int,
 ) -> SlotAcquired:
-    token = state.fencing + 1
+    """The lease of a slot, fenced by ``token`` (one more than the last token granted)."""
     return SlotAcquired(
         at=now, operation=operation, lease_id=f"{state.session_id}:{token}",
         expires_at=now + (lease_seconds or tier.concurrency.lease_seconds),
@@ -358,15 +350,18 @@ def _grant_slot(
 
 
 def decide_acquire(
-    state: SessionState, command: AcquireSlot, now: float, tier: TierPolicy, version: int
+    state: QuotaState, command: AcquireSlot, now: float, tier: TierPolicy, version: int
 ) -> Decision:
     denied = _check_slot(state, tier, command.operation, now, version)
     if denied is not None:
         return denied
-    return Decision(events=(_grant_slot(state, tier, command.operation, command.lease_seconds, now, version),))
+    slot = _grant_slot(
+        state, state.fencing + 1, tier, command.operation, command.lease_seconds, now, version
+    )
+    return Decision(events=(slot,))
 
 
-def decide_release(state: SessionState, command: ReleaseSlot, now: float) -> Decision:
+def decide_release(state: QuotaView, command: ReleaseSlot, now: float) -> Decision:
     if command.lease_id is not None:
         held = state.leases.get(command.lease_id)
         target = command.lease_id if held is not None and held[0] == command.operation else None
@@ -385,7 +380,7 @@ def decide_release(state: SessionState, command: ReleaseSlot, now: float) -> Dec
 
 
 def decide_admit(
-    state: SessionState, command: Admit, now: float, tier: TierPolicy, version: int,
+    state: QuotaState, command: Admit, now: float, tier: TierPolicy, version: int,
     user_boosts: Boosts = NO_BOOSTS,
 ) -> Decision:
     """Quotas, every rate window and a concurrency slot in one all-or-nothing decision."""
@@ -417,14 +412,17 @@ def decide_admit(
         events += _charges(state, tier, command.operation, costs, {}, now, user_boosts, version)
     if command.rate:
         events.append(RateAllowed(at=now, operation=command.operation, windows=windows, policy_version=version))
-    if command.slot:
-        bumped = state if token == state.fencing else msgspec.structs.replace(state, fencing=token)
-        events.append(_grant_slot(bumped, tier, command.operation, command.lease_seconds, now, version))
+    if command.slot:  # fenced after the reservation's token, if one was taken above
+        events.append(
+            _grant_slot(
+                state, token + 1, tier, command.operation, command.lease_seconds, now, version
+            )
+        )
     return Decision(events=tuple(events))
 
 
 def decide_settle(
-    state: SessionState, command: Settle, now: float, tier: TierPolicy, version: int,
+    state: QuotaView, command: Settle, now: float, tier: TierPolicy, version: int,
     user_boosts: Boosts = NO_BOOSTS,
 ) -> Decision:
     """Charge the actual amounts of a reserved piece of work and release its hold.

@@ -22,6 +22,7 @@ from actors.events import (
     Event,
     GetSession,
     MessagePosted,
+    Metadata,
     PostMessage,
     QuotaAdjusted,
     QuotaDenied,
@@ -50,9 +51,9 @@ from actors.events import (
     TrackUsage,
     UsageTracked,
 )
+from actors.limits import NO_BOOSTS, Boosts
 from actors.policy import Policy, TierPolicy
 from actors.ports import AggregateKey
-from actors.quota import NO_BOOSTS, Boosts
 from actors.tenant import PolicyBook
 
 __all__ = ["Decision", "SessionState", "apply_commit", "decide", "evolve", "fold"]
@@ -69,7 +70,7 @@ class SessionState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     user_id: str = ""
     tier: str = ""
     status: SessionStatus = SessionStatus.ACTIVE
-    metadata: dict = {}
+    metadata: Metadata = {}
     created_at: float = 0.0
     last_activity: float = 0.0
     idle_timeout: float = 0.0

@@ -25,9 +25,9 @@ from actors.events import (
     TenantPolicyChanged,
     UserQuotaAdjusted,
 )
+from actors.limits import NO_BOOSTS, Boosts
 from actors.policy import Policy, PolicyError, policy_from_document
 from actors.ports import AggregateKey
-from actors.quota import NO_BOOSTS, Boosts
 
 
 class TenantState(msgspec.Struct, frozen=True, kw_only=True, gc=False):

@@ -1,11 +1,11 @@
-"""The user aggregate (pure): the sessions a user holds open, against the tier's
-``max_sessions_per_user``.
+"""The user aggregate (pure): the sessions a user holds open, against the tier's limit.
 
-Its commits live on ``<prefix>.<tenant>.user.<user_id>``. A session is opened here before it is
-created (so two hosts cannot both open the last allowed session) and closed when it is
-terminated. A session that lapsed by idle time or age, or whose creation never completed,
-is closed by the caller's reconciliation when the limit is reached: the user actor cannot see
-session state, the shell that asks it can.
+The limit is the tier's ``max_sessions_per_user``. Its commits live on
+``<prefix>.<tenant>.user.<user_id>``. A session is opened here before it is created (so two
+hosts cannot both open the last allowed session) and closed when it is terminated. A session
+that lapsed by idle time or age, or whose creation never completed, is closed by the caller's
+reconciliation when the limit is reached: the user actor cannot see session state, the shell
+that asks it can.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from actors.events import (
 )
 from actors.policy import Policy
 from actors.ports import AggregateKey
+from actors.tenant import PolicyBook
 
 
 class UserState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -111,12 +112,12 @@ class UserBehaviour(aggregate.Behaviour):
     state_type = UserState
     evolve = staticmethod(evolve)
 
-    def __init__(self, policies: object) -> None:
-        self.policies = policies  # a PolicyBook
+    def __init__(self, policies: PolicyBook) -> None:
+        self.policies = policies
 
     def initial_state(self, key: AggregateKey) -> UserState:
         return UserState(tenant=key.tenant, user_id=key.id)
 
     def decide(self, state: UserState, command: UserCommand, now: float) -> Decision:
-        return decide(state, command, now, self.policies.policy(state.tenant))  # type: ignore[attr-defined]
+        return decide(state, command, now, self.policies.policy(state.tenant))
 

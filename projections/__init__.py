@@ -1,1 +1,1 @@
-"""Folds over the log: read models rebuilt from JetStream (see the projections issue)."""
+"""Projections: pure folds of the log into read models, run from a checkpoint and rebuildable."""

@@ -159,6 +159,7 @@ class ProjectionRunner(Generic[M]):
         self._saved_at = 0.0
         self._waiters = Waiters()
         self._encode = msgspec.msgpack.Encoder().encode
+        # a type chosen at run time: mypy reads a subscript as a static type, and cannot here
         self._decode = msgspec.msgpack.Decoder(_Snapshot[projection.model_type]).decode  # type: ignore[name-defined]
         self.log = log.bind(projection=self.name)
 

@@ -1,17 +1,14 @@
-"""Audit output: an audit report in words.
+"""Audit events in words: each event of the timeline, and each refusal's figures, as short text.
 
-The timeline's events and refusals as short text with their key figures, the report as a text
-table followed by the state (quotas and rate windows one line each, instants as ISO-8601 UTC),
-and the report as JSON-ready builtins. Replaying the log is :mod:`blackbird.audit.replay`'s job.
+Instants read as ISO-8601 UTC. The report these words go into (its text table and JSON form) is
+:mod:`blackbird.audit.report`; replaying the log is :mod:`blackbird.audit.replay`'s job.
 """
 
 from __future__ import annotations
 
 import datetime
 import math
-from typing import TYPE_CHECKING, Any
-
-import msgspec
+from typing import Any
 
 from actors.events import (
     AlertRaised,
@@ -41,14 +38,9 @@ from actors.events import (
     UserSessionOpened,
 )
 
-if TYPE_CHECKING:
-    from blackbird.audit.replay import AuditReport
-
-
-# --------------------------------------------------------------------------- the timeline
-
 
 def iso(at: float) -> str:
+    """``at`` (seconds since the epoch) as ISO-8601 UTC to the millisecond, e.g. ``...Z``."""
     moment = datetime.datetime.fromtimestamp(at, datetime.UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -148,104 +140,3 @@ def key_figures(event: Event) -> str | None:
         case SessionExpired():
             return f"reason={event.reason}"
     return None
-
-# --------------------------------------------------------------------------- output
-
-
-def finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [finite(v) for v in value]
-    return value
-
-
-def _aggregate(subject: str) -> str:
-    """``session s1`` / ``user u1`` / ``tenant`` from an event subject."""
-    parts = subject.split(".", 3)
-    return " ".join(parts[2:])
-
-
-def render_text(report: AuditReport) -> str:
-    cut = []
-    if report.until_seq is not None:
-        cut.append(f"seq {report.until_seq}")
-    if report.until is not None:
-        cut.append(iso(report.until))
-    title = f"audit of {report.scope} {report.id!r}"
-    if report.scope != "tenant":
-        title += f" in tenant {report.tenant!r}"
-    lines = [title + (f", up to {' and '.join(cut)}" if cut else ", up to now")]
-    header = ["SEQ", "WHEN", "WHO"] + (["ON"] if report.scope != "session" else []) + ["WHAT", "DECISION", "WHY"]
-    table = [header]
-    for row in report.rows:
-        on = [_aggregate(row.subject)] if report.scope != "session" else []
-        what = "; ".join(row.what)
-        table.append([str(row.seq), row.when, row.who, *on, what, row.decision, row.why or ""])
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    for r in table:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-    if not report.rows:
-        lines.append("(no commands)")
-    when = "" if report.at is None else f", {iso(report.at)}"
-    lines.append("")
-    lines.append(f"state at seq {report.last_seq}{when}:")
-    lines.extend(_render_value(_compact(finite(msgspec.to_builtins(report.state))), "  "))
-    return "\n".join(lines)
-
-
-def _compact(state: dict[str, Any]) -> dict[str, Any]:
-    """Quotas and rate windows one line each (``used / limit ...``), for people."""
-    state = dict(state)
-    if "quota" in state:
-        quotas = {}
-        for name, q in state["quota"].items():
-            limit = "unlimited" if q["limit"] is None else _scalar(q["limit"])
-            line = f"{_scalar(q['used'])} / {limit} ({q['usage_percentage'] or 0:.1f}%)"
-            if q["reserved"]:
-                line += f", {_scalar(q['reserved'])} reserved"
-            if q["resets_at"] is not None:
-                line += f", resets {iso(q['resets_at'])}"
-            quotas[name] = line
-        state["quota"] = quotas
-        state.pop("usage", None)  # the quota lines say it
-    if "rate_limits" in state:
-        state["rate_limits"] = {
-            f"{operation} {window}": f"{w['used']} / {'unlimited' if w['limit'] is None else w['limit']}"
-            for operation, windows in state["rate_limits"].items()
-            for window, w in windows.items()
-        }
-    return state
-
-
-def _render_value(value: dict[str, Any], indent: str) -> list[str]:
-    lines: list[str] = []
-    for key, item in value.items():
-        if isinstance(item, dict) and item:
-            lines.append(f"{indent}{key}:")
-            lines.extend(_render_value(item, indent + "  "))
-        elif _is_instant(key) and isinstance(item, int | float) and not isinstance(item, bool):
-            lines.append(f"{indent}{key}: {iso(item)}")
-        else:
-            lines.append(f"{indent}{key}: {_scalar(item)}")
-    return lines
-
-
-def _is_instant(key: str) -> bool:
-    return key.endswith("_at") or key in ("last_activity", "window_start", "until")
-
-
-def _scalar(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, dict):
-        return "{}"
-    if isinstance(value, list):
-        return "[" + ", ".join(_scalar(v) for v in value) + "]"
-    if isinstance(value, float):
-        return str(int(value)) if value.is_integer() else f"{value:.3f}".rstrip("0")
-    return str(value)

@@ -4,7 +4,8 @@ The report is rebuilt from the log alone (no snapshot, no read model): a timelin
 command (when, who, what it caused, allowed or refused and why, at which sequence) and the
 state the aggregates were in at that point. Every read goes through the audited tenant's own
 subjects, so an audit of one tenant cannot see another tenant's commits. How the report reads
-(its events in words, the text table, the JSON form) is in :mod:`blackbird.audit.render`.
+(its text table and JSON form) is :mod:`blackbird.audit.report`, its events in words
+:mod:`blackbird.audit.render`.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from actors.policy import RateLimitType
 from actors.ports import AggregateKey
 from actors.session import SessionState
 from actors.tenant import PolicyBook, TenantState
-from blackbird.audit.render import describe, finite, iso, key_figures, render_text
 from blackbird._validate import invalid
+from blackbird.audit.render import describe, iso, key_figures
+from blackbird.audit.report import AuditReport, TimelineRow
 from blackbird.errors import BlackbirdError, SessionNotFoundError
 from blackbird.journal import Entry, Journal
 from blackbird.subjects import validate_token
@@ -43,43 +45,6 @@ __all__ = ["AuditReport", "Auditor", "TimelineRow", "parse_until"]
 
 ALLOWED = "allowed"
 REFUSED = "refused"
-
-
-class TimelineRow(msgspec.Struct, frozen=True, kw_only=True):
-    """One command as the log recorded it."""
-
-    seq: int  # stream sequence of its commit
-    at: float  # seconds since the epoch (the deciding host's clock)
-    when: str  # ``at`` as ISO-8601 UTC
-    subject: str
-    who: str  # the principal that caused it
-    command_id: str
-    what: list[str]  # its events, each with its key fields
-    decision: str  # "allowed" | "refused"
-    why: str | None  # the refusal's message and numbers; None when allowed
-    policy_version: int | None  # the tier-policy version it was decided under, if recorded
-
-
-class AuditReport(msgspec.Struct, frozen=True, kw_only=True):
-    """What an audit found: the timeline up to the cut and the state at that point."""
-
-    scope: str  # "session" | "user" | "tenant"
-    id: str  # the session id, the user id, or the tenant
-    tenant: str
-    until_seq: int | None  # as asked
-    until: float | None  # as asked, in seconds since the epoch
-    last_seq: int  # the last sequence replayed (0: nothing)
-    at: float | None  # the instant the state is reported at (``until``, else the last commit's)
-    rows: list[TimelineRow]
-    state: dict[str, Any]
-
-    def to_dict(self) -> dict[str, Any]:
-        """The report as JSON-ready builtins; an unlimited (infinite) number becomes None."""
-        return finite(msgspec.to_builtins(self))  # type: ignore[no-any-return]
-
-    def render(self) -> str:
-        """A readable text table of the timeline, then the state."""
-        return render_text(self)
 
 
 class _Verifiable(Protocol):
