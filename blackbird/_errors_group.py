@@ -1,5 +1,7 @@
-"""Task groups wrap every error in an exception group; callers of the public API get the typed
-error itself."""
+"""Unwrapping exception groups, so callers of the public API get the typed error itself.
+
+Task groups wrap every error in an exception group.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Projections at the edge: durable checkpoints in NATS, the runners a client owns, and the
-queries the session manager answers from them.
+"""Projections at the edge: durable checkpoints in NATS and the runners a client owns.
+
+The session manager's read-model queries are answered from these runners.
 
 Checkpoints: a KV bucket holds, per projection, ``{seq, object}`` and is updated with
 compare-and-swap on its revision; the model itself (which can be megabytes) is an object in a

@@ -1,5 +1,7 @@
-"""Process settings for a long-running actor host (``blackbird serve``), not for a library
-import: the library never changes process-wide state on its own."""
+"""Process settings for a long-running actor host (``blackbird serve``).
+
+Not for a library import: the library never changes process-wide state on its own.
+"""
 
 from __future__ import annotations
 
@@ -19,4 +21,4 @@ def tune_gc_for_serving() -> tuple[int, int, int]:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLD)
-    return previous  # type: ignore[return-value]
+    return previous

@@ -1,6 +1,8 @@
-"""Argument checks for the public API: each returns the clean value or raises a
-:class:`~blackbird.errors.ValidationError` naming the field and what was expected, before
-anything is sent (so bad input appends nothing)."""
+"""Argument checks for the public API.
+
+Each returns the clean value or raises a :class:`~blackbird.errors.ValidationError` naming the
+field and what was expected, before anything is sent (so bad input appends nothing).
+"""
 
 from __future__ import annotations
 

@@ -117,7 +117,7 @@ class Session(SessionView, frozen=True):
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict of the session, including the derived fields."""
-        data = msgspec.to_builtins(self)
+        data: dict[str, Any] = msgspec.to_builtins(self)
         del data["rate_logs"]  # internal packed timestamps; see get_rate_limits()
         data["status"] = self.effective_status.value
         data["is_active"] = self.is_active

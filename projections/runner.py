@@ -50,12 +50,6 @@ class Projection(Protocol[M]):
         ...
 
 
-class LogEntry(Protocol):
-    seq: int
-    subject: str
-    commit: Commit
-
-
 class Log(Protocol):
     async def replay(
         self, subject_filter: str, after_seq: int, on_entry: Callable[[int, str, Commit], None],

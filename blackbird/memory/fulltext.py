@@ -1,5 +1,6 @@
-"""Full-text (keyword) ranking of a memory scope's current rows: Okapi BM25 over an inverted index
-kept in memory beside the scope's vectors.
+"""Full-text (keyword) ranking of a memory scope's current rows with Okapi BM25.
+
+The inverted index is kept in memory beside the scope's vectors.
 
 Terms are made the way the LanceDB (tantivy) full-text index of the memory tables makes them
 (``FTS()`` defaults): split on anything not a letter or digit, lower-cased, folded to ASCII,
@@ -133,7 +134,7 @@ class Corpus(NamedTuple):
     terms: int
     df: dict[str, int]
 
-    def __add__(self, other: object) -> Corpus:  # type: ignore[override]
+    def __add__(self, other: object) -> Corpus:
         if not isinstance(other, Corpus):
             return NotImplemented
         df = dict(self.df)

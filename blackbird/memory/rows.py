@@ -1,5 +1,6 @@
-"""The in-memory copy of a memory scope's current rows that recall and the near-duplicate check
-read: their vectors in one matrix, their texts in a keyword index.
+"""The in-memory copy of a memory scope's current rows, read by recall and the duplicate check.
+
+Their vectors are in one matrix, their texts in a keyword index.
 
 :class:`LiveScope` changes in place as the index applies batches; :class:`ScopeRows` is an
 immutable snapshot of it for one search. A write costs O(1) amortised (a vector is appended to
@@ -51,7 +52,7 @@ class ScopeRows:
             return np.zeros((0,) + vectors.shape[:-1][:1], np.float32)
         out = self.matrix @ vectors.T
         out[~self.alive] = -np.inf
-        return out  # type: ignore[no-any-return]
+        return out
 
 
 class LiveScope:

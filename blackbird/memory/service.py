@@ -170,7 +170,8 @@ class AsyncMemory:
 
     def _vector(self, text: str, vector: Any) -> np.ndarray:
         if vector is None:
-            return self.embedder.embed([text])[0]
+            embedded: np.ndarray = self.embedder.embed([text])[0]
+            return embedded
         array = np.asarray(vector, dtype=np.float32).reshape(-1)
         if array.shape[0] != self.embedder.dimension or not np.all(np.isfinite(array)):
             raise invalid(
@@ -588,7 +589,7 @@ class _PresentCandidates:
         for scope in self._scopes:
             similarity = scope.similarity(vector)
             top = np.argpartition(-similarity, pool)[:pool] if len(similarity) > pool else range(len(similarity))
-            best += [(-float(similarity[i]), len(best) + n, scope.rows[i]) for n, i in enumerate(top) if scope.alive[i]]  # type: ignore[misc]
+            best += [(-float(similarity[i]), len(best) + n, scope.rows[i]) for n, i in enumerate(top) if scope.alive[i]]
         best.sort(key=lambda item: item[:2])
         return [row for _, _, row in best if row["valid_from"] <= self._at][:pool]
 
@@ -620,7 +621,7 @@ class _PastCandidates:
 
     async def by_vector(self, vector: np.ndarray, pool: int) -> list[dict[str, Any]]:
         search = self._table.search(vector).metric("cosine").where(self._where, prefilter=True).limit(pool)
-        return await anyio.to_thread.run_sync(search.to_list)  # type: ignore[no-any-return]
+        return await anyio.to_thread.run_sync(search.to_list)
 
 
 # --------------------------------------------------------------------------- ranking (pure)

@@ -1,3 +1,6 @@
-"""Sessions and their limits: the session manager (manager), the gateway it shares with quotas,
-analytics, memory and streams (gateway), quota and rate decisions (quotas), read-model queries
-(analytics) and tenant policies at the edge (tenants)."""
+"""Sessions, their limits and their analytics.
+
+``manager`` is the session manager, ``gateway`` the lookups it shares with quotas, analytics,
+memory and streams, ``quotas`` the limit methods, ``analytics`` the read-model queries and
+``tenants`` tenant policies at the edge.
+"""

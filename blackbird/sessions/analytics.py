@@ -1,5 +1,6 @@
-"""Read-model queries on sessions: usage history, statistics, analytics and predictions (the
-session manager forwards its analytics methods here).
+"""Read-model queries on sessions: usage history, statistics, analytics and predictions.
+
+The session manager forwards its analytics methods here.
 
 Answers come from the activity projection (a fold of the log). Each waits until the projection
 has applied this client's last write (read-your-writes), or raises ProjectionTimeoutError.

@@ -1,5 +1,6 @@
-"""Which tenant, which tier policy, which session: the lookups and the command path that the
-session manager, quotas, analytics, memory and streams share.
+"""Which tenant, which tier policy, which session: lookups and the command path, shared.
+
+The session manager, quotas, analytics, memory and streams all use it.
 
 One :class:`SessionGateway` per client, given to each of them as a constructor argument, so none
 of them reaches into another's private state.

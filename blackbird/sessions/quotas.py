@@ -1,5 +1,6 @@
-"""Quotas, rate limits, concurrency slots, admission and tenant policy: the session manager's
-limit-keeping half (mixed into :class:`~blackbird.sessions.manager.AsyncSessionManager`).
+"""Quotas, rate limits, concurrency slots, admission and tenant policy on sessions.
+
+:class:`~blackbird.sessions.manager.AsyncSessionManager` forwards its limit methods here.
 
 Every decision is made by the session's actor from its own state (exact under concurrency) and
 recorded as an event with the policy version it used, allowed or denied.
@@ -71,7 +72,7 @@ class Quotas:
         wanted = None if quota_type is None else check_enum(quota_type, QuotaType, "quota_type")
         session = await self._gateway.existing(session_id, tenant)
         boosts = self._gateway.policies.user_boosts(session.tenant, session.user_id)
-        info = quota.quota_info(session, self._gateway.tier_policy(session), self._gateway.clock(), boosts)  # type: ignore[arg-type]
+        info = quota.quota_info(session, self._gateway.tier_policy(session), self._gateway.clock(), boosts)
         if wanted is None:
             return info
         return info.get(wanted.value) or {
@@ -82,7 +83,7 @@ class Quotas:
     async def get_rate_limits(self, session_id: str, *, tenant: str | None = None) -> dict[str, Any]:
         """Per operation and window."""
         session = await self._gateway.existing(session_id, tenant)
-        return quota.rate_status(session, self._gateway.tier_policy(session), self._gateway.clock())  # type: ignore[arg-type]
+        return quota.rate_status(session, self._gateway.tier_policy(session), self._gateway.clock())
 
     # ------------------------------------------------------------------ usage
 
@@ -337,8 +338,8 @@ class Quotas:
             state = await self._gateway.tenant_commands(self._gateway.tenant_of(tenant), command, command_id)
             return {q: {"limit": lim, "until": u} for q, (lim, u) in state.user_boosts.get(user_id, {}).items()}
         adjust = AdjustQuota(resource_type=quota_type, limit=new_limit, until=deadline)
-        await self._gateway.send(tenant, session_id, adjust, command_id)
-        return await self.get_quota(session_id, quota_type, tenant=tenant)  # type: ignore[arg-type]
+        session = await self._gateway.send(tenant, session_id, adjust, command_id)
+        return await self.get_quota(session.session_id, quota_type, tenant=session.tenant)
 
     async def set_tenant_policy(
         self, overrides: dict[str, Any], *, tenant: str | None = None, command_id: str | None = None

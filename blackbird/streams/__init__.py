@@ -1,2 +1,4 @@
-"""Session streams: subscriptions that replay a session's channel messages from the log and
-then follow live (subscription), and the pure backlog that orders and coalesces them (backlog)."""
+"""Session streams, replayed from the log and then followed live.
+
+``subscription`` holds the subscriptions, ``backlog`` the pure ordering and coalescing.
+"""

@@ -1,5 +1,6 @@
-"""A stream reader's backlog (pure): what waits for the reader, in which order it is handed out,
-and the resume token that makes a reconnect lose and repeat nothing.
+"""A stream reader's backlog (pure): what waits, in which order it goes, how to resume.
+
+The resume token makes a reconnect lose and repeat nothing.
 
 Messages sit at positions ``(sequence, index)`` of the log. The backlog hands out the earliest
 critical message first (``notification`` by default), else the earliest message; a message of a
