@@ -23,15 +23,12 @@ SCHEMA_VERSION = 1
 Metadata = dict[str, Any]  # user-supplied, JSON-serialisable; validated at the edge
 
 
-class SessionStatus(str, enum.Enum):
+class SessionStatus(enum.StrEnum):
     """Lifecycle status of a session. ``str(status.value)`` is what the API reports."""
 
     ACTIVE = "active"
     EXPIRED = "expired"
     TERMINATED = "terminated"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 # --------------------------------------------------------------------------- events

@@ -16,7 +16,7 @@ Seconds = Annotated[float, msgspec.Meta(gt=0)]
 Count = Annotated[int, msgspec.Meta(ge=0)]
 
 
-class QuotaType(str, enum.Enum):
+class QuotaType(enum.StrEnum):
     """A metered resource. The value is what the API reports (``get_quota``'s keys)."""
 
     TOKENS = "tokens"
@@ -25,20 +25,14 @@ class QuotaType(str, enum.Enum):
     COMPUTE_TIME = "compute_time"
     BANDWIDTH = "bandwidth"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class RateLimitType(str, enum.Enum):
+class RateLimitType(enum.StrEnum):
     """A rate-limit window."""
 
     PER_SECOND = "per_second"
     PER_MINUTE = "per_minute"
     PER_HOUR = "per_hour"
     PER_DAY = "per_day"
-
-    def __str__(self) -> str:
-        return self.value
 
     @property
     def seconds(self) -> float:

@@ -209,7 +209,7 @@ def decide_adjust(state: QuotaView, command: AdjustQuota, now: float, version: i
 
 # (window, its value, its length): enum attribute lookups are a real cost on the hot path
 _WINDOWS = tuple((w, w.value, w.seconds) for w in RateLimitType)
-_WINDOW = {w: (entry,) for w, entry in zip(RateLimitType, _WINDOWS)}
+_WINDOW = {w: (entry,) for w, entry in zip(RateLimitType, _WINDOWS, strict=True)}
 WINDOW_SECONDS = {w.value: w.seconds for w in RateLimitType}
 
 
@@ -255,7 +255,7 @@ def _check_rate(
     limits = tier.rate_limits.for_operation(operation)
     logs = state.rate_logs
     checked: list[str] = []
-    for window, name, seconds in _WINDOWS if only is None else _WINDOW[only]:
+    for _window, name, seconds in _WINDOWS if only is None else _WINDOW[only]:
         limit = getattr(limits, name)
         if limit is None:
             continue

@@ -707,7 +707,9 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
 
                     return run
 
-                live_indices = ", ".join(sorted(f"{i.index_type} on {'/'.join(i.columns)}" for i in table.list_indices()))
+                live_indices = ", ".join(
+                    sorted(f"{i.index_type} on {'/'.join(i.columns)}" for i in table.list_indices())
+                )
                 vec_live = timed_sync(searcher(table, "vector"), cfg.breakdown_samples)
                 fts_live = timed_sync(searcher(table, "fts"), cfg.breakdown_samples)
                 as_of_live = {"vector": ms(vec_live, 0.5), "fts": ms(fts_live, 0.5)}

@@ -365,7 +365,10 @@ def check_model(model: Any, fill: Fill, seq: int) -> str:
             f"rebuilt model: {sessions} sessions, {users} users, {counted} session events; "
             f"wrote {SESSIONS}, {USERS}, {wrote}"
         )
-    return f"{len(tenants)} tenants, {users} users, {sessions} sessions, {counted:,} events counted, {history:,} usage rows"
+    return (
+        f"{len(tenants)} tenants, {users} users, {sessions} sessions, {counted:,} events counted, "
+        f"{history:,} usage rows"
+    )
 
 
 async def timed(fn: Callable[[], Awaitable[Any]]) -> tuple[float, Any]:

@@ -169,7 +169,7 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
                 # 2. resume from the middle
                 async with bb.streams.subscribe(sid, coalesce=()) as stream:
                     middle = None
-                    for i in range(cfg.messages // 2):
+                    for _ in range(cfg.messages // 2):
                         middle = await stream.__anext__()
                 assert middle is not None
                 started = time.perf_counter()

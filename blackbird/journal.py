@@ -242,7 +242,9 @@ class Journal:
         # a round trip each, instead of creating a consumer (several round trips). A host that
         # lost a race is back with a fresh decision sooner, so it rarely loses the next one.
         while after_seq < until_seq and len(out) < _DIRECT_READS:
-            msg = await self._js.get_msg(self.stream, seq=after_seq + 1, subject=subject, next=True, direct=self._direct)
+            msg = await self._js.get_msg(
+                self.stream, seq=after_seq + 1, subject=subject, next=True, direct=self._direct
+            )
             seq = int(msg.seq or 0)
             if not after_seq < seq <= until_seq:
                 break

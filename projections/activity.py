@@ -325,9 +325,9 @@ def predict_exhaustion(
     history: list[dict[str, Any]], quotas: dict[str, dict[str, Any]], now: float, window: float
 ) -> dict[str, dict[str, Any]]:
     """Per quota with recent use: the usage rate over the last ``window`` seconds (from the
-    newest-first ``history``; the caller shortens the window for a younger session), hours until ``remaining`` runs out at that rate and the
-    predicted instant (seconds since the epoch). A predicted instant after the quota's reset
-    is reported with ``resets_first`` True."""
+    newest-first ``history``; the caller shortens the window for a younger session), hours
+    until ``remaining`` runs out at that rate and the predicted instant (seconds since the
+    epoch). A predicted instant after the quota's reset is reported with ``resets_first`` True."""
     used: dict[str, float] = {}
     for row in history:
         if row["timestamp"] < now - window:

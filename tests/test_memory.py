@@ -35,7 +35,10 @@ pytestmark = pytest.mark.anyio
 FACTS = [
     ("My daughter Emma was born on March 3rd, 2015.", "When is Emma's birthday?"),
     ("I am allergic to peanuts and shellfish.", "What foods make me sick?"),
-    ("Our office is on the fourth floor of the Harbor building in Lisbon.", "Where is the company's workplace located?"),
+    (
+        "Our office is on the fourth floor of the Harbor building in Lisbon.",
+        "Where is the company's workplace located?",
+    ),
     ("The production database runs PostgreSQL 16 on two replicas.", "Which database engine do we use in prod?"),
     ("I prefer my coffee black with no sugar.", "How do I take my coffee?"),
     ("Our quarterly revenue target is 4.2 million euros.", "What is the sales goal for this quarter?"),
@@ -92,7 +95,7 @@ async def test_the_right_memory_is_in_the_top_three_for_paraphrased_questions(bb
     ids = [m.memory_id for m in written]
     assert len(set(ids)) == len(FACTS)  # none was taken for a near-duplicate of another
     hits = 0
-    for (fact, question), memory_id in zip(FACTS, ids, strict=True):
+    for (_fact, question), memory_id in zip(FACTS, ids, strict=True):
         found = await bb.memory.recall(question, session_id=s.session_id, k=3)
         hits += memory_id in [m.memory_id for m in found]
     assert hits / len(FACTS) >= 0.9, f"{hits}/{len(FACTS)} in the top 3"
@@ -110,7 +113,9 @@ async def test_scopes_are_checked_and_tenants_are_walls(bb: AsyncBlackbird) -> N
     await memory.remember("The launch code word is pineapple.", session_id=a1.session_id, tenant="acme")
     await memory.remember("Team lunch is on Friday.", session_id=a1.session_id, scope="tenant", tenant="acme")
     await memory.add_members("group:research", ["u1"], tenant="acme")
-    await memory.remember("The research budget is secret.", session_id=a1.session_id, scope="group:research", tenant="acme")
+    await memory.remember(
+        "The research budget is secret.", session_id=a1.session_id, scope="group:research", tenant="acme"
+    )
     mine = await memory.recall("code word", session_id=a1.session_id, scopes=["user"], tenant="acme")
     assert [m.text for m in mine][:1] == ["The launch code word is pineapple."]
     # another user of the tenant: not the user scope, yes the tenant scope
@@ -123,13 +128,17 @@ async def test_scopes_are_checked_and_tenants_are_walls(bb: AsyncBlackbird) -> N
         await memory.recall("anything", session_id=a2.session_id, scopes=["user:u1"], tenant="acme")
     assert (await memory.recall("budget", session_id=a1.session_id, scopes=["group:research"], tenant="acme"))
     # the same user id in another tenant sees nothing of acme's
-    other = await memory.recall("code word pineapple", session_id=g1.session_id, scopes=["user", "tenant"], tenant="globex")
+    other = await memory.recall(
+        "code word pineapple", session_id=g1.session_id, scopes=["user", "tenant"], tenant="globex"
+    )
     assert other == []
     with pytest.raises(SessionNotFoundError):  # a session of acme is unknown to globex
         await memory.recall("code word", session_id=a1.session_id, tenant="globex")
 
 
-async def test_forget_user_removes_memories_and_makes_the_log_unreadable(bb: AsyncBlackbird, nats_server: NatsServer) -> None:
+async def test_forget_user_removes_memories_and_makes_the_log_unreadable(
+    bb: AsyncBlackbird, nats_server: NatsServer
+) -> None:
     sm, memory = bb.session_manager, bb.memory
     s = await sm.create_session("leaver", tier="pro")
     secret = "Zebra-Quartz-7731 is the name of my private diary"
@@ -152,7 +161,8 @@ async def test_forget_user_removes_memories_and_makes_the_log_unreadable(bb: Asy
     assert result["removed"] >= 2
     assert await memory.recall("private diary", session_id=s.session_id) == []
     assert await memory.get("note", session_id=s.session_id) is None
-    assert [m.text for m in await memory.recall("tea", session_id=other.session_id, scopes=["tenant"])] == ["The stayer likes tea."]
+    tea = await memory.recall("tea", session_id=other.session_id, scopes=["tenant"])
+    assert [m.text for m in tea] == ["The stayer likes tea."]
     # the log still holds the sealed bytes, but their key is gone: nothing can open them
     raw = await raw_stream_bytes()
     assert b"Zebra-Quartz" not in raw
@@ -265,7 +275,9 @@ async def test_cache_evicts_by_retention_score_not_recency(bb: AsyncBlackbird) -
     assert await bb.memory.get("trivial", session_id=s.session_id) is None  # lowest score went
     assert [await bb.memory.get(k, session_id=s.session_id) for k in ("important", "popular", "newcomer")] == [1, 2, 4]
     events = [e async for e in bb.journal.entries("bb.acme.memory.>")]
-    evicted = [e for entry in events for e in entry.commit.events if isinstance(e, CacheRemoved) and e.reason == "evicted"]
+    evicted = [
+        e for entry in events for e in entry.commit.events if isinstance(e, CacheRemoved) and e.reason == "evicted"
+    ]
     assert [e.key for e in evicted] == ["trivial"] and evicted[0].score is not None
 
 
@@ -397,7 +409,10 @@ async def test_one_writer_per_index_folder_and_clients_sharing_a_data_dir_still_
     tmp_path: Path, nats_server: NatsServer
 ) -> None:
     data = tmp_path / "d"
-    async with AsyncBlackbird(data_dir=data, tenant="acme") as first, AsyncBlackbird(data_dir=data, tenant="acme") as second:
+    async with (
+        AsyncBlackbird(data_dir=data, tenant="acme") as first,
+        AsyncBlackbird(data_dir=data, tenant="acme") as second,
+    ):
         s = await first.session_manager.create_session("u1", tier="pro")
         written = await first.memory.remember("The boat is moored at pier 9.", session_id=s.session_id)
         # the folder is taken: the second client builds its own index from the log
@@ -448,8 +463,10 @@ async def test_scopes_beyond_the_row_budget_leave_memory_and_come_back_from_the_
             await bb.memory.remember(fact, session_id=a.session_id, importance=0.1 * i)
         for fact in ["Ben plays the cello.", "Ben lives in Ghent.", "Ben's dog is Pip."]:
             await bb.memory.remember(fact, session_id=b.session_id)
-        assert [m.text for m in await bb.memory.recall("Anna's pet", session_id=a.session_id, scopes=["user"], k=1)] == ["Anna's cat is Miso."]
-        assert [m.text for m in await bb.memory.recall("Ben's pet", session_id=b.session_id, scopes=["user"], k=1)] == ["Ben's dog is Pip."]
+        annas = await bb.memory.recall("Anna's pet", session_id=a.session_id, scopes=["user"], k=1)
+        assert [m.text for m in annas] == ["Anna's cat is Miso."]
+        bens = await bb.memory.recall("Ben's pet", session_id=b.session_id, scopes=["user"], k=1)
+        assert [m.text for m in bens] == ["Ben's dog is Pip."]
         cached = [scope for _, scope in bb.memory.index._current]
         assert "user:ub" in cached and "user:ua" not in cached  # 3 + 3 rows > 4: Anna's went
         # a write while it is out of memory is found when it comes back
@@ -460,7 +477,8 @@ async def test_scopes_beyond_the_row_budget_leave_memory_and_come_back_from_the_
 
 
 async def test_a_killed_server_keeps_every_acknowledged_memory(nats_server: NatsServer, tmp_path: Path) -> None:
-    facts = [f"Locker {i} holds the spare {thing}." for i, thing in enumerate(["keys", "badge", "laptop", "charger", "umbrella"])]
+    things = ["keys", "badge", "laptop", "charger", "umbrella"]
+    facts = [f"Locker {i} holds the spare {thing}." for i, thing in enumerate(things)]
     async with AsyncBlackbird(nats_url=nats_server.url, tenant="acme", memory_dir=str(tmp_path / "m1")) as bb:
         s = await bb.session_manager.create_session("u1", tier="pro")
         written = {(await bb.memory.remember(f, session_id=s.session_id)).memory_id: f for f in facts}
@@ -474,7 +492,9 @@ async def test_a_killed_server_keeps_every_acknowledged_memory(nats_server: Nats
         assert storage["used"] == sum(len(f.encode()) for f in facts)
 
 
-async def test_two_hosts_writing_one_scope_at_once_lose_and_double_nothing(nats_server: NatsServer, tmp_path: Path) -> None:
+async def test_two_hosts_writing_one_scope_at_once_lose_and_double_nothing(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
     async with (
         AsyncBlackbird(nats_url=nats_server.url, tenant="acme", memory_dir=str(tmp_path / "a")) as first,
         AsyncBlackbird(nats_url=nats_server.url, tenant="acme", memory_dir=str(tmp_path / "b")) as second,
@@ -497,5 +517,7 @@ async def test_two_hosts_writing_one_scope_at_once_lose_and_double_nothing(nats_
             found = await client.memory.recall("note", session_id=s.session_id, scopes=["user"], k=100)
             assert sorted(m.text for m in found) == sorted(f"note {i}" for i in range(60))
         commits = [e async for e in first.journal.entries("bb.acme.memory.user:u1")]
-        remembered = [ev for e in commits for a in e.commit.commands for ev in a.events if isinstance(ev, MemoryRemembered)]
+        remembered = [
+            ev for e in commits for a in e.commit.commands for ev in a.events if isinstance(ev, MemoryRemembered)
+        ]
         assert len(remembered) == 60  # each write appended once, none lost to a conflict

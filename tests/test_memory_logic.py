@@ -106,7 +106,9 @@ def test_misses_and_repeated_deletes_append_nothing() -> None:
     assert decide(s, GetCache(key="nope"), T0).events == ()
     assert decide(s, DeleteCache(key="nope"), T0).events == ()
     assert decide(s, ForgetMemory(memory_id="nope"), T0).events == ()
-    s, events = run(s, SetCache(key="k", author="u1", sealed=b"v", size=1, importance=0.5, expires_at=None, capacity=5), T0)
+    s, events = run(
+        s, SetCache(key="k", author="u1", sealed=b"v", size=1, importance=0.5, expires_at=None, capacity=5), T0
+    )
     s, events = run(s, GetCache(key="k"), T0 + 1)
     assert [type(e) for e in events] == [CacheHit]
 

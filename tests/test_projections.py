@@ -353,7 +353,7 @@ async def test_a_usage_spike_raises_an_alert_in_the_log_and_on_the_sessions_chan
         sm = bb.session_manager
         steady = await sm.create_session("calm", tier="enterprise")
         spiky = await sm.create_session("greedy", tier="enterprise")
-        for minute in range(8):  # steady use: 60 tokens a minute for both
+        for _minute in range(8):  # steady use: 60 tokens a minute for both
             for _ in range(6):
                 now[0] += 10
                 await sm.track_usage(steady.session_id, "llm", "tokens", 10)

@@ -418,7 +418,8 @@ def test_admission_is_all_or_nothing() -> None:
 
 def test_an_unsettled_reservation_expires_and_releases_its_hold() -> None:
     state = created()
-    state, d = run(state, Admit(operation="llm", costs={QuotaType.TOKENS: 80}, reserve=True, slot=False, hold_seconds=20), T0 + 1)
+    admit = Admit(operation="llm", costs={QuotaType.TOKENS: 80}, reserve=True, slot=False, hold_seconds=20)
+    state, d = run(state, admit, T0 + 1)
     rid = next(e for e in d.events if isinstance(e, Reserved)).reservation_id
     _, d = run(state, TrackUsage(operation="x", resource_type=QuotaType.TOKENS, amount=30), T0 + 2)
     assert d.rejection is not None  # 80 held + 30 > 100
@@ -503,7 +504,8 @@ def test_the_packaged_policy_defines_every_dimension_for_every_tier() -> None:
 
 def test_tenant_overrides_merge_and_bump_the_policy_version() -> None:
     state = tenant_logic.TenantState(tenant="acme")
-    d = tenant_logic.decide(state, SetTenantPolicy(overrides={"tiers": {"small": {"quotas": {"tokens": {"limit": 5}}}}}), T0, POLICY)
+    overrides = {"tiers": {"small": {"quotas": {"tokens": {"limit": 5}}}}}
+    d = tenant_logic.decide(state, SetTenantPolicy(overrides=overrides), T0, POLICY)
     assert d.rejection is None
     (changed,) = d.events
     state = tenant_logic.evolve(state, changed)
@@ -512,7 +514,8 @@ def test_tenant_overrides_merge_and_bump_the_policy_version() -> None:
     assert policy.tiers["small"].quotas[QuotaType.TOKENS].limit == 5
     assert policy.tiers["small"].quotas[QuotaType.API_CALLS].limit == 5  # untouched
     assert policy.tiers["big"] == POLICY.tiers["big"]
-    bad = tenant_logic.decide(state, SetTenantPolicy(overrides={"tiers": {"big": {"concurrency": {"total": "x"}}}}), T0, POLICY)
+    bad_overrides = {"tiers": {"big": {"concurrency": {"total": "x"}}}}
+    bad = tenant_logic.decide(state, SetTenantPolicy(overrides=bad_overrides), T0, POLICY)
     assert bad.rejection is not None and bad.rejection.fields["field"] == "overrides.tiers.big.concurrency.total"
     versioned = tenant_logic.decide(state, SetTenantPolicy(overrides={"version": 99}), T0, POLICY)
     assert versioned.rejection is not None and versioned.rejection.fields["field"] == "overrides.version"
@@ -521,9 +524,11 @@ def test_tenant_overrides_merge_and_bump_the_policy_version() -> None:
 
 def test_user_quota_adjustments_are_tenant_events() -> None:
     state = tenant_logic.TenantState(tenant="acme")
-    d = tenant_logic.decide(state, AdjustUserQuota(user_id="u1", resource_type=QuotaType.TOKENS, limit=9, until=T0 + 5), T0, POLICY)
+    adjust = AdjustUserQuota(user_id="u1", resource_type=QuotaType.TOKENS, limit=9, until=T0 + 5)
+    d = tenant_logic.decide(state, adjust, T0, POLICY)
     state = tenant_logic.evolve(state, d.events[0])
     assert state.user_boosts == {"u1": {"tokens": (9.0, T0 + 5)}}
-    d = tenant_logic.decide(state, AdjustUserQuota(user_id="u1", resource_type=QuotaType.TOKENS, limit=None), T0, POLICY)
+    reset = AdjustUserQuota(user_id="u1", resource_type=QuotaType.TOKENS, limit=None)
+    d = tenant_logic.decide(state, reset, T0, POLICY)
     assert tenant_logic.evolve(state, d.events[0]).user_boosts == {"u1": {}}
     assert math.isfinite(T0)

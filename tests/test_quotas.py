@@ -332,7 +332,9 @@ async def test_restart_keeps_counters_and_policies(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- tenants
 
 
-async def test_tenant_policy_overrides_are_versioned_events_seen_by_other_clients(bb: AsyncBlackbird, nats_server: NatsServer) -> None:
+async def test_tenant_policy_overrides_are_versioned_events_seen_by_other_clients(
+    bb: AsyncBlackbird, nats_server: NatsServer
+) -> None:
     sm = bb.session_manager
     policy = await sm.set_tenant_policy({"tiers": {"free": {"rate_limits": {"default": {"per_minute": 2}}}}})
     assert policy["version"] == bb.policy.version + 1

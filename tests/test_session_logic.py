@@ -255,4 +255,5 @@ def test_activity_events_are_exactly_those_that_move_last_activity() -> None:
             moved = evolve(state, event).last_activity != state.last_activity
             assert moved == isinstance(event, ACTIVITY_EVENTS), type(event).__name__
     assert seen >= set(ACTIVITY_EVENTS)
-    assert not isinstance(QuotaAdjusted(at=later, resource_type="tokens", limit=1, until=None, policy_version=1), ACTIVITY_EVENTS)
+    adjusted = QuotaAdjusted(at=later, resource_type="tokens", limit=1, until=None, policy_version=1)
+    assert not isinstance(adjusted, ACTIVITY_EVENTS)

@@ -279,7 +279,9 @@ def test_sync_and_async_managers_expose_the_same_methods() -> None:
 
     from blackbird import AsyncSessionManager, SessionManager
 
-    async_names = {n for n, m in inspect.getmembers(AsyncSessionManager, inspect.iscoroutinefunction) if not n.startswith("_")}
+    async_names = {
+        n for n, m in inspect.getmembers(AsyncSessionManager, inspect.iscoroutinefunction) if not n.startswith("_")
+    }
     sync_names = {n for n, m in inspect.getmembers(SessionManager, inspect.isfunction) if not n.startswith("_")}
     assert async_names <= sync_names
     assert {"create_session", "get_session", "get_session_data", "terminate_session"} <= async_names
@@ -385,7 +387,8 @@ async def test_reading_an_aggregate_returns_its_commits_in_order_however_far_beh
     last = {key: 0, other: 0}
     for i in range(20):  # interleaved with another aggregate's commits
         for k in (key, other):
-            commit = Commit(at=float(i), version=i + 1, commands=(Applied(new_id(), "t", (SessionTouched(at=float(i), operation=k.id),)),))
+            touched = Applied(new_id(), "t", (SessionTouched(at=float(i), operation=k.id),))
+            commit = Commit(at=float(i), version=i + 1, commands=(touched,))
             result = await bb.journal.append(k, commit, expected_seq=last[k], msg_id=commit.commands[0].command_id)
             last[k] = result.seq
             if k == key:

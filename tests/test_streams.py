@@ -61,7 +61,9 @@ async def test_resuming_after_any_id_gives_the_rest_once_even_inside_one_commit(
     key = AggregateKey("acme", "session", s.session_id)
     last = await bb.journal.last_seq(key)
     now = time.time()
-    events = tuple(Applied(new_id(), "t", (MessagePosted(at=now, channel="chat", text=t, metadata={}),)) for t in ("x", "y", "z"))
+    events = tuple(
+        Applied(new_id(), "t", (MessagePosted(at=now, channel="chat", text=t, metadata={}),)) for t in ("x", "y", "z")
+    )
     commit = Commit(at=now, version=s.version + 2, commands=events)
     await bb.journal.append(key, commit, expected_seq=last, msg_id=new_id())
     await post(bb, s.session_id, ["after"])
@@ -145,7 +147,9 @@ async def test_tenants_are_walls_for_streams(nats_server: NatsServer) -> None:
         ({"critical": "notification"}, "critical"), ({"after": "3-1+x"}, "after"),
     ],
 )
-async def test_bad_stream_input_gets_a_typed_error_naming_the_field(bb: AsyncBlackbird, options: dict[str, Any], field: str) -> None:
+async def test_bad_stream_input_gets_a_typed_error_naming_the_field(
+    bb: AsyncBlackbird, options: dict[str, Any], field: str
+) -> None:
     s = await bb.session_manager.create_session("u1")
     with pytest.raises(ValidationError) as info:
         async with bb.streams.subscribe(s.session_id, **options):
@@ -211,7 +215,9 @@ async def test_sse_streams_a_session_and_resumes_with_last_event_id(bb: AsyncBla
             rest = await sse_events(lines, 2)
             await post(bb, s.session_id, ["five"], channel="progress")
             rest += await sse_events(lines, 1)
-        assert [(e["event"], e["data"]["text"]) for e in rest] == [("chat", "three"), ("chat", "four"), ("progress", "five")]
+        assert [(e["event"], e["data"]["text"]) for e in rest] == [
+            ("chat", "three"), ("chat", "four"), ("progress", "five"),
+        ]
         async with http.stream("GET", url + "?channels=progress", headers=auth) as response:
             assert [e["data"]["text"] for e in await sse_events(response.aiter_lines(), 1)] == ["five"]
 

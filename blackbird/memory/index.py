@@ -370,7 +370,10 @@ class MemoryIndex:
                 return self.seq
             entries: list[tuple[int, str, Commit]] = []
 
-            def collect(seq: int, subject: str, commit: Commit) -> None:
+            # entries bound now: collect is called only by the replay just below, never later
+            def collect(
+                seq: int, subject: str, commit: Commit, entries: list[tuple[int, str, Commit]] = entries
+            ) -> None:
                 entries.append((seq, subject, commit))
 
             await self._journal.replay(self._filter, self.seq, collect, min(target, self.seq + chunk * 50))

@@ -85,7 +85,9 @@ class Analytics:
         """One user's sessions, operation breakdown, resource usage, most used operation,
         refusals and alerts (exact over the whole history)."""
         user_id = validate_token(user_id, "user_id")
-        return activity.user_analytics(await self._activity(), self._gateway.tenant_of(tenant), user_id, self._gateway.clock())
+        return activity.user_analytics(
+            await self._activity(), self._gateway.tenant_of(tenant), user_id, self._gateway.clock()
+        )
 
     async def get_tenant_analytics(self, *, tenant: str | None = None) -> dict[str, Any]:
         """The tenant's statistics plus its top users and most recent alerts."""

@@ -139,7 +139,8 @@ class AsyncSessionManager:
         self, session_id: str, tier: str, *, tenant: str | None = None, command_id: str | None = None
     ) -> Session:
         """Move a session to another tier; its limits apply at once (recorded as TierChanged)."""
-        return await self._gateway.send(tenant, session_id, ChangeTier(tier=self._gateway.tier_name(tier, tenant)), command_id)
+        command = ChangeTier(tier=self._gateway.tier_name(tier, tenant))
+        return await self._gateway.send(tenant, session_id, command, command_id)
 
     async def terminate_session(
         self, session_id: str, reason: str = "terminated", *, tenant: str | None = None,
