@@ -96,10 +96,10 @@ from bench.commands import (
     run_context,
 )
 from blackbird import AsyncBlackbird
-from blackbird.memory.service import DEFAULT_WEIGHTS, _PresentCandidates, _rank
-from blackbird.memory.index import _quote
-from blackbird.server.embedded import EmbeddedServer
 from blackbird.embedding import MiniLMEmbedder
+from blackbird.memory.index import _quote
+from blackbird.memory.service import DEFAULT_WEIGHTS, _PresentCandidates, _rank
+from blackbird.server.embedded import EmbeddedServer
 
 TENANT = "bench"  # the recall data set
 WRITE_TENANT = "benchw"  # the write phases (their own table, so the recall sizes stay exact)

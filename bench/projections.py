@@ -80,9 +80,9 @@ from actors.events import (
 )
 from bench.commands import FSYNC, GC_MODE, CpuMeter, row, run_cli
 from blackbird._projections import MemoryCheckpoints, NatsCheckpoints
-from blackbird.server.embedded import EmbeddedServer
 from blackbird.config import build_settings
 from blackbird.journal import Journal
+from blackbird.server.embedded import EmbeddedServer
 from projections.activity import ActivityProjection
 from projections.runner import ProjectionRunner
 

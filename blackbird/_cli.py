@@ -26,14 +26,14 @@ from typing import Any
 import anyio
 import structlog
 
-from blackbird.audit.replay import parse_until
 from blackbird._client import DEFAULT_DATA_DIR, AsyncBlackbird
 from blackbird._errors_group import single_error
 from blackbird._logging import configure_default_logging
 from blackbird._runtime import tune_gc_for_serving
-from blackbird.server.embedded import EmbeddedServer
+from blackbird.audit.replay import parse_until
 from blackbird.config import Settings, build_settings
 from blackbird.errors import BlackbirdError, ValidationError
+from blackbird.server.embedded import EmbeddedServer
 from blackbird.subjects import validate_token
 
 log = structlog.get_logger("blackbird.cli")

@@ -242,3 +242,12 @@ def test_mypy_strict_passes_on_every_package() -> None:
         [sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
     )
     assert result.returncode == 0, f"mypy --strict failed:\n{result.stdout}{result.stderr}"
+
+
+def test_ruff_finds_nothing() -> None:
+    # The rule set (pycodestyle, pyflakes, isort, bugbear, pyupgrade) is in pyproject.toml.
+    result = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "--no-cache", "."],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, f"ruff found problems:\n{result.stdout}{result.stderr}"

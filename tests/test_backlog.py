@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blackbird.streams.backlog import WHOLE_COMMIT, Backlog, Position, Resume, parse_resume
 from blackbird.errors import ValidationError
+from blackbird.streams.backlog import WHOLE_COMMIT, Backlog, Position, Resume, parse_resume
 
 
 @dataclass(frozen=True)

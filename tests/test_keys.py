@@ -13,8 +13,8 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from blackbird.memory.keys import BUCKET, DecryptionError, UserKeys
 from blackbird.errors import LogError, ValidationError
+from blackbird.memory.keys import BUCKET, DecryptionError, UserKeys
 from tests.conftest import NatsServer
 
 pytestmark = pytest.mark.anyio

@@ -23,9 +23,9 @@ from blackbird import (
     SessionNotFoundError,
     ValidationError,
 )
-from blackbird.memory.service import EmbeddingModelMismatchError, ScopeAccessError
-from blackbird.memory.index import MemoryIndex
 from blackbird.errors import PayloadTooLargeError
+from blackbird.memory.index import MemoryIndex
+from blackbird.memory.service import EmbeddingModelMismatchError, ScopeAccessError
 
 from .conftest import NatsServer
 

@@ -19,9 +19,9 @@ import anyio.to_thread
 import nats
 import pytest
 
+from blackbird.errors import EmbeddedServerError
 from blackbird.server import embedded as _server
 from blackbird.server.embedded import EmbeddedServer, find_nats_server_binary
-from blackbird.errors import EmbeddedServerError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -35,10 +35,10 @@ import numpy as np
 import structlog
 
 from actors.events import Commit, MemoryForgotten, MemoryRemembered, MemorySuperseded
-from blackbird.memory.fulltext import search
-from blackbird.memory.rows import LiveScope, Row, ScopeRows
 from blackbird.errors import MemoryIndexBusyError
 from blackbird.journal import Journal
+from blackbird.memory.fulltext import search
+from blackbird.memory.rows import LiveScope, Row, ScopeRows
 from projections.runner import Waiters
 
 log = structlog.get_logger("blackbird.memory")
