@@ -5,15 +5,13 @@
 >>> session = sdk.session_manager.create_session(user_id="user123", tier="pro")
 """
 
+import typing
 from importlib.metadata import PackageNotFoundError, version
 
 from actors.policy import QuotaType, RateLimitType
-from blackbird.audit.replay import Auditor, AuditReport
 from blackbird._client import AsyncBlackbird
-from blackbird.memory.service import AsyncMemory
-from blackbird.sessions.manager import AsyncSessionManager
-from blackbird.streams.subscription import AsyncStreams, StreamEvent, Subscription
 from blackbird._sync import BlackbirdSDK, SessionManager
+from blackbird.audit.replay import Auditor, AuditReport
 from blackbird.config import Settings
 from blackbird.errors import (
     BlackbirdError,
@@ -39,6 +37,9 @@ from blackbird.errors import (
     SessionNotFoundError,
     ValidationError,
 )
+from blackbird.memory.service import AsyncMemory
+from blackbird.sessions.manager import AsyncSessionManager
+from blackbird.streams.subscription import AsyncStreams, StreamEvent, Subscription
 from blackbird.types import Admission, Memory, Session, SessionStatus, UsageRecord
 
 __all__ = [
@@ -83,6 +84,31 @@ __all__ = [
     "UsageRecord",
     "ValidationError",
 ]
+
+
+
+def _publish(names: list[str], namespace: dict[str, object]) -> None:
+    """Make each public name report this package as its module, as httpx does: reprs, pickles,
+    tracebacks and docs then say ``blackbird.Session``, not the private module that defines it.
+
+    A class's annotations are resolved first, in the module that wrote them: typing.get_type_hints
+    and msgspec look names in annotations up in ``__module__``, where the names that module
+    imported (``Any``, ``Path``, ...) are not.
+    """
+    for name in names:
+        obj = namespace[name]
+        if isinstance(obj, type) and "__annotations__" in vars(obj):
+            try:
+                hints = typing.get_type_hints(obj, include_extras=True)
+            except NameError:  # a name imported only for type checkers: left as written
+                pass
+            else:
+                obj.__annotations__ = {key: hints[key] for key in vars(obj)["__annotations__"]}
+        obj.__module__ = __name__
+
+
+_publish(__all__, globals())
+del _publish
 
 try:
     __version__ = version("blackbird-sdk")

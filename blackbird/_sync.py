@@ -1,8 +1,14 @@
 """BlackbirdSDK: the synchronous mirror of AsyncBlackbird.
 
 It runs one AsyncBlackbird on an anyio blocking portal (an event loop in a background thread)
-and forwards each call to it; calls are thread-safe. Method names, arguments and docs are
-those of the async API, generated from it so the two cannot drift apart.
+and forwards each call to it; calls are thread-safe. Each sync class names the async class it
+mirrors and gets a blocking method for every public coroutine method of it, with the same name,
+signature and docs, made when the class is created, so the two cannot drift apart. What differs
+(context managers, properties, the calling thread as the default slot holder) is written here.
+
+Type checkers and IDEs cannot see methods made at run time: ``_sync.pyi`` beside this module
+declares them all. It is generated from these classes and the async ones by
+``tools/make_sync_stubs.py``; run that after changing either (a test fails until you do).
 """
 
 from __future__ import annotations
@@ -11,28 +17,38 @@ import contextlib
 import functools
 import inspect
 import threading
+import time
 import weakref
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import Any, ClassVar, Self, TypeVar
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from blackbird.audit.replay import Auditor
 from blackbird._client import AsyncBlackbird
+from blackbird.audit.replay import Auditor
+from blackbird.config import Settings
+from blackbird.errors import ClosedError
 from blackbird.memory.service import AsyncMemory
 from blackbird.sessions.manager import AsyncSessionManager
-from blackbird.streams.subscription import AsyncStreams, StreamEvent, Subscription
-from blackbird.errors import ClosedError
+from blackbird.streams.subscription import (
+    COALESCE,
+    CRITICAL,
+    AsyncStreams,
+    StreamEvent,
+    Subscription,
+)
 from blackbird.types import UsageRecord
 
 T = TypeVar("T")
 
 
 class _SyncMirror:
-    """Forwards every coroutine method of an async object through a blocking portal."""
+    """Forwards every public coroutine method of the mirrored async class through a blocking
+    portal: ``class SessionManager(_SyncMirror, mirrors=AsyncSessionManager)``."""
 
-    _async_type: type
+    _async_type: ClassVar[type]
+    _forwarded: ClassVar[tuple[str, ...]]  # the methods made here (the rest are written out)
 
     def __init__(self, target: Any, portal: BlockingPortal) -> None:
         self._target = target
@@ -41,9 +57,12 @@ class _SyncMirror:
     def __init_subclass__(cls, mirrors: type, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls._async_type = mirrors
+        forwarded = []
         for name, member in inspect.getmembers(mirrors, inspect.iscoroutinefunction):
             if not name.startswith("_") and name not in cls.__dict__:
                 setattr(cls, name, cls._forwarder(name, member))
+                forwarded.append(name)
+        cls._forwarded = tuple(forwarded)
 
     @staticmethod
     def _forwarder(name: str, member: Any) -> Any:
@@ -55,11 +74,16 @@ class _SyncMirror:
 
 
 class SessionManager(_SyncMirror, mirrors=AsyncSessionManager):
-    """Synchronous session manager: same methods as :class:`AsyncSessionManager`, blocking."""
+    """Sessions and their limits, blocking: the methods of :class:`AsyncSessionManager`.
+
+    ``sdk.session_manager``; every call waits for the event loop's answer. Safe to call from
+    several threads.
+    """
 
     def add_usage_callback(self, callback: Callable[[UsageRecord], Any]) -> None:
-        """Call ``callback(record)`` once per usage tracked through this client (on the SDK's
-        event-loop thread). A callback that raises is logged and breaks nothing."""
+        """Call ``callback(record)`` once per usage charged through this client (track_usage,
+        admit, settle), after it is durable, on the SDK's event-loop thread. A callback that
+        raises is logged and breaks nothing."""
         self._target.add_usage_callback(callback)
 
     def remove_usage_callback(self, callback: Callable[[UsageRecord], Any]) -> None:
@@ -70,8 +94,12 @@ class SessionManager(_SyncMirror, mirrors=AsyncSessionManager):
         self, session_id: str, operation: str, increment: bool, *, tenant: str | None = None,
         lease_seconds: float | None = None, holder: Hashable | None = None,
     ) -> int:
-        """Take or give back a concurrency slot (see the async method). The holder defaults to
-        the calling thread: a thread gives back only the slot it took."""
+        """Take (``increment=True``) or give back a concurrency slot for ``operation``; returns
+        the session's slots in use. Over the limit raises RateLimitError.
+
+        As :meth:`AsyncSessionManager.manage_concurrency`, except that the holder defaults to
+        the calling thread: a thread gives back only the slot it took.
+        """
         if holder is None:
             holder = ("thread", threading.get_ident())
         return self._portal.call(  # type: ignore[no-any-return]
@@ -85,7 +113,8 @@ class SessionManager(_SyncMirror, mirrors=AsyncSessionManager):
     def concurrency_slot(
         self, session_id: str, operation: str, *, tenant: str | None = None
     ) -> Iterator[None]:
-        """``with`` a concurrency slot; it is given back on exit, even on error."""
+        """``with`` a concurrency slot; it is given back on exit, even on error. Over the limit,
+        entering raises RateLimitError."""
         holder = ("slot", object())
         self.manage_concurrency(session_id, operation, True, tenant=tenant, holder=holder)
         try:
@@ -95,7 +124,8 @@ class SessionManager(_SyncMirror, mirrors=AsyncSessionManager):
 
 
 class Memory(_SyncMirror, mirrors=AsyncMemory):
-    """Synchronous memory: same methods as :class:`~blackbird.memory.service.AsyncMemory`, blocking."""
+    """Memory, blocking: the methods of :class:`AsyncMemory` (remember/recall, the key-value
+    cache, sharing and erasure). ``sdk.memory``."""
 
     @property
     def embedder(self) -> Any:
@@ -104,65 +134,74 @@ class Memory(_SyncMirror, mirrors=AsyncMemory):
 
 
 class SyncAuditor(_SyncMirror, mirrors=Auditor):
-    """Synchronous audit: same methods as :class:`~blackbird.audit.replay.Auditor` (``replay``,
-    ``verify``), blocking."""
+    """Audit, blocking: the methods of :class:`Auditor` (``replay``, ``verify``). ``sdk.audit``."""
 
     @property
     def tenant(self) -> str:
+        """The tenant audited when a call names none (the client's)."""
         return self._target.tenant  # type: ignore[no-any-return]
 
 
-class SyncSubscription:
-    """The blocking side of a :class:`~blackbird.streams.subscription.Subscription`: ``for event in sub``
-    waits for each message; ``get(timeout)`` gives None when none came in time."""
-
-    def __init__(self, target: Subscription, portal: BlockingPortal) -> None:
-        self._target = target
-        self._portal = portal
+class SyncSubscription(_SyncMirror, mirrors=Subscription):
+    """The messages of one session, blocking: ``for event in sub`` waits for each message;
+    ``get(timeout)`` gives None when none came in time. Made by :meth:`Streams.subscribe`."""
 
     @property
     def backlog(self) -> int:
-        return self._target.backlog
+        """How many messages wait for the reader."""
+        return self._target.backlog  # type: ignore[no-any-return]
 
     @property
     def coalesced(self) -> int:
-        return self._target.coalesced
-
-    def caught_up(self) -> None:
-        """Return once the history (the log as it was at subscription) has been read."""
-        self._portal.call(self._target.caught_up)
-
-    def get(self, timeout: float | None = None) -> StreamEvent | None:
-        """The next message, or None if none came within ``timeout`` seconds."""
-        return self._portal.call(self._target.get, timeout)
+        """How many messages were replaced by a newer one of their channel before being read."""
+        return self._target.coalesced  # type: ignore[no-any-return]
 
     def __iter__(self) -> Iterator[StreamEvent]:
+        """Every message, in order, waiting for each; ends only with the subscription's error."""
         while True:
             yield self._portal.call(self._target.__anext__)
 
 
-class Streams:
-    """Synchronous session streams: same as :class:`~blackbird.streams.subscription.AsyncStreams`."""
-
-    def __init__(self, target: AsyncStreams, portal: BlockingPortal) -> None:
-        self._target = target
-        self._portal = portal
+class Streams(_SyncMirror, mirrors=AsyncStreams):
+    """Session streams, blocking: subscribe to a session's channel messages. ``sdk.streams``."""
 
     @contextlib.contextmanager
-    def subscribe(self, session_id: str, **options: Any) -> Iterator[SyncSubscription]:
-        """``with sdk.streams.subscribe(session_id) as messages: for m in messages``; the
-        options are those of :meth:`AsyncStreams.subscribe`."""
-        manager = self._portal.wrap_async_context_manager(self._target.subscribe(session_id, **options))
+    def subscribe(
+        self,
+        session_id: str,
+        *,
+        channels: Sequence[str] | None = None,
+        after: str | int | None = None,
+        tenant: str | None = None,
+        max_pending: int = 1000,
+        coalesce: Sequence[str] = COALESCE,
+        critical: Sequence[str] = CRITICAL,
+    ) -> Iterator[SyncSubscription]:
+        """``with sdk.streams.subscribe(session_id) as messages: for m in messages``.
+
+        The arguments are those of :meth:`AsyncStreams.subscribe`: every message of the session
+        (or of ``channels``) after ``after`` (a resume token or a commit sequence), then live
+        ones; ``critical`` channels first, ``coalesce`` channels keep only their latest. Raises
+        SessionNotFoundError, or ValidationError for a malformed argument.
+        """
+        manager = self._portal.wrap_async_context_manager(
+            self._target.subscribe(
+                session_id, channels=channels, after=after, tenant=tenant, max_pending=max_pending,
+                coalesce=coalesce, critical=critical,
+            )
+        )
         with manager as subscription:
             yield SyncSubscription(subscription, self._portal)
 
 
 class BlackbirdSDK:
-    """Synchronous Blackbird client. Same constructor as :class:`AsyncBlackbird`.
+    """Synchronous Blackbird client: :class:`AsyncBlackbird` run on an event loop in a
+    background thread, with the same constructor.
 
     ``BlackbirdSDK(development_mode=True)`` starts an embedded nats-server on a temporary folder;
-    ``data_dir=`` keeps data; ``nats_url=`` connects to an external server. Close it with
-    :meth:`close` or use it as a context manager. Safe to call from several threads.
+    ``data_dir=`` keeps data; ``nats_url=`` connects to an external server. It opens when made
+    (raising EmbeddedServerError if NATS cannot be reached). Close it with :meth:`close` or use
+    it as a context manager. Safe to call from several threads.
     """
 
     def __init__(
@@ -173,11 +212,13 @@ class BlackbirdSDK:
         nats_url: str | None = None,
         tenant: str | None = None,
         remote: bool = False,
+        clock: Callable[[], float] = time.time,
+        embedder: Any = None,
         **options: Any,
     ) -> None:
         client = AsyncBlackbird(
             development_mode=development_mode, data_dir=data_dir, nats_url=nats_url,
-            tenant=tenant, remote=remote, **options,
+            tenant=tenant, remote=remote, clock=clock, embedder=embedder, **options,
         )
         self._stack = contextlib.ExitStack()
         try:
@@ -200,44 +241,49 @@ class BlackbirdSDK:
 
         threading._register_atexit(close_at_exit)  # type: ignore[attr-defined]
 
-    @property
-    def session_manager(self) -> SessionManager:
-        """Sessions: create, get, touch, change tier, terminate (blocking)."""
+    def _open_portal(self) -> BlockingPortal:
         if self._portal is None:
             raise ClosedError("BlackbirdSDK is closed")
+        return self._portal
+
+    @property
+    def session_manager(self) -> SessionManager:
+        """Sessions and their limits: create, get, touch, change tier, terminate; quotas, rate
+        limits, concurrency, admission, analytics (blocking). Raises ClosedError once closed."""
+        self._open_portal()
         return self._session_manager
 
     @property
     def memory(self) -> Memory:
-        """Memory: remember/recall, the key-value cache, sharing and erasure (blocking)."""
-        if self._portal is None:
-            raise ClosedError("BlackbirdSDK is closed")
-        return Memory(self._client.memory, self._portal)
+        """Memory: remember/recall, the key-value cache, sharing and erasure (blocking). Raises
+        ClosedError once closed."""
+        return Memory(self._client.memory, self._open_portal())
 
     @property
     def streams(self) -> Streams:
-        """Session streams: subscribe to a session's channel messages (blocking iteration)."""
-        if self._portal is None:
-            raise ClosedError("BlackbirdSDK is closed")
-        return Streams(self._client.streams, self._portal)
+        """Session streams: subscribe to a session's channel messages (blocking iteration).
+        Raises ClosedError once closed."""
+        return Streams(self._client.streams, self._open_portal())
 
     @property
     def audit(self) -> SyncAuditor:
-        """Replay a session, user or tenant up to an instant or sequence (blocking)."""
-        if self._portal is None:
-            raise ClosedError("BlackbirdSDK is closed")
-        return SyncAuditor(self._client.audit, self._portal)
+        """Replay a session, user or tenant up to an instant or sequence (blocking). Raises
+        ClosedError once closed."""
+        return SyncAuditor(self._client.audit, self._open_portal())
 
     @property
-    def settings(self) -> Any:
+    def settings(self) -> Settings:
+        """The settings in effect (defaults < ``BLACKBIRD_*`` environment < constructor)."""
         return self._client.settings
 
     @property
     def nats_url(self) -> str | None:
+        """The NATS server this client is connected to."""
         return self._client.nats_url
 
     @property
     def data_dir(self) -> Path | None:
+        """The embedded server's data folder (None with ``nats_url=``)."""
         return self._client.data_dir
 
     @property
@@ -248,13 +294,12 @@ class BlackbirdSDK:
     def send_message(self, message: str, **options: Any) -> dict[str, Any]:
         """Post a message on a session's channel (default: the last session this SDK created);
         see :meth:`AsyncSessionManager.send_message`."""
-        return self.session_manager.send_message(message, **options)  # type: ignore[attr-defined,no-any-return]
+        return self.run(self._client.send_message, message, **options)
 
-    def run(self, func: Any, *args: Any) -> Any:
-        """Run ``await func(*args)`` on this SDK's event loop and return its result."""
-        if self._portal is None:
-            raise ClosedError("BlackbirdSDK is closed")
-        return self._portal.call(func, *args)
+    def run(self, func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        """Run ``await func(*args, **kwargs)`` on this SDK's event loop and return its result.
+        Raises ClosedError once closed."""
+        return self._open_portal().call(functools.partial(func, *args, **kwargs))
 
     def close(self) -> None:
         """Stop actors, flush, stop the embedded server if this process owns it. Idempotent."""
@@ -264,9 +309,11 @@ class BlackbirdSDK:
         self._stack.close()
 
     def __enter__(self) -> Self:
+        """The SDK itself; it is closed on exit."""
         return self
 
     def __exit__(self, *exc: object) -> None:
+        """Close the SDK."""
         self.close()
 
     def __del__(self) -> None:  # a forgotten close() must not leave a thread and server behind
