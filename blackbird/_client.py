@@ -169,6 +169,7 @@ class AsyncBlackbird:
 
     @property
     def host(self) -> ActorHost | None:
+        """The session actor host of this process (None for a remote client or before opening)."""
         return self._host
 
     async def __aenter__(self) -> Self:

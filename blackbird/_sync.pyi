@@ -508,7 +508,10 @@ class Memory(_SyncMirror):
         user_ids: Sequence[str],
         *,
         tenant: str | None = None,
-    ) -> list[str]: ...
+    ) -> list[str]:
+        """Take ``user_ids`` out of a ``group:<id>`` or ``agent:<id>`` scope (an administrative call);
+        they can no longer read or write it. Returns the members left.
+        """
 
     def forget_user(self, user_id: str, *, tenant: str | None = None) -> dict[str, Any]:
         """Erase a user: their memories and cache entries leave every scope and index, and

@@ -65,7 +65,10 @@ class CommandService:
         except msgspec.ValidationError as exc:
             field = field_of(exc, "body")
             return CommandReply(
-                rejection=Rejection("validation_error", f"{field}: {exc}", {"field": field})
+                rejection=Rejection(
+                    "validation_error", f"{field}: {exc}",
+                    {"field": field, "expected": "a CommandRequest (see actors.events)"},
+                )
             )
         except msgspec.DecodeError as exc:
             return CommandReply(

@@ -507,6 +507,8 @@ class AsyncMemory:
         return await self._members(scope, add=user_ids, remove=(), tenant=tenant)
 
     async def remove_members(self, scope: str, user_ids: Sequence[str], *, tenant: str | None = None) -> list[str]:
+        """Take ``user_ids`` out of a ``group:<id>`` or ``agent:<id>`` scope (an administrative call);
+        they can no longer read or write it. Returns the members left."""
         return await self._members(scope, add=(), remove=user_ids, tenant=tenant)
 
     async def _members(self, scope: str, *, add: Sequence[str], remove: Sequence[str], tenant: str | None) -> list[str]:

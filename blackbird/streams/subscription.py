@@ -78,10 +78,12 @@ class Subscription:
 
     @property
     def backlog(self) -> int:
+        """How many messages wait for the reader now (at most ``max_pending``)."""
         return len(self._backlog)
 
     @property
     def coalesced(self) -> int:
+        """How many progress messages were replaced by a later one before the reader took them."""
         return self._backlog.coalesced
 
     async def caught_up(self) -> None:
