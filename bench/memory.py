@@ -97,7 +97,7 @@ from bench.commands import (
 )
 from blackbird import AsyncBlackbird
 from blackbird.embedding import MiniLMEmbedder
-from blackbird.memory.index import _quote
+from blackbird.memory.index import quote
 from blackbird.memory.service import DEFAULT_WEIGHTS, _PresentCandidates, _rank
 from blackbird.server.embedded import EmbeddedServer
 
@@ -347,7 +347,7 @@ def recall_where(sids: list[str]) -> str:
     """The LanceDB filter ``recall(as_of=now)`` builds for ``sids`` (_PastCandidates in
     blackbird/memory/service.py; a recall of the present queries no LanceDB table)."""
     at = time.time()
-    return (f"scope_id IN ({', '.join(_quote(s) for s in sorted(sids))}) "
+    return (f"scope_id IN ({', '.join(quote(s) for s in sorted(sids))}) "
             f"AND valid_from <= {at!r} AND valid_to > {at!r}")
 
 
@@ -573,7 +573,7 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
                 session = await bb.session_manager.get_session(sid0)
                 assert session is not None
                 scope_ids = sorted([f"session:{sid0}", f"user:{session.user_id}"])  # as recall's
-                matched = table.count_rows(f"scope_id IN ({', '.join(_quote(s) for s in scope_ids)})")
+                matched = table.count_rows(f"scope_id IN ({', '.join(quote(s) for s in scope_ids)})")
                 pool = max(K * 4, 20)  # recall's candidate pool (no filters)
 
                 # CALLERS at once, each recalling back to back (different queries, same session)

@@ -34,6 +34,7 @@ and :func:`error_from_code` rebuilds the typed error from them. Errors pickle th
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, ClassVar
 
@@ -549,14 +550,20 @@ def field_of(exc: Exception, default: str) -> str:
     return text.rsplit("`$.", 1)[-1].split("`", 1)[0] or default
 
 
+@functools.cache
+def _required_keywords(cls: type[BlackbirdError]) -> tuple[str, ...]:
+    """The keyword-only constructor arguments of ``cls`` without a default (read once: a denied
+    command rebuilds its error on every call)."""
+    return tuple(
+        name for name, p in inspect.signature(cls).parameters.items()
+        if p.kind is p.KEYWORD_ONLY and p.default is p.empty
+    )
+
+
 def _restore(cls: type[BlackbirdError], message: str, fields: dict[str, Any]) -> BlackbirdError:
     """``cls`` built from a message and fields (from the wire, or unpickled)."""
     given = {name: fields[name] for name in cls._field_names if name in fields}
-    missing = {
-        name: None
-        for name, p in inspect.signature(cls).parameters.items()
-        if p.kind is p.KEYWORD_ONLY and p.default is p.empty and name not in given
-    }
+    missing = {name: None for name in _required_keywords(cls) if name not in given}
     error = cls(message, **given, **missing)
     error._extra = {k: v for k, v in fields.items() if k not in given}
     return error
