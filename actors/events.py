@@ -338,6 +338,9 @@ class Applied(msgspec.Struct, frozen=True, gc=False):
     principal: str
     events: tuple[Event, ...]
     rejection: Rejection | None = None
+    # a digest of the command itself, so a different command sent under a used id is told
+    # apart from a retry ("" in commits written before digests were recorded)
+    digest: str = ""
 
 
 class Commit(msgspec.Struct, frozen=True, kw_only=True, gc=False):

@@ -14,8 +14,10 @@ from blackbird._sync import BlackbirdSDK, SessionManager
 from blackbird.audit.replay import Auditor, AuditReport
 from blackbird.config import Settings
 from blackbird.errors import (
+    AggregateFaultError,
     BlackbirdError,
     ClosedError,
+    CommandIdReusedError,
     CommandTimeoutError,
     ConcurrencyConflictError,
     DecryptionError,
@@ -44,6 +46,7 @@ from blackbird.types import Admission, Memory, Session, SessionStatus, UsageReco
 
 __all__ = [
     "Admission",
+    "AggregateFaultError",
     "AsyncBlackbird",
     "AsyncMemory",
     "AsyncSessionManager",
@@ -54,6 +57,7 @@ __all__ = [
     "BlackbirdSDK",
     "ClosedError",
     "CommandTimeoutError",
+    "CommandIdReusedError",
     "ConcurrencyConflictError",
     "DecryptionError",
     "EmbeddedServerError",

@@ -23,7 +23,9 @@ The tree (a second base, in brackets, lets ``except ValueError`` and the like ca
     ├── EmbedderError
     ├── ScopeAccessError [PermissionError]
     ├── EmbeddingModelMismatchError
-    └── MemoryIndexBusyError
+    ├── MemoryIndexBusyError
+    ├── CommandIdReusedError
+    └── AggregateFaultError
 
 Each error declares its structured fields as attributes (``e.field``, ``e.used``,
 ``e.retry_after``, ...) and keeps a message that says what happened, which input, and what was
@@ -503,6 +505,45 @@ class MemoryIndexBusyError(BlackbirdError):
         self.path = path
 
 
+class CommandIdReusedError(BlackbirdError):
+    """A command id this aggregate already used was sent with a different command.
+
+    A true retry (the same command under the same id) gets its first answer again; a different
+    command under a used id is refused, not silently answered "duplicate". Use a new id. Fields:
+    ``command_id``, ``aggregate`` (``<tenant>/<kind>/<id>``).
+    """
+
+    code = "command_id_reused"
+    command_id: str
+    aggregate: str
+
+    def __init__(self, message: str, *, command_id: str, aggregate: str) -> None:
+        super().__init__(message)
+        self.command_id = command_id
+        self.aggregate = aggregate
+
+
+class AggregateFaultError(BlackbirdError):
+    """An unexpected fault while handling one aggregate's command (deciding, applying, encoding).
+
+    Only this command failed, and nothing of it was appended; the host and every other aggregate
+    go on, and this aggregate keeps serving commands that do not hit the fault. The fault is
+    logged with the aggregate's name. Fields: ``aggregate`` (``<tenant>/<kind>/<id>``), ``stage``
+    (decide, apply, encode), ``error`` (the fault's type and message).
+    """
+
+    code = "aggregate_fault"
+    aggregate: str
+    stage: str
+    error: str
+
+    def __init__(self, message: str, *, aggregate: str, stage: str, error: str) -> None:
+        super().__init__(message)
+        self.aggregate = aggregate
+        self.stage = stage
+        self.error = error
+
+
 _BY_CODE: dict[str, type[BlackbirdError]] = {
     cls.code: cls
     for cls in (
@@ -513,6 +554,8 @@ _BY_CODE: dict[str, type[BlackbirdError]] = {
         SessionExistsError,
         SessionInactiveError,
         ConcurrencyConflictError,
+        CommandIdReusedError,
+        AggregateFaultError,
         QuotaExceededError,
         SessionLimitError,
         RateLimitError,
