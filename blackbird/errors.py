@@ -36,7 +36,6 @@ and :func:`error_from_code` rebuilds the typed error from them. Errors pickle th
 
 from __future__ import annotations
 
-import functools
 import inspect
 from typing import Any, ClassVar
 
@@ -593,14 +592,19 @@ def field_of(exc: Exception, default: str) -> str:
     return text.rsplit("`$.", 1)[-1].split("`", 1)[0] or default
 
 
-@functools.cache
+_REQUIRED: dict[type[BlackbirdError], tuple[str, ...]] = {}
+
+
 def _required_keywords(cls: type[BlackbirdError]) -> tuple[str, ...]:
     """The keyword-only constructor arguments of ``cls`` without a default (read once: a denied
     command rebuilds its error on every call)."""
-    return tuple(
-        name for name, p in inspect.signature(cls).parameters.items()
-        if p.kind is p.KEYWORD_ONLY and p.default is p.empty
-    )
+    required = _REQUIRED.get(cls)
+    if required is None:
+        required = _REQUIRED[cls] = tuple(
+            name for name, p in inspect.signature(cls).parameters.items()
+            if p.kind is p.KEYWORD_ONLY and p.default is p.empty
+        )
+    return required
 
 
 def _restore(cls: type[BlackbirdError], message: str, fields: dict[str, Any]) -> BlackbirdError:
