@@ -27,7 +27,8 @@ from actors.user import UserBehaviour
 from blackbird._logging import configure_default_logging
 from blackbird._projections import MemoryCheckpoints, NatsCheckpoints, Projections, alert_raiser
 from blackbird.audit.replay import Auditor
-from blackbird.commands.dispatch import Dispatcher, LocalDispatcher, RemoteDispatcher, ask_or_raise
+from blackbird.commands.dispatch import Dispatcher, LocalDispatcher, ask_or_raise
+from blackbird.commands.remote import RemoteDispatcher
 from blackbird.commands.service import CommandService
 from blackbird.config import Settings, build_settings
 from blackbird.errors import ClosedError, EmbeddedServerError, ValidationError, field_of

@@ -8,22 +8,17 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-import msgspec
-import nats.errors
 import structlog
-from nats.aio.client import Client as NATS
 
-from actors.events import CommandReply, CommandRequest, Rejection, SessionCommand
+from actors.events import CommandReply, Rejection, SessionCommand
 from actors.host import ActorHost, ConflictRetriesExhausted, Outcome
 from actors.ports import AggregateKey
 from blackbird.errors import (
     BlackbirdError,
-    CommandTimeoutError,
     ConcurrencyConflictError,
     error_from_code,
 )
 from blackbird.ids import new_id
-from blackbird.subjects import Subjects
 
 log = structlog.get_logger("blackbird.dispatch")
 
@@ -97,30 +92,3 @@ class LocalDispatcher:
             duplicate=outcome.duplicate,
             events=outcome.events,
         )
-
-
-class RemoteDispatcher:
-    """Sends commands to whichever actor host serves ``<prefix>cmd.<tenant>.<session_id>``."""
-
-    def __init__(self, nc: NATS, subjects: Subjects, timeout: float) -> None:
-        self._nc = nc
-        self._subjects = subjects
-        self._timeout = timeout
-        self._encode = msgspec.json.Encoder().encode
-        self._decode = msgspec.json.Decoder(CommandReply).decode
-
-    async def dispatch(
-        self, tenant: str, session_id: str, command: SessionCommand, command_id: str, principal: str
-    ) -> CommandReply:
-        body = self._encode(CommandRequest(command=command, command_id=command_id, principal=principal))
-        subject = self._subjects.command(tenant, session_id)
-        try:
-            msg = await self._nc.request(subject, body, timeout=self._timeout)
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
-            raise CommandTimeoutError(
-                f"no actor host answered on {subject} within {self._timeout}s "
-                f"({type(exc).__name__}); is `blackbird serve` running?",
-                subject=subject,
-                command_id=command_id,
-            ) from None
-        return self._decode(msg.data)
