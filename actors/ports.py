@@ -28,6 +28,11 @@ class CommitTooLarge(Exception):
     """The encoded commit exceeds the log's message size (a batch may be split and retried)."""
 
 
+class CommitUnencodable(Exception):
+    """The log cannot encode the commit (a value its format cannot hold): a fault of the commands
+    in it, not of the log. The host finds the command at fault and fails only that one."""
+
+
 class AppendConflict(Exception):
     """Optimistic concurrency failed: the aggregate's last sequence was not the expected one."""
 

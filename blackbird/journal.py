@@ -27,7 +27,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, DiscardPolicy, StorageTyp
 from nats.js.kv import KeyValue
 
 from actors.events import Commit, upcast
-from actors.ports import AggregateKey, AppendConflict, AppendResult
+from actors.ports import AggregateKey, AppendConflict, AppendResult, CommitUnencodable
 from blackbird.config import Settings
 from blackbird.errors import LogError, PayloadTooLargeError
 from blackbird.subjects import Subjects
@@ -191,7 +191,10 @@ class Journal:
     async def append(
         self, key: AggregateKey, commit: Commit, *, expected_seq: int, msg_id: str
     ) -> AppendResult:
-        payload = self._encode(commit)
+        try:
+            payload = self._encode(commit)
+        except Exception as exc:  # a lone surrogate, a type JSON has no form for: the commands' fault
+            raise CommitUnencodable(f"{type(exc).__name__}: {exc}") from exc
         if len(payload) > self._settings.max_payload:
             raise PayloadTooLargeError(
                 f"command: encoded commit is {len(payload)} bytes, expected at most "
