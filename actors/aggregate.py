@@ -1,8 +1,9 @@
 """What every aggregate shares: folding commits with its ``evolve`` and remembering command ids.
 
 An aggregate's state is a frozen Struct with ``version`` (commits applied),
-``recent_commands`` (the idempotency window) and ``recent_refusals`` (the answers of recent
-refused commands); its kind supplies ``evolve(state, event)``.
+``recent_commands`` (the idempotency window), ``recent_digests`` (the digests of the commands
+those ids came with) and ``recent_refusals`` (the answers of recent refused commands); its kind
+supplies ``evolve(state, event)``.
 """
 
 from __future__ import annotations
@@ -26,11 +27,14 @@ def apply_commands(evolve: Callable[[S, Event], S], state: S, applied: tuple[App
     # Every state has these fields (see above), but a type variable cannot be bound to "a Struct
     # with these fields" (mypy has no intersection of Struct and a protocol), hence the ignores.
     recent = idempotency.remember(state.recent_commands, (c.command_id for c in applied))  # type: ignore[attr-defined]
+    digests = idempotency.remember_digests(state.recent_digests, (c.digest for c in applied))  # type: ignore[attr-defined]
     refusals = idempotency.remember_refusals(
         state.recent_refusals,  # type: ignore[attr-defined]
         ((c.command_id, c.rejection) for c in applied if c.rejection is not None),
     )
-    return msgspec.structs.replace(state, recent_commands=recent, recent_refusals=refusals)
+    return msgspec.structs.replace(
+        state, recent_commands=recent, recent_digests=digests, recent_refusals=refusals
+    )
 
 
 def apply_commit(evolve: Callable[[S, Event], S], state: S, commit: Commit) -> S:
@@ -54,11 +58,14 @@ class Behaviour:
     def apply_commands(self, state: Any, applied: tuple[Applied, ...]) -> Any:
         return apply_commands(self.evolve, state, applied)
 
-    def has_seen(self, state: Any, command_id: str) -> bool:
-        return idempotency.seen(state.recent_commands, command_id)
+    def has_seen(self, state: Any, command_id: str, digest: str) -> idempotency.Seen:
+        """Whether ``command_id`` is remembered and, if so, whether it came with the command
+        whose :func:`~actors.idempotency.digest` is ``digest`` (a retry) or another (reused)."""
+        return idempotency.recall(state.recent_commands, state.recent_digests, command_id, digest)
 
     def refusal(self, state: Any, command_id: str) -> Rejection | None:
-        """Why a command already in the log was refused (None if it was not)."""
+        """Why a command already in the log was refused (None if it was not). Refused commands
+        that were recorded are in the id window too, so :meth:`has_seen` checks their digest."""
         return idempotency.refusal(state.recent_refusals, command_id)
 
     def version(self, state: Any) -> int:

@@ -4,8 +4,18 @@
   the commits after it.
 * Each command: ``decide`` on the current state; if it produced events they are appended with
   ``expected_seq`` = the last sequence this actor applied (optimistic concurrency) and
-  ``msg_id`` = the command id (idempotency); only after JetStream acknowledged the append is
-  the state evolved and the caller answered.
+  ``msg_id`` = a digest of the aggregate (tenant, kind, id) and the commands' ids and digests
+  (JetStream deduplicates stream-wide: a bare command id would make tenant B's command a
+  "duplicate" of tenant A's); only after JetStream acknowledged the append is the state evolved
+  and the caller answered.
+* Idempotency: a command id the aggregate remembers is answered as before if it comes with the
+  same command (a retry) and refused with code ``command_id_reused`` if it comes with another
+  (see :mod:`actors.idempotency`).
+* Supervision: an unexpected exception while deciding, applying, encoding or replaying one
+  aggregate's commands fails only the command at fault, answered with code ``aggregate_fault``
+  and logged once with the aggregate and the stage; the other commands of its batch are
+  decided without it, and the host, its other actors and this actor's next commands go on. A
+  snapshot that cannot be encoded or saved is skipped (it is only a shortcut).
 * Group commit: many actors' appends are in flight at once (each actor drains its mailbox in
   its own task), so throughput comes from pipelining, not from skipping durability.
 * A conflict (another host wrote first) reloads the tail and re-decides: at least
@@ -30,8 +40,17 @@ import msgspec
 import structlog
 from anyio.abc import TaskGroup
 
+from actors import idempotency
 from actors.events import Applied, Commit, Event, Rejection
-from actors.ports import AggregateKey, AppendConflict, CommitTooLarge, Journal, SnapshotStore
+from actors.idempotency import Seen
+from actors.ports import (
+    AggregateKey,
+    AppendConflict,
+    CommitTooLarge,
+    CommitUnencodable,
+    Journal,
+    SnapshotStore,
+)
 
 S = TypeVar("S")
 
@@ -52,7 +71,7 @@ class Behaviour(Protocol[S]):
 
     def apply_commands(self, state: S, applied: tuple[Applied, ...]) -> S: ...
 
-    def has_seen(self, state: S, command_id: str) -> bool: ...
+    def has_seen(self, state: S, command_id: str, digest: str) -> Seen: ...
 
     def refusal(self, state: S, command_id: str) -> Rejection | None: ...
 
@@ -69,11 +88,83 @@ class Outcome(msgspec.Struct, gc=False):
     events: tuple[Event, ...] = ()  # what this command caused (none for a duplicate)
 
 
-def _msg_id(commit: Commit) -> str:
-    """JetStream's dedup id for a commit: its command id, or a digest of a batch's ids."""
-    if len(commit.commands) == 1:
-        return commit.commands[0].command_id
-    return hashlib.sha256("\x00".join(commit.command_ids).encode()).hexdigest()
+_scope_codec = msgspec.json.Encoder()
+
+
+def _msg_id(key: AggregateKey, commit: Commit) -> str:
+    """JetStream's dedup id for a commit: a digest of its aggregate and its commands' ids and
+    digests. JetStream deduplicates stream-wide, so the id is scoped to the aggregate: another
+    tenant's (or aggregate's) command under the same command id is not a duplicate of this one."""
+    scope = (key.tenant, key.kind, key.id, [(c.command_id, c.digest) for c in commit.commands])
+    return hashlib.blake2b(_scope_codec.encode(scope), digest_size=16).hexdigest()
+
+
+def _describe(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _where(error: BaseException) -> str:
+    """Where ``error`` was raised (file:line of the innermost frame), for the log line."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return ""
+    return f"{tb.tb_frame.f_code.co_filename.rpartition('/')[2]}:{tb.tb_lineno}"
+
+
+def _aggregate(key: AggregateKey) -> str:
+    return f"{key.tenant}/{key.kind}/{key.id}"
+
+
+_STAGES = {
+    "decide": "deciding it",
+    "apply": "applying its events",
+    "encode": "encoding it",
+    "replay": "rebuilding the aggregate's state from its snapshot and log",
+}
+
+
+class AggregateFault(Exception):
+    """An unexpected exception in one aggregate's logic or encoding, at ``stage`` ("decide",
+    "apply", "encode" or "replay"). The host answers the command with :meth:`rejection`
+    (code ``aggregate_fault``) instead of letting it escape."""
+
+    def __init__(self, key: AggregateKey, stage: str, error: BaseException) -> None:
+        self.key = key
+        self.stage = stage
+        self.error = error
+        super().__init__(f"{key.kind} {key.id!r} of tenant {key.tenant!r}: {stage}: {_describe(error)}")
+
+    def rejection(self) -> Rejection:
+        key = self.key
+        if self.stage == "replay":
+            goes_on = f"this {key.kind} cannot be loaded until that is fixed; others are served"
+        else:
+            goes_on = f"this {key.kind} serves other commands"
+        return Rejection(
+            "aggregate_fault",
+            f"{key.kind} {key.id!r} (tenant {key.tenant!r}): the command failed while "
+            f"{_STAGES.get(self.stage, self.stage)} ({_describe(self.error)}); nothing of it was "
+            f"appended and {goes_on}; a fault in Blackbird or in the command's data: report it "
+            "with the 'aggregate_fault' log line",
+            {"aggregate": _aggregate(key), "stage": self.stage, "error": _describe(self.error)},
+        )
+
+
+# per request of a batch: state after it, why it was refused, duplicate, its events, its fault
+_Answer = tuple[Any, Rejection | None, bool, tuple[Event, ...], AggregateFault | None]
+
+
+def _reused(key: AggregateKey, command_id: str) -> Rejection:
+    return Rejection(
+        "command_id_reused",
+        f"command id {command_id!r} was already used by {key.kind} {key.id!r} (tenant "
+        f"{key.tenant!r}) for a different command; a retry must resend the same command, a new "
+        "command needs a new id",
+        {"command_id": command_id, "aggregate": _aggregate(key)},
+    )
 
 
 class ConflictRetriesExhausted(Exception):
@@ -89,12 +180,14 @@ class _Snapshot(msgspec.Struct, Generic[S]):
 
 
 class _Request:
-    __slots__ = ("command", "command_id", "done", "error", "outcome", "principal")
+    __slots__ = ("command", "command_id", "digest", "done", "error", "fault", "outcome", "principal")
 
     def __init__(self, command: Any, command_id: str, principal: str) -> None:
         self.command = command
         self.command_id = command_id
         self.principal = principal
+        self.digest: str | None = None  # of the command, taken once (idempotency.digest)
+        self.fault: AggregateFault | None = None  # a fault of the command itself (its digest)
         self.done: anyio.Event | None = None  # only for requests that wait in a mailbox
         self.outcome: Outcome | None = None
         self.error: BaseException | None = None
@@ -222,16 +315,23 @@ class ActorHost:
     async def _run(self, actor: _Actor, batch: list[_Request]) -> None:
         try:
             await self._handle(actor, batch)
-        except CommitTooLarge as exc:
-            if len(batch) == 1:  # one command alone is too large: its caller gets the error
-                batch[0].error = exc
+        except (CommitTooLarge, CommitUnencodable) as exc:
+            if len(batch) == 1:  # one command alone cannot be stored: its caller gets the error
+                if isinstance(exc, CommitUnencodable):
+                    self._fail(actor, batch, AggregateFault(actor.key, "encode", exc.__cause__ or exc))
+                else:
+                    batch[0].error = exc
                 return
-            # The commands that queued up do not fit in one message together: halve the batch.
-            # Nothing was appended (the append failed whole), so each half decides afresh.
+            # The commands that queued up do not fit in one message together, or one of them
+            # cannot be encoded: halve the batch (down to the command at fault). Nothing was
+            # appended (the append failed whole), so each half decides afresh.
             half = len(batch) // 2
             await self._run(actor, batch[:half])
             await self._run(actor, batch[half:])
             return
+        except AggregateFault as fault:  # the state could not be rebuilt: activate afresh next time
+            actor.state = None
+            self._fail(actor, batch, fault)
         except Exception as exc:  # the callers get it; the actor reloads from the log next time
             actor.state = None
             for request in batch:
@@ -248,26 +348,46 @@ class ActorHost:
         fresh = actor.state is None
         if fresh:
             await self._activate(actor)
+        for request in batch:
+            if request.digest is None and request.fault is None:
+                try:
+                    request.digest = idempotency.digest(request.command)
+                except Exception as exc:  # a command JSON cannot hold could not be stored either
+                    request.fault = AggregateFault(actor.key, "encode", exc)
         started = time.monotonic()
         attempt = -1
         while (attempt := attempt + 1) < self._max_retries or time.monotonic() - started < self._retry_for:
             now = self._clock()
             state = actor.state
             applied: list[Applied] = []
-            # per request: state after it, why it was refused, duplicate, its events
-            answers: list[tuple[Any, Rejection | None, bool, tuple[Event, ...]]] = []
+            # per request: state after it, why it was refused, duplicate, its events, its fault
+            answers: list[_Answer] = []
             for request in batch:
-                if b.has_seen(state, request.command_id):  # a retry: the first answer again
-                    answers.append((state, b.refusal(state, request.command_id), True, ()))
-                    continue
-                decision = b.decide(state, request.command, now)
-                if decision.events:
-                    record = Applied(
-                        request.command_id, request.principal, decision.events, decision.rejection
-                    )
-                    state = b.apply_commands(state, (record,))
-                    applied.append(record)
-                answers.append((state, decision.rejection, False, decision.events))
+                fault = request.fault
+                if fault is None:
+                    stage = "decide"
+                    try:
+                        assert request.digest is not None  # taken above, or it is a fault
+                        seen = b.has_seen(state, request.command_id, request.digest)
+                        if seen == Seen.REUSED:  # another command under a used id: refuse it
+                            answers.append((state, _reused(actor.key, request.command_id), False, (), None))
+                        elif seen:  # a retry: the first answer again
+                            answers.append((state, b.refusal(state, request.command_id), True, (), None))
+                        else:
+                            decision = b.decide(state, request.command, now)
+                            events, rejection = decision.events, decision.rejection
+                            if events:
+                                stage = "apply"
+                                record = Applied(
+                                    request.command_id, request.principal, events, rejection, request.digest
+                                )
+                                state = b.apply_commands(state, (record,))
+                                applied.append(record)
+                            answers.append((state, rejection, False, events, None))
+                        continue
+                    except Exception as exc:  # this command alone fails; the batch goes on without it
+                        fault = AggregateFault(actor.key, stage, exc)
+                answers.append((state, fault.rejection(), False, (), fault))
             if not applied:
                 # Queries and refusals append nothing, so no conflict would tell us that another
                 # host wrote since we last looked: check (read-your-writes) and, if the aggregate
@@ -275,15 +395,14 @@ class ActorHost:
                 if not fresh and await self._catch_up(actor):
                     fresh = True
                     continue
-                for request, (after, rejection, duplicate, events) in zip(batch, answers, strict=True):
-                    request.outcome = Outcome(after, actor.seq, rejection, duplicate, events)
+                self._answer(actor, batch, answers, actor.seq)
                 return
             # A write needs no such check: it carries the sequence it was decided on, and a
             # stale decision comes back as a conflict.
             commit = Commit(at=now, version=b.version(actor.state) + 1, commands=tuple(applied))
             try:
                 result = await self._journal.append(
-                    actor.key, commit, expected_seq=actor.seq, msg_id=_msg_id(commit)
+                    actor.key, commit, expected_seq=actor.seq, msg_id=_msg_id(actor.key, commit)
                 )
             except AppendConflict:
                 actor.log.debug("append_conflicted", expected_seq=actor.seq, attempt=attempt)
@@ -294,31 +413,72 @@ class ActorHost:
                 fresh = True
                 continue
             if result.duplicate:  # this very commit was stored before: adopt it, decide again
-                await self._catch_up(actor)
-                fresh = True
-                continue
+                if await self._catch_up(actor):
+                    fresh = True
+                    continue
+                # It is stored and already folded into the state, yet its ids were no longer
+                # remembered (a late retry, after more than idempotency.WINDOW newer commands):
+                # it was applied once; say so instead of deciding it again and again.
+                actor.log.info("late_retry", command_ids=commit.command_ids)
+                late: list[_Answer] = [
+                    (actor.state, None, True, (), None) if fault is None else (after, rejection, False, (), fault)
+                    for after, rejection, _, _, fault in answers
+                ]
+                self._answer(actor, batch, late, actor.seq)
+                return
             final = msgspec.structs.replace(state, version=commit.version)
             actor.state, actor.seq = final, result.seq
             actor.since_snapshot += 1
-            for request, (after, rejection, duplicate, events) in zip(batch, answers, strict=True):
+            for request, (after, rejection, duplicate, events, fault) in zip(batch, answers, strict=True):
                 if after is state:
                     after = final
                 elif after is not actor.state:
                     after = msgspec.structs.replace(after, version=commit.version)
+                if fault is not None:
+                    self._report(actor, fault, request.command_id)
                 request.outcome = Outcome(after, result.seq, rejection, duplicate, events)
             return
         raise ConflictRetriesExhausted(actor.key, attempt)
 
+    def _answer(self, actor: _Actor, batch: list[_Request], answers: list[_Answer], seq: int) -> None:
+        for request, (after, rejection, duplicate, events, fault) in zip(batch, answers, strict=True):
+            if fault is not None:
+                self._report(actor, fault, request.command_id)
+            request.outcome = Outcome(after, seq, rejection, duplicate, events)
+
+    def _report(self, actor: _Actor, fault: AggregateFault, command_id: str, commands: int = 1) -> None:
+        """The one log line of a fault: the aggregate (bound in ``actor.log``), stage, error."""
+        actor.log.error(
+            "aggregate_fault", stage=fault.stage, error=_describe(fault.error), where=_where(fault.error),
+            command_id=command_id, commands=commands,
+        )
+
+    def _fail(self, actor: _Actor, batch: list[_Request], fault: AggregateFault) -> None:
+        """Answer every request of ``batch`` with ``fault`` (logged once)."""
+        self._report(actor, fault, batch[0].command_id, len(batch))
+        state = actor.state
+        if state is None:  # never built: answer with the empty state, as for an unknown aggregate
+            try:
+                state = self._behaviour.initial_state(actor.key)
+            except Exception:
+                state = None
+        rejection = fault.rejection()
+        for request in batch:
+            request.outcome = Outcome(state, actor.seq, rejection)
+
     async def _activate(self, actor: _Actor) -> None:
         started = time.perf_counter()
-        state = self._behaviour.initial_state(actor.key)
+        try:
+            state = self._behaviour.initial_state(actor.key)
+        except Exception as exc:
+            raise AggregateFault(actor.key, "replay", exc) from exc
         seq = 0
         raw = await self._snapshots.load(actor.key)
         if raw is not None:
             try:
                 snapshot = self._snapshot_decoder.decode(raw)
                 state, seq = snapshot.state, snapshot.seq
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            except Exception as exc:
                 # a snapshot is only a shortcut (say, written by a version whose state had
                 # another shape): the log alone gives the same state
                 actor.log.warning("snapshot_unreadable", error=str(exc))
@@ -337,19 +497,29 @@ class ActorHost:
         if last <= actor.seq:
             return 0
         commits = await self._journal.read(actor.key, actor.seq, last)
+        if not commits:
+            return 0
         state = actor.state
-        for seq, commit in commits:
-            state = self._behaviour.apply_commit(state, commit)
-            actor.seq = seq
-        actor.state = state
+        try:
+            for _, commit in commits:
+                state = self._behaviour.apply_commit(state, commit)
+        except Exception as exc:  # the state stays as it was, at the sequence it was at
+            raise AggregateFault(actor.key, "replay", exc) from exc
+        actor.state, actor.seq = state, commits[-1][0]
         return len(commits)
 
     async def _save_snapshot(self, actor: _Actor, seq: int, state: Any) -> None:
-        data = self._snapshot_codec.encode(_Snapshot(seq=seq, state=state))
+        # Runs as a task of the host's task group: nothing may escape it, or the whole host
+        # (every actor) would stop. A missed snapshot only slows the next activation.
+        stage = "snapshot_encode"
         try:
+            data = self._snapshot_codec.encode(_Snapshot(seq=seq, state=state))
+            stage = "snapshot_save"
             await self._snapshots.save(actor.key, data)
-        except Exception as exc:  # a missed snapshot only slows the next activation
-            actor.log.warning("snapshot_failed", seq=seq, error=str(exc))
+        except Exception as exc:
+            # an unencodable state is a fault (an error); a failed save, the store's trouble
+            report = actor.log.error if stage == "snapshot_encode" else actor.log.warning
+            report("snapshot_failed", stage=stage, seq=seq, error=_describe(exc), where=_where(exc))
 
     async def snapshot_all(self) -> None:
         """Snapshot every active actor that has commits since its last snapshot."""

@@ -74,6 +74,7 @@ class MemoryState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     stored_bytes: int = 0
     next_expiry: float | None = None  # the earliest expires_at of any memory or cache entry
     recent_commands: bytes = b""
+    recent_digests: bytes = b""
     recent_refusals: dict[str, Rejection] = {}
 
 

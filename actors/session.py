@@ -84,6 +84,7 @@ class SessionState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     boosts: dict[str, tuple[float, float | None]] = {}  # quota -> (limit, until): QuotaAdjusted
     fencing: int = 0  # last fencing token (or reservation number) granted
     recent_commands: bytes = b""  # fingerprints of the last RECENT_COMMANDS command ids
+    recent_digests: bytes = b""  # fingerprints of those commands' digests (idempotency.recall)
     recent_refusals: dict[str, Rejection] = {}  # answers to recent refused commands
 
     def view(self, sequence: int = 0) -> SessionView:

@@ -37,6 +37,7 @@ class TenantState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     overrides: dict[str, Any] = {}  # every override so far, merged
     user_boosts: dict[str, dict[str, tuple[float, float | None]]] = {}
     recent_commands: bytes = b""
+    recent_digests: bytes = b""
     recent_refusals: dict[str, Rejection] = {}  # answers to recent refused commands
 
 

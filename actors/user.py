@@ -41,6 +41,7 @@ class UserState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     version: int = 0
     sessions: dict[str, str] = {}  # open session id -> tier
     recent_commands: bytes = b""
+    recent_digests: bytes = b""
     recent_refusals: dict[str, Rejection] = {}  # answers to recent refused commands
 
 
