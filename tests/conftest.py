@@ -1,5 +1,6 @@
-"""Shared fixtures: a real nats-server (JetStream on) per test module, on a free port, with its
-own temporary store. Nothing here mocks NATS, JetStream or LanceDB."""
+"""Shared fixtures: a real nats-server (JetStream on) per test, on a free port, with its own
+temporary store; a real 3-node JetStream cluster for the failover tests. Nothing here mocks NATS,
+JetStream or LanceDB."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import pytest
 
 from blackbird import AsyncBlackbird
 from blackbird.server.embedded import _free_port, find_nats_server_binary
+
+from .nats_cluster import NatsCluster, running_cluster
 
 os.environ.setdefault("BLACKBIRD_LOG_LEVEL", "warning")
 
@@ -79,6 +82,15 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     finally:
         server.process.kill()
         server.process.wait()
+
+
+@pytest.fixture
+async def nats_cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
+    """A fresh 3-node JetStream cluster on loopback (nodes ``node-0`` .. ``node-2``, each with its
+    own ports and store), ready to place replicated streams; every node is killed afterwards.
+    See :class:`tests.nats_cluster.NatsCluster` for the fault handles (kill, pause, restart, ...)."""
+    async with running_cluster(tmp_path / "cluster") as cluster:
+        yield cluster
 
 
 @pytest.fixture
