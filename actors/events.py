@@ -17,10 +17,20 @@ from typing import Annotated, Any
 import msgspec
 
 from actors.policy import Policy, QuotaType, RateLimitType
+from actors.validation import (
+    MAX_AMOUNT,
+    MAX_DURATION,
+    MAX_ID_LENGTH,
+    MAX_INSTANT,
+    MAX_MESSAGE_LENGTH,
+    MAX_NAME_LENGTH,
+    MAX_SAFE_INT,
+    TOKEN_PATTERN,
+)
 
 SCHEMA_VERSION = 1
 
-Metadata = dict[str, Any]  # user-supplied, JSON-serialisable; validated at the edge
+Metadata = dict[str, Any]  # user-supplied JSON data; its size and depth: actors.validation
 
 
 class SessionStatus(enum.StrEnum):
@@ -367,37 +377,45 @@ def upcast(commit: Commit) -> Commit:
 
 
 # --------------------------------------------------------------------------- commands
+#
+# Commands carry their limits as msgspec constraints, built from the one table in
+# actors.validation; actors.validation.validate() holds a command built in process to them too,
+# and adds what a constraint cannot say (valid Unicode, finite floats, JSON-safe integers, the
+# size and depth of metadata). Events carry none: a shipped event must always decode.
 
-Token = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[^.*>\s]+$")]
+Token = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH, pattern=TOKEN_PATTERN)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_LENGTH)]
+FiniteAmount = Annotated[float, msgspec.Meta(ge=0, le=MAX_AMOUNT)]
+Duration = Annotated[float, msgspec.Meta(gt=0, le=MAX_DURATION)]
+Instant = Annotated[float, msgspec.Meta(ge=0, le=MAX_INSTANT)]  # seconds since the epoch
+Fraction = Annotated[float, msgspec.Meta(ge=0, le=1)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_SAFE_INT)]
 
 
 class CreateSession(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
     user_id: Token
-    tier: str = "free"
+    tier: Name = "free"
     metadata: Metadata = {}
 
 
 class TouchSession(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
-    operation: str = "activity"
+    operation: Name = "activity"
 
 
 class ChangeTier(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
-    tier: str
+    tier: Name
 
 
 class TerminateSession(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
-    reason: str = "terminated"
+    reason: Name = "terminated"
 
 
 class GetSession(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
     """A query: answered from the actor's state after catching up with the log; appends nothing."""
 
 
-FiniteAmount = Annotated[float, msgspec.Meta(ge=0, le=1e15)]
-
-
 class TrackUsage(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
-    operation: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    operation: Name
     resource_type: QuotaType
     amount: FiniteAmount
     metadata: Metadata = {}
@@ -406,22 +424,21 @@ class TrackUsage(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=Tr
 class CheckRate(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
     """Admit one request of ``operation`` if every checked window has room (all or nothing)."""
 
-    operation: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    operation: Name
     limit_type: RateLimitType | None = None  # None: every window
 
 
 class AcquireSlot(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
-    operation: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-    lease_seconds: Annotated[float, msgspec.Meta(gt=0, le=86400)] | None = None
+    operation: Name
+    lease_seconds: Duration | None = None
 
 
 class ReleaseSlot(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
-    operation: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-    lease_id: str | None = None  # None: the oldest lease of this operation
+    operation: Name
+    lease_id: Name | None = None  # None: the oldest lease of this operation
 
 
 Costs = dict[QuotaType, FiniteAmount]
-Duration = Annotated[float, msgspec.Meta(gt=0, le=86400 * 366)]
 
 
 class Admit(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
@@ -429,7 +446,7 @@ class Admit(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
     admitted together or nothing. ``reserve`` holds the costs (settle them later) instead of
     charging them now."""
 
-    operation: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    operation: Name
     costs: Costs = {}
     rate: bool = True
     slot: bool = True
@@ -441,7 +458,7 @@ class Admit(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
 class Settle(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
     """Charge what a reserved piece of work actually used (None: nothing) and release the hold."""
 
-    reservation_id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    reservation_id: Name
     actual: Costs | None = None
 
 
@@ -450,12 +467,12 @@ class AdjustQuota(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=T
 
     resource_type: QuotaType
     limit: FiniteAmount | None
-    until: float | None = None
+    until: Instant | None = None
 
 
 class PostMessage(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
     channel: Token = "chat"
-    text: Annotated[str, msgspec.Meta(max_length=65536)] = ""
+    text: Annotated[str, msgspec.Meta(max_length=MAX_MESSAGE_LENGTH)] = ""
     metadata: Metadata = {}
 
 
@@ -486,7 +503,7 @@ class AdjustUserQuota(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fiel
     user_id: Token
     resource_type: QuotaType
     limit: FiniteAmount | None
-    until: float | None = None
+    until: Instant | None = None
 
 
 TenantCommand = SetTenantPolicy | AdjustUserQuota | GetSession
@@ -494,21 +511,21 @@ TenantCommand = SetTenantPolicy | AdjustUserQuota | GetSession
 
 class OpenUserSession(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
     session_id: Token
-    tier: str
+    tier: Name
 
 
 class CloseUserSessions(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
     session_ids: tuple[Token, ...]
-    reason: str = "terminated"
+    reason: Name = "terminated"
 
 
 class RaiseAlert(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
-    kind: str
-    session_id: str | None
-    detail: str
+    kind: Name
+    session_id: Token | None
+    detail: Annotated[str, msgspec.Meta(max_length=MAX_MESSAGE_LENGTH)]
     value: float
     threshold: float
-    trigger_seq: int
+    trigger_seq: Count
 
 
 class EraseUser(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
@@ -519,51 +536,51 @@ UserCommand = OpenUserSession | CloseUserSessions | RaiseAlert | EraseUser | Get
 
 
 class Remember(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
-    memory_id: str
-    scope: str
-    owner: str
-    author: str
-    key: str | None
-    kind: str
-    importance: float
-    model_id: str
-    size: int
+    memory_id: Name
+    scope: Name
+    owner: Token
+    author: Token
+    key: Name | None
+    kind: Name
+    importance: Fraction
+    model_id: Name
+    size: Count
     sealed: bytes
-    expires_at: float | None
-    duplicate_of: str | None  # an existing memory this one is a near-duplicate of (shell's search)
+    expires_at: Instant | None
+    duplicate_of: Name | None  # an existing memory this one is a near-duplicate of (shell's search)
 
 
 class ForgetMemory(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
-    memory_id: str
+    memory_id: Name
 
 
 class ForgetAuthor(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
     """Remove everything ``author`` wrote in this scope (erasure)."""
 
-    author: str
+    author: Token
 
 
 class SetCache(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
-    key: str
-    author: str
+    key: Name
+    author: Token
     sealed: bytes
-    size: int
-    importance: float
-    expires_at: float | None
-    capacity: int  # entries the scope may hold (the tier's); beyond it the lowest score goes
+    size: Count
+    importance: Fraction
+    expires_at: Instant | None
+    capacity: Count  # entries the scope may hold (the tier's); beyond it the lowest score goes
 
 
 class GetCache(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
-    key: str
+    key: Name
 
 
 class DeleteCache(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
-    key: str
+    key: Name
 
 
 class ChangeMembers(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
-    add: tuple[str, ...] = ()
-    remove: tuple[str, ...] = ()
+    add: tuple[Token, ...] = ()
+    remove: tuple[Token, ...] = ()
 
 
 MemoryCommand = Remember | ForgetMemory | ForgetAuthor | SetCache | GetCache | DeleteCache | ChangeMembers | GetSession
@@ -587,8 +604,8 @@ class CommandRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Body of a request on ``bbcmd.<tenant>.<session_id>``; tenant and session come from the subject."""
 
     command: SessionCommand
-    command_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | None = None
-    principal: str = "anonymous"
+    command_id: Token | None = None
+    principal: Name = "anonymous"
 
 
 class SessionView(msgspec.Struct, frozen=True, gc=False):

@@ -52,7 +52,13 @@ def decide(state: UserState, command: UserCommand, now: float, policy: Policy) -
         if command.session_id in state.sessions:
             return Decision()  # already open (a retried creation)
         tier = policy.tier(command.tier)
-        limit = tier.max_sessions_per_user if tier is not None else 1
+        if tier is None:  # refused before anything is counted: the session could not be created
+            known = ", ".join(sorted(policy.tiers))
+            return Decision(rejection=Rejection(
+                "validation_error", f"tier: expected one of {known}, got {command.tier!r}",
+                {"field": "tier", "expected": f"one of {known}", "got": command.tier},
+            ))
+        limit = tier.max_sessions_per_user
         active = len(state.sessions)
         if active >= limit:
             denied = UserSessionDenied(

@@ -1,23 +1,31 @@
 """Argument checks for the public API.
 
 Each returns the clean value or raises a :class:`~blackbird.errors.ValidationError` naming the
-field and what was expected, before anything is sent (so bad input appends nothing).
+field and what was expected, before anything is sent (so bad input appends nothing). The
+numbers are those of the one table, :mod:`actors.validation`, which the host holds every command
+to again whatever sent it; these checks only answer sooner, with the same field.
 """
 
 from __future__ import annotations
 
 import datetime
 import enum
-import json
-import math
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from blackbird.errors import PayloadTooLargeError, ValidationError
+import msgspec
 
-MAX_METADATA_BYTES = 64 * 1024
-MAX_TEXT_LENGTH = 256
-MAX_AMOUNT = 1e15
+from actors import validation
+from actors.validation import (
+    MAX_AMOUNT,
+    MAX_DURATION,
+    MAX_INSTANT,
+    MAX_NAME_LENGTH,
+    METADATA,
+    DocumentLimit,
+    Invalid,
+)
+from blackbird.errors import PayloadTooLargeError, ValidationError
 
 E = TypeVar("E", bound=enum.Enum)
 
@@ -27,6 +35,12 @@ def invalid(field: str, expected: str, got: Any) -> ValidationError:
     return ValidationError(f"{field}: expected {expected}, got {got}", field=field, expected=expected, got=got)
 
 
+def error_of(problem: Invalid) -> ValidationError:
+    """The typed error for a broken rule of :mod:`actors.validation`."""
+    kind = PayloadTooLargeError if problem.too_large else ValidationError
+    return kind(str(problem), field=problem.field, expected=problem.expected, got=problem.got)
+
+
 def check_fraction(value: Any, field: str) -> float:
     """A number from 0 to 1 (bool is not a number here)."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
@@ -34,35 +48,49 @@ def check_fraction(value: Any, field: str) -> float:
     return float(value)
 
 
-def check_text(value: Any, field: str) -> str:
-    expected = f"a non-empty string of at most {MAX_TEXT_LENGTH} characters"
-    if not isinstance(value, str) or not value or len(value) > MAX_TEXT_LENGTH:
-        got = type(value).__name__ if not isinstance(value, str) else f"{len(value)} characters"
-        raise invalid(field, expected, got)
+def check_bool(value: Any, field: str) -> bool:
+    """A bool, not something truthy: ``"false"`` is refused rather than taken for True."""
+    if not isinstance(value, bool):
+        raise invalid(field, "True or False", repr(value) if isinstance(value, str) else type(value).__name__)
     return value
 
 
-def check_metadata(metadata: Any, field: str = "metadata") -> dict[str, Any]:
-    expected = "a JSON-serialisable dict with string keys"
+def check_text(value: Any, field: str, max_length: int = MAX_NAME_LENGTH) -> str:
+    """A non-empty string of valid Unicode, at most ``max_length`` characters."""
+    expected = f"a non-empty string of at most {max_length} characters"
+    if not isinstance(value, str) or not value or len(value) > max_length:
+        got = type(value).__name__ if not isinstance(value, str) else f"{len(value)} characters"
+        raise invalid(field, expected, got)
+    return check_str(value, field)
+
+
+def check_str(value: str, field: str) -> str:
+    """``value`` if it is valid Unicode (no lone surrogates); else ValidationError."""
+    try:
+        validation.check_str(value, field)
+    except Invalid as problem:
+        raise error_of(problem) from None
+    return value
+
+
+def check_document(value: Any, field: str, limit: DocumentLimit) -> Any:
+    """``value`` as JSON carries it (tuples become lists) if it is plain JSON data within
+    ``limit`` (size as JSON, depth); else ValidationError (PayloadTooLargeError for the size)."""
+    try:
+        validation.check_document(value, field, limit)
+    except Invalid as problem:
+        raise error_of(problem) from None
+    return msgspec.json.decode(msgspec.json.encode(value))
+
+
+def check_metadata(metadata: Any, field: str = "metadata", limit: DocumentLimit = METADATA) -> dict[str, Any]:
+    """A dict of plain JSON data within ``limit`` (None: empty), as JSON carries it."""
     if metadata is None:
         return {}
     if not isinstance(metadata, dict):
-        raise invalid(field, expected, type(metadata).__name__)
-    try:
-        encoded = json.dumps(metadata, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise ValidationError(
-            f"{field}: expected {expected}; {exc}", field=field, expected=expected, got=str(exc)
-        ) from None
-    if len(encoded) > MAX_METADATA_BYTES:
-        raise PayloadTooLargeError(
-            f"{field}: {len(encoded)} bytes as JSON, expected at most {MAX_METADATA_BYTES}",
-            field=field,
-            expected=f"at most {MAX_METADATA_BYTES} bytes",
-            got=len(encoded),
-        )
-    # round-trip so that what is stored is exactly what JSON can carry (tuples -> lists, ...)
-    return json.loads(encoded)  # type: ignore[no-any-return]
+        raise invalid(field, "a dict with string keys", type(metadata).__name__)
+    checked: dict[str, Any] = check_document(metadata, field, limit)
+    return checked
 
 
 def check_enum(value: Any, kind: type[E], field: str) -> E:
@@ -80,25 +108,29 @@ def check_amount(amount: Any, field: str = "amount") -> float:
     expected = f"a finite number >= 0 and <= {MAX_AMOUNT:g}"
     if isinstance(amount, bool) or not isinstance(amount, int | float):
         raise invalid(field, expected, type(amount).__name__)
-    if not math.isfinite(amount) or amount < 0 or amount > MAX_AMOUNT:
-        raise invalid(field, expected, repr(amount))
+    if not 0 <= amount <= MAX_AMOUNT:  # NaN fails every comparison; a huge int compares exactly
+        raise invalid(field, expected, repr(amount) if isinstance(amount, float) or amount < 2**64 else "a huge int")
     return float(amount)
 
 
 def check_costs(costs: Any, kind: type[E], field: str = "costs") -> dict[E, float]:
-    """``{quota: amount}`` with every key a quota type and every amount valid."""
+    """``{quota: amount}`` with every key a quota type and every amount valid (an error names
+    ``field``, as the host does)."""
     if costs is None:
         return {}
     if not isinstance(costs, Mapping):
         raise invalid(field, "a mapping of quota type to amount", type(costs).__name__)
     checked: dict[E, float] = {}
     for key, amount in costs.items():
-        quota = check_enum(key, kind, f"{field} key")
-        checked[quota] = check_amount(amount, f"{field}.{quota.value}")
+        quota = check_enum(key, kind, field)
+        try:
+            checked[quota] = check_amount(amount, field)
+        except ValidationError as exc:
+            raise invalid(field, exc.expected, f"{quota.value}={exc.got}") from None
     return checked
 
 
-def check_seconds(value: Any, field: str, *, maximum: float = 366 * 86400) -> float | None:
+def check_seconds(value: Any, field: str, *, maximum: float = MAX_DURATION) -> float | None:
     """An optional duration in seconds, > 0."""
     if value is None:
         return None
@@ -107,8 +139,8 @@ def check_seconds(value: Any, field: str, *, maximum: float = 366 * 86400) -> fl
     expected = f"a number of seconds > 0 and <= {maximum:g} (or a timedelta)"
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise invalid(field, expected, type(value).__name__)
-    if not math.isfinite(value) or value <= 0 or value > maximum:
-        raise invalid(field, expected, repr(value))
+    if not 0 < value <= maximum:
+        raise invalid(field, expected, repr(value) if isinstance(value, float) or value < 2**64 else "a huge int")
     return float(value)
 
 
@@ -123,9 +155,12 @@ def check_instant(value: Any, field: str, now: float) -> float | None:
         if value.tzinfo is None:
             raise invalid(field, "a timezone-aware datetime", "a naive datetime")
         value = value.timestamp()
-    expected = "seconds since the epoch, an aware datetime or a timedelta, in the future"
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise invalid(field, expected, repr(value) if isinstance(value, float) else type(value).__name__)
-    if value <= now:
-        raise invalid(field, expected, repr(value))
+    expected = (
+        "seconds since the epoch, an aware datetime or a timedelta, in the future "
+        f"(at most {MAX_INSTANT:.0f}: the end of year 9999)"
+    )
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise invalid(field, expected, type(value).__name__)
+    if not now < value <= MAX_INSTANT:
+        raise invalid(field, expected, repr(value) if isinstance(value, float) or value < 2**64 else "a huge int")
     return float(value)

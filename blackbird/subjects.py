@@ -10,34 +10,32 @@ id that could change a subject's shape (``.``, ``*``, ``>``, whitespace) is refu
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from actors.ports import AggregateKey
+from actors.validation import MAX_ID_LENGTH, TOKEN, TOKEN_EXPECTED
 from blackbird.errors import ValidationError
 
-MAX_TOKEN_LENGTH = 128
-_BAD = re.compile(r"[.*>\s]")
-_PRINTABLE = re.compile(r"^[\x21-\x7e\u00a0-\U0010ffff]+$")
+MAX_TOKEN_LENGTH = MAX_ID_LENGTH
 
 
 def validate_token(value: Any, field: str) -> str:
-    """Return ``value`` if it is usable as one subject token, else raise ValidationError naming ``field``."""
-    expected = (
-        f"a non-empty string of at most {MAX_TOKEN_LENGTH} characters "
-        "without '.', '*', '>' or whitespace"
-    )
+    """Return ``value`` if it is usable as one subject token, else raise ValidationError naming ``field``.
+
+    The rule is the one the host holds raw commands to (:data:`actors.validation.TOKEN_PATTERN`):
+    printable, no '.', '*', '>' or whitespace, no lone surrogate, at most 128 characters."""
     if not isinstance(value, str):
         raise ValidationError(
-            f"{field}: expected {expected}, got {type(value).__name__}",
+            f"{field}: expected {TOKEN_EXPECTED}, got {type(value).__name__}",
             field=field,
-            expected=expected,
+            expected=TOKEN_EXPECTED,
             got=type(value).__name__,
         )
-    if not value or len(value) > MAX_TOKEN_LENGTH or _BAD.search(value) or not _PRINTABLE.match(value):
+    if len(value) > MAX_ID_LENGTH or not TOKEN.match(value):
         shown = value if len(value) <= 40 else value[:37] + "..."
+        shown = shown.encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate, shown
         raise ValidationError(
-            f"{field}: expected {expected}, got {shown!r}", field=field, expected=expected, got=shown
+            f"{field}: expected {TOKEN_EXPECTED}, got {shown!r}", field=field, expected=TOKEN_EXPECTED, got=shown
         )
     return value
 

@@ -252,7 +252,7 @@ def test_raw_requests_retry_and_rejection(serve: Serve, nats_server: Any) -> Non
                             {"command": {"type": "CreateSession", "user_id": "a b"}})
             assert bad["session"] is None
             assert bad["rejection"]["code"] == "validation_error"
-            assert bad["rejection"]["fields"]["field"] == "command.user_id"
+            assert bad["rejection"]["fields"]["field"] == "user_id"  # as the SDK names it
 
             missing = await ask("bbcmd.acme.raw-none", {"command": {"type": "GetSession"}})
             assert missing["rejection"]["code"] == "session_not_found"

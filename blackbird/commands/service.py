@@ -8,15 +8,19 @@ names the offending field, never a silent drop.
 
 from __future__ import annotations
 
+import re
+from typing import Any, get_args
+
 import anyio
 import msgspec
 import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from actors.events import CommandReply, CommandRequest, Rejection
-from blackbird.commands.dispatch import Dispatcher, rejection_from_error
-from blackbird.errors import BlackbirdError, field_of
+from actors.events import CommandReply, CommandRequest, SessionCommand
+from actors.validation import MAX_DEPTH, Invalid, invalid_from
+from blackbird.commands.dispatch import Dispatcher, rejection_from_error, rejection_from_invalid
+from blackbird.errors import BlackbirdError
 from blackbird.ids import new_id
 from blackbird.subjects import Subjects
 
@@ -63,22 +67,79 @@ class CommandService:
         try:
             request = self._decode(msg.data)
         except msgspec.ValidationError as exc:
-            field = field_of(exc, "body")
-            return CommandReply(
-                rejection=Rejection(
-                    "validation_error", f"{field}: {exc}",
-                    {"field": field, "expected": "a CommandRequest (see actors.events)"},
-                )
-            )
-        except msgspec.DecodeError as exc:
-            return CommandReply(
-                rejection=Rejection(
-                    "validation_error",
-                    f"body: expected a JSON CommandRequest, {exc}",
-                    {"field": "body", "expected": "JSON object"},
-                )
-            )
+            problem = invalid_from(exc, _COMMANDS, "command", "body")
+            return CommandReply(rejection=rejection_from_invalid(problem))
+        # Malformed JSON, bytes that are not UTF-8 (msgspec raises UnicodeDecodeError) and
+        # documents nested past the decoder's recursion limit are all told apart by a scan of
+        # the raw body, so the caller hears which field, as a caller of the SDK would.
+        except (msgspec.DecodeError, ValueError, RecursionError) as exc:
+            return CommandReply(rejection=rejection_from_invalid(_undecodable(msg.data, exc)))
         command_id = request.command_id or new_id()
         return await self._dispatcher.dispatch(
             tenant, session_id, request.command, command_id, request.principal
         )
+
+
+_COMMANDS: tuple[type[Any], ...] = get_args(SessionCommand)
+_JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{},:]', re.DOTALL)
+_ESCAPE = re.compile(rb"\\(u[0-9a-fA-F]{4}|.)", re.DOTALL)
+_NESTING = 2 + MAX_DEPTH  # the request, its command, then a document's own levels
+
+
+def _bad_text(content: bytes) -> str | None:
+    """Why the inside of a JSON string is not valid Unicode text, or None."""
+    try:
+        content.decode("utf-8")
+    except UnicodeDecodeError:
+        return "text that is valid UTF-8"
+    pending = -1  # where the escape after a high surrogate must start
+    for m in _ESCAPE.finditer(content):
+        code = int(m.group(1)[1:], 16) if m.group(1)[:1] == b"u" and len(m.group(1)) == 5 else None
+        if pending >= 0 and (m.start() != pending or code is None or not 0xDC00 <= code <= 0xDFFF):
+            return "valid Unicode text (no lone surrogates)"
+        if code is not None and 0xDC00 <= code <= 0xDFFF and pending < 0:
+            return "valid Unicode text (no lone surrogates)"
+        pending = m.end() if code is not None and 0xD800 <= code <= 0xDBFF else -1
+    return None if pending < 0 else "valid Unicode text (no lone surrogates)"
+
+
+def _undecodable(raw: bytes, exc: Exception) -> Invalid:
+    """Why ``raw`` could not be decoded as a CommandRequest, naming the field of the command
+    (as the SDK would) where a scan of its JSON structure finds it: a string that is not valid
+    Unicode, or nesting deeper than any document may be."""
+    path: list[str | int] = []  # keys and indexes down to where the scan is
+    expecting_key: list[bool] = []
+    for m in _JSON_TOKEN.finditer(raw):
+        token = m.group()
+        if token[:1] == b'"':
+            is_key = bool(expecting_key) and expecting_key[-1]
+            if is_key:
+                path[-1] = token[1:-1].decode("utf-8", "replace")
+            why = _bad_text(token[1:-1])
+            if why is not None:
+                return Invalid(_field(path[:-1] if is_key else path), why)
+        elif token in (b"{", b"["):
+            if len(path) >= _NESTING:
+                return Invalid(_field(path), f"at most {MAX_DEPTH} levels of nesting", "more")
+            path.append(0 if token == b"[" else "")
+            expecting_key.append(token == b"{")
+        elif token in (b"}", b"]"):
+            if path:
+                path.pop()
+                expecting_key.pop()
+        elif token == b"," and path:
+            if isinstance(path[-1], int):
+                path[-1] += 1
+            else:
+                expecting_key[-1] = True
+        elif token == b":" and expecting_key:
+            expecting_key[-1] = False
+    reason = str(exc) if isinstance(exc, msgspec.DecodeError) else type(exc).__name__
+    return Invalid("body", "a JSON CommandRequest (see actors.events)", reason)
+
+
+def _field(path: list[str | int]) -> str:
+    """The field a path into a request names: the command's own field, as the SDK names it."""
+    if len(path) >= 2 and path[0] == "command":
+        return str(path[1])
+    return str(path[0]) if path and path[0] != "" else "body"

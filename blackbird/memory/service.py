@@ -44,8 +44,17 @@ from actors.memory import SCOPES, MemoryState, scope_id
 from actors.policy import MemoryPolicy, QuotaType
 from actors.ports import AggregateKey
 from actors.redaction import RedactionPolicy, redact
+from actors.validation import CACHE_VALUE, MAX_INSTANT, MAX_MEMORY_TEXT
 from blackbird._errors_group import single_error
-from blackbird._validate import check_fraction, check_metadata, check_seconds, check_text, invalid
+from blackbird._validate import (
+    check_document,
+    check_fraction,
+    check_metadata,
+    check_seconds,
+    check_str,
+    check_text,
+    invalid,
+)
 from blackbird.commands.dispatch import ask_or_raise
 from blackbird.errors import (
     EmbeddingModelMismatchError,
@@ -65,8 +74,6 @@ from blackbird.types import Memory
 
 log = structlog.get_logger("blackbird.memory")
 
-MAX_MEMORY_TEXT = 16_384  # characters
-MAX_CACHE_VALUE = 64 * 1024  # bytes of JSON
 DEFAULT_WEIGHTS = {"similarity": 0.6, "keyword": 0.15, "recency": 0.1, "importance": 0.15}
 RECENCY_HALF_LIFE = 7 * 86400.0
 _REDACT_ALL = RedactionPolicy()  # every kind: what any tier's policy could redact
@@ -172,12 +179,15 @@ class AsyncMemory:
         if vector is None:
             embedded: np.ndarray = self.embedder.embed([text])[0]
             return embedded
-        array = np.asarray(vector, dtype=np.float32).reshape(-1)
+        expected = f"{self.embedder.dimension} finite numbers ({self.embedder.model_id})"
+        if isinstance(vector, str | bytes) or not isinstance(vector, Sequence | np.ndarray):
+            raise invalid("vector", expected, type(vector).__name__)
+        try:
+            array = np.asarray(vector, dtype=np.float32).reshape(-1)
+        except (TypeError, ValueError, OverflowError):
+            raise invalid("vector", expected, "values that are not all numbers") from None
         if array.shape[0] != self.embedder.dimension or not np.all(np.isfinite(array)):
-            raise invalid(
-                "vector", f"{self.embedder.dimension} finite numbers ({self.embedder.model_id})",
-                f"{array.shape[0]} values",
-            )
+            raise invalid("vector", expected, f"{array.shape[0]} values")
         norm = float(np.linalg.norm(array))
         if norm == 0:
             raise invalid("vector", "a non-zero vector", "all zeros")
@@ -241,8 +251,12 @@ class AsyncMemory:
             key = check_text(key, "key")
             if len(texts) > 1:
                 raise invalid("key", "no key when remembering several texts", key)
-        if vectors is not None and len(vectors) != len(texts):
-            raise invalid("vectors", f"{len(texts)} vectors, one per text", f"{len(vectors)}")
+        if vectors is not None:
+            expected = f"{len(texts)} vectors, one per text"
+            if isinstance(vectors, str | bytes) or not isinstance(vectors, Sequence | np.ndarray):
+                raise invalid("vectors", expected, type(vectors).__name__)
+            if len(vectors) != len(texts):
+                raise invalid("vectors", expected, str(len(vectors)))
         # A text no policy would redact is the text embedded whatever the tier says: embed it
         # while the session is looked up (otherwise only once the tier's redaction is known).
         early = vectors is None and all(sum(redact(t, _REDACT_ALL)[1].values()) == 0 for t in cleaned)
@@ -375,12 +389,13 @@ class AsyncMemory:
             raise invalid("k", "an int from 1 to 1000", repr(k))
         if isinstance(scopes, str) or not isinstance(scopes, Sequence) or not scopes:
             raise invalid("scopes", "a non-empty list of scopes", repr(scopes))
-        if as_of is not None and (isinstance(as_of, bool) or not isinstance(as_of, int | float)):
-            raise invalid("as_of", "seconds since the epoch", type(as_of).__name__)
-        mix = dict(DEFAULT_WEIGHTS, **(weights or {}))
-        unknown = set(mix) - set(DEFAULT_WEIGHTS)
-        if unknown:
-            raise invalid("weights", f"keys among {sorted(DEFAULT_WEIGHTS)}", sorted(unknown))
+        if as_of is not None:
+            expected = f"seconds since the epoch, from 0 to {MAX_INSTANT:.0f}"
+            if isinstance(as_of, bool) or not isinstance(as_of, int | float):
+                raise invalid("as_of", expected, type(as_of).__name__)
+            if not 0 <= as_of <= MAX_INSTANT:  # NaN fails every comparison
+                raise invalid("as_of", expected, repr(as_of) if isinstance(as_of, float) else "an int out of range")
+        mix = dict(DEFAULT_WEIGHTS, **_check_weights(weights))
         wanted = _check_filters(filters)
         embedded: list[np.ndarray] = []
 
@@ -457,15 +472,7 @@ class AsyncMemory:
         access frequency, recency) is evicted, as an event."""
         key = check_text(key, "key")
         ttl = check_seconds(ttl, "ttl")
-        try:
-            data = json.dumps(value, allow_nan=False).encode()
-        except (TypeError, ValueError) as exc:
-            raise invalid("value", "a JSON-serialisable value", str(exc)) from None
-        if len(data) > MAX_CACHE_VALUE:
-            raise PayloadTooLargeError(
-                f"value: {len(data)} bytes as JSON, expected at most {MAX_CACHE_VALUE}",
-                field="value", expected=f"at most {MAX_CACHE_VALUE} bytes", got=len(data),
-            )
+        data = msgspec.json.encode(check_document(value, "value", CACHE_VALUE))
         importance = check_fraction(importance, "importance")
         session, policy = await self._caller(session_id, tenant)
         sid = await self._scope(scope, session, write=True)
@@ -691,6 +698,22 @@ def _check_filters(filters: Any) -> dict[str, Any]:
     return dict(filters)
 
 
+def _check_weights(weights: Any) -> dict[str, float]:
+    """Ranking weights by part name (those not given keep their default)."""
+    expected = f"a dict of finite numbers with keys among {sorted(DEFAULT_WEIGHTS)}"
+    if weights is None:
+        return {}
+    if not isinstance(weights, dict):
+        raise invalid("weights", expected, type(weights).__name__)
+    unknown = sorted(str(name) for name in weights if name not in DEFAULT_WEIGHTS)
+    if unknown:
+        raise invalid("weights", expected, unknown)
+    for name, value in weights.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not -1e6 <= value <= 1e6:
+            raise invalid("weights", expected + " (each within +/-1e6)", f"{name}={value!r}"[:200])
+    return {name: float(value) for name, value in weights.items()}
+
+
 def _check_memory_text(text: Any, field: str = "text") -> str:
     expected = f"a non-empty string of at most {MAX_MEMORY_TEXT} characters"
     if not isinstance(text, str) or not text.strip():
@@ -700,6 +723,6 @@ def _check_memory_text(text: Any, field: str = "text") -> str:
             f"{field}: {len(text)} characters, expected at most {MAX_MEMORY_TEXT}",
             field=field, expected=expected, got=len(text),
         )
-    return text
+    return check_str(text, field)
 
 

@@ -12,23 +12,14 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from actors.events import CommandReply, GetSession, SessionCommand, TenantCommand, UserCommand
-from actors.host import Outcome
+from actors.events import CommandReply, GetSession, SessionCommand, TenantCommand
 from actors.policy import MemoryPolicy, TierPolicy
 from actors.tenant import PolicyBook, TenantState
-from blackbird.commands.dispatch import Dispatcher, raise_for_rejection
+from blackbird.commands.dispatch import Dispatcher, LocalDispatcher, UserCommands, raise_for_rejection
 from blackbird.errors import SessionNotFoundError, ValidationError
 from blackbird.ids import new_id
 from blackbird.subjects import validate_token
 from blackbird.types import Session
-
-
-class UserCommands(Protocol):
-    async def __call__(
-        self, tenant: str, user_id: str, command: UserCommand, command_id: str | None
-    ) -> Outcome:
-        """Run a command on the user's actor; refusals raise their typed error."""
-        ...
 
 
 class TenantCommands(Protocol):
@@ -63,6 +54,8 @@ class SessionGateway:
         self.clock = clock  # the actors' clock: windows and expiries are read against it
         self.written = 0
         self._dispatcher = dispatcher
+        if isinstance(dispatcher, LocalDispatcher):  # transitional: see count_users_with
+            dispatcher.count_users_with(user_commands, clock)
 
     def tenant_of(self, tenant: str | None) -> str:
         """``tenant`` validated, or the client's own tenant when None."""

@@ -17,18 +17,15 @@ import structlog
 
 from actors.events import (
     ChangeTier,
-    CloseUserSessions,
     CreateSession,
-    GetSession,
-    OpenUserSession,
     PostMessage,
     TerminateSession,
     TouchSession,
-    UserSessionOpened,
 )
 from actors.policy import QuotaType, RateLimitType
-from blackbird._validate import check_metadata, check_text
-from blackbird.errors import BlackbirdError, SessionLimitError, ValidationError
+from actors.validation import MAX_MESSAGE_LENGTH
+from blackbird._validate import check_metadata, check_str, check_text
+from blackbird.errors import ValidationError
 from blackbird.ids import new_id
 from blackbird.sessions.analytics import Analytics
 from blackbird.sessions.gateway import SessionGateway
@@ -37,8 +34,6 @@ from blackbird.subjects import validate_token
 from blackbird.types import Admission, Session, UsageRecord
 
 log = structlog.get_logger("blackbird.sessions")
-
-MAX_MESSAGE_LENGTH = 65536
 
 
 class AsyncSessionManager:
@@ -73,50 +68,11 @@ class AsyncSessionManager:
         user_id = validate_token(user_id, "user_id")
         tier = self._gateway.tier_name(tier, tenant)
         command = CreateSession(user_id=user_id, tier=tier, metadata=check_metadata(metadata))
-        tenant = self._gateway.tenant_of(tenant)
         sid = validate_token(new_id() if session_id is None else session_id, "session_id")
-        if command_id is not None:
-            validate_token(command_id, "command_id")
-        command_id = command_id or new_id()
-        # The user's actor counts the session first, so two hosts cannot both open the last one.
-        opened = await self._open_for_user(tenant, user_id, sid, tier, command_id)
-        try:
-            session = await self._gateway.send(tenant, sid, command, command_id)
-        except BlackbirdError:
-            if opened:  # give the place back: this session was never created
-                await self._close_for_user(tenant, user_id, [sid], "not_created", f"{command_id}:undo")
-            raise
+        # The host counts the session against the user's limit (whichever way the command came).
+        session = await self._gateway.send(tenant, sid, command, command_id)
         self._current = (session.tenant, session.session_id)
         return session
-
-    async def _open_for_user(self, tenant: str, user_id: str, sid: str, tier: str, command_id: str) -> bool:
-        """Count ``sid`` against the user's limit; True if this call opened it. When the limit
-        is reached, sessions that lapsed or never came to exist are closed first."""
-        open_ = OpenUserSession(session_id=sid, tier=tier)
-        try:
-            outcome = await self._gateway.user_commands(tenant, user_id, open_, f"{command_id}:user")
-        except SessionLimitError:
-            listed = await self._gateway.user_commands(tenant, user_id, GetSession(), None)
-            stale = []
-            for other in listed.state.sessions:
-                session = await self.get_session(other, tenant=tenant)
-                if session is None or not session.active_at(self._gateway.clock()):
-                    stale.append(other)
-            if not stale:
-                raise
-            await self._close_for_user(tenant, user_id, stale, "expired", None)
-            outcome = await self._gateway.user_commands(tenant, user_id, open_, f"{command_id}:user-retry")
-        return any(isinstance(e, UserSessionOpened) for e in outcome.events)
-
-    async def _close_for_user(
-        self, tenant: str, user_id: str, sids: list[str], reason: str, command_id: str | None
-    ) -> None:
-        try:
-            await self._gateway.user_commands(
-                tenant, user_id, CloseUserSessions(session_ids=tuple(sids), reason=reason), command_id
-            )
-        except BlackbirdError as exc:  # the next reconciliation closes them
-            log.warning("user_session_close_failed", tenant=tenant, user_id=user_id, error=str(exc))
 
     async def get_session(self, session_id: str, *, tenant: str | None = None) -> Session | None:
         """The session as it is now (read-your-writes across hosts), or None if unknown."""
@@ -149,9 +105,7 @@ class AsyncSessionManager:
         """Terminate a session; later commands on it raise SessionInactiveError. It no longer
         counts against the user's open sessions."""
         command = TerminateSession(reason=check_text(reason, "reason"))
-        session = await self._gateway.send(tenant, session_id, command, command_id)
-        await self._close_for_user(session.tenant, session.user_id, [session.session_id], "terminated", None)
-        return session
+        return await self._gateway.send(tenant, session_id, command, command_id)
 
     async def send_message(
         self,
@@ -173,6 +127,7 @@ class AsyncSessionManager:
                 f"message: expected a string of at most {MAX_MESSAGE_LENGTH} characters, got {got}",
                 field="message", expected=f"a string of at most {MAX_MESSAGE_LENGTH} characters", got=got,
             )
+        check_str(message, "message")
         if session_id is None:
             if self._current is None:
                 raise ValidationError(

@@ -36,8 +36,10 @@ from actors.events import (
     UsageTracked,
 )
 from actors.policy import Policy, QuotaType, RateLimitType
+from actors.validation import POLICY
 from blackbird._validate import (
     check_amount,
+    check_bool,
     check_costs,
     check_enum,
     check_instant,
@@ -182,6 +184,7 @@ class Quotas:
     ) -> int:
         """Take (``increment=True``) or give back a concurrency slot for ``operation``."""
         operation = check_text(operation, "operation")
+        increment = check_bool(increment, "increment")
         if holder is None:
             holder = ("task", anyio.get_current_task().id)
         key = (self._gateway.tenant_of(tenant), validate_token(session_id, "session_id"), operation, holder)
@@ -252,9 +255,9 @@ class Quotas:
         command = Admit(
             operation=check_text(operation, "operation"),
             costs=check_costs(costs, QuotaType),
-            rate=bool(rate),
-            slot=bool(slot),
-            reserve=bool(reserve),
+            rate=check_bool(rate, "rate"),
+            slot=check_bool(slot, "slot"),
+            reserve=check_bool(reserve, "reserve"),
             lease_seconds=check_seconds(lease_seconds, "lease_seconds"),
             hold_seconds=check_seconds(hold_seconds, "hold_seconds"),
         )
@@ -351,7 +354,7 @@ class Quotas:
                 field="overrides", expected="a dict (part of the tier policy document)",
                 got=type(overrides).__name__,
             )
-        command = SetTenantPolicy(overrides=check_metadata(overrides, "overrides"))
+        command = SetTenantPolicy(overrides=check_metadata(overrides, "overrides", POLICY))
         tenant = self._gateway.tenant_of(tenant)
         await self._gateway.tenant_commands(tenant, command, command_id)
         return await self.get_tenant_policy(tenant=tenant)

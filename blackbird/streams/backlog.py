@@ -22,10 +22,15 @@ import re
 from collections.abc import Iterable
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
+from actors.validation import MAX_SAFE_INT
 from blackbird._validate import invalid
 
 WHOLE_COMMIT = 1 << 62  # an index past every message of a commit
-_POSITION = re.compile(r"^(\d+)(?:-(\d+))?$")
+# a sequence and an index are at most 2**53 (16 digits), so a 10,000-digit id is refused up front
+# rather than given to int(), which refuses more than 4,300 digits with an untyped error
+_POSITION = re.compile(r"^(\d{1,16})(?:-(\d{1,16}))?\Z")
+_MAX_TOKEN_PARTS = 10_000
+_MAX_TOKEN_CHARS = _MAX_TOKEN_PARTS * 34  # each part: two 16-digit numbers, "-" and "+"
 
 
 class Position(NamedTuple):
@@ -81,12 +86,14 @@ def parse_resume(value: Any, field: str = "after") -> Resume:
     the start; ValidationError naming ``field`` for anything else."""
     if value is None or value == "":
         return Resume(START, frozenset())
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_SAFE_INT:
         return Resume(Position(value, WHOLE_COMMIT), frozenset())
-    if isinstance(value, str):
+    if isinstance(value, str) and len(value) <= _MAX_TOKEN_CHARS:
         # "+" may arrive as a space (an unencoded "+" in a query string)
         parts = [_POSITION.match(part) for part in re.split(r"[+\s]+", value.strip())]
-        if all(parts) and len(parts) <= 10_000:
+        if all(parts) and len(parts) <= _MAX_TOKEN_PARTS and all(
+            int(m.group(1)) <= MAX_SAFE_INT and int(m.group(2) or 0) <= MAX_SAFE_INT for m in parts if m
+        ):
             positions = [
                 Position(int(m.group(1)), WHOLE_COMMIT if m.group(2) is None else int(m.group(2)))
                 for m in parts if m
