@@ -101,8 +101,10 @@ class SessionManager(_SyncMirror):
     ) -> Session:
         """Create a session for ``user_id`` under ``tier`` and return it once it is durable.
 
-        ``session_id`` defaults to a new random id. Passing the same ``command_id`` again
-        (a retry) returns the session without creating a second one. Raises ValidationError
+        ``session_id`` defaults to a new random id (with a ``command_id``: an id derived from it and
+        ``user_id``). Passing the same ``command_id`` again (a retry) returns the session without
+        creating a second one; a different creation under that ``command_id`` raises
+        CommandIdReusedError. Raises ValidationError
         (naming the field) for a bad user_id, tier, metadata or id; SessionExistsError if
         ``session_id`` is taken; SessionLimitError if the user already holds the tier's
         ``max_sessions_per_user`` open sessions (terminated and lapsed ones do not count).

@@ -528,7 +528,7 @@ class AggregateFaultError(BlackbirdError):
     Only this command failed, and nothing of it was appended; the host and every other aggregate
     go on, and this aggregate keeps serving commands that do not hit the fault. The fault is
     logged with the aggregate's name. Fields: ``aggregate`` (``<tenant>/<kind>/<id>``), ``stage``
-    (decide, apply, encode), ``error`` (the fault's type and message).
+    (decide, apply, encode, replay), ``error`` (the fault's type and message).
     """
 
     code = "aggregate_fault"

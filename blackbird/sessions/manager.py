@@ -26,7 +26,7 @@ from actors.policy import QuotaType, RateLimitType
 from actors.validation import MAX_MESSAGE_LENGTH
 from blackbird._validate import check_metadata, check_str, check_text
 from blackbird.errors import ValidationError
-from blackbird.ids import new_id
+from blackbird.ids import derived_id, new_id
 from blackbird.sessions.analytics import Analytics
 from blackbird.sessions.gateway import SessionGateway
 from blackbird.sessions.quotas import Quotas
@@ -59,8 +59,10 @@ class AsyncSessionManager:
     ) -> Session:
         """Create a session for ``user_id`` under ``tier`` and return it once it is durable.
 
-        ``session_id`` defaults to a new random id. Passing the same ``command_id`` again
-        (a retry) returns the session without creating a second one. Raises ValidationError
+        ``session_id`` defaults to a new random id (with a ``command_id``: an id derived from it and
+        ``user_id``). Passing the same ``command_id`` again (a retry) returns the session without
+        creating a second one; a different creation under that ``command_id`` raises
+        CommandIdReusedError. Raises ValidationError
         (naming the field) for a bad user_id, tier, metadata or id; SessionExistsError if
         ``session_id`` is taken; SessionLimitError if the user already holds the tier's
         ``max_sessions_per_user`` open sessions (terminated and lapsed ones do not count).
@@ -68,7 +70,10 @@ class AsyncSessionManager:
         user_id = validate_token(user_id, "user_id")
         tier = self._gateway.tier_name(tier, tenant)
         command = CreateSession(user_id=user_id, tier=tier, metadata=check_metadata(metadata))
-        sid = validate_token(new_id() if session_id is None else session_id, "session_id")
+        if session_id is None:
+            # a retry (same command id) must reach the session its first try created
+            session_id = new_id() if command_id is None else derived_id("session", user_id, command_id)
+        sid = validate_token(session_id, "session_id")
         # The host counts the session against the user's limit (whichever way the command came).
         session = await self._gateway.send(tenant, sid, command, command_id)
         self._current = (session.tenant, session.session_id)
