@@ -350,9 +350,12 @@ class ActorHost:
             await self._activate(actor)
         for request in batch:
             if request.digest is None and request.fault is None:
+                # A command or id that JSON cannot hold (a lone surrogate) could not be stored
+                # either: it is failed here, before it is decided.
                 try:
                     request.digest = idempotency.digest(request.command)
-                except Exception as exc:  # a command JSON cannot hold could not be stored either
+                    request.command_id.encode()
+                except Exception as exc:
                     request.fault = AggregateFault(actor.key, "encode", exc)
         started = time.monotonic()
         attempt = -1
@@ -401,9 +404,11 @@ class ActorHost:
             # stale decision comes back as a conflict.
             commit = Commit(at=now, version=b.version(actor.state) + 1, commands=tuple(applied))
             try:
-                result = await self._journal.append(
-                    actor.key, commit, expected_seq=actor.seq, msg_id=_msg_id(actor.key, commit)
-                )
+                msg_id = _msg_id(actor.key, commit)
+            except Exception as exc:  # an id JSON cannot hold (a lone surrogate): the log could not either
+                raise CommitUnencodable(_describe(exc)) from exc
+            try:
+                result = await self._journal.append(actor.key, commit, expected_seq=actor.seq, msg_id=msg_id)
             except AppendConflict:
                 actor.log.debug("append_conflicted", expected_seq=actor.seq, attempt=attempt)
                 # Back off a random, growing moment so two hosts racing on one actor do not

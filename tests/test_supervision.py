@@ -239,6 +239,35 @@ async def test_a_fault_in_a_batch_fails_only_its_own_command_and_the_batch_goes_
         assert after.rejection is None and after.state.version == len(commits)
 
 
+@pytest.mark.parametrize(
+    ("command", "command_id"),
+    [(TouchSession(operation="\ud800"), "bad-1"), (TouchSession(operation="fine"), "bad-\udc00")],
+    ids=["command", "command_id"],
+)
+async def test_a_command_or_id_the_log_cannot_encode_fails_alone_before_anything_is_appended(
+    bb: AsyncBlackbird, command: TouchSession, command_id: str
+) -> None:
+    # No wrapper here: the host receives input no JSON can hold (the validation boundary refuses
+    # it before the host; the host must not depend on that).
+    async with faulty_host(bb, "none") as host:
+        await create(host, "s1")
+        outcomes: dict[str, Outcome] = {}
+
+        async def send(name: str, cmd: TouchSession, cid: str) -> None:
+            outcomes[name] = await ask(host, "s1", cmd, cid)
+
+        with fault_lines() as lines:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(send, "g0", TouchSession(operation="fine"), "g0")
+                tg.start_soon(send, "g1", TouchSession(operation="fine"), "g1")
+                tg.start_soon(send, "bad", command, command_id)
+                tg.start_soon(send, "g2", TouchSession(operation="fine"), "g2")
+        assert_fault(outcomes["bad"], "s1", "encode")
+        assert [outcomes[n].rejection for n in ("g0", "g1", "g2")] == [None, None, None]
+        assert [(line["stage"], line["id"]) for line in lines] == [("encode", "s1")]
+        assert sorted(await logged_ids(bb, "s1")) == ["create-s1", "g0", "g1", "g2"]
+
+
 async def test_a_state_that_cannot_be_snapshotted_skips_the_snapshot_and_the_host_goes_on(
     bb: AsyncBlackbird,
 ) -> None:
