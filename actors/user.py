@@ -40,6 +40,9 @@ class UserState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     user_id: str
     version: int = 0
     sessions: dict[str, str] = {}  # open session id -> tier
+    # open session id -> when it was counted (its creation follows at once: a session that does
+    # not exist long after this never came to be; one that does not exist yet is in flight)
+    opened_at: dict[str, float] = {}
     recent_commands: bytes = b""
     recent_digests: bytes = b""
     recent_refusals: dict[str, Rejection] = {}  # answers to recent refused commands
@@ -100,10 +103,14 @@ def decide(state: UserState, command: UserCommand, now: float, policy: Policy) -
 
 def evolve(state: UserState, event: Event) -> UserState:
     if isinstance(event, UserSessionOpened):
-        return msgspec.structs.replace(state, sessions={**state.sessions, event.session_id: event.tier})
+        return msgspec.structs.replace(
+            state, sessions={**state.sessions, event.session_id: event.tier},
+            opened_at={**state.opened_at, event.session_id: event.at},
+        )
     if isinstance(event, UserSessionClosed):
         sessions = {k: v for k, v in state.sessions.items() if k != event.session_id}
-        return msgspec.structs.replace(state, sessions=sessions)
+        opened_at = {k: v for k, v in state.opened_at.items() if k != event.session_id}
+        return msgspec.structs.replace(state, sessions=sessions, opened_at=opened_at)
     if isinstance(event, (UserSessionDenied, AlertRaised, UserErased)):
         return state  # facts for the audit and the read models
     raise TypeError(f"not a user event: {event!r}")

@@ -46,6 +46,10 @@ from blackbird.ids import new_id
 
 log = structlog.get_logger("blackbird.dispatch")
 
+#: seconds after which a session counted for its user but still not created is taken to have
+#: never come to exist (its creation's append is retried for command_timeout at most)
+CREATION_GRACE = 120.0
+
 
 class Dispatcher(Protocol):
     async def dispatch(
@@ -215,10 +219,10 @@ class LocalDispatcher:
         try:
             outcome = await users(tenant, user_id, open_, f"{command_id}:user")
         except SessionLimitError:
-            listed = await users(tenant, user_id, GetSession(), None)
+            listed = (await users(tenant, user_id, GetSession(), None)).state
             stale = [
-                other for other in listed.state.sessions
-                if not await self._active(AggregateKey(tenant, "session", other), principal)
+                other for other in listed.sessions
+                if await self._lapsed(AggregateKey(tenant, "session", other), listed.opened_at.get(other), principal)
             ]
             if not stale:
                 raise
@@ -226,11 +230,15 @@ class LocalDispatcher:
             outcome = await users(tenant, user_id, open_, f"{command_id}:user-retry")
         return any(isinstance(e, UserSessionOpened) for e in outcome.events)
 
-    async def _active(self, key: AggregateKey, principal: str) -> bool:
+    async def _lapsed(self, key: AggregateKey, opened_at: float | None, principal: str) -> bool:
+        """Whether a session its user's count holds can give its place back: it ended or
+        lapsed, or it never came to exist (counted more than CREATION_GRACE ago: a creation
+        still in flight, on this host or another, keeps its place)."""
         state = (await self._run(key, GetSession(), new_id(), principal)).state
-        return bool(
-            state.exists and state.status is SessionStatus.ACTIVE and expiry_reason(state, self._clock()) is None
-        )
+        now = self._clock()
+        if not state.exists:
+            return opened_at is None or now - opened_at > CREATION_GRACE
+        return bool(state.status is not SessionStatus.ACTIVE or expiry_reason(state, now) is not None)
 
     @staticmethod
     async def _close_for_user(

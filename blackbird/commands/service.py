@@ -83,6 +83,7 @@ class CommandService:
 _COMMANDS: tuple[type[Any], ...] = get_args(SessionCommand)
 _JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{},:]', re.DOTALL)
 _ESCAPE = re.compile(rb"\\(u[0-9a-fA-F]{4}|.)", re.DOTALL)
+_AT_BYTE = re.compile(r"\(byte (\d+)\)")
 _NESTING = 2 + MAX_DEPTH  # the request, its command, then a document's own levels
 
 
@@ -106,10 +107,15 @@ def _bad_text(content: bytes) -> str | None:
 def _undecodable(raw: bytes, exc: Exception) -> Invalid:
     """Why ``raw`` could not be decoded as a CommandRequest, naming the field of the command
     (as the SDK would) where a scan of its JSON structure finds it: a string that is not valid
-    Unicode, or nesting deeper than any document may be."""
+    Unicode, nesting deeper than any document may be, or the place the decoder stopped at (a
+    ``NaN`` is not JSON)."""
+    found = _AT_BYTE.search(str(exc)) if isinstance(exc, msgspec.DecodeError) else None
+    offset = int(found.group(1)) if found else getattr(exc, "start", None)
     path: list[str | int] = []  # keys and indexes down to where the scan is
     expecting_key: list[bool] = []
     for m in _JSON_TOKEN.finditer(raw):
+        if offset is not None and m.start() >= offset and path:
+            return Invalid(_field(path), "valid JSON (NaN and Infinity are not JSON numbers)", str(exc))
         token = m.group()
         if token[:1] == b'"':
             is_key = bool(expecting_key) and expecting_key[-1]

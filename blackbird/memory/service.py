@@ -257,6 +257,9 @@ class AsyncMemory:
                 raise invalid("vectors", expected, type(vectors).__name__)
             if len(vectors) != len(texts):
                 raise invalid("vectors", expected, str(len(vectors)))
+            for v in vectors:  # their length is the embedder's to check, their type is known now
+                if isinstance(v, str | bytes) or not isinstance(v, Sequence | np.ndarray):
+                    raise invalid("vector", "a sequence of finite numbers", type(v).__name__)
         # A text no policy would redact is the text embedded whatever the tier says: embed it
         # while the session is looked up (otherwise only once the tier's redaction is known).
         early = vectors is None and all(sum(redact(t, _REDACT_ALL)[1].values()) == 0 for t in cleaned)
