@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -25,9 +26,20 @@ from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 
 from actors import validation
-from actors.events import AdjustQuota, Admit, CreateSession, SessionCreated, TouchSession, TrackUsage
+from actors.events import (
+    AdjustQuota,
+    Admit,
+    CreateSession,
+    OpenUserSession,
+    SessionCreated,
+    TouchSession,
+    TrackUsage,
+)
+from actors.host import ActorHost
 from actors.policy import QuotaType
-from actors.ports import AggregateKey
+from actors.ports import AggregateKey, NoSnapshots
+from actors.tenant import PolicyBook
+from actors.user import UserBehaviour
 from blackbird import (
     AsyncBlackbird,
     BlackbirdError,
@@ -36,7 +48,7 @@ from blackbird import (
     ValidationError,
 )
 from blackbird._validate import check_metadata
-from blackbird.commands.dispatch import LocalDispatcher, ask_or_raise
+from blackbird.commands.dispatch import CREATION_GRACE, LocalDispatcher, ask_or_raise
 from blackbird.http.app import http_server, sse_app
 
 from .conftest import NatsServer, new_id
@@ -298,6 +310,39 @@ async def test_a_refused_creation_leaves_the_users_count_as_it_was(host: AsyncBl
         await sm.create_session("u7", tier="free")
     for _ in range(limit):
         await sm.create_session("u8", tier="free")  # u8 lost nothing to the refused creation
+
+
+class Clock:
+    """A clock the test moves by hand (actors decide with it; nothing sleeps)."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_a_creation_still_in_flight_keeps_its_place_and_one_that_never_came_keeps_it_for_a_while(
+    nats_server: NatsServer,
+) -> None:
+    """The reconciliation at the limit closes sessions that lapsed or never came to exist, but
+    not one counted a moment ago whose creation is still on its way (another host's, say)."""
+    clock = Clock()
+    async with AsyncBlackbird(nats_url=nats_server.url, tenant=TENANT, clock=clock) as bb:
+        sm = bb.session_manager
+        limit = bb.policy.tiers["free"].max_sessions_per_user
+        for _ in range(limit - 1):
+            await sm.create_session("u9", tier="free")
+        # a second host counted a session for u9 and has not created it yet
+        async with ActorHost(UserBehaviour(PolicyBook(bb.policy)), bb.journal, NoSnapshots(), clock=clock) as other:
+            await ask_or_raise(other, AggregateKey(TENANT, "user", "u9"),
+                               OpenUserSession(session_id="in-flight", tier="free"), None, "other-host")
+        with pytest.raises(SessionLimitError):
+            await sm.create_session("u9", tier="free")
+        clock.now += CREATION_GRACE + 1  # long enough: that creation is not coming
+        await sm.create_session("u9", tier="free")
+        with pytest.raises(SessionLimitError):
+            await sm.create_session("u9", tier="free")
 
 
 async def test_a_2_80_metadata_value_cannot_poison_a_session_and_boundary_values_survive_snapshots(
