@@ -12,6 +12,7 @@ import math
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -563,3 +564,23 @@ async def test_arbitrary_metadata_is_kept_exactly_or_refused_alike_by_the_sdk_an
         anyio.from_thread.run(attempt, metadata)
 
     await anyio.to_thread.run_sync(run)
+
+
+def test_readme_states_the_declared_limits() -> None:
+    """README's "Limits" table says what actors/validation.py declares (one source, told once)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("### Limits")
+    table = readme[start:readme.index("\n#", start + 1)]
+    v = validation
+    stated = [
+        f"1–{v.MAX_ID_LENGTH} characters", f"1–{v.MAX_NAME_LENGTH} characters",
+        f"{v.MAX_MESSAGE_LENGTH:,} / {v.MAX_MEMORY_TEXT:,} characters",
+        f"{v.MAX_METADATA_BYTES // 1024} KiB encoded and {v.MAX_DEPTH} levels",
+        f"{v.MAX_POLICY_BYTES // 1024} KiB encoded and {v.MAX_DEPTH} levels",
+        f"at most {v.MAX_INSTANT:.0f}", f"at most {v.MAX_DURATION / 86400:.0f} days",
+    ]
+    for text in stated:
+        assert text in table, text
+    assert v.MAX_CACHE_VALUE_BYTES == v.MAX_POLICY_BYTES  # one row says both
+    assert v.MAX_SAFE_INT == 2**53 and "±2**53" in table
+    assert v.MAX_AMOUNT == 1e15 and "0 to 1e15" in table
