@@ -5,13 +5,12 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Self
 
 import anyio
 import msgspec
-import nats
 import nats.errors
 import structlog
 from nats.aio.client import Client as NATS
@@ -26,11 +25,12 @@ from actors.tenant import PolicyBook, TenantBehaviour
 from actors.user import UserBehaviour
 from blackbird._logging import configure_default_logging
 from blackbird._projections import MemoryCheckpoints, NatsCheckpoints, Projections, alert_raiser
+from blackbird._retry import keep_running
 from blackbird.audit.replay import Auditor
 from blackbird.commands.dispatch import Dispatcher, LocalDispatcher, ask_or_raise
 from blackbird.commands.remote import RemoteDispatcher
 from blackbird.commands.service import CommandService
-from blackbird.config import Settings, build_settings
+from blackbird.config import Settings, build_settings, nats_servers, redact_url
 from blackbird.errors import ClosedError, EmbeddedServerError, ValidationError, field_of
 from blackbird.journal import Journal
 from blackbird.memory.index import MemoryIndex
@@ -81,7 +81,8 @@ class AsyncBlackbird:
     * ``development_mode=True``: an embedded nats-server on a temporary folder, removed on close;
     * ``data_dir="path"``: an embedded nats-server whose store is under ``path`` (persistent;
       processes opening the same folder share one server);
-    * ``nats_url="nats://..."`` (or ``BLACKBIRD_NATS_URL``): an external server or cluster.
+    * ``nats_url="nats://..."`` (or ``BLACKBIRD_NATS_URL``): an external server or cluster; a
+      cluster's URLs comma-separated (``"nats://a:4222,nats://b:4222"``) or as a list.
 
     With none of them, ``./blackbird-data`` is used. ``remote=True`` hosts no actors in this
     process and sends every command to the hosts serving the command subjects (``blackbird
@@ -94,7 +95,7 @@ class AsyncBlackbird:
         *,
         development_mode: bool = False,
         data_dir: str | Path | None = None,
-        nats_url: str | None = None,
+        nats_url: str | Sequence[str] | None = None,
         tenant: str | None = None,
         remote: bool = False,
         clock: Callable[[], float] = time.time,
@@ -121,6 +122,7 @@ class AsyncBlackbird:
         self._streams: AsyncStreams | None = None
         self.data_dir: Path | None = None
         self.nats_url: str | None = self.settings.nats_url
+        """The server URLs connected to (comma-separated; the embedded server's once open)."""
 
     @property
     def session_manager(self) -> AsyncSessionManager:
@@ -204,7 +206,7 @@ class AsyncBlackbird:
             memory_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="blackbird-memory-")))
         nc = await self._connect(url)
         self._nc = nc
-        stack.push_async_callback(self._drain_connection, nc)
+        stack.push_async_callback(self._drain_connection, nc, min(s.command_timeout, 5.0))
         # A remote client only sends commands: it must not need the rights to (re)configure the
         # stream, nor reconfigure it with settings that differ from the hosts'.
         journal = await stack.enter_async_context(Journal.open(nc, s, configure=not self.remote))
@@ -217,7 +219,12 @@ class AsyncBlackbird:
         tenants = TenantDirectory(journal, book, tenant_host, s.principal)
         tasks = await stack.enter_async_context(anyio.create_task_group())
         stack.callback(tasks.cancel_scope.cancel)
-        await tasks.start(tenants.follow)
+        # Background tasks run under keep_running: a failure once they are started is logged
+        # and they start again; nothing they meet ends the client. (Without a stream, which only
+        # a remote client opened before any host can meet, there are no policies to follow.)
+        if journal.replicas is not None:
+            with anyio.fail_after(s.command_timeout):  # caught up with the tenants' log in time
+                await tasks.start(keep_running, "tenant_policies", tenants.follow)
         users = await stack.enter_async_context(
             self._actor_host(UserBehaviour(book), journal, snapshots=not self.remote)
         )
@@ -239,7 +246,7 @@ class AsyncBlackbird:
             dispatcher = LocalDispatcher(host)
             if s.serve_commands:
                 service = CommandService(nc, journal.subjects, dispatcher, s.queue_group)
-                await tasks.start(service.run)
+                await tasks.start(keep_running, "command_service", service.run)
         # Read models: started on first use (a command-line client that never asks pays
         # nothing), checkpointed in NATS when this client may create buckets.
         checkpoints = await NatsCheckpoints.open(journal, s.replicas, create=not self.remote)
@@ -261,7 +268,10 @@ class AsyncBlackbird:
         self._streams = AsyncStreams(gateway, journal)
         # Memory: its actors here (OCC keeps each scope single-writer across processes), its
         # LanceDB index beside the data (or in a temporary folder: it is rebuilt from the log).
-        keys = await UserKeys.open(journal.jetstream, replicas=s.replicas, create=not self.remote)
+        keys = await UserKeys.open(
+            journal.jetstream, replicas=s.replicas, create=not self.remote, contexts=journal.contexts,
+            timeout=s.command_timeout,
+        )
         memory_host = await stack.enter_async_context(
             self._actor_host(MemoryBehaviour(), journal, snapshots=not self.remote)
         )
@@ -285,36 +295,67 @@ class AsyncBlackbird:
         )
 
     async def _connect(self, url: str) -> NATS:
-        """Connect within ``command_timeout``; once connected, reconnect forever on blips."""
+        """Connect to any of the servers ``url`` lists within ``command_timeout``; once connected,
+        reconnect forever (to any server of the cluster) on blips.
+
+        Why these options: a server that is back is found within ``reconnect_time_wait`` (0.5 s);
+        a server that stops answering (paused, or a network that drops packets) is given up
+        after three unanswered pings, so the client moves to another node of a cluster; a forced
+        flush of a full outgoing buffer waits at most ``flush_timeout`` instead of for ever.
+        """
         timeout = self.settings.command_timeout
+        servers = nats_servers(url)
+        shown = ",".join(redact_url(u) for u in servers)
 
         async def on_error(exc: Exception) -> None:
-            log.warning("nats_connection_error", nats_url=url, error=str(exc) or type(exc).__name__)
+            log.warning("nats_connection_error", nats_url=shown, error=str(exc) or type(exc).__name__)
 
+        async def on_disconnected() -> None:
+            if not nc.is_closed:  # closing the client is no news
+                log.warning("nats_disconnected", nats_url=shown)
+
+        async def on_reconnected() -> None:
+            log.warning("nats_reconnected", server=redact_url(nc.connected_url.geturl()) if nc.connected_url else None)
+
+        nc = NATS()
         try:
             with anyio.fail_after(timeout):
-                return await nats.connect(
-                    url,
+                await nc.connect(
+                    servers,
                     name="blackbird",
-                    connect_timeout=min(timeout, 5),
+                    connect_timeout=max(1, min(int(timeout / 2), 5)),
                     allow_reconnect=True,
                     max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,
+                    reconnect_time_wait=0.5,  # type: ignore[arg-type]  # nats-py annotates int, sleeps a float
+                    ping_interval=max(1, int(timeout / 4)),
+                    max_outstanding_pings=2,
+                    flush_timeout=timeout,
                     error_cb=on_error,
+                    disconnected_cb=on_disconnected,
+                    reconnected_cb=on_reconnected,
                 )
+                return nc
         except (TimeoutError, OSError, nats.errors.Error) as exc:
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await nc.close()
             raise EmbeddedServerError(
-                f"could not connect to NATS at {url} within {timeout}s "
+                f"could not connect to NATS at {shown} within {timeout:g}s "
                 f"({type(exc).__name__}); is the server running?",
-                nats_url=url,
+                nats_url=shown,
             ) from None
 
     @staticmethod
-    async def _drain_connection(nc: NATS) -> None:
+    async def _drain_connection(nc: NATS, timeout: float) -> None:
+        """Flush what is still to be sent and close, within ``timeout`` (a server that does not
+        answer must not hold up closing): then just close."""
         with anyio.CancelScope(shield=True):
-            try:
-                await nc.drain()
-            except Exception:  # already closed or the server is gone: nothing left to flush
+            with anyio.move_on_after(timeout):
+                try:
+                    await nc.drain()
+                    return
+                except Exception:  # already closed or the server is gone: nothing left to flush
+                    pass
+            with anyio.move_on_after(timeout), contextlib.suppress(Exception):
                 await nc.close()
 
     async def __aexit__(self, *exc: object) -> None:

@@ -9,7 +9,6 @@ JetStream object store, written before the KV entry points at it.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 from collections.abc import Awaitable, Callable
@@ -20,10 +19,11 @@ import anyio.abc
 import msgspec
 import nats.js.errors
 import structlog
-from nats.js.kv import KeyValue
+from nats.js import JetStreamContext
 from nats.js.object_store import ObjectStore
 
 from actors.events import PostMessage
+from blackbird._retry import Bucket, keep_running
 from blackbird.errors import ProjectionTimeoutError
 from blackbird.journal import Journal
 from projections.abuse import Alert
@@ -41,31 +41,42 @@ class _Pointer(msgspec.Struct):
 
 
 class NatsCheckpoints:
-    """Checkpoints in a KV bucket (compare-and-swap) pointing at objects in an object store."""
+    """Checkpoints in a KV bucket (compare-and-swap) pointing at objects in an object store.
 
-    def __init__(self, kv: KeyValue, objects: ObjectStore) -> None:
+    Every operation is retried through NATS failovers for the journal's ``command_timeout``
+    and then raises LogError (never a raw nats-py error)."""
+
+    def __init__(
+        self, journal: Journal, kv: Bucket, objects: Callable[[JetStreamContext], ObjectStore]
+    ) -> None:
+        self._journal = journal
         self._kv = kv
         self._objects = objects
 
     @classmethod
-    async def open(cls, journal: Journal, replicas: int, *, create: bool) -> NatsCheckpoints | None:
-        js = journal.jetstream
-        try:
-            kv = await js.key_value(CHECKPOINT_BUCKET)
-            objects = await js.object_store(SNAPSHOT_STORE)
-        except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
-            if not create:
-                return None
-            kv = await js.create_key_value(bucket=CHECKPOINT_BUCKET, history=1, replicas=replicas)
-            objects = await js.create_object_store(SNAPSHOT_STORE)
-        return cls(kv, objects)
+    async def open(cls, journal: Journal, replicas: int | None = None, *, create: bool) -> NatsCheckpoints | None:
+        """Bind to the checkpoint bucket and object store, created with ``replicas`` replicas
+        (default: the journal's setting) when missing and ``create``; None if missing and not
+        ``create``. Existing ones are used as they are."""
+        kv = await journal.bucket(CHECKPOINT_BUCKET, create=create, replicas=replicas)
+        objects = await journal.object_store(SNAPSHOT_STORE, create=create, replicas=replicas)
+        if kv is None or objects is None:
+            return None
+        return cls(journal, kv, objects)
 
-    async def peek(self, name: str) -> tuple[int, Any] | None:
+    async def _entry(self, name: str) -> Any | None:
+        """The KV entry of ``name`` (None if there is none)."""
+        kv = self._kv
         try:
-            entry = await self._kv.get(name)
+            return await self._journal.retrying(
+                f"read checkpoint {name}", lambda js: kv(js).get(name), expected=(nats.js.errors.KeyNotFoundError,)
+            )
         except nats.js.errors.KeyNotFoundError:
             return None
-        if not entry.value:
+
+    async def peek(self, name: str) -> tuple[int, Any] | None:
+        entry = await self._entry(name)
+        if entry is None or not entry.value:
             return None
         return msgspec.json.decode(entry.value, type=_Pointer).seq, entry.revision
 
@@ -73,44 +84,73 @@ class NatsCheckpoints:
         # Another worker may replace the checkpoint (and delete the object read here) while we
         # read it: then read the newer pointer again.
         for _ in range(5):
-            try:
-                entry = await self._kv.get(name)
-            except nats.js.errors.KeyNotFoundError:
-                return None
-            if not entry.value:
+            entry = await self._entry(name)
+            if entry is None or not entry.value:
                 return None
             pointer = msgspec.json.decode(entry.value, type=_Pointer)
-            buffer = io.BytesIO()  # nats-py appends chunks to bytes otherwise (quadratic)
-            try:
-                with anyio.fail_after(10):
-                    await self._objects.get(pointer.object, writeinto=buffer)
-            except (nats.js.errors.ObjectNotFoundError, nats.js.errors.ObjectDeletedError, TimeoutError):
-                continue
-            return Checkpoint(pointer.seq, buffer.getvalue(), entry.revision)
+            data = await self._object(pointer.object)
+            if data is not None:
+                return Checkpoint(pointer.seq, data, entry.revision)
         return None
+
+    async def _object(self, obj: str) -> bytes | None:
+        objects = self._objects
+
+        async def get(js: JetStreamContext) -> bytes:
+            buffer = io.BytesIO()  # nats-py appends chunks to bytes otherwise (quadratic)
+            with anyio.fail_after(self._journal.timeout):  # its ordered consumer has no timeout
+                await objects(js).get(obj, writeinto=buffer)
+            return buffer.getvalue()
+
+        try:
+            return await self._journal.retrying(
+                f"read checkpoint object {obj}", get, per_try=self._journal.timeout,
+                expected=(nats.js.errors.ObjectNotFoundError, nats.js.errors.ObjectDeletedError),
+            )
+        except (nats.js.errors.ObjectNotFoundError, nats.js.errors.ObjectDeletedError):
+            return None
 
     async def save(self, name: str, seq: int, data: bytes, token: Any) -> Any | None:
         obj = f"{name}-{seq}-{os.urandom(6).hex()}"  # two workers never write one object
-        await self._objects.put(obj, data)
+        objects, kv, journal = self._objects, self._kv, self._journal
+        await journal.retrying(f"write checkpoint object {obj}", lambda js: objects(js).put(obj, data), per_try=2.0)
         pointer = msgspec.json.encode(_Pointer(seq=seq, object=obj))
+        lost = (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError,
+                nats.js.errors.BadRequestError)
         previous = None
         try:
             if token is None:
-                revision = await self._kv.create(name, pointer)
+                revision = await journal.retrying(
+                    f"create checkpoint {name}", lambda js: kv(js).create(name, pointer), expected=lost
+                )
             else:
-                old = await self._kv.get(name)
-                previous = msgspec.json.decode(old.value, type=_Pointer).object if old.value else None
-                revision = await self._kv.update(name, pointer, last=token)
-        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError,
-                nats.js.errors.APIError):
-            # another worker checkpointed since we last looked: ours is not needed
-            with contextlib.suppress(Exception):
-                await self._objects.delete(obj)
-            return None
+                old = await self._entry(name)
+                previous = msgspec.json.decode(old.value, type=_Pointer).object if old and old.value else None
+                revision = await journal.retrying(
+                    f"update checkpoint {name}", lambda js: kv(js).update(name, pointer, last=token), expected=lost
+                )
+        except lost:
+            # Another worker checkpointed since we last looked (ours is not needed) - unless the
+            # pointer stored is ours: a try whose answer was lost in a failover did land.
+            current = await self._entry(name)
+            if current is not None and current.value and (
+                msgspec.json.decode(current.value, type=_Pointer).object == obj
+            ):
+                revision = current.revision
+            else:
+                await self._delete(obj)
+                return None
         if previous is not None and previous != obj:
-            with contextlib.suppress(Exception):
-                await self._objects.delete(previous)
+            await self._delete(previous)
         return revision
+
+    async def _delete(self, obj: str) -> None:
+        """Delete an object no checkpoint points at; a failure only leaves it behind (logged)."""
+        objects = self._objects
+        try:
+            await self._journal.retrying(f"delete checkpoint object {obj}", lambda js: objects(js).delete(obj))
+        except Exception as exc:
+            log.info("checkpoint_object_left", object=obj, error=repr(exc))
 
 
 class MemoryCheckpoints:
@@ -171,7 +211,7 @@ class Projections:
                 projection, self._journal, self._checkpoints,
                 f"{self._journal.subjects.prefix}.>", on_effects=on_effects,
             )
-            await self._tg.start(runner.run)
+            await self._tg.start(keep_running, f"projection {name}", runner.run)
             self._runners[name] = runner
         finally:
             del self._starting[name]

@@ -611,7 +611,8 @@ class BlackbirdSDK:
     background thread, with the same constructor.
 
     ``BlackbirdSDK(development_mode=True)`` starts an embedded nats-server on a temporary folder;
-    ``data_dir=`` keeps data; ``nats_url=`` connects to an external server. It opens when made
+    ``data_dir=`` keeps data; ``nats_url=`` connects to an external server (a cluster: its URLs
+    comma-separated or as a list). It opens when made
     (raising EmbeddedServerError if NATS cannot be reached). Close it with :meth:`close` or use
     it as a context manager. Safe to call from several threads.
     """
@@ -621,7 +622,7 @@ class BlackbirdSDK:
         *,
         development_mode: bool = False,
         data_dir: str | Path | None = None,
-        nats_url: str | None = None,
+        nats_url: str | Sequence[str] | None = None,
         tenant: str | None = None,
         remote: bool = False,
         clock: Callable[[], float] = ...,

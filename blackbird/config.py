@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -17,13 +19,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Everything configurable, with defaults. Build it with :func:`build_settings`."""
 
     data_dir: str | None = None  # None + no nats_url: a temporary folder (development mode)
-    nats_url: str | None = None  # None: start the embedded nats-server for data_dir
+    # None: start the embedded nats-server for data_dir. Several servers (a cluster): their URLs
+    # comma-separated, as NATS tools take them (a list given to build_settings is joined so).
+    nats_url: str | None = None
     tenant: str = "default"  # the tenant used when a call does not name one
     principal: str = "sdk"  # recorded in every commit this client causes
     stream: str = "BLACKBIRD"
     subject_prefix: str = "bb"
     snapshot_bucket: str = "bb_snapshots"
-    replicas: int = 1
+    replicas: int = 1  # of the stream and buckets this client creates (never of existing ones)
     duplicate_window: float = 120.0  # seconds JetStream remembers Nats-Msg-Id
     max_payload: int = 256 * 1024  # bytes of one encoded commit
     snapshot_every: int = 500
@@ -42,6 +46,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     abuse: dict[str, Any] = {}  # thresholds: see projections.abuse.AbuseConfig
     log_level: str | None = None  # when Blackbird configures structlog: debug, info, warning, ...
     http_tokens: str | None = None  # `blackbird serve --http`: JSON {"<token>": "<tenant>"}
+
+    @property
+    def nats_servers(self) -> list[str]:
+        """The NATS server URLs of ``nats_url`` (empty when it is None)."""
+        return [] if self.nats_url is None else self.nats_url.split(",")
 
 
 def _from_env() -> dict[str, Any]:
@@ -70,6 +79,8 @@ def build_settings(**overrides: Any) -> Settings:
     for name in ("data_dir", "policy_file", "memory_dir"):
         if isinstance(merged.get(name), Path):
             merged[name] = str(merged[name])
+    if merged.get("nats_url") is not None:
+        merged["nats_url"] = ",".join(nats_servers(merged["nats_url"]))
     try:
         # strict=False lets environment strings like "30" or "true" convert to their field types
         return msgspec.convert(merged, Settings, strict=False)
@@ -78,3 +89,62 @@ def build_settings(**overrides: Any) -> Settings:
         raise ValidationError(
             f"{field}: {exc}", field=field, expected="see blackbird.config.Settings"
         ) from None
+
+
+_URL_EXPECTED = (
+    "a NATS server URL (nats://host:4222, tls://..., ws://..., or host:port), several of them "
+    "comma-separated, or a list of them"
+)
+_SCHEMES = ("nats", "tls", "ws", "wss")
+
+
+def nats_servers(value: Any) -> list[str]:
+    """The server URLs of a ``nats_url`` setting: one URL, several comma-separated (as NATS
+    tools take them), or a list of URLs. Each is checked as nats-py will read it (scheme
+    nats/tls/ws/wss or none, a host, a port from 1 to 65535; websocket and plain URLs not
+    mixed); raises ValidationError naming ``nats_url`` and the item at fault."""
+    if isinstance(value, str):
+        items = value.split(",")
+    elif isinstance(value, Sequence) and not isinstance(value, bytes | bytearray) and value:
+        items = list(value)
+    else:
+        raise _bad_url(f"got {type(value).__name__} {value!r:.80}", value)
+    urls = []
+    for item in items:
+        if not isinstance(item, str):
+            raise _bad_url(f"got {type(item).__name__} {item!r:.80} in the list", item)
+        url = item.strip()
+        if not url:
+            raise _bad_url(f"got an empty URL in {value!r:.120}", value)
+        urls.append(_checked_url(url))
+    if len({u.split("://", 1)[0] in ("ws", "wss") for u in urls}) > 1:
+        raise _bad_url("got websocket (ws, wss) and plain (nats, tls) URLs mixed: nats-py takes one kind", value)
+    return urls
+
+
+def _checked_url(url: str) -> str:
+    full = url if "://" in url else f"nats://{url}"
+    try:
+        parts = urlsplit(full)
+        port = parts.port
+    except ValueError as exc:
+        raise _bad_url(f"got {redact_url(url)!r} ({exc})", redact_url(url)) from None
+    if parts.scheme not in _SCHEMES:
+        raise _bad_url(f"got {redact_url(url)!r}: unknown scheme {parts.scheme!r}", redact_url(url))
+    if not parts.hostname:
+        raise _bad_url(f"got {redact_url(url)!r}: no host", redact_url(url))
+    if port == 0 or parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise _bad_url(f"got {redact_url(url)!r}: expected scheme://host:port and nothing after", redact_url(url))
+    return url
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any user name, password or token replaced by ``***`` (for logs and errors)."""
+    scheme, sep, rest = url.rpartition("://")
+    userinfo, at, host = rest.rpartition("@")
+    return f"{scheme}{sep}***@{host}" if at else url
+
+
+def _bad_url(problem: str, got: Any) -> ValidationError:
+    return ValidationError(f"nats_url: expected {_URL_EXPECTED}; {problem}", field="nats_url",
+                           expected=_URL_EXPECTED, got=got)

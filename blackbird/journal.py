@@ -4,6 +4,27 @@ Implements :class:`actors.ports.Journal` and :class:`actors.ports.SnapshotStore`
 An append is one message (one commit) carrying ``Nats-Expected-Last-Subject-Sequence``
 (optimistic concurrency) and ``Nats-Msg-Id`` = command id (idempotency within the stream's
 duplicate window; beyond it, the aggregate's own memory of recent command ids).
+
+Failover. Every operation rides out a NATS failover until its deadline (``command_timeout``
+seconds from its start) and then raises a typed error, never a raw nats-py one:
+
+* an append whose acknowledgement does not come within a short per-try timeout (0.5 s, growing
+  to 1 s) is sent again under the same ``Nats-Msg-Id`` (the stream's deduplication and the
+  expected sequence make that safe), and so is one answered "no responders" or a 5xx status
+  (a stream electing a leader), after a short pause. While the connection is down nothing is
+  re-sent (nats-py buffers what was published); on reconnection everything pending is re-sent
+  at once. So commands flow again as soon as a new stream leader answers.
+* After the deadline, an append raises :class:`~blackbird.errors.CommandTimeoutError` if one of
+  its tries may have been stored (its acknowledgement never came: retry with the same command
+  id to find out), or :class:`~blackbird.errors.LogError` if every try was refused (nothing was
+  stored). If a re-sent try is answered "duplicate" or "wrong last sequence", the log is read to
+  tell our own earlier try (then it is our success) from another writer's commit.
+* Reads (last sequence, message gets, snapshot gets, consumers for replay and follow) are retried
+  the same way (see :mod:`blackbird._retry`) and raise LogError after the deadline.
+
+The stream and buckets are created with ``replicas`` replicas; an existing stream is never
+shrunk or loosened: only subjects it lacks are added, other differences are logged, and the
+stream's own configuration decides how it is read (direct gets only on one replica).
 """
 
 from __future__ import annotations
@@ -13,7 +34,7 @@ import base64
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import anyio
 import anyio.abc
@@ -23,19 +44,37 @@ import nats.js.errors
 import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js.api import ConsumerConfig, DeliverPolicy, DiscardPolicy, StorageType, StreamConfig
-from nats.js.kv import KeyValue
+from nats.js import JetStreamContext
+from nats.js.api import (
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    KeyValueConfig,
+    ObjectStoreConfig,
+    StorageType,
+    StreamConfig,
+    StreamInfo,
+)
+from nats.js.object_store import ObjectStore
 
 from actors.events import Commit, upcast
 from actors.ports import AggregateKey, AppendConflict, AppendResult, CommitUnencodable
+from blackbird._retry import Bucket, Contexts, backoff, describe, retrying, status_code, transient, try_timeout, typed
 from blackbird.config import Settings
-from blackbird.errors import LogError, PayloadTooLargeError
+from blackbird.errors import CommandTimeoutError, LogError, PayloadTooLargeError
 from blackbird.subjects import Subjects
+
+T = TypeVar("T")
 
 log = structlog.get_logger("blackbird.journal")
 
 WRONG_LAST_SEQUENCE = 10071  # JetStream err_code for a failed expected-last-subject-sequence
 STREAM_NAME_IN_USE = 10058  # stream exists with a different configuration
+_API = "$JS.API"
+_HEADROOM = 4096  # bytes of a message beyond the commit itself (headers)
+_SWEEP = 0.1  # seconds between two looks at the appends waiting for their acknowledgement
+_BACKLOG = 256 * 1024  # bytes waiting in nats-py's outgoing buffer: the server is not reading
+_HEARTBEAT = 1.0  # seconds: a consumer silent for two of these is recreated by nats-py
 
 
 class _ApiError(msgspec.Struct):
@@ -57,25 +96,32 @@ class _AckInbox:
     Why not ``js.publish_async``: nats-py 2.16 never completes its future when the ack is an API
     error (the reply handler raises instead), so an OCC conflict would hang. Why not
     ``nc.request``: it arms a timer per request, the top cost of an append under load. Here a
-    single sweeper expires overdue requests instead.
+    single sweeper expires overdue tries instead.
+
+    Every try of one append uses the append's token as reply subject, so a late answer to an
+    earlier try still completes the current one. The sweeper expires a try at its own deadline
+    while connected; while disconnected only at its append's final deadline (nothing can be
+    re-sent meanwhile); on reconnection at once (what the old connection carried may be lost).
     """
 
     def __init__(self, nc: NATS) -> None:
         self._nc = nc
         self._prefix = nc.new_inbox() + "."
-        self._pending: dict[str, tuple[asyncio.Future[Msg], float]] = {}
+        # token -> (the current try's future, the try's deadline, the append's deadline)
+        self._pending: dict[str, tuple[asyncio.Future[Msg], float, float]] = {}
         self._counter = 0
+        self._connected = True
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
         task_status.started()
         try:
             while True:
-                await anyio.sleep(0.25)
-                self._expire(time.monotonic())
+                await anyio.sleep(_SWEEP)
+                self._sweep(time.monotonic())
         finally:
-            self._expire(float("inf"))
-            with anyio.CancelScope(shield=True):
+            self._expire(lambda _: True)
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
     async def _on_reply(self, msg: Msg) -> None:
@@ -83,20 +129,47 @@ class _AckInbox:
         if entry is not None and not entry[0].done():
             entry[0].set_result(msg)
 
-    def _expire(self, now: float) -> None:
-        overdue = [token for token, (_, deadline) in self._pending.items() if deadline <= now]
+    def _sweep(self, now: float) -> None:
+        connected = self._nc.is_connected
+        reconnected = connected and not self._connected
+        self._connected = connected
+        if not self._pending:
+            return
+        if reconnected:
+            self._expire(lambda _: True)
+        elif connected:
+            self._expire(lambda entry: entry[1] <= now)
+        else:
+            self._expire(lambda entry: entry[2] <= now)
+
+    def _expire(self, due: Callable[[tuple[asyncio.Future[Msg], float, float]], bool]) -> None:
+        overdue = [token for token, entry in self._pending.items() if due(entry)]
         for token in overdue:
-            future, _ = self._pending.pop(token)
+            future = self._pending.pop(token)[0]
             if not future.done():
                 future.set_exception(TimeoutError())
 
-    async def request(self, subject: str, payload: bytes, headers: dict[str, str], timeout: float) -> Msg:
+    def token(self) -> str:
+        """A new reply token, for all the tries of one append."""
         self._counter += 1
-        token = str(self._counter)
+        return str(self._counter)
+
+    @property
+    def backed_up(self) -> bool:
+        """Whether sending more would only pile up: disconnected, or the server not reading."""
+        return not self._nc.is_connected or self._nc.pending_data_size > _BACKLOG
+
+    async def request(
+        self, token: str, subject: str, payload: bytes, headers: dict[str, str],
+        try_deadline: float, deadline: float, *, send: bool = True,
+    ) -> Msg:
+        """Publish (unless ``send`` is False: wait on for an earlier try) and wait for the answer
+        to ``token``; TimeoutError at the try's deadline (see the class docstring)."""
         future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
-        self._pending[token] = (future, time.monotonic() + timeout)
+        self._pending[token] = (future, try_deadline, deadline)
         try:
-            await self._nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
+            if send:
+                await self._nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
             return await future
         finally:
             self._pending.pop(token, None)
@@ -117,17 +190,24 @@ class Journal:
     def __init__(self, nc: NATS, settings: Settings) -> None:
         self._nc = nc
         self._js = nc.jetstream(timeout=settings.command_timeout)
+        self.contexts = Contexts(nc)
+        """JetStream contexts by per-try timeout, for :meth:`retrying`."""
         self._settings = settings
+        self._timeout = settings.command_timeout
         self.subjects = Subjects(settings.subject_prefix)
         self.stream = settings.stream
         # Reads of an aggregate's tail: on a single replica the direct-get API answers from the
         # one copy, so it is read-your-writes and much cheaper; with replicas a follower could
-        # answer stale, so they go to the leader.
-        self._direct = settings.replicas == 1
+        # answer stale, so they go to the leader. Decided by the stream's real configuration
+        # once it is known (see _adopt); leader reads until then.
+        self._direct = False
+        self.replicas: int | None = None
+        """The stream's real number of replicas (None until known: no stream yet)."""
+        self._max_payload = settings.max_payload
         self._encode = msgspec.json.Encoder().encode
         self._decode = msgspec.json.Decoder(Commit).decode
         self._decode_ack = msgspec.json.Decoder(_PubAck).decode
-        self._kv: KeyValue | None = None
+        self._kv: Bucket | None = None
         self._acks = _AckInbox(nc)
 
     @classmethod
@@ -135,17 +215,24 @@ class Journal:
     async def open(
         cls, nc: NATS, settings: Settings, *, configure: bool = True
     ) -> AsyncIterator[Journal]:
-        """Open the log; with ``configure`` also create/update the stream and snapshot bucket."""
+        """Open the log; with ``configure`` also create the stream and snapshot bucket if missing
+        (an existing stream only gains the subjects it lacks: see :meth:`_ensure_stream`)."""
         journal = cls(nc, settings)
         if configure:
             await journal._ensure_stream()
-            await journal._ensure_snapshot_bucket()
+            journal._kv = await journal.bucket(settings.snapshot_bucket, create=True, direct_ok=True)
+        else:
+            info = await journal._stream_info(journal.stream)
+            if info is not None:
+                journal._adopt(info.config)
         async with anyio.create_task_group() as tg:
             await tg.start(journal._acks.run)
             try:
                 yield journal
             finally:
                 tg.cancel_scope.cancel()
+
+    # ------------------------------------------------------------------ configuration
 
     def _stream_config(self) -> StreamConfig:
         s = self._settings
@@ -155,36 +242,194 @@ class Journal:
             storage=StorageType.FILE,
             num_replicas=s.replicas,
             duplicate_window=s.duplicate_window,
-            max_msg_size=s.max_payload + 4096,
+            max_msg_size=s.max_payload + _HEADROOM,
             discard=DiscardPolicy.NEW,
             allow_direct=True,
         )
 
     async def _ensure_stream(self) -> None:
-        """Create the stream, or update it to this configuration; idempotent."""
-        config = self._stream_config()
-        try:
-            await self._js.add_stream(config)
-            log.info("stream_ready", stream=self.stream, subjects=config.subjects)
-        except nats.js.errors.BadRequestError as exc:
-            if exc.err_code != STREAM_NAME_IN_USE:
-                raise LogError(f"could not create stream {self.stream}: {exc.description}") from None
-            await self._js.update_stream(config)
-            log.info("stream_updated", stream=self.stream)
+        """Create the stream with this client's configuration if it does not exist.
 
-    async def _ensure_snapshot_bucket(self) -> None:
-        bucket = self._settings.snapshot_bucket
+        An existing stream is shared: another client may have made it bigger on purpose (three
+        replicas, a longer duplicate window). So this only adds the subjects it lacks and never
+        lowers anything; every other difference is logged, and the stream is used as it is.
+        """
+        wanted = self._stream_config()
+        info = await self._stream_info(self.stream)
+        if info is None:
+            try:
+                info = await self.retrying(
+                    f"create stream {self.stream}", lambda js: js.add_stream(wanted),
+                    expected=(nats.js.errors.BadRequestError,),
+                )
+                log.info("stream_created", stream=self.stream, subjects=wanted.subjects, replicas=wanted.num_replicas)
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != STREAM_NAME_IN_USE:
+                    raise LogError(f"could not create stream {self.stream}: {exc.description}") from None
+                info = await self._stream_info(self.stream)  # created meanwhile by another client
+                if info is None:
+                    raise LogError(f"stream {self.stream} was created and deleted meanwhile") from None
+        else:
+            info = await self._reconcile(info, wanted)
+        self._adopt(info.config)
+
+    async def _reconcile(self, info: StreamInfo, wanted: StreamConfig) -> StreamInfo:
+        have = info.config
+        for setting, ours, theirs, more in (
+            ("num_replicas", wanted.num_replicas, have.num_replicas, _more(have.num_replicas, wanted.num_replicas)),
+            ("max_msg_size", wanted.max_msg_size, have.max_msg_size, _more(have.max_msg_size, wanted.max_msg_size)),
+            ("duplicate_window", wanted.duplicate_window, have.duplicate_window,
+             _more(have.duplicate_window, wanted.duplicate_window)),
+            ("storage", wanted.storage, have.storage, False),
+            ("discard", wanted.discard, have.discard, False),
+            ("allow_direct", wanted.allow_direct, have.allow_direct, False),
+        ):
+            if ours != theirs:  # the stream is kept as it is; more than configured is no concern
+                (log.info if more else log.warning)(
+                    "stream_setting_differs", stream=self.stream, setting=setting,
+                    configured=str(ours), actual=str(theirs), kept="actual",
+                )
+        missing = [s for s in wanted.subjects or [] if s not in (have.subjects or [])]
+        if not missing:
+            return info
+        # The update carries the server's own configuration (every field, also those this
+        # nats-py does not know) with the missing subjects added: nothing else changes.
+        raw = await self._api(f"STREAM.INFO.{self.stream}", b"", f"read stream {self.stream}")
+        config = raw["config"]
+        config["subjects"] = list(config.get("subjects") or []) + missing
+        await self._api(
+            f"STREAM.UPDATE.{self.stream}", msgspec.json.encode(config), f"add subjects to stream {self.stream}"
+        )
+        log.info("stream_subjects_added", stream=self.stream, subjects=missing)
+        updated = await self._stream_info(self.stream)
+        if updated is None:
+            raise LogError(f"stream {self.stream} was deleted while its subjects were added")
+        return updated
+
+    async def _api(self, endpoint: str, body: bytes, what: str) -> dict[str, Any]:
+        """A raw JetStream API request (JSON in, JSON out), retried; its error as LogError."""
+
+        async def call(js: JetStreamContext) -> Any:
+            msg = await self._nc.request(f"{_API}.{endpoint}", body, timeout=try_timeout(0) * 2)
+            if not msg.data and msg.headers and status_code(msg.headers.get("Status")) >= 500:
+                raise nats.js.errors.ServiceUnavailableError
+            return msgspec.json.decode(msg.data)
+
+        answer = await self.retrying(what, call)
+        if not isinstance(answer, dict):
+            raise LogError(f"{what}: unexpected answer {answer!r:.200}")
+        error = answer.get("error")
+        if error:
+            raise LogError(f"{what}: {error.get('description') or error}")
+        return answer
+
+    def _adopt(self, config: StreamConfig) -> None:
+        """Read the stream as it really is configured."""
+        self.replicas = config.num_replicas or 1
+        self._direct = bool(config.allow_direct) and self.replicas == 1
+        limit = config.max_msg_size
+        if limit is not None and limit > 0:
+            self._max_payload = min(self._settings.max_payload, limit - _HEADROOM)
+
+    async def _stream_info(self, name: str) -> StreamInfo | None:
+        """The stream's info, None if it does not exist."""
         try:
-            self._kv = await self._js.key_value(bucket)
-        except nats.js.errors.BucketNotFoundError:
-            self._kv = await self._js.create_key_value(
-                bucket=bucket, history=1, replicas=self._settings.replicas
+            return await self.retrying(
+                f"read stream {name}", lambda js: js.stream_info(name), expected=(nats.js.errors.NotFoundError,)
+            )
+        except nats.js.errors.NotFoundError:
+            return None
+
+    async def bucket(
+        self, name: str, *, create: bool, replicas: int | None = None, history: int = 1, direct_ok: bool = False
+    ) -> Bucket | None:
+        """The KV bucket ``name``; created with ``replicas`` replicas (default: the setting) if
+        missing and ``create`` (else None). An existing bucket is used as it is (a replica count that differs from the
+        setting is logged). ``direct_ok``: its reads may be answered by a replica that lags (for
+        caches such as snapshots); otherwise with several replicas they go to the leader."""
+        stream = f"KV_{name}"
+        info = await self._stream_info(stream)
+        if info is None:
+            if not create:
+                return None
+            config = KeyValueConfig(
+                bucket=name, history=history, replicas=replicas or self._settings.replicas, storage=StorageType.FILE
+            )
+            try:
+                await self.retrying(
+                    f"create bucket {name}", lambda js: js.create_key_value(config=config),
+                    expected=(nats.js.errors.BadRequestError,),
+                )
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != STREAM_NAME_IN_USE:
+                    raise LogError(f"could not create bucket {name}: {exc.description}") from None
+            info = await self._stream_info(stream)
+            if info is None:
+                raise LogError(f"bucket {name} was created and deleted meanwhile")
+        else:
+            self._log_replicas(stream, info.config.num_replicas, replicas)
+        actual = info.config.num_replicas or 1
+        return Bucket(name, direct=bool(info.config.allow_direct) and (direct_ok or actual == 1))
+
+    async def object_store(
+        self, name: str, *, create: bool, replicas: int | None = None
+    ) -> Callable[[JetStreamContext], ObjectStore] | None:
+        """The object store ``name`` as a handle maker for :meth:`retrying`; created with
+        ``replicas`` replicas (default: the setting) if missing and ``create`` (else None)."""
+        stream = f"OBJ_{name}"
+        info = await self._stream_info(stream)
+        if info is None:
+            if not create:
+                return None
+            config = ObjectStoreConfig(
+                bucket=name, replicas=replicas or self._settings.replicas, storage=StorageType.FILE
+            )
+            try:
+                await self.retrying(
+                    f"create object store {name}", lambda js: js.create_object_store(name, config=config),
+                    expected=(nats.js.errors.BadRequestError,),
+                )
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != STREAM_NAME_IN_USE:
+                    raise LogError(f"could not create object store {name}: {exc.description}") from None
+        else:
+            self._log_replicas(stream, info.config.num_replicas, replicas)
+
+        def handle(js: JetStreamContext) -> ObjectStore:
+            return ObjectStore(name=name, stream=stream, js=js)
+
+        return handle
+
+    def _log_replicas(self, stream: str, actual: int | None, configured: int | None) -> None:
+        wanted = configured or self._settings.replicas
+        if (actual or 1) != wanted:
+            (log.info if (actual or 1) > wanted else log.warning)(
+                "stream_setting_differs", stream=stream, setting="num_replicas",
+                configured=str(wanted), actual=str(actual), kept="actual",
             )
 
     @property
     def jetstream(self) -> Any:
-        """The JetStream context this journal uses (for buckets beside the stream)."""
+        """The JetStream context this journal uses (for buckets beside the stream); its requests
+        time out after ``command_timeout`` and are not retried (see :meth:`retrying`)."""
         return self._js
+
+    @property
+    def timeout(self) -> float:
+        """Seconds an operation is retried through a failover before its typed error."""
+        return self._timeout
+
+    async def retrying(
+        self,
+        what: str,
+        op: Callable[[JetStreamContext], Awaitable[T]],
+        *,
+        per_try: float | None = None,
+        expected: tuple[type[BaseException], ...] = (),
+    ) -> T:
+        """``op(js)`` retried through failovers for ``command_timeout`` seconds (see
+        :func:`blackbird._retry.retrying`)."""
+        return await retrying(what, op, self.contexts, timeout=self._timeout, per_try=per_try, expected=expected)
 
     # ------------------------------------------------------------------ Journal port
 
@@ -195,12 +440,12 @@ class Journal:
             payload = self._encode(commit)
         except Exception as exc:  # a lone surrogate, a type JSON has no form for: the commands' fault
             raise CommitUnencodable(f"{type(exc).__name__}: {exc}") from exc
-        if len(payload) > self._settings.max_payload:
+        if len(payload) > self._max_payload:
             raise PayloadTooLargeError(
                 f"command: encoded commit is {len(payload)} bytes, expected at most "
-                f"{self._settings.max_payload} (max_payload)",
+                f"{self._max_payload} (max_payload)",
                 field="command",
-                expected=f"at most {self._settings.max_payload} bytes",
+                expected=f"at most {self._max_payload} bytes",
                 got=len(payload),
             )
         headers = {
@@ -208,20 +453,88 @@ class Journal:
             "Nats-Msg-Id": msg_id,
         }
         subject = self.subjects.aggregate(key)
+        acks = self._acks
+        token = acks.token()
+        deadline = time.monotonic() + self._timeout
+        attempt = 0
+        uncertain = False  # a try went unanswered: it may have been stored
+        why = ""
+        send = True
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                raise self._unstored(subject, commit, msg_id, why, uncertain)
+            try:
+                msg = await acks.request(
+                    token, subject, payload, headers, min(now + try_timeout(attempt), deadline), deadline, send=send
+                )
+            except TimeoutError:
+                uncertain, why = True, "no acknowledgement"
+                attempt += 1
+                send = not acks.backed_up  # else wait on: what was sent is still on its way
+                continue
+            except nats.errors.MaxPayloadError:
+                raise PayloadTooLargeError(
+                    f"command: encoded commit is {len(payload)} bytes, more than the NATS server accepts",
+                    field="command", expected="at most the server's max_payload", got=len(payload),
+                ) from None
+            except nats.errors.Error as exc:  # publishing failed (e.g. disconnected, buffer full)
+                if not transient(exc):
+                    raise typed(exc, f"append to {subject}") from None
+                why = describe(exc)
+                await anyio.sleep(min(backoff(attempt), max(0.0, deadline - time.monotonic())))
+                attempt += 1
+                send = True
+                continue
+            send = True
+            if not msg.data:  # a status: 503 no responders (no leader yet, or no stream)
+                why = "no responders: the stream has no leader (an election?) or does not capture the subject"
+                await anyio.sleep(min(backoff(attempt), max(0.0, deadline - time.monotonic())))
+                attempt += 1
+                continue
+            ack = self._decode_ack(msg.data)
+            if ack.error is not None:
+                if ack.error.err_code == WRONG_LAST_SEQUENCE:
+                    if uncertain and (stored := await self._stored_as(subject, expected_seq, payload)):
+                        return AppendResult(stored, False)  # our own earlier try was stored
+                    raise AppendConflict(ack.error.description)
+                if ack.error.code >= 500:  # the stream is not ready (e.g. recovering)
+                    why = ack.error.description
+                    await anyio.sleep(min(backoff(attempt), max(0.0, deadline - time.monotonic())))
+                    attempt += 1
+                    continue
+                raise LogError(f"append to {subject} failed: {ack.error.description}")
+            if ack.duplicate and uncertain and await self._stored_as(subject, expected_seq, payload) == ack.seq:
+                return AppendResult(ack.seq, False)  # our own earlier try: this call's success
+            return AppendResult(ack.seq, ack.duplicate)
+
+    def _unstored(self, subject: str, commit: Commit, msg_id: str, why: str, uncertain: bool) -> Exception:
+        ids = commit.command_ids
+        what = f"command {ids[0]!r}" if len(ids) == 1 else f"a commit of {len(ids)} commands ({', '.join(ids[:3])}...)"
+        if uncertain:
+            return CommandTimeoutError(
+                f"append of {what} to {subject}: not acknowledged within {self._timeout:g}s ({why}); it "
+                "may or may not have been applied: retry with the same command id to find out",
+                subject=subject, command_id=ids[0] if len(ids) == 1 else msg_id,
+            )
+        return LogError(f"append of {what} to {subject}: refused for {self._timeout:g}s ({why}); nothing was stored")
+
+    async def _stored_as(self, subject: str, expected_seq: int, payload: bytes) -> int:
+        """The sequence of ``payload`` if it is the commit right after ``expected_seq`` on
+        ``subject`` (an earlier try of this append was stored), else 0."""
         try:
-            msg = await self._acks.request(subject, payload, headers, self._settings.command_timeout)
-        except TimeoutError:
-            raise LogError(
-                f"append to {subject}: no acknowledgement within {self._settings.command_timeout}s"
-            ) from None
-        if not msg.data and msg.headers and msg.headers.get("Status") == "503":
-            raise LogError(f"append to {subject}: no stream {self.stream} captures it")
-        ack = self._decode_ack(msg.data)
-        if ack.error is not None:
-            if ack.error.err_code == WRONG_LAST_SEQUENCE:
-                raise AppendConflict(ack.error.description)
-            raise LogError(f"append to {subject} failed: {ack.error.description}")
-        return AppendResult(ack.seq, ack.duplicate)
+            msg = await self._next_on(subject, expected_seq + 1)
+        except nats.js.errors.NotFoundError:
+            return 0
+        return int(msg.seq or 0) if msg.data == payload else 0
+
+    async def _next_on(self, subject: str, start: int) -> Any:
+        """The first message on ``subject`` at or after sequence ``start`` (NotFoundError if none)."""
+        return await self.retrying(
+            f"read {subject}",
+            lambda js: js.get_msg(self.stream, seq=start, subject=subject, next=True, direct=self._direct),
+            expected=(nats.js.errors.NotFoundError,),
+        )
 
     async def last_seq(self, key: AggregateKey) -> int:
         return await self.last_seq_of(self.subjects.aggregate(key), direct=self._direct)
@@ -229,7 +542,11 @@ class Journal:
     async def last_seq_of(self, subject: str, *, direct: bool = False) -> int:
         """Sequence of the last message on ``subject`` (wildcards allowed; 0 if none)."""
         try:
-            msg = await self._js.get_last_msg(self.stream, subject, direct=direct)
+            msg = await self.retrying(
+                f"read the last sequence of {subject}",
+                lambda js: js.get_last_msg(self.stream, subject, direct=direct),
+                expected=(nats.js.errors.NotFoundError,),
+            )
         except nats.js.errors.NotFoundError:
             return 0
         return int(msg.seq or 0)
@@ -245,22 +562,39 @@ class Journal:
         # a round trip each, instead of creating a consumer (several round trips). A host that
         # lost a race is back with a fresh decision sooner, so it rarely loses the next one.
         while after_seq < until_seq and len(out) < _DIRECT_READS:
-            msg = await self._js.get_msg(
-                self.stream, seq=after_seq + 1, subject=subject, next=True, direct=self._direct
-            )
+            try:
+                msg = await self._next_on(subject, after_seq + 1)
+            except nats.js.errors.NotFoundError:
+                raise LogError(f"{subject}: no commit after sequence {after_seq}, expected up to {until_seq}") from None
             seq = int(msg.seq or 0)
             if not after_seq < seq <= until_seq:
                 break
-            out.append((seq, upcast(self._decode(msg.data or b""))))
+            out.append((seq, self._commit(msg.data or b"", subject, seq)))
             after_seq = seq
         if after_seq < until_seq:
-            out += [(e.seq, e.commit) for e in await self._collect(subject, after_seq, until_seq)]
+            out += [(e.seq, e.commit) for e in await self._collect(subject, after_seq, until_seq, strict=True)]
         return out
+
+    def _commit(self, data: bytes, subject: str, seq: int) -> Commit:
+        try:
+            return upcast(self._decode(data))
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise LogError(f"{subject} at sequence {seq} is not a Blackbird commit: {exc}") from None
+
+    def _entry(self, msg: Msg) -> Entry | None:
+        """A delivered message as an Entry; None (logged) for one that is not a commit: someone
+        published junk on a stream subject, which must not stop a reader."""
+        seq = msg.metadata.sequence.stream
+        try:
+            return Entry(seq, msg.subject, upcast(self._decode(msg.data)))
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.error("commit_undecodable", subject=msg.subject, seq=seq, error=str(exc))
+            return None
 
     # ------------------------------------------------------------------ reading
 
     async def stream_last_seq(self) -> int:
-        info = await self._js.stream_info(self.stream)
+        info = await self.retrying(f"read stream {self.stream}", lambda js: js.stream_info(self.stream))
         return int(info.state.last_seq)
 
     async def entries(
@@ -280,7 +614,10 @@ class Journal:
     async def follow(self, subject_filter: str, after_seq: int = 0) -> AsyncIterator[Entry]:
         """Replay ``subject_filter`` from ``after_seq`` and keep yielding new commits live.
 
-        Resuming with the last sequence seen gives every later commit once, in order.
+        Resuming with the last sequence seen gives every later commit once, in order. Once
+        subscribed, a lost consumer (a server restart, a failover) is recreated from the last
+        sequence delivered; LogError if the subscription cannot be made within
+        ``command_timeout``. A message that is not a commit is skipped (logged).
         """
         # Delivery goes through a bounded buffer; a slow reader blocks delivery and JetStream's
         # flow control holds the rest on the server.
@@ -294,11 +631,11 @@ class Journal:
         try:
             with receive:
                 async for msg in receive:
-                    seq = msg.metadata.sequence.stream
-                    yield Entry(seq, msg.subject, upcast(self._decode(msg.data)))
+                    entry = self._entry(msg)
+                    if entry is not None:
+                        yield entry
         finally:
-            with anyio.CancelScope(shield=True):
-                await sub.unsubscribe()
+            await _unsubscribe(sub)
             send.close()
 
     async def follow_with(
@@ -315,8 +652,9 @@ class Journal:
             if stop.is_set():
                 return
             try:
-                seq = msg.metadata.sequence.stream
-                await on_entry(Entry(seq, msg.subject, upcast(self._decode(msg.data))))
+                entry = self._entry(msg)
+                if entry is not None:
+                    await on_entry(entry)
             except Exception as exc:  # handed to the following task, not to nats-py
                 failed.append(exc)
                 stop.set()
@@ -326,8 +664,7 @@ class Journal:
             await stop.wait()
         finally:
             stop.set()
-            with anyio.CancelScope(shield=True):
-                await sub.unsubscribe()
+            await _unsubscribe(sub)
         raise failed[0]
 
     async def replay(
@@ -350,7 +687,7 @@ class Journal:
         done = anyio.Event()
         last = after_seq
         failure: list[BaseException] = []
-        decode = self._decode
+        entry_of = self._entry
 
         async def deliver(msg: Msg) -> None:
             nonlocal last
@@ -359,12 +696,14 @@ class Journal:
             meta = msg.metadata
             seq = meta.sequence.stream
             if seq <= until_seq:
-                try:
-                    on_entry(seq, msg.subject, upcast(decode(msg.data)))
-                except BaseException as exc:  # handed to the replaying task, not nats-py
-                    failure.append(exc)
-                    done.set()
-                    return
+                entry = entry_of(msg)
+                if entry is not None:
+                    try:
+                        on_entry(seq, entry.subject, entry.commit)
+                    except BaseException as exc:  # handed to the replaying task, not nats-py
+                        failure.append(exc)
+                        done.set()
+                        return
                 last = seq
             if seq >= until_seq or meta.num_pending == 0:
                 done.set()
@@ -373,7 +712,7 @@ class Journal:
         try:
             seen = last
             while not done.is_set():
-                with anyio.move_on_after(self._settings.command_timeout):
+                with anyio.move_on_after(self._timeout):
                     await done.wait()
                 if not done.is_set() and last == seen:
                     raise LogError(
@@ -381,30 +720,40 @@ class Journal:
                     )
                 seen = last
         finally:
-            with anyio.CancelScope(shield=True):
-                await sub.unsubscribe()
+            await _unsubscribe(sub)
         if failure:
             raise failure[0]
         return last
 
-    async def _collect(self, subject_filter: str, after_seq: int, until_seq: int) -> list[Entry]:
+    async def _collect(
+        self, subject_filter: str, after_seq: int, until_seq: int, *, strict: bool = False
+    ) -> list[Entry]:
         """A bounded replay, decoded inside the delivery callback: no hand-off between tasks per
-        message (that wake-up per message, not decoding, is what bounds a replay's speed)."""
+        message (that wake-up per message, not decoding, is what bounds a replay's speed).
+        ``strict``: a message that is not a commit is an error (LogError), not skipped."""
         entries: list[Entry] = []
         done = anyio.Event()
+        failure: list[LogError] = []
 
         async def deliver(msg: Msg) -> None:
             if done.is_set():
                 return
             seq = msg.metadata.sequence.stream
             if seq <= until_seq:
-                entries.append(Entry(seq, msg.subject, upcast(self._decode(msg.data))))
+                if strict:
+                    try:
+                        entries.append(Entry(seq, msg.subject, self._commit(msg.data, msg.subject, seq)))
+                    except LogError as exc:
+                        failure.append(exc)
+                        done.set()
+                elif (entry := self._entry(msg)) is not None:
+                    entries.append(entry)
             if seq >= until_seq:
                 done.set()
 
         sub = await self._subscribe_ordered(subject_filter, after_seq, deliver)
         try:
-            with anyio.fail_after(self._settings.command_timeout):
+            with anyio.fail_after(self._timeout):
                 await done.wait()
         except TimeoutError:
             got = entries[-1].seq if entries else after_seq
@@ -412,24 +761,35 @@ class Journal:
                 f"replay of {subject_filter} stalled at sequence {got} before {until_seq}"
             ) from None
         finally:
-            with anyio.CancelScope(shield=True):
-                await sub.unsubscribe()
+            await _unsubscribe(sub)
+        if failure:
+            raise failure[0]
         return entries
 
     async def _subscribe_ordered(
         self, subject_filter: str, after_seq: int, deliver: Callable[[Msg], Awaitable[None]]
     ) -> Any:
-        return await self._js.subscribe(
-            subject_filter,
-            stream=self.stream,
-            cb=deliver,
-            ordered_consumer=True,
-            config=ConsumerConfig(
-                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after_seq + 1
-            ),
-            pending_msgs_limit=-1,
-            pending_bytes_limit=-1,
-        )
+        async def subscribe(js: JetStreamContext) -> Any:
+            # a fresh config per try: nats-py fills in (and keeps) the delivery subject
+            return await js.subscribe(
+                subject_filter,
+                stream=self.stream,
+                cb=deliver,
+                ordered_consumer=True,
+                idle_heartbeat=_HEARTBEAT,
+                config=ConsumerConfig(
+                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after_seq + 1
+                ),
+                pending_msgs_limit=-1,
+                pending_bytes_limit=-1,
+            )
+
+        try:
+            return await self.retrying(
+                f"subscribe to {subject_filter}", subscribe, expected=(nats.js.errors.NotFoundError,)
+            )
+        except nats.js.errors.NotFoundError:
+            raise LogError(f"subscribe to {subject_filter}: stream {self.stream} does not exist") from None
 
     # ------------------------------------------------------------------ SnapshotStore port
 
@@ -440,27 +800,50 @@ class Journal:
         return base64.urlsafe_b64encode(raw).decode()
 
     async def load(self, key: AggregateKey) -> bytes | None:
-        assert self._kv is not None
+        kv = self._snapshots()
+        name = self._kv_key(key)
         try:
-            entry = await self._kv.get(self._kv_key(key))
+            entry = await self.retrying(
+                "read a snapshot", lambda js: kv(js).get(name), expected=(nats.js.errors.KeyNotFoundError,)
+            )
         except nats.js.errors.KeyNotFoundError:
             return None
         return entry.value
 
     async def save(self, key: AggregateKey, data: bytes) -> None:
-        assert self._kv is not None
-        await self._kv.put(self._kv_key(key), data)
+        kv = self._snapshots()
+        name = self._kv_key(key)
+        await self.retrying("write a snapshot", lambda js: kv(js).put(name, data))
 
     async def purge_snapshots(self) -> None:
         """Delete every snapshot (they are caches; the log is the truth)."""
-        assert self._kv is not None
-        await self._kv.purge_deletes()
-        for k in await self._safe_keys():
-            await self._kv.purge(k)
-
-    async def _safe_keys(self) -> list[str]:
-        assert self._kv is not None
+        kv = self._snapshots()
+        long = self._timeout
+        await self.retrying("purge deleted snapshots", lambda js: kv(js).purge_deletes(), per_try=long)
         try:
-            return await self._kv.keys()
+            keys = await self.retrying(
+                "list snapshots", lambda js: kv(js).keys(), per_try=long, expected=(nats.js.errors.NoKeysError,)
+            )
         except nats.js.errors.NoKeysError:
-            return []
+            keys = []
+        for k in keys:
+            await self._purge(kv, k)
+
+    async def _purge(self, kv: Bucket, key: str) -> None:
+        await self.retrying("purge a snapshot", lambda js: kv(js).purge(key))
+
+    def _snapshots(self) -> Bucket:
+        if self._kv is None:
+            raise LogError("this journal was opened without configure: it has no snapshot bucket")
+        return self._kv
+
+
+def _more(have: float | None, wanted: float | None) -> bool:
+    """Whether a stream's limit ``have`` is above ``wanted`` (a negative one is unlimited)."""
+    return have is not None and (have < 0 or have > (wanted or 0))
+
+
+async def _unsubscribe(sub: Any) -> None:
+    """Unsubscribe, whatever the connection's state (a closed connection has no subscriptions)."""
+    with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+        await sub.unsubscribe()

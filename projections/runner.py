@@ -13,7 +13,10 @@ commits always give the same model). The runner
   projection each keep an exact model, and the stored checkpoint only moves forward;
 * exposes its lag (the stream's last sequence minus the applied one) and lets a reader wait
   until a given sequence is applied (read-your-writes);
-* can rebuild from zero into a scratch model, to verify the live one.
+* can rebuild from zero into a scratch model, to verify the live one;
+* once running, keeps going through failures (a log that cannot be read for a while, a
+  checkpoint that cannot be written, a fold that raises): each is logged and retried with a
+  backoff, and the runner never ends by itself (its task group, the client's, lives on).
 
 Effects a fold returns (e.g. abuse alerts) are handed to ``on_effects`` only for commits that
 arrive live: catching up after a restart or rebuilding never repeats them.
@@ -119,6 +122,20 @@ class Waiters:
         return True
 
 
+class ProjectionCheckpointError(Exception):
+    def __init__(self, name: str, seq: int, rounds: int) -> None:
+        super().__init__(
+            f"projection {name!r}: checkpoint at sequence {seq} lost the compare-and-swap "
+            f"{rounds} times in a row"
+        )
+
+
+_RETRY_FIRST = 0.1  # seconds before the first retry after a failure to follow; doubles
+_RETRY_CAP = 5.0
+_FINAL_CHECKPOINT = 5.0  # seconds the checkpoint taken when the runner stops may take
+_CHECKPOINT_ROUNDS = 5  # compare-and-swap rounds lost to newer checkpoints before giving up
+
+
 class _Snapshot(msgspec.Struct, Generic[M]):
     seq: int
     model: M
@@ -152,6 +169,7 @@ class ProjectionRunner(Generic[M]):
         self._saved_seq = 0
         self._saved_at = 0.0
         self._waiters = Waiters()
+        self._dirty = False  # a fold failed halfway: the model must be restored before use
         self._encode = msgspec.msgpack.Encoder().encode
         # a type chosen at run time: mypy reads a subscript as a static type, and cannot here
         self._decode = msgspec.msgpack.Decoder(_Snapshot[projection.model_type]).decode  # type: ignore[name-defined]
@@ -192,47 +210,88 @@ class ProjectionRunner(Generic[M]):
         return self.seq
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Restore, catch up, then follow live until cancelled; ready once caught up."""
+        """Restore, catch up, then follow live until cancelled; ready once caught up.
+
+        A failure before it is ready is raised (the starter sees it). After that nothing ends
+        it but cancellation: a failure to read the log is logged and the follow resumes after
+        a backoff from the last sequence applied (commits read then count as live); a fold
+        that raises leaves the model in doubt, so the next attempt restores the checkpoint and
+        catches up quietly first; a checkpoint that fails is logged and tried again later.
+        """
         await self.restore()
         await self.catch_up()
         self._saved_at = time.monotonic()
         task_status.started()
+        failures = 0
         try:
-            async for entry in self._log.follow(self._filter, self.seq):
-                effects = self._apply(entry.seq, entry.subject, entry.commit)
-                self._wake()
-                if effects and self._on_effects is not None:
-                    try:
-                        await self._on_effects(effects)
-                    except Exception as exc:  # an effect failing must not stop the read model
-                        self.log.warning("projection_effects_failed", seq=entry.seq, error=repr(exc))
-                if self.seq - self._saved_seq >= self._every and (
-                    time.monotonic() - self._saved_at >= self._interval
-                ):
-                    await self.checkpoint()
+            while True:
+                try:
+                    if self._dirty:
+                        await self.restore()
+                        await self.catch_up()
+                        self._dirty = False
+                    await self._follow()
+                except Exception as exc:
+                    delay = min(_RETRY_FIRST * (1 << min(failures, 8)), _RETRY_CAP)
+                    failures += 1
+                    self.log.warning(
+                        "projection_interrupted", seq=self.seq, error=repr(exc), retry_in=delay,
+                        restore=self._dirty,
+                    )
+                    await anyio.sleep(delay)
+                else:
+                    failures = 0
         finally:
-            with anyio.CancelScope(shield=True):
-                if self.seq > self._saved_seq:
-                    try:
-                        await self.checkpoint()
-                    except Exception as exc:  # the next start replays a little more
-                        self.log.warning("projection_checkpoint_failed", error=repr(exc))
+            # bounded: a client closing while NATS is unreachable must not hang here
+            with anyio.move_on_after(_FINAL_CHECKPOINT, shield=True):
+                if self.seq > self._saved_seq and not self._dirty:
+                    await self._checkpoint_quietly()
+
+    async def _follow(self) -> None:
+        """Apply live commits until the log's follower ends (it raises, or ends: resubscribe)."""
+        async for entry in self._log.follow(self._filter, self.seq):
+            try:
+                effects = self._apply(entry.seq, entry.subject, entry.commit)
+            except Exception:
+                self._dirty = True  # the fold may have changed the model halfway
+                raise
+            self._wake()
+            if effects and self._on_effects is not None:
+                try:
+                    await self._on_effects(effects)
+                except Exception as exc:  # an effect failing must not stop the read model
+                    self.log.warning("projection_effects_failed", seq=entry.seq, error=repr(exc))
+            if self.seq - self._saved_seq >= self._every and (
+                time.monotonic() - self._saved_at >= self._interval
+            ):
+                await self._checkpoint_quietly()
+
+    async def _checkpoint_quietly(self) -> None:
+        """Checkpoint; a failure is logged and the next one is tried after ``checkpoint_interval``
+        (the model stays exact: only a restart would replay a little more)."""
+        try:
+            await self.checkpoint()
+        except Exception as exc:
+            self._saved_at = time.monotonic()
+            self.log.warning("projection_checkpoint_failed", seq=self.seq, error=repr(exc))
 
     async def checkpoint(self) -> bool:
         """Store the model as of its sequence; False if another worker stored a newer one."""
-        seq, data = self.seq, self._encode(_Snapshot(seq=self.seq, model=self.model))
-        token = await self._checkpoints.save(self.name, seq, data, self._token)
-        self._saved_at = time.monotonic()
-        if token is None:  # another worker stored one since we last looked
-            stored = await self._checkpoints.peek(self.name)
+        for _ in range(_CHECKPOINT_ROUNDS):
+            seq, data = self.seq, self._encode(_Snapshot(seq=self.seq, model=self.model))
+            token = await self._checkpoints.save(self.name, seq, data, self._token)
+            self._saved_at = time.monotonic()
+            if token is not None:
+                self._token, self._saved_seq = token, seq
+                self.log.debug("projection_checkpointed", seq=seq, bytes=len(data))
+                return True
+            stored = await self._checkpoints.peek(self.name)  # another worker stored one since
             self._token = None if stored is None else stored[1]
             if stored is not None and stored[0] >= seq:
                 self._saved_seq = seq  # somebody else's checkpoint covers ours
                 return False
-            return await self.checkpoint()  # theirs is older: store ours over it
-        self._token, self._saved_seq = token, seq
-        self.log.debug("projection_checkpointed", seq=seq, bytes=len(data))
-        return True
+            # theirs is older: store ours over it
+        raise ProjectionCheckpointError(self.name, self.seq, _CHECKPOINT_ROUNDS)
 
     # ------------------------------------------------------------------ reading
 
@@ -255,7 +314,7 @@ class ProjectionRunner(Generic[M]):
         """Drop the model, fold the whole log again and checkpoint it; returns the sequence."""
         self.model, self.seq = self.projection.initial(), 0
         await self.catch_up()
-        await self.checkpoint()
+        await self._checkpoint_quietly()
         return self.seq
 
     def encode(self, model: M | None = None) -> bytes:

@@ -35,7 +35,7 @@ import numpy as np
 import structlog
 
 from actors.events import Commit, MemoryForgotten, MemoryRemembered, MemorySuperseded
-from blackbird.errors import MemoryIndexBusyError
+from blackbird.errors import DecryptionError, MemoryIndexBusyError, ValidationError
 from blackbird.journal import Journal
 from blackbird.memory.fulltext import search
 from blackbird.memory.rows import LiveScope, Row, ScopeRows
@@ -88,6 +88,9 @@ class _Batch:
         self.upserts: dict[tuple[str, str], dict[str, Any]] = {}  # (table, id) -> row
         self.valid_to: dict[tuple[str, str], float] = {}
         self.deletes: dict[str, set[str]] = {}  # tenant -> ids (from every model's table)
+
+
+_RETRY_CAP = 5.0  # seconds at most between two attempts to follow the log again
 
 
 class MemoryIndex:
@@ -182,8 +185,8 @@ class MemoryIndex:
         try:
             aad = f"{event.scope}:{event.owner}".encode()
             plain = await self._keys.decrypt(tenant, event.author, event.sealed, aad=aad)
-        except Exception:  # a destroyed key (erasure): the memory is gone for good
-            plain = None
+        except (DecryptionError, ValidationError):  # unreadable for good (a destroyed key gives None)
+            plain = None  # (a key bucket that cannot be read now raises LogError: retried)
         if plain is None:
             return None
         sealed = msgspec.msgpack.decode(plain, type=Sealed)
@@ -419,6 +422,30 @@ class MemoryIndex:
         await self._save()
         self._exact = True  # the tables hold exactly the log up to self.seq from here on
         task_status.started()
+        failures = 0
+        try:
+            while True:  # only cancellation ends it: a failure is logged and followed by a retry
+                try:
+                    if not self._exact:
+                        await self.catch_up()  # upserts: safe over a batch written in part
+                        await self._save()
+                        self._exact = True
+                    await self._follow()
+                except Exception as exc:
+                    # A batch may have been written in part: upsert until caught up again.
+                    self._exact = False
+                    delay = min(0.1 * (1 << min(failures, 8)), _RETRY_CAP)
+                    failures += 1
+                    log.warning("memory_index_interrupted", seq=self.seq, error=repr(exc), retry_in=delay)
+                    await anyio.sleep(delay)
+                else:
+                    failures = 0
+        finally:
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await self._save()
+
+    async def _follow(self) -> None:
+        """Apply the log as it comes, in batches, until a failure (raised)."""
         send, receive = anyio.create_memory_object_stream[tuple[int, str, Commit]](max_buffer_size=10_000)
 
         async def follow() -> None:
@@ -426,26 +453,18 @@ class MemoryIndex:
                 async for entry in self._journal.follow(self._filter, self.seq):
                     await send.send((entry.seq, entry.subject, entry.commit))
 
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(follow)
-                async with receive:
-                    async for first in receive:
-                        batch = [first]
-                        while len(batch) < 1000:
-                            try:
-                                batch.append(receive.receive_nowait())
-                            except anyio.WouldBlock:
-                                break
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(follow)
+            async with receive:
+                async for first in receive:
+                    batch = [first]
+                    while len(batch) < 1000:
                         try:
-                            await self.apply(batch)
-                        except Exception as exc:  # keep serving reads; the next start replays it
-                            log.error("memory_index_failed", seq=batch[-1][0], error=repr(exc))
-                            raise
-                        await self._save()
-        finally:
-            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-                await self._save()
+                            batch.append(receive.receive_nowait())
+                        except anyio.WouldBlock:
+                            break
+                    await self.apply(batch)
+                    await self._save()
 
     def _load_checkpoint(self) -> int:
         try:

@@ -28,16 +28,20 @@ import contextlib
 import os
 import time
 from collections import OrderedDict
-from typing import Any, NamedTuple
+from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple, TypeVar
 
 import nats.js.errors
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, Header, StorageType, StreamConfig, StreamInfo
-from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, MSG_ROLLUP_SUBJECT, KeyValue
+from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, MSG_ROLLUP_SUBJECT
 
+from blackbird._retry import Bucket, retrying
 from blackbird.errors import DecryptionError, LogError, ValidationError
+
+T = TypeVar("T")
 
 __all__ = ["BUCKET", "DecryptionError", "UserKeys"]
 
@@ -61,6 +65,14 @@ _WRONG_LAST_SEQUENCE = (10071, 10164)  # JetStream err_codes for a failed expect
 _STREAM_NAME_IN_USE = 10058
 
 
+# a purge marker that lands only on an empty subject (no key created since it was erased)
+_PURGE_IF_EMPTY = {
+    KV_OP: KV_PURGE,
+    Header.ROLLUP.value: MSG_ROLLUP_SUBJECT,
+    Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: "0",
+}
+
+
 class _BucketMissingError(LogError):
     """``bb_keys`` does not exist and this process may not create it."""
 
@@ -78,12 +90,23 @@ class UserKeys:
     the same user's key at once end with one key. Use :meth:`open` to make one.
     """
 
-    def __init__(self, js: JetStreamContext, *, create: bool, replicas: int, cache_ttl: float):
+    def __init__(
+        self,
+        js: JetStreamContext,
+        *,
+        create: bool,
+        replicas: int,
+        cache_ttl: float,
+        contexts: Callable[[float], JetStreamContext] | None = None,
+        timeout: float = 10.0,
+    ):
         self._js = js
+        self._contexts = contexts or (lambda _: js)
+        self._timeout = timeout
         self._create_bucket = create
         self._replicas = replicas
         self._cache_ttl = cache_ttl
-        self._kv: KeyValue | None = None
+        self._kv: Bucket | None = None
         self._direct = False
         self._cache: OrderedDict[tuple[str, str], tuple[_DataKey, float]] = OrderedDict()
         # Bumped by every forget: a key read before a forget finished is not cached after it.
@@ -97,8 +120,11 @@ class UserKeys:
         replicas: int = 1,
         create: bool = True,
         cache_ttl: float = 30.0,
+        contexts: Callable[[float], JetStreamContext] | None = None,
+        timeout: float = 10.0,
     ) -> UserKeys:
-        """Bind to the ``bb_keys`` bucket; with ``create``, create it if missing.
+        """Bind to the ``bb_keys`` bucket; with ``create``, create it (``replicas`` replicas) if
+        missing. An existing bucket is used as it is.
 
         Without ``create`` a missing bucket is looked up again on first use (a host may create
         it later) and LogError is raised then if it is still missing. LogError is also raised
@@ -108,8 +134,12 @@ class UserKeys:
         ``cache_ttl`` (seconds) bounds how long a key stays cached in this process: a ``forget``
         made by another process is seen here at most that late (until then this process can
         still open, and seal under, the forgotten key). 0 reads the bucket on every call.
+
+        Every request is retried through a NATS failover for ``timeout`` seconds, on a short
+        per-try timeout when ``contexts`` gives JetStream contexts by timeout (the journal's
+        ``contexts``; else each try waits as long as ``js`` does), then raises LogError.
         """
-        keys = cls(js, create=create, replicas=replicas, cache_ttl=cache_ttl)
+        keys = cls(js, create=create, replicas=replicas, cache_ttl=cache_ttl, contexts=contexts, timeout=timeout)
         with contextlib.suppress(_BucketMissingError):
             await keys._bucket()
         return keys
@@ -191,17 +221,14 @@ class UserKeys:
                 await self._erase(int(latest.seq))
             try:
                 # The subject is empty now: the marker only lands if no key was created since.
-                await self._js.publish(
-                    _SUBJECT_PREFIX + name,
-                    b"",
-                    headers={
-                        KV_OP: KV_PURGE,
-                        Header.ROLLUP.value: MSG_ROLLUP_SUBJECT,
-                        Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: "0",
-                    },
+                # (A try whose answer was lost may have landed: the next round then finds it.)
+                await self._retry(
+                    f"forget key of {user_id!r}",
+                    lambda js: js.publish(_SUBJECT_PREFIX + name, b"", headers=_PURGE_IF_EMPTY),
+                    expected=(nats.js.errors.BadRequestError,),
                 )
                 break
-            except nats.js.errors.APIError as exc:
+            except nats.js.errors.BadRequestError as exc:
                 if exc.err_code not in _WRONG_LAST_SEQUENCE:
                     raise LogError(f"forget key of {user_id!r}: {exc.description}") from None
         else:
@@ -219,11 +246,23 @@ class UserKeys:
 
     # ------------------------------------------------------------------ bucket
 
-    async def _bucket(self) -> KeyValue:
+    async def _retry(
+        self,
+        what: str,
+        op: Callable[[JetStreamContext], Awaitable[T]],
+        *,
+        expected: tuple[type[BaseException], ...] = (),
+    ) -> T:
+        return await retrying(what, op, self._contexts, timeout=self._timeout, expected=expected)
+
+    async def _bucket(self) -> Bucket:
         if self._kv is not None:
             return self._kv
         try:
-            info = await self._js.stream_info(_STREAM)
+            info = await self._retry(
+                f"read key bucket {BUCKET}", lambda js: js.stream_info(_STREAM),
+                expected=(nats.js.errors.NotFoundError,),
+            )
         except nats.js.errors.NotFoundError:
             if not self._create_bucket:
                 raise _BucketMissingError(
@@ -235,7 +274,7 @@ class UserKeys:
         # Direct gets may be answered by a follower that lags; only with one replica are they
         # as fresh as a leader read.
         self._direct = bool(info.config.allow_direct) and info.config.num_replicas == 1
-        self._kv = await self._js.key_value(BUCKET)
+        self._kv = Bucket(BUCKET, direct=self._direct)
         return self._kv
 
     async def _create_stream(self) -> StreamInfo:
@@ -258,27 +297,40 @@ class UserKeys:
             deny_purge=False,
         )
         try:
-            return await self._js.add_stream(config)
+            return await self._retry(
+                f"create key bucket {BUCKET}", lambda js: js.add_stream(config),
+                expected=(nats.js.errors.BadRequestError,),
+            )
         except nats.js.errors.BadRequestError as exc:
             if exc.err_code != _STREAM_NAME_IN_USE:
                 raise LogError(f"could not create key bucket {BUCKET}: {exc.description}") from None
-            return await self._js.stream_info(_STREAM)  # created meanwhile, differently
+            # created meanwhile, differently
+            return await self._retry(f"read key bucket {BUCKET}", lambda js: js.stream_info(_STREAM))
 
     async def _latest(self, name: str) -> Any:
         try:
-            return await self._js.get_msg(
-                _STREAM, subject=_SUBJECT_PREFIX + name, direct=self._direct
+            return await self._retry(
+                f"read key bucket {BUCKET}",
+                lambda js: js.get_msg(_STREAM, subject=_SUBJECT_PREFIX + name, direct=self._direct),
+                expected=(nats.js.errors.NotFoundError,),
             )
         except nats.js.errors.NotFoundError:
             return None
 
     async def _erase(self, seq: int) -> None:
         try:
-            await self._js.delete_msg(_STREAM, seq)  # secure erase: overwritten on disk
+            await self._retry(  # secure erase: overwritten on disk
+                f"erase a key of {BUCKET}", lambda js: js.delete_msg(_STREAM, seq),
+                expected=(nats.js.errors.APIError,),
+            )
         except nats.js.errors.APIError as exc:
-            # A concurrent forget may have erased it first; anything else must not pass.
+            # A concurrent forget (or a try whose answer was lost) may have erased it first;
+            # anything else must not pass.
             try:
-                await self._js.get_msg(_STREAM, seq=seq)
+                await self._retry(
+                    f"read key bucket {BUCKET}", lambda js: js.get_msg(_STREAM, seq=seq),
+                    expected=(nats.js.errors.NotFoundError,),
+                )
             except nats.js.errors.NotFoundError:
                 return
             raise LogError(
@@ -298,7 +350,7 @@ class UserKeys:
         if not fresh and (cached := self._cached(tenant, user_id)) is not None:
             return cached
         name = _kv_key(tenant, user_id)
-        kv = await self._bucket()
+        bucket = await self._bucket()
         epoch = self._epoch
         for _ in range(_ATTEMPTS):
             latest = await self._latest(name)
@@ -307,19 +359,28 @@ class UserKeys:
                 data_key = _decode_record(latest.data, user_id)
             if data_key is None and create:
                 kid, key = os.urandom(_KID_SIZE), os.urandom(_KEY_SIZE)
+                record = bytes([_RECORD_VERSION]) + kid + key
                 try:
                     # Creates only if the user has no key; after a forget, only on its marker.
-                    await kv.create(name, bytes([_RECORD_VERSION]) + kid + key)
-                except (
-                    nats.js.errors.KeyWrongLastSequenceError,
-                    nats.js.errors.KeyNotFoundError,  # a concurrent forget emptied the subject
-                ):
-                    continue  # another process created it first (or forgot it): read again
+                    await self._create(bucket, name, record, user_id)
+                except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError):
+                    # another process created it first (or forgot it), or a try of ours whose
+                    # answer was lost did land: read again
+                    continue
                 data_key = _DataKey(kid, key, AESGCM(key))
             if data_key is not None and epoch == self._epoch:
                 self._remember(tenant, user_id, data_key)
             return data_key
         raise LogError(f"key of {user_id!r}: lost {_ATTEMPTS} races creating or reading it")
+
+    async def _create(self, bucket: Bucket, name: str, record: bytes, user_id: str) -> None:
+        await self._retry(
+            f"create the key of {user_id!r}", lambda js: bucket(js).create(name, record),
+            expected=(
+                nats.js.errors.KeyWrongLastSequenceError,
+                nats.js.errors.KeyNotFoundError,  # a concurrent forget emptied the subject
+            ),
+        )
 
     def _cached(self, tenant: str, user_id: str) -> _DataKey | None:
         entry = self._cache.get((tenant, user_id))
