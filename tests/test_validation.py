@@ -409,6 +409,21 @@ async def test_bad_memory_input_is_refused_before_storage_is_charged(host: Async
     assert await host.journal.stream_last_seq() == before
 
 
+async def test_queries_refuse_numbers_outside_their_range_with_a_typed_error(host: AsyncBlackbird) -> None:
+    sm = host.session_manager
+    s = await sm.create_session("u0")
+    calls: list[tuple[Awaitable[Any], str]] = [
+        (host.audit.replay(session_id=s.session_id, until=10**400), "until"),  # was OverflowError
+        (host.audit.replay(session_id=s.session_id, until=NAN), "until"),
+        (sm.get_usage_history("u0", since=NAN), "since"),  # answered [] before
+        (sm.predict_quota_exhaustion(s.session_id, INF), "window"),
+    ]
+    for call, field in calls:
+        with pytest.raises(ValidationError) as err:
+            await call
+        assert err.value.field == field
+
+
 # ------------------------------------------------------------------------------------------ HTTP
 
 

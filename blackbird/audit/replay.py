@@ -11,7 +11,6 @@ subjects, so an audit of one tenant cannot see another tenant's commits. How the
 from __future__ import annotations
 
 import datetime
-import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
@@ -34,6 +33,7 @@ from actors.policy import RateLimitType
 from actors.ports import AggregateKey
 from actors.session import SessionState
 from actors.tenant import PolicyBook, TenantState
+from actors.validation import MAX_INSTANT
 from blackbird._validate import invalid
 from blackbird.audit.render import describe, iso, key_figures
 from blackbird.audit.report import AuditReport, TimelineRow
@@ -333,8 +333,9 @@ def parse_until(value: Any) -> float | None:
             return parsed.timestamp()
     else:
         number = value
-    if isinstance(number, bool) or not isinstance(number, int | float) or not math.isfinite(number):
-        raise invalid("until", expected, repr(value))
+    # a range (NaN fails it), not math.isfinite, which raises OverflowError for a huge int
+    if isinstance(number, bool) or not isinstance(number, int | float) or not -MAX_INSTANT <= number <= MAX_INSTANT:
+        raise invalid("until", expected, repr(value)[:200])
     return float(number)
 
 

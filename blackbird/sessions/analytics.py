@@ -14,6 +14,7 @@ from typing import Any
 
 from actors.events import SessionStatus
 from actors.policy import QuotaType
+from actors.validation import MAX_INSTANT
 from blackbird._projections import Projections
 from blackbird._validate import check_enum, check_seconds, invalid
 from blackbird.sessions.gateway import SessionGateway
@@ -67,8 +68,10 @@ class Analytics:
         user_id = validate_token(user_id, "user_id")
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise invalid("limit", "a positive int", repr(limit))
-        if since is not None and (isinstance(since, bool) or not isinstance(since, int | float)):
-            raise invalid("since", "seconds since the epoch", type(since).__name__)
+        if since is not None and (
+            isinstance(since, bool) or not isinstance(since, int | float) or not -MAX_INSTANT <= since <= MAX_INSTANT
+        ):
+            raise invalid("since", f"seconds since the epoch, at most {MAX_INSTANT:.0f}", repr(since)[:200])
         wanted = None if resource_type is None else check_enum(resource_type, QuotaType, "resource_type").value
         model = await self._activity()
         return activity.usage_history(
