@@ -263,6 +263,9 @@ class ActorHost:
 
         Commands to one actor run one at a time in arrival order; commands to different actors
         run concurrently. Raises :class:`ConflictRetriesExhausted` if other writers keep winning.
+        Answered, not raised, in ``outcome.rejection``: a fault of this aggregate (code
+        ``aggregate_fault``: see :class:`AggregateFault`) and another command under a command
+        id the aggregate already used (code ``command_id_reused``); neither appended anything.
         """
         if self._tg is None:
             raise RuntimeError("ActorHost is not running; use it as an async context manager")
