@@ -150,28 +150,36 @@ def check_document(value: Any, field: str, limit: DocumentLimit = METADATA) -> N
     keys, lists (tuples too), valid Unicode strings, finite floats, integers within +/-2**53,
     booleans, null; at most ``limit.max_depth`` levels; at most ``limit.max_bytes`` as JSON."""
     max_bytes, max_depth = limit
-    floor = 0  # a lower bound of the encoded size, so a huge document is refused early
+    # bounds of the encoded size: the floor refuses a huge document early, the ceiling spares
+    # encoding a small one to measure it (a string's character takes 1 to 6 bytes, "\uXXXX")
+    floor = ceiling = 0
     stack: list[tuple[Any, int, tuple[Any, ...] | None]] = [(value, 1, None)]
     while stack:
         item, depth, path = stack.pop()
         if isinstance(item, str):
-            check_str(item, field, _where(field, path) if not item.isascii() else None)
+            if not item.isascii():
+                check_str(item, field, _where(field, path))
             floor += len(item) + 2
+            ceiling += 6 * len(item) + 3
         elif item is None or isinstance(item, bool):
             floor += 4
+            ceiling += 6
         elif isinstance(item, int):
             if not -MAX_SAFE_INT <= item <= MAX_SAFE_INT:
                 check_int(item, field, _where(field, path))
             floor += 1
+            ceiling += 18
         elif isinstance(item, float):
             if not math.isfinite(item):
                 check_float(item, field, _where(field, path))
             floor += 1
+            ceiling += 25
         elif isinstance(item, dict | list | tuple):
             if depth > max_depth:
                 raise Invalid(field, f"at most {max_depth} levels of nesting",
                               f"more at {_where(field, path)}")
             floor += 2
+            ceiling += 3
             if isinstance(item, dict):
                 for key, child in item.items():
                     if not isinstance(key, str):
@@ -180,6 +188,7 @@ def check_document(value: Any, field: str, limit: DocumentLimit = METADATA) -> N
                     if not key.isascii():
                         check_str(key, field, _where(field, path))
                     floor += len(key) + 3
+                    ceiling += 6 * len(key) + 3
                     stack.append((child, depth + 1, (path, key)))
             else:
                 stack.extend((child, depth + 1, (path, i)) for i, child in enumerate(item))
@@ -187,7 +196,7 @@ def check_document(value: Any, field: str, limit: DocumentLimit = METADATA) -> N
             raise Invalid(field, DOCUMENT_EXPECTED, f"{type(item).__name__} at {_where(field, path)}")
         if max_bytes is not None and floor > max_bytes:
             raise Invalid(field, f"at most {max_bytes} bytes as JSON", f"more than {max_bytes}", too_large=True)
-    if max_bytes is not None:
+    if max_bytes is not None and ceiling > max_bytes:
         size = len(_encode(value))
         if size > max_bytes:
             raise Invalid(field, f"at most {max_bytes} bytes as JSON", f"{size} bytes", too_large=True)
@@ -204,18 +213,36 @@ _NAMED = re.compile(r"(?:missing required|contains unknown) field `([^`]+)`")
 
 
 def _check_field(value: Any, field: str) -> None:
-    if isinstance(value, str):
-        check_str(value, field)
-    elif value is None or isinstance(value, bool | bytes | enum.Enum):
+    # exact types first: this runs for every field of every command a host receives
+    kind = type(value)
+    if kind is str:
+        if not value.isascii():
+            check_str(value, field)
+    elif value is None or kind is bool or kind is bytes:
         pass
-    elif isinstance(value, int):
-        check_int(value, field)
-    elif isinstance(value, float):
-        check_float(value, field)
-    elif isinstance(value, dict | list | tuple):
-        check_document(value, field, DOCUMENTS.get(field, _TYPED))
+    elif kind is float:
+        if not math.isfinite(value):
+            check_float(value, field)
+    elif kind is int:
+        if not -MAX_SAFE_INT <= value <= MAX_SAFE_INT:
+            check_int(value, field)
+    elif kind is dict or kind is list or kind is tuple:
+        limit = DOCUMENTS.get(field)
+        if limit is not None:
+            if value:
+                check_document(value, field, limit)
+        else:  # a typed container (costs, id lists): flat, its items' types are declared
+            for item in (*value.keys(), *value.values()) if kind is dict else value:
+                if type(item) in (dict, list, tuple):
+                    check_document(item, field, _TYPED)
+                else:
+                    _check_field(item, field)
+    elif isinstance(value, enum.Enum):
+        pass  # a member of the field's enum, or not: the decoding below tells
+    elif isinstance(value, str | float | int | dict | list | tuple):  # subclasses
+        _check_field(kind.__mro__[kind.__mro__.index(object) - 1](value), field)
     else:
-        raise Invalid(field, "a value of the field's declared type", type(value).__name__)
+        raise Invalid(field, "a value of the field's declared type", kind.__name__)
 
 
 def field_of_error(exc: msgspec.ValidationError, prefix: str = "") -> str | None:
