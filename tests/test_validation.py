@@ -293,6 +293,26 @@ async def test_raw_nats_cannot_open_more_sessions_than_the_users_tier_allows(hos
     assert refused_again["rejection"]["code"] == "session_limit"
 
 
+async def test_a_remote_client_is_held_to_the_same_rules_by_the_host(
+    host: AsyncBlackbird, nats_server: NatsServer
+) -> None:
+    """A remote client hosts nothing: the host that serves its commands validates them and
+    counts its users' sessions."""
+    async with AsyncBlackbird(nats_url=nats_server.url, tenant=TENANT, remote=True) as client:
+        sm = client.session_manager
+        limit = host.policy.tiers["free"].max_sessions_per_user
+        sessions = [await sm.create_session("u6", tier="free") for _ in range(limit)]
+        with pytest.raises(SessionLimitError):
+            await sm.create_session("u6", tier="free")
+        await sm.terminate_session(sessions[0].session_id)
+        await sm.create_session("u6", tier="free")
+        before = await host.journal.stream_last_seq()
+        with pytest.raises(ValidationError) as err:
+            await sm.touch_session(sessions[1].session_id, "op\ud800")
+        assert err.value.field == "operation"
+        assert await host.journal.stream_last_seq() == before
+
+
 async def test_a_refused_creation_leaves_the_users_count_as_it_was(host: AsyncBlackbird, nc: NATS) -> None:
     sm = host.session_manager
     limit = host.policy.tiers["free"].max_sessions_per_user
