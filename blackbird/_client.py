@@ -307,14 +307,22 @@ class AsyncBlackbird:
         servers = nats_servers(url)
         shown = ",".join(redact_url(u) for u in servers)
 
+        quiet = False  # after the first failed reconnection attempt, the next ones are debug lines
+
         async def on_error(exc: Exception) -> None:
-            log.warning("nats_connection_error", nats_url=shown, error=str(exc) or type(exc).__name__)
+            nonlocal quiet
+            (log.debug if quiet else log.warning)(
+                "nats_connection_error", nats_url=shown, error=str(exc) or type(exc).__name__
+            )
+            quiet = not nc.is_connected
 
         async def on_disconnected() -> None:
             if not nc.is_closed:  # closing the client is no news
                 log.warning("nats_disconnected", nats_url=shown)
 
         async def on_reconnected() -> None:
+            nonlocal quiet
+            quiet = False
             log.warning("nats_reconnected", server=redact_url(nc.connected_url.geturl()) if nc.connected_url else None)
 
         nc = NATS()

@@ -71,10 +71,12 @@ log = structlog.get_logger("blackbird.journal")
 WRONG_LAST_SEQUENCE = 10071  # JetStream err_code for a failed expected-last-subject-sequence
 STREAM_NAME_IN_USE = 10058  # stream exists with a different configuration
 _API = "$JS.API"
-_HEADROOM = 4096  # bytes of a message beyond the commit itself (headers)
+_HEADROOM = 4096  # bytes of a message beyond the commit, in the max_msg_size of a stream we create
+_HEADERS = 512  # bytes our headers take at most (message id, expected sequence), in a stream's limit
 _SWEEP = 0.1  # seconds between two looks at the appends waiting for their acknowledgement
 _BACKLOG = 256 * 1024  # bytes waiting in nats-py's outgoing buffer: the server is not reading
 _HEARTBEAT = 1.0  # seconds: a consumer silent for two of these is recreated by nats-py
+_FIRST_TRY = try_timeout(0)
 
 
 class _ApiError(msgspec.Struct):
@@ -111,6 +113,7 @@ class _AckInbox:
         self._pending: dict[str, tuple[asyncio.Future[Msg], float, float]] = {}
         self._counter = 0
         self._connected = True
+        self._earliest = float("inf")  # no try is due before this (a lower bound)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
@@ -133,17 +136,24 @@ class _AckInbox:
         connected = self._nc.is_connected
         reconnected = connected and not self._connected
         self._connected = connected
-        if not self._pending:
-            return
         if reconnected:
             self._expire(lambda _: True)
-        elif connected:
-            self._expire(lambda entry: entry[1] <= now)
-        else:
-            self._expire(lambda entry: entry[2] <= now)
+        elif now >= self._earliest:  # else no try can be due: skip the scan
+            self._earliest = float("inf")
+            if connected:
+                self._expire(lambda entry: entry[1] <= now)
+            else:  # only appends whose own deadline has come: nothing can be re-sent now
+                self._expire(lambda entry: entry[2] <= now)
 
     def _expire(self, due: Callable[[tuple[asyncio.Future[Msg], float, float]], bool]) -> None:
-        overdue = [token for token, entry in self._pending.items() if due(entry)]
+        overdue = []
+        earliest = self._earliest
+        for token, entry in self._pending.items():
+            if due(entry):
+                overdue.append(token)
+            elif entry[1] < earliest:
+                earliest = entry[1]
+        self._earliest = earliest
         for token in overdue:
             future = self._pending.pop(token)[0]
             if not future.done():
@@ -167,6 +177,8 @@ class _AckInbox:
         to ``token``; TimeoutError at the try's deadline (see the class docstring)."""
         future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
         self._pending[token] = (future, try_deadline, deadline)
+        if try_deadline < self._earliest:
+            self._earliest = try_deadline
         try:
             if send:
                 await self._nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
@@ -328,8 +340,8 @@ class Journal:
         self.replicas = config.num_replicas or 1
         self._direct = bool(config.allow_direct) and self.replicas == 1
         limit = config.max_msg_size
-        if limit is not None and limit > 0:
-            self._max_payload = min(self._settings.max_payload, limit - _HEADROOM)
+        if limit is not None and limit > 0:  # the stream's limit counts headers too
+            self._max_payload = min(self._settings.max_payload, limit - _HEADERS)
 
     async def _stream_info(self, name: str) -> StreamInfo | None:
         """The stream's info, None if it does not exist."""
@@ -455,23 +467,24 @@ class Journal:
         subject = self.subjects.aggregate(key)
         acks = self._acks
         token = acks.token()
-        deadline = time.monotonic() + self._timeout
+        now = time.monotonic()
+        deadline = now + self._timeout
+        try_deadline = min(now + _FIRST_TRY, deadline)
         attempt = 0
         uncertain = False  # a try went unanswered: it may have been stored
         why = ""
         send = True
         while True:
-            now = time.monotonic()
-            if now >= deadline:
-                raise self._unstored(subject, commit, msg_id, why, uncertain)
             try:
-                msg = await acks.request(
-                    token, subject, payload, headers, min(now + try_timeout(attempt), deadline), deadline, send=send
-                )
+                msg = await acks.request(token, subject, payload, headers, try_deadline, deadline, send=send)
             except TimeoutError:
                 uncertain, why = True, "no acknowledgement"
                 attempt += 1
                 send = not acks.backed_up  # else wait on: what was sent is still on its way
+                now = time.monotonic()
+                if now >= deadline:
+                    raise self._unstored(subject, commit, msg_id, why, uncertain) from None
+                try_deadline = min(now + try_timeout(attempt), deadline)
                 continue
             except nats.errors.MaxPayloadError:
                 raise PayloadTooLargeError(
@@ -482,15 +495,21 @@ class Journal:
                 if not transient(exc):
                     raise typed(exc, f"append to {subject}") from None
                 why = describe(exc)
-                await anyio.sleep(min(backoff(attempt), max(0.0, deadline - time.monotonic())))
+                next_try = await _pause(attempt, deadline)
                 attempt += 1
                 send = True
+                if next_try is None:
+                    raise self._unstored(subject, commit, msg_id, why, uncertain) from None
+                try_deadline = next_try
                 continue
             send = True
             if not msg.data:  # a status: 503 no responders (no leader yet, or no stream)
                 why = "no responders: the stream has no leader (an election?) or does not capture the subject"
-                await anyio.sleep(min(backoff(attempt), max(0.0, deadline - time.monotonic())))
+                next_try = await _pause(attempt, deadline)
                 attempt += 1
+                if next_try is None:
+                    raise self._unstored(subject, commit, msg_id, why, uncertain)
+                try_deadline = next_try
                 continue
             ack = self._decode_ack(msg.data)
             if ack.error is not None:
@@ -500,8 +519,11 @@ class Journal:
                     raise AppendConflict(ack.error.description)
                 if ack.error.code >= 500:  # the stream is not ready (e.g. recovering)
                     why = ack.error.description
-                    await anyio.sleep(min(backoff(attempt), max(0.0, deadline - time.monotonic())))
+                    next_try = await _pause(attempt, deadline)
                     attempt += 1
+                    if next_try is None:
+                        raise self._unstored(subject, commit, msg_id, why, uncertain)
+                    try_deadline = next_try
                     continue
                 raise LogError(f"append to {subject} failed: {ack.error.description}")
             if ack.duplicate and uncertain and await self._stored_as(subject, expected_seq, payload) == ack.seq:
@@ -836,6 +858,14 @@ class Journal:
         if self._kv is None:
             raise LogError("this journal was opened without configure: it has no snapshot bucket")
         return self._kv
+
+
+async def _pause(attempt: int, deadline: float) -> float | None:
+    """Wait a little after a fast refusal (see :func:`~blackbird._retry.backoff`); the deadline
+    of the next try, or None if ``deadline`` has come."""
+    await anyio.sleep(min(backoff(attempt), max(0.0, deadline - time.monotonic())))
+    now = time.monotonic()
+    return None if now >= deadline else min(now + try_timeout(attempt + 1), deadline)
 
 
 def _more(have: float | None, wanted: float | None) -> bool:
