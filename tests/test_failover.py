@@ -16,10 +16,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -30,7 +32,7 @@ from nats.js.api import StorageType, StreamConfig
 
 from blackbird import AsyncBlackbird, BlackbirdError, CommandTimeoutError, PayloadTooLargeError, ValidationError
 from blackbird.config import build_settings
-from blackbird.server.embedded import _free_port
+from blackbird.server.embedded import EmbeddedServer, _free_port
 
 from .conftest import NatsServer
 from .fault_load import TENANT, UsageLoad, check_nothing_lost
@@ -115,6 +117,32 @@ async def test_a_server_killed_mid_load_and_restarted_loses_nothing_and_commands
             assert load.longest_attempt <= timeout + SLACK, load.summary()
             assert every - back < 3.0, "commands should flow again within about a second of the server's return"
             await check_nothing_lost(load, bb)  # also: the read models (runners) survived and verify
+
+
+async def test_a_killed_embedded_server_started_again_for_its_folder_takes_its_port_and_its_clients_resume(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    with anyio.fail_after(BUDGET):
+        async with AsyncBlackbird(data_dir=data, tenant=TENANT, command_timeout=5.0) as bb:
+            state = json.loads((data / "nats" / "server.json").read_text())
+            load = UsageLoad(bb)
+            async with load.running():
+                await load.wait_progress(10)
+                os.kill(state["pid"], signal.SIGKILL)
+                await anyio.sleep(1.0)  # the outage being simulated
+                # what `blackbird serve` (or any client) opening the folder again does
+                async with EmbeddedServer(data) as again:
+                    back = time.monotonic()
+                    assert again.started_here and again.url == f"nats://127.0.0.1:{state['port']}"
+                    await load.wait_progress(10, after=back, timeout=30)
+                    every = load.every_worker_acked(back)
+                    assert every is not None
+                    print(f"\nembedded server killed and started again: every session served "
+                          f"{every - back:.2f}s after it was back; {load.summary()}")
+            assert not load.untyped, load.untyped[:5]
+            await check_nothing_lost(load, bb)
+    assert EmbeddedServer.running_url(data) is None  # the last user out stopped the new server
 
 
 # --------------------------------------------------------------------------- a paused server

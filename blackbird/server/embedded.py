@@ -95,6 +95,16 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as nats-server listens
+        try:
+            sock.bind((_HOST, port))
+        except OSError:
+            return False
+        return True
+
+
 async def _accepts(port: int) -> bool:
     try:
         with anyio.fail_after(1.0):
@@ -182,7 +192,9 @@ class EmbeddedServer:
             else:
                 if state:
                     await self._discard(state)
-                await self._start()
+                # The port it had, if free: clients of a server that died reconnect to it by
+                # themselves once it is back.
+                await self._start(state["port"] if state else None)
             # Cannot block: exclusive users.lock is only taken under start.lock, which we hold.
             self._users_fd = await _lock(self.nats_dir / "users.lock", fcntl.LOCK_SH)
         finally:
@@ -203,10 +215,13 @@ class EmbeddedServer:
                 except BlockingIOError:
                     log.debug("server_released", pid=self._pid, still_used=True)
                 else:
-                    assert self._pid is not None
-                    await _terminate(self._pid)
+                    # The folder's server now: another user may have restarted it since we joined.
+                    state = self._read_state()
+                    pid = state["pid"] if state else self._pid
+                    assert pid is not None
+                    await _terminate(pid)
                     self._state_file.unlink(missing_ok=True)  # ours: start.lock is held
-                    log.info("server_stopped", pid=self._pid, port=self._port)
+                    log.info("server_stopped", pid=pid, port=state["port"] if state else self._port)
                 finally:
                     os.close(probe)
             finally:
@@ -248,12 +263,12 @@ class EmbeddedServer:
             port=port,
         )
 
-    async def _start(self) -> None:
+    async def _start(self, preferred_port: int | None = None) -> None:
         binary = find_nats_server_binary()
         self.store_dir.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + READY_TIMEOUT
         for attempt in range(1, _PORT_ATTEMPTS + 1):
-            port = _free_port()
+            port = preferred_port if attempt == 1 and preferred_port and _port_free(preferred_port) else _free_port()
             offset = self._log_file.stat().st_size if self._log_file.exists() else 0
             opts = ["-js", "-sd", str(self.store_dir), "-a", _HOST, "-p", str(port)]
             args = [binary, *opts, "--pid", str(self.nats_dir / "server.pid")]
