@@ -26,8 +26,9 @@ def apply_commands(evolve: Callable[[S, Event], S], state: S, applied: tuple[App
             state = evolve(state, event)
     # Every state has these fields (see above), but a type variable cannot be bound to "a Struct
     # with these fields" (mypy has no intersection of Struct and a protocol), hence the ignores.
-    recent = idempotency.remember(state.recent_commands, (c.command_id for c in applied))  # type: ignore[attr-defined]
-    digests = idempotency.remember_digests(state.recent_digests, (c.digest for c in applied))  # type: ignore[attr-defined]
+    recent, digests = idempotency.remember_applied(
+        state.recent_commands, state.recent_digests, applied  # type: ignore[attr-defined]
+    )
     refusals = idempotency.remember_refusals(
         state.recent_refusals,  # type: ignore[attr-defined]
         ((c.command_id, c.rejection) for c in applied if c.rejection is not None),

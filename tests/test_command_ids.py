@@ -269,8 +269,10 @@ def test_the_window_recalls_ids_with_their_digests_like_a_list_of_the_newest(
     window, recorded = idempotency.remember(b"", legacy), b""
     entries = [(cid, "") for cid in legacy]
     for batch in batches:
+        pair = idempotency.remember_applied(window, recorded, [Applied(c, "p", (), None, d) for c, d in batch])
         window = idempotency.remember(window, (cid for cid, _ in batch))
         recorded = idempotency.remember_digests(recorded, (d for _, d in batch))
+        assert pair == (window, recorded)  # the one-pass form the aggregates use
         entries += batch
     assert idempotency.size(window) == min(len(entries), idempotency.WINDOW)
     assert len(recorded) <= len(window)
