@@ -306,10 +306,13 @@ class ReservationNotFoundError(BlackbirdError, LookupError):
 
 
 class CommandTimeoutError(BlackbirdError, TimeoutError):
-    """No actor host answered a remote client's command in time (``remote=True``).
+    """A command's outcome is unknown after ``command_timeout``: no actor host answered a remote
+    client's command (``remote=True``), or JetStream never acknowledged an append through a
+    failover (a try may have been stored; when every try was refused, LogError is raised).
 
     The command may or may not have been applied; retry it with the same ``command_id`` to find
-    out without applying it twice. Fields: ``subject`` (where it was sent), ``command_id``.
+    out without applying it twice. Fields: ``subject`` (where it was sent), ``command_id`` (for
+    an append of several queued commands in one commit, the commit's deduplication id).
     """
 
     code = "command_timeout"
