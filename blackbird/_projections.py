@@ -239,8 +239,7 @@ class Projections:
         have applied) and compare: ``{name: [difference, ...]}``, empty lists when identical."""
         report: dict[str, list[str]] = {}
         for name in self.names:
-            runner = await self.runner(name)
-            await runner.wait_for(await self._journal.stream_last_seq(), self._timeout)
+            runner = await self.caught_up(name, await self._journal.stream_last_seq())
             seq = runner.seq
             scratch = await runner.scratch(seq)
             live = msgspec.to_builtins(runner.model)

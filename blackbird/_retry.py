@@ -148,11 +148,16 @@ async def retrying(
     last: BaseException | None = None
     while True:
         remaining = deadline - time.monotonic()
-        wait = min(per_try or try_timeout(attempt), remaining)
-        if wait <= 0.01:
+        if remaining <= 0.01:
             break
         try:
-            return await op(contexts(wait))
+            if per_try is None:
+                return await op(contexts(min(try_timeout(attempt), remaining)))
+            if per_try <= remaining:
+                return await op(contexts(per_try))
+            # the handle may live on (a consumer nats-py recreates): keep its timeout, end the try in time
+            with anyio.fail_after(remaining):
+                return await op(contexts(per_try))
         except expected:
             raise
         except Exception as exc:

@@ -77,6 +77,7 @@ _SWEEP = 0.1  # seconds between two looks at the appends waiting for their ackno
 _BACKLOG = 256 * 1024  # bytes waiting in nats-py's outgoing buffer: the server is not reading
 _HEARTBEAT = 1.0  # seconds: a consumer silent for two of these is recreated by nats-py
 _FIRST_TRY = try_timeout(0)
+_CONSUMER_TRY = 2.0  # seconds one try to create a consumer waits (also when nats-py recreates it)
 
 
 class _ApiError(msgspec.Struct):
@@ -807,8 +808,11 @@ class Journal:
             )
 
         try:
+            # nats-py recreates a lost consumer with the timeout of the context it was made with:
+            # a longer one than a read's, or a busy cluster could refuse it every time
             return await self.retrying(
-                f"subscribe to {subject_filter}", subscribe, expected=(nats.js.errors.NotFoundError,)
+                f"subscribe to {subject_filter}", subscribe, per_try=_CONSUMER_TRY,
+                expected=(nats.js.errors.NotFoundError,),
             )
         except nats.js.errors.NotFoundError:
             raise LogError(f"subscribe to {subject_filter}: stream {self.stream} does not exist") from None
