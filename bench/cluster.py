@@ -204,7 +204,7 @@ async def failover(cluster: NatsCluster, cfg: Config) -> dict[str, Any]:
                     f"to the first acknowledged command; NATS answered after {back - killed:.2f} s "
                     f"(Blackbird's share {first - back:.2f} s); every session after {every - killed:.2f} s")
                 await cluster.restart(leader)
-                await cluster.wait_current(STREAM)
+                await cluster.wait_settled()
         row("  load during failover", f"{load.acknowledged:,} cmds", load.summary())
     finally:
         await bb.aclose()

@@ -29,7 +29,8 @@ from blackbird import AsyncBlackbird, BlackbirdError
 
 TENANT = "acme"
 RETRY_PAUSE = 0.05  # seconds between a failed attempt and its retry (no busy loop on fast failures)
-PACE = 0.01  # seconds a worker rests between commands: load, not saturation of a 2-core machine
+PACE = 0.002  # seconds a worker rests between commands: load, not saturation of a 2-core machine,
+# yet short enough that some command is always in flight when the fault strikes
 
 
 @dataclass(frozen=True)

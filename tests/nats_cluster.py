@@ -13,11 +13,13 @@ The pytest fixture ``nats_cluster`` (tests/conftest.py) and ``bench/cluster.py``
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import anyio
+import anyio.to_thread
 import nats
 import nats.errors
 from nats.js.api import StorageType, StreamConfig
@@ -76,6 +79,7 @@ class Node:
     name: str
     port: int
     cluster_port: int
+    monitor_port: int  # HTTP monitoring (/jsz tells the meta leader)
     store: Path
     config: Path
     log_file: Path
@@ -157,7 +161,7 @@ class NatsCluster:
         await self.wait_jetstream()
 
     def _lay_out(self, attempt: int) -> None:
-        ports = _free_ports(2 * self.size)
+        ports = _free_ports(3 * self.size)
         self.nodes = []
         for i in range(self.size):
             folder = self.root / f"node-{i}"
@@ -165,6 +169,7 @@ class NatsCluster:
             self.nodes.append(
                 Node(
                     index=i, name=f"node-{i}", port=ports[i], cluster_port=ports[self.size + i],
+                    monitor_port=ports[2 * self.size + i],
                     store=folder / "store", config=folder / "nats.conf",
                     log_file=folder / f"server-{attempt}.log",
                 )
@@ -177,6 +182,7 @@ class NatsCluster:
             node.config.write_text(
                 f"server_name: {node.name}\n"
                 f"listen: {HOST}:{node.port}\n"
+                f"http: {HOST}:{node.monitor_port}\n"
                 f'jetstream {{\n  store_dir: "{node.store}"{sync}\n}}\n'
                 f"cluster {{\n  name: {self.name}\n  listen: {HOST}:{node.cluster_port}\n"
                 f"  routes: [{routes}]\n}}\n"
@@ -322,23 +328,48 @@ class NatsCluster:
         """:func:`leader_answers` over the running nodes (paused ones left out)."""
         return await leader_answers([n.url for n in self.nodes if n.running and not n.paused], subject, timeout)
 
-    async def wait_current(self, stream: str, timeout: float = READY_TIMEOUT) -> None:
-        """Until ``stream`` has a leader and every replica reports current (caught up)."""
+    def meta_leader(self) -> int | None:
+        """The node holding the JetStream meta leadership (which creates streams and consumers),
+        as a running node reports it on its monitoring port; None while there is none, or while
+        the one reported is dead or paused."""
+        for node in self.nodes:
+            if not node.running or node.paused:
+                continue
+            try:
+                with urllib.request.urlopen(f"http://{HOST}:{node.monitor_port}/jsz", timeout=1) as reply:
+                    leader = json.load(reply).get("meta_cluster", {}).get("leader")
+            except (OSError, ValueError):
+                continue
+            if leader:
+                # a dead leader is reported until the others notice it is gone
+                live = self.nodes[self.index_named(leader)]
+                return live.index if live.running and not live.paused else None
+        return None
+
+    async def wait_settled(self, timeout: float = READY_TIMEOUT) -> None:
+        """Until there is a meta leader and every stream (the log, KV buckets, object stores) has
+        a leader on a running node, with every replica on a running node current (caught up); a
+        dead node's replicas are left out. A stream whose only replica was on a dead node never
+        settles: ClusterError names it."""
         deadline = time.monotonic() + timeout
+        unsettled = ["(no answer yet)"]
         nc = await self.connect()
         try:
             js = nc.jetstream(timeout=1.0)
+            live = {n.name for n in self.nodes if n.running and not n.paused}
             while True:
                 with contextlib.suppress(Exception):
-                    info = await js.stream_info(stream)
-                    c = info.cluster
-                    if (
-                        c is not None and c.leader and len(c.replicas or []) == self.size - 1
-                        and all(r.current and not r.offline for r in c.replicas or [])
-                    ):
+                    meta = await anyio.to_thread.run_sync(self.meta_leader)
+                    unsettled = [] if meta is not None else ["(no meta leader)"]
+                    for info in await js.streams_info():
+                        c = info.cluster
+                        lagging = [r.name for r in (c.replicas or []) if r.name in live and not r.current] if c else []
+                        if c is None or c.leader not in live or lagging:
+                            unsettled.append(info.config.name or "?")
+                    if not unsettled:
                         return
                 if time.monotonic() > deadline:
-                    raise ClusterError(f"stream {stream}: replicas not current after {timeout:g}s")
+                    raise ClusterError(f"not settled after {timeout:g}s: {unsettled}")
                 await anyio.sleep(_POLL * 2)
         finally:
             await nc.close()

@@ -124,10 +124,11 @@ async def test_killing_the_stream_leader_loses_nothing_and_commands_resume_with_
                 await load.wait_progress(PROGRESS, after=back)
                 # the old leader comes back on its store and catches up, under load
                 await nats_cluster.restart(leader)
-                await nats_cluster.wait_current(STREAM)
+                await nats_cluster.wait_settled()
                 await load.wait_progress(PROGRESS, after=time.monotonic())
             recovery = Recovery(f"kill -9 of stream leader node-{leader}", killed, back, load)
             print(recovery)
+            await nats_cluster.wait_settled()  # the checks read a settled cluster
             await check_with_fresh_client(nats_cluster.nats_url, load, bb, replicas=3)
             assert is_connected(bb)
             recovery.assert_live()
@@ -147,6 +148,7 @@ async def test_killing_a_follower_loses_nothing_and_commands_keep_flowing(nats_c
                 await load.wait_progress(PROGRESS, after=back)
             recovery = Recovery(f"kill -9 of follower node-{follower}", killed, back, load)
             print(recovery)
+            await nats_cluster.wait_settled()  # the checks read a settled cluster
             await check_with_fresh_client(nats_cluster.nats_url, load, bb, replicas=3)
             assert is_connected(bb)
             recovery.assert_live()
@@ -167,6 +169,7 @@ async def test_killing_the_clients_node_moves_the_client_to_another_node_and_los
                 await load.wait_progress(PROGRESS, after=back)
             recovery = Recovery(f"kill -9 of node-{mine}, the client's node", killed, back, load)
             print(recovery)
+            await nats_cluster.wait_settled()  # the checks read a settled cluster
             await check_with_fresh_client(nats_cluster.nats_url, load, bb, replicas=3)
             assert is_connected(bb)
             assert connected_node(nats_cluster, bb) != mine
@@ -186,10 +189,11 @@ async def test_pausing_the_stream_leader_past_the_command_timeout_loses_nothing(
                 await anyio.sleep(max(0.0, paused + COMMAND_TIMEOUT + 1.0 - time.monotonic()))
                 resumed = nats_cluster.resume(leader)
                 await load.wait_progress(PROGRESS, after=max(back, resumed))
-                await nats_cluster.wait_current(STREAM)  # the old leader steps down and catches up
+                await nats_cluster.wait_settled()  # the old leader is a follower again, caught up
             fault = f"SIGSTOP of stream leader node-{leader} for {resumed - paused:.1f}s"
             recovery = Recovery(fault, paused, back, load)
             print(recovery)
+            await nats_cluster.wait_settled()  # the checks read a settled cluster
             await check_with_fresh_client(nats_cluster.nats_url, load, bb, replicas=3)
             assert is_connected(bb)
             recovery.assert_live()
