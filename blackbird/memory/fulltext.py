@@ -157,4 +157,6 @@ def search(indexes: Iterable[KeywordIndex], query: str, limit: int) -> list[str]
     for ix in indexes:
         for doc_id, score in ix.scores(query_terms, corpus).items():
             scored[doc_id] = scored.get(doc_id, 0.0) + score
-    return sorted(scored, key=lambda d: (-scored[d], d))[:limit]
+    # Scores equal in exact arithmetic can differ in the last bits with the order the terms were
+    # added in: compare them to 1e-9 so such ties fall to the id, the same on every path.
+    return sorted(scored, key=lambda d: (-round(scored[d], 9), d))[:limit]
