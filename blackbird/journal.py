@@ -61,7 +61,7 @@ from actors.events import Commit, upcast
 from actors.ports import AggregateKey, AppendConflict, AppendResult, CommitUnencodable
 from blackbird._retry import Bucket, Contexts, backoff, describe, retrying, status_code, transient, try_timeout, typed
 from blackbird.config import Settings
-from blackbird.errors import CommandTimeoutError, LogError, PayloadTooLargeError
+from blackbird.errors import ClosedError, CommandTimeoutError, LogError, PayloadTooLargeError
 from blackbird.subjects import Subjects
 
 T = TypeVar("T")
@@ -115,6 +115,7 @@ class _AckInbox:
         self._counter = 0
         self._connected = True
         self._earliest = float("inf")  # no try is due before this (a lower bound)
+        self._closed = False
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
@@ -124,7 +125,11 @@ class _AckInbox:
                 await anyio.sleep(_SWEEP)
                 self._sweep(time.monotonic())
         finally:
-            self._expire(lambda _: True)
+            self._closed = True
+            for future, _, _ in self._pending.values():
+                if not future.done():
+                    future.set_exception(ClosedError("the journal was closed before the append was acknowledged"))
+            self._pending.clear()
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
@@ -176,6 +181,8 @@ class _AckInbox:
     ) -> Msg:
         """Publish (unless ``send`` is False: wait on for an earlier try) and wait for the answer
         to ``token``; TimeoutError at the try's deadline (see the class docstring)."""
+        if self._closed:
+            raise ClosedError("the journal is closed (its client was closed)")
         future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
         self._pending[token] = (future, try_deadline, deadline)
         if try_deadline < self._earliest:
