@@ -63,6 +63,7 @@ class UsageLoad:
     failures: Counter[str] = field(default_factory=Counter)  # failed attempts by error class
     untyped: list[str] = field(default_factory=list)  # failures that were not a BlackbirdError
     longest_attempt: float = 0.0  # seconds, acknowledged or failed
+    attempting: dict[str, float] = field(default_factory=dict)  # command id -> start of its attempt in progress
     _stop: anyio.Event = field(default_factory=anyio.Event)
 
     def __post_init__(self) -> None:
@@ -87,6 +88,7 @@ class UsageLoad:
         give_up = time.monotonic() + self.retry_for
         while True:
             started = time.monotonic()
+            self.attempting[command_id] = started
             try:
                 await call()
             except BlackbirdError as exc:
@@ -98,6 +100,8 @@ class UsageLoad:
                 returned = time.monotonic()
                 self.longest_attempt = max(self.longest_attempt, returned - started)
                 return started, returned
+            finally:
+                del self.attempting[command_id]
             failed = time.monotonic()
             self.longest_attempt = max(self.longest_attempt, failed - started)
             if failed > give_up:
@@ -145,6 +149,13 @@ class UsageLoad:
                 w.lost or sum(1 for a in w.acks if a.started >= after) >= per_worker for w in self.sessions
             ):
                 await anyio.sleep(0.02)
+
+    async def wait_in_flight(self, after: float, timeout: float = 10.0) -> None:
+        """Until some command has an attempt in progress that was sent after ``after`` (a fault
+        that strikes then finds a command in flight); TimeoutError after ``timeout`` seconds."""
+        with anyio.fail_after(timeout):
+            while not any(started >= after for started in self.attempting.values()):
+                await anyio.sleep(0.005)
 
     def first_ack(self, after: float) -> float | None:
         """When the first command whose acknowledged attempt was sent after ``after`` returned."""

@@ -253,6 +253,7 @@ class NatsCluster:
         at = time.monotonic()
         node.process.kill()
         node.process.wait()
+        node.paused = False
         return at
 
     def pause(self, i: int) -> float:
@@ -345,6 +346,17 @@ class NatsCluster:
                 live = self.nodes[self.index_named(leader)]
                 return live.index if live.running and not live.paused else None
         return None
+
+    def queue_deliveries(self, i: int, queue: str) -> int:
+        """How many messages node ``i`` has delivered to its clients' subscriptions in queue group
+        ``queue`` (its monitoring port's /connz): who served how many requests."""
+        url = f"http://{HOST}:{self.nodes[i].monitor_port}/connz?subs=detail&limit=1024"
+        with urllib.request.urlopen(url, timeout=1) as reply:
+            connections = json.load(reply).get("connections") or []
+        return sum(
+            int(sub.get("msgs", 0))
+            for c in connections for sub in c.get("subscriptions_list_detail") or [] if sub.get("qgroup") == queue
+        )
 
     async def wait_settled(self, timeout: float = READY_TIMEOUT) -> None:
         """Until there is a meta leader and every stream (the log, KV buckets, object stores) has

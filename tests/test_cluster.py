@@ -23,6 +23,7 @@ every session served again).
 
 from __future__ import annotations
 
+import signal
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -164,6 +165,8 @@ async def test_killing_the_clients_node_moves_the_client_to_another_node_and_los
             load = UsageLoad(bb)
             async with load.running():
                 await load.wait_progress(PROGRESS)
+                # stopped until a command is stuck on it, so one is surely in flight when it dies
+                await load.wait_in_flight(after=nats_cluster.pause(mine))
                 killed = nats_cluster.kill(mine)
                 back = await nats_cluster.leader_answers(PROBE_SUBJECT)
                 await load.wait_progress(PROGRESS, after=back)
@@ -210,6 +213,9 @@ async def test_restarting_a_single_server_loses_nothing_and_commands_resume_when
             load = UsageLoad(bb)
             async with load.running():
                 await load.wait_progress(PROGRESS)
+                # stopped until a command is stuck on it, so one is surely in flight when it dies
+                nats_server.process.send_signal(signal.SIGSTOP)
+                await load.wait_in_flight(after=time.monotonic())
                 killed = time.monotonic()
                 nats_server.kill()
                 await anyio.sleep(DOWN_FOR)  # the load runs against a dead server for a while

@@ -2,14 +2,16 @@
 (one queue group), so when one is killed with SIGKILL under load, the other serves its sessions.
 
 A remote client (``AsyncBlackbird(remote=True)``, short ``command_timeout``) sends every command
-over NATS; a command in flight to the dead host times out and is retried with the same command id,
-and the surviving host applies it once. Every session has a command acknowledged again within
-:data:`SERVED_AGAIN_WITHIN` of the kill; nothing acknowledged is lost or applied twice.
+over NATS; a command in flight to the dead host (the test makes sure there is one) times out and is
+retried with the same command id, and the surviving host applies it once. Every session has a
+command acknowledged again within :data:`SERVED_AGAIN_WITHIN` of the kill; nothing acknowledged
+is lost or applied twice.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -31,6 +33,7 @@ SERVED_AGAIN_WITHIN = 2.0  # seconds from the kill until every session has been 
 READY_TIMEOUT = 30.0
 BUDGET = 100.0
 PROGRESS = 20
+QUEUE = "blackbird-hosts"  # the hosts' queue group (Settings.queue_group)
 
 
 class ServeProcess:
@@ -100,13 +103,25 @@ async def test_killing_one_of_two_serve_hosts_under_load_its_sessions_are_served
                 load = UsageLoad(remote)
                 async with load.running():
                     await load.wait_progress(PROGRESS)
+                    # the host about to die has been serving: its node delivered commands to it
+                    deliveries = nats_cluster.queue_deliveries
+                    while (served := await anyio.to_thread.run_sync(deliveries, 0, QUEUE)) < PROGRESS:
+                        await anyio.sleep(0.05)
+                    served = await anyio.to_thread.run_sync(deliveries, 0, QUEUE)
+                    other = await anyio.to_thread.run_sync(deliveries, 1, QUEUE)
+                    # so that a command is surely in flight to it when it dies: stopped until its
+                    # node hands it one more command, then killed
+                    hosts[0].proc.send_signal(signal.SIGSTOP)
+                    while await anyio.to_thread.run_sync(deliveries, 0, QUEUE) <= served:
+                        await anyio.sleep(0.01)
                     killed = hosts[0].kill()
                     await load.wait_progress(PROGRESS, after=killed)
                 first = load.first_ack(killed)
                 every = load.every_worker_acked(killed)
                 assert first is not None and every is not None
                 print(
-                    f"\nkill -9 of one of two serve hosts: first command acknowledged {first - killed:.2f}s after "
+                    f"\nkill -9 of one of two serve hosts (it had been sent {served} commands, the other {other}): "
+                    f"first command acknowledged {first - killed:.2f}s after "
                     f"the kill, every session served again {every - killed:.2f}s after it; {load.summary()}"
                 )
                 async with AsyncBlackbird(nats_url=urls[2], tenant=TENANT, replicas=3) as fresh:
