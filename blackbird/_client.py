@@ -243,7 +243,7 @@ class AsyncBlackbird:
                 self._actor_host(SessionBehaviour(book), journal, snapshots=True)
             )
             self._host = host
-            dispatcher = LocalDispatcher(host)
+            dispatcher = LocalDispatcher(host, user_commands, clock=self._clock)
             if s.serve_commands:
                 service = CommandService(nc, journal.subjects, dispatcher, s.queue_group)
                 await tasks.start(keep_running, "command_service", service.run)

@@ -125,15 +125,6 @@ class LocalDispatcher:
         self._users = users
         self._clock = clock
 
-    def count_users_with(self, users: UserCommands, clock: Callable[[], float]) -> None:
-        """Count sessions per user with ``users`` from now on, if no ``users`` was given.
-
-        Transitional: for a client that builds this dispatcher before its user command path
-        (``blackbird/_client.py`` until it passes ``users`` and ``clock`` to the constructor);
-        the session gateway calls it. Remove it once every caller passes them."""
-        if self._users is None:
-            self._users, self._clock = users, clock
-
     async def dispatch(
         self, tenant: str, session_id: str, command: SessionCommand, command_id: str, principal: str
     ) -> CommandReply:

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from actors.events import CommandReply, GetSession, SessionCommand, TenantCommand
 from actors.policy import MemoryPolicy, TierPolicy
 from actors.tenant import PolicyBook, TenantState
-from blackbird.commands.dispatch import Dispatcher, LocalDispatcher, UserCommands, raise_for_rejection
+from blackbird.commands.dispatch import Dispatcher, UserCommands, raise_for_rejection
 from blackbird.errors import SessionNotFoundError, ValidationError
 from blackbird.ids import new_id
 from blackbird.subjects import validate_token
@@ -54,8 +54,6 @@ class SessionGateway:
         self.clock = clock  # the actors' clock: windows and expiries are read against it
         self.written = 0
         self._dispatcher = dispatcher
-        if isinstance(dispatcher, LocalDispatcher):  # transitional: see count_users_with
-            dispatcher.count_users_with(user_commands, clock)
 
     def tenant_of(self, tenant: str | None) -> str:
         """``tenant`` validated, or the client's own tenant when None."""
