@@ -174,18 +174,32 @@ class ConflictRetriesExhausted(Exception):
         self.attempts = attempts
 
 
+class QueueTimeout(Exception):
+    """A command waited in its actor's mailbox past its deadline: it was never decided, nothing
+    of it was appended (the command before it held the actor that long)."""
+
+    def __init__(self, key: AggregateKey, command_id: str, waited: float) -> None:
+        super().__init__(
+            f"{key.kind} {key.id!r}: command {command_id!r} waited {waited:.1f}s behind the "
+            "aggregate's earlier commands and was not run; nothing was applied"
+        )
+        self.key = key
+        self.command_id = command_id
+
+
 class _Snapshot(msgspec.Struct, Generic[S]):
     seq: int
     state: S
 
 
 class _Request:
-    __slots__ = ("command", "command_id", "digest", "done", "error", "fault", "outcome", "principal")
+    __slots__ = ("command", "command_id", "deadline", "digest", "done", "error", "fault", "outcome", "principal")
 
-    def __init__(self, command: Any, command_id: str, principal: str) -> None:
+    def __init__(self, command: Any, command_id: str, principal: str, deadline: float) -> None:
         self.command = command
         self.command_id = command_id
         self.principal = principal
+        self.deadline = deadline  # time.monotonic() by which the caller must be answered
         self.digest: str | None = None  # of the command, taken once (idempotency.digest)
         self.fault: AggregateFault | None = None  # a fault of the command itself (its digest)
         self.done: anyio.Event | None = None  # only for requests that wait in a mailbox
@@ -221,9 +235,13 @@ class ActorHost:
         max_retries: int = 8,
         retry_for: float = 5.0,
         max_batch: int = 256,
+        timeout: float = math.inf,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._behaviour = behaviour
+        # every ask() answers within this many seconds: waiting behind the actor's earlier
+        # commands and its own appends together (the journal gets the remaining time)
+        self._timeout = timeout
         self._journal = journal
         self._snapshots = snapshots
         self._snapshot_every = snapshot_every
@@ -272,12 +290,18 @@ class ActorHost:
         actor = self._actors.get(key)
         if actor is None:
             actor = self._actors[key] = _Actor(key)
-        actor.last_used = time.monotonic()
-        request = _Request(command, command_id, principal)
+        actor.last_used = started = time.monotonic()
+        request = _Request(command, command_id, principal, started + self._timeout)
         if actor.busy:
-            request.done = anyio.Event()
+            request.done = done = anyio.Event()
             actor.mailbox.append(request)
-            await request.done.wait()
+            with anyio.move_on_after(self._timeout):
+                await done.wait()
+            if not done.is_set():
+                if request in actor.mailbox:  # not taken yet: it leaves, undecided
+                    actor.mailbox.remove(request)
+                    raise QueueTimeout(key, command_id, time.monotonic() - started)
+                await done.wait()  # in flight: its append is bounded by its deadline
         else:
             # The actor is idle: run the command in the caller's task (no task spawn, no event).
             actor.busy = True
@@ -361,8 +385,11 @@ class ActorHost:
                 except Exception as exc:
                     request.fault = AggregateFault(actor.key, "encode", exc)
         started = time.monotonic()
+        deadline = min(r.deadline for r in batch)
         attempt = -1
-        while (attempt := attempt + 1) < self._max_retries or time.monotonic() - started < self._retry_for:
+        while (
+            (attempt := attempt + 1) < self._max_retries or time.monotonic() - started < self._retry_for
+        ) and (attempt == 0 or time.monotonic() < deadline):
             now = self._clock()
             state = actor.state
             applied: list[Applied] = []
@@ -411,7 +438,9 @@ class ActorHost:
             except Exception as exc:  # an id JSON cannot hold (a lone surrogate): the log could not either
                 raise CommitUnencodable(_describe(exc)) from exc
             try:
-                result = await self._journal.append(actor.key, commit, expected_seq=actor.seq, msg_id=msg_id)
+                result = await self._journal.append(
+                    actor.key, commit, expected_seq=actor.seq, msg_id=msg_id, deadline=deadline
+                )
             except AppendConflict:
                 actor.log.debug("append_conflicted", expected_seq=actor.seq, attempt=attempt)
                 # Back off a random, growing moment so two hosts racing on one actor do not

@@ -39,9 +39,10 @@ class AppendConflict(Exception):
 
 class Journal(Protocol):
     async def append(
-        self, key: AggregateKey, commit: Commit, *, expected_seq: int, msg_id: str
+        self, key: AggregateKey, commit: Commit, *, expected_seq: int, msg_id: str, deadline: float | None = None
     ) -> AppendResult:
-        """Append one commit iff the aggregate's last sequence is ``expected_seq`` (0: none yet)."""
+        """Append one commit iff the aggregate's last sequence is ``expected_seq`` (0: none yet),
+        answering by ``deadline`` (a ``time.monotonic()`` instant) at the latest."""
         ...
 
     async def last_seq(self, key: AggregateKey) -> int:

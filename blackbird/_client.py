@@ -291,7 +291,8 @@ class AsyncBlackbird:
         return ActorHost(
             behaviour, journal, journal if snapshots else NoSnapshots(),
             snapshot_every=s.snapshot_every, passivate_after=s.passivate_after,
-            max_retries=s.max_retries, retry_for=s.command_timeout / 2, clock=self._clock,
+            max_retries=s.max_retries, retry_for=s.command_timeout / 2, timeout=s.command_timeout,
+            clock=self._clock,
         )
 
     async def _connect(self, url: str) -> NATS:

@@ -454,7 +454,7 @@ class Journal:
     # ------------------------------------------------------------------ Journal port
 
     async def append(
-        self, key: AggregateKey, commit: Commit, *, expected_seq: int, msg_id: str
+        self, key: AggregateKey, commit: Commit, *, expected_seq: int, msg_id: str, deadline: float | None = None
     ) -> AppendResult:
         try:
             payload = self._encode(commit)
@@ -476,7 +476,8 @@ class Journal:
         acks = self._acks
         token = acks.token()
         now = time.monotonic()
-        deadline = now + self._timeout
+        # the caller's deadline (a command that waited behind others has less time left)
+        deadline = now + self._timeout if deadline is None else min(deadline, now + self._timeout)
         try_deadline = min(now + _FIRST_TRY, deadline)
         attempt = 0
         uncertain = False  # a try went unanswered: it may have been stored

@@ -30,13 +30,14 @@ from actors.events import (
     UserCommand,
     UserSessionOpened,
 )
-from actors.host import ActorHost, ConflictRetriesExhausted, Outcome
+from actors.host import ActorHost, ConflictRetriesExhausted, Outcome, QueueTimeout
 from actors.ports import AggregateKey
 from actors.session import expiry_reason
 from actors.validation import Invalid, validate
 from blackbird._validate import error_of
 from blackbird.errors import (
     BlackbirdError,
+    CommandTimeoutError,
     ConcurrencyConflictError,
     SessionLimitError,
     ValidationError,
@@ -102,6 +103,8 @@ async def ask_or_raise(
         raise ConcurrencyConflictError(
             f"{key.kind} {key.id!r}: {exc}; retry with the same command id", id=key.id
         ) from None
+    except QueueTimeout as exc:
+        raise _timed_out(exc) from None
     if outcome.rejection is not None:
         r = outcome.rejection
         raise error_from_code(r.code, r.message, dict(r.fields))
@@ -155,6 +158,8 @@ class LocalDispatcher:
                 f"session {key.id!r}: {exc}; retry with the same command id",
                 session_id=key.id, attempts=exc.attempts,
             ) from None
+        except QueueTimeout as exc:
+            raise _timed_out(exc) from None
 
     async def _answer(
         self, key: AggregateKey, command: SessionCommand, command_id: str, principal: str
@@ -239,3 +244,11 @@ class LocalDispatcher:
             await users(tenant, user_id, CloseUserSessions(session_ids=tuple(sids), reason=reason), command_id)
         except BlackbirdError as exc:  # the next reconciliation closes them
             log.warning("user_session_close_failed", tenant=tenant, user_id=user_id, error=str(exc))
+
+
+def _timed_out(exc: QueueTimeout) -> CommandTimeoutError:
+    key = exc.key
+    return CommandTimeoutError(
+        f"{exc}; retry with the same command id",
+        subject=f"{key.tenant}.{key.kind}.{key.id}", command_id=exc.command_id,
+    )
