@@ -265,7 +265,7 @@ class AsyncBlackbird:
             gateway, quotas, Analytics(gateway, quotas, projections, s.analytics_k)
         )
         self._auditor = Auditor(journal, book, s.tenant, projections=self._projections)
-        self._streams = AsyncStreams(gateway, journal)
+        self._streams = AsyncStreams(gateway, journal, timeout=s.command_timeout)
         # Memory: its actors here (OCC keeps each scope single-writer across processes), its
         # LanceDB index beside the data (or in a temporary folder: it is rebuilt from the log).
         keys = await UserKeys.open(

@@ -269,3 +269,43 @@ def test_streams_work_through_the_sync_facade() -> None:
             assert first is not None and first.text == "a"
             assert next(iter(stream)).text == "b"
             assert stream.get(timeout=0.2) is None
+
+
+async def test_caught_up_raises_when_reading_the_history_stalls_not_when_the_reader_is_slow() -> None:
+    from blackbird.errors import LogError
+    from blackbird.streams.backlog import Backlog, parse_resume
+
+    def subscription(max_pending: int) -> Subscription:
+        return Subscription(Backlog(parse_resume(None)), max_pending, until=10, stall=0.2)
+
+    stalled = subscription(100)
+    stalled._read_commit(3)
+    started = time.monotonic()
+    with anyio.fail_after(5), pytest.raises(LogError, match="no commit read"):
+        await stalled.caught_up()
+    assert time.monotonic() - started < 1.0  # one stall period after the last progress, not forever
+
+    progressing = subscription(100)
+    async with anyio.create_task_group() as tg:
+
+        async def read_history() -> None:
+            for seq in range(1, 11):
+                await anyio.sleep(0.1)  # the pace of a slow log: each commit within the stall period
+                progressing._read_commit(seq)
+
+        tg.start_soon(read_history)
+        with anyio.fail_after(5):
+            await progressing.caught_up()
+
+    failed = subscription(100)
+    failed._fail(LogError("replay failed"))
+    with anyio.fail_after(5), pytest.raises(LogError, match="replay failed"):
+        await failed.caught_up()
+
+    full = subscription(1)  # the reader has not taken the one message it may hold: its own stall
+    await full._put(StreamEvent(
+        id="1-0", sequence=1, index=0, tenant="t", session_id="s", channel="chat", text="x", metadata={}, at=0.0,
+    ))
+    with anyio.move_on_after(0.6) as waited:
+        await full.caught_up()
+    assert waited.cancelled_caught  # still waiting, no error

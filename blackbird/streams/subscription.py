@@ -30,6 +30,7 @@ import structlog
 from actors.events import MessagePosted
 from blackbird._errors_group import single_error
 from blackbird._validate import invalid
+from blackbird.errors import LogError
 from blackbird.journal import Entry, Journal
 from blackbird.sessions.gateway import SessionGateway
 from blackbird.streams.backlog import WHOLE_COMMIT, Backlog, Position, parse_resume
@@ -65,10 +66,12 @@ class Subscription:
     was in the log when the subscription started has been read from it.
     """
 
-    def __init__(self, backlog: Backlog[StreamEvent], max_pending: int, until: int) -> None:
+    def __init__(self, backlog: Backlog[StreamEvent], max_pending: int, until: int, stall: float = 10.0) -> None:
         self._backlog = backlog
         self._max_pending = max_pending
         self._until = until  # the log's last sequence when subscribing
+        self._stall = stall  # seconds without reading a commit of the history before caught_up() gives up
+        self._read = 0  # the last sequence read from the log
         self._caught_up = anyio.Event()
         # set when the other side may go on; made only when someone waits (one per message
         # would cost more than the rest of a message's way through)
@@ -87,8 +90,24 @@ class Subscription:
         return self._backlog.coalesced
 
     async def caught_up(self) -> None:
-        """Return once the history (the log as it was at subscription) has been read."""
-        await self._caught_up.wait()
+        """Return once the history (the log as it was at subscription) has been read.
+
+        Raises the subscription's failure if reading the log failed, and LogError if reading
+        made no progress for ``command_timeout`` seconds (the server is gone or paused)."""
+        seen = -1
+        while not self._caught_up.is_set() or self._failure is not None:
+            if self._failure is not None:
+                raise self._failure
+            # no commit read for a while: the server's fault, unless the backlog is full (then
+            # reading waits for this subscription's own reader)
+            if self._read == seen and len(self._backlog) < self._max_pending:
+                raise LogError(
+                    f"stream history: no commit read for {self._stall:g}s at sequence {self._read} "
+                    f"(history ends at {self._until}); is the NATS server reachable?"
+                )
+            seen = self._read
+            with anyio.move_on_after(self._stall):
+                await self._caught_up.wait()
 
     async def _put(self, event: StreamEvent) -> None:
         while len(self._backlog) >= self._max_pending and not self._backlog.replaces(event):
@@ -100,12 +119,14 @@ class Subscription:
             self._reader = None
 
     def _read_commit(self, seq: int) -> None:
+        self._read = seq
         self._backlog.seen(Position(seq, WHOLE_COMMIT))
         if seq >= self._until:
             self._caught_up.set()
 
     def _fail(self, exc: BaseException) -> None:
         self._failure = exc
+        self._caught_up.set()  # wakes caught_up(), which raises it
         if self._reader is not None:
             self._reader.set()
 
@@ -134,9 +155,10 @@ class Subscription:
 class AsyncStreams:
     """``.streams`` on AsyncBlackbird: subscribe to a session's channel messages."""
 
-    def __init__(self, gateway: SessionGateway, journal: Journal) -> None:
+    def __init__(self, gateway: SessionGateway, journal: Journal, *, timeout: float = 10.0) -> None:
         self._gateway = gateway
         self._journal = journal
+        self._timeout = timeout
 
     @contextlib.asynccontextmanager
     async def subscribe(
@@ -172,7 +194,7 @@ class AsyncStreams:
         subject = self._journal.subjects.session(session.tenant, session.session_id)
         until = await self._journal.last_seq_of(subject)
         backlog: Backlog[StreamEvent] = Backlog(resume, critical=critical, coalesce=coalesce)
-        subscription = Subscription(backlog, max_pending, until)
+        subscription = Subscription(backlog, max_pending, until, self._timeout)
         if until <= resume.after.sequence:  # nothing of the history is due
             subscription._caught_up.set()
         bound = log.bind(tenant=session.tenant, session_id=session.session_id)
