@@ -63,6 +63,7 @@ class UsageLoad:
     failures: Counter[str] = field(default_factory=Counter)  # failed attempts by error class
     untyped: list[str] = field(default_factory=list)  # failures that were not a BlackbirdError
     longest_attempt: float = 0.0  # seconds, acknowledged or failed
+    longest_what: str = ""  # which command that attempt was for, and how it ended
     attempting: dict[str, float] = field(default_factory=dict)  # command id -> start of its attempt in progress
     _stop: anyio.Event = field(default_factory=anyio.Event)
 
@@ -98,15 +99,20 @@ class UsageLoad:
                 self.untyped.append(f"{command_id}: {type(exc).__module__}.{type(exc).__name__}: {exc}")
             else:
                 returned = time.monotonic()
-                self.longest_attempt = max(self.longest_attempt, returned - started)
+                self._note_attempt(command_id, started, returned, "acknowledged")
                 return started, returned
             finally:
                 del self.attempting[command_id]
             failed = time.monotonic()
-            self.longest_attempt = max(self.longest_attempt, failed - started)
+            self._note_attempt(command_id, started, failed, "failed")
             if failed > give_up:
                 return None
             await anyio.sleep(RETRY_PAUSE)
+
+    def _note_attempt(self, command_id: str, started: float, ended: float, how: str) -> None:
+        if ended - started > self.longest_attempt:
+            self.longest_attempt = ended - started
+            self.longest_what = f"{command_id}, {how}, sent at {started:.2f}"
 
     async def _work(self, worker: Worker) -> None:
         sm = self.bb.session_manager
@@ -150,11 +156,12 @@ class UsageLoad:
             ):
                 await anyio.sleep(0.02)
 
-    async def wait_in_flight(self, after: float, timeout: float = 10.0) -> None:
-        """Until some command has an attempt in progress that was sent after ``after`` (a fault
-        that strikes then finds a command in flight); TimeoutError after ``timeout`` seconds."""
+    async def wait_in_flight(self, since: float, held: float = 0.05, timeout: float = 10.0) -> None:
+        """Until some command's attempt has been in progress for ``held`` seconds since ``since``
+        (the moment a server was stopped: the command is stuck on it, so a fault that strikes
+        then finds a command in flight); TimeoutError after ``timeout`` seconds."""
         with anyio.fail_after(timeout):
-            while not any(started >= after for started in self.attempting.values()):
+            while not any(time.monotonic() - max(started, since) >= held for started in self.attempting.values()):
                 await anyio.sleep(0.005)
 
     def first_ack(self, after: float) -> float | None:
@@ -173,7 +180,7 @@ class UsageLoad:
         return (
             f"{self.acknowledged} commands acknowledged on {len(self.sessions)} sessions; "
             f"failed attempts {dict(self.failures) or 'none'}; lost {lost or 'none'}; "
-            f"longest attempt {self.longest_attempt:.2f}s"
+            f"longest attempt {self.longest_attempt:.2f}s ({self.longest_what})"
         )
 
 

@@ -91,8 +91,8 @@ class Recovery:
         every_text = "never" if every is None else f"{every - self.at:.2f}s"
         share = "n/a" if every is None else f"{every - self.nats_back:.2f}s"
         return (
-            f"\n{self.fault}: NATS answered {self.nats_back - self.at:.2f}s after the fault; first command "
-            f"acknowledged {first_text} after it; every session {every_text} after it "
+            f"\n{self.fault} at {self.at:.2f}: NATS answered {self.nats_back - self.at:.2f}s after the fault; "
+            f"first command acknowledged {first_text} after it; every session {every_text} after it "
             f"(Blackbird's share {share}); {self.load.summary()}"
         )
 
@@ -166,7 +166,7 @@ async def test_killing_the_clients_node_moves_the_client_to_another_node_and_los
             async with load.running():
                 await load.wait_progress(PROGRESS)
                 # stopped until a command is stuck on it, so one is surely in flight when it dies
-                await load.wait_in_flight(after=nats_cluster.pause(mine))
+                await load.wait_in_flight(since=nats_cluster.pause(mine))
                 killed = nats_cluster.kill(mine)
                 back = await nats_cluster.leader_answers(PROBE_SUBJECT)
                 await load.wait_progress(PROGRESS, after=back)
@@ -215,7 +215,7 @@ async def test_restarting_a_single_server_loses_nothing_and_commands_resume_when
                 await load.wait_progress(PROGRESS)
                 # stopped until a command is stuck on it, so one is surely in flight when it dies
                 nats_server.process.send_signal(signal.SIGSTOP)
-                await load.wait_in_flight(after=time.monotonic())
+                await load.wait_in_flight(since=time.monotonic())
                 killed = time.monotonic()
                 nats_server.kill()
                 await anyio.sleep(DOWN_FOR)  # the load runs against a dead server for a while
