@@ -577,7 +577,11 @@ class SyncSubscription(_SyncMirror):
         """Every message, in order, waiting for each; ends only with the subscription's error."""
 
     def caught_up(self) -> None:
-        """Return once the history (the log as it was at subscription) has been read."""
+        """Return once the history (the log as it was at subscription) has been read.
+
+        Raises the subscription's failure if reading the log failed, and LogError if reading
+        made no progress for ``command_timeout`` seconds (the server is gone or paused).
+        """
 
     def get(self, timeout: float | None = None) -> StreamEvent | None:
         """The next message, or None if none came within ``timeout`` seconds."""
