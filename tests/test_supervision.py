@@ -299,10 +299,15 @@ async def test_a_state_that_cannot_be_snapshotted_skips_the_snapshot_and_the_hos
 
 
 async def test_a_snapshot_that_cannot_be_saved_is_skipped_and_the_host_goes_on(
-    bb: AsyncBlackbird,
+    nats_server: NatsServer,
 ) -> None:
-    # A real fault of the store: the snapshot bucket is deleted under the running host.
-    async with faulty_host(bb, "none", snapshots=bb.journal, snapshot_every=2) as host:
+    # A real fault of the store: the snapshot bucket is deleted under the running host. Each save
+    # is retried until the command timeout (a missing bucket looks like one not reachable yet),
+    # so a short timeout keeps the test short.
+    async with (
+        AsyncBlackbird(nats_url=nats_server.url, tenant="acme", command_timeout=1.0) as bb,
+        faulty_host(bb, "none", snapshots=bb.journal, snapshot_every=2) as host,
+    ):
         await create(host, "s1", "s2")
         await bb.journal.jetstream.delete_key_value(bb.settings.snapshot_bucket)
         with fault_lines() as lines:
