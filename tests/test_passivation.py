@@ -1,0 +1,86 @@
+"""Automatic passivation: a host drops the actors idle for ``passivate_after`` seconds on its own
+(no call asks it to), and a passivated session comes back on its next command from its latest
+snapshot plus the commits after it, with the same state it had and the same sequence."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import msgspec
+import pytest
+
+from actors.ports import AggregateKey
+from blackbird import AsyncBlackbird, QuotaType
+
+from .conftest import NatsServer
+
+pytestmark = pytest.mark.anyio
+
+PASSIVATE_AFTER = 0.3  # seconds idle before the host drops an actor (checked every quarter of it)
+DROPPED_WITHIN = 5.0  # seconds we wait for it at most
+
+
+class Clock:
+    """The actors' clock, moved by hand (so the state compared does not move with time)."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def _wait_for_active(bb: AsyncBlackbird, wanted: int) -> float:
+    host = bb.host
+    assert host is not None
+    started = time.monotonic()
+    while host.active_actors != wanted:
+        if time.monotonic() - started > DROPPED_WITHIN:
+            pytest.fail(f"{host.active_actors} actors active after {DROPPED_WITHIN}s, expected {wanted}")
+        await anyio.sleep(0.02)
+    return time.monotonic()
+
+
+async def test_idle_session_actors_are_passivated_by_the_host_and_come_back_with_the_same_state(
+    nats_server: NatsServer,
+) -> None:
+    clock = Clock()
+    async with AsyncBlackbird(
+        nats_url=nats_server.url, tenant="acme", clock=clock, passivate_after=PASSIVATE_AFTER, snapshot_every=4,
+    ) as bb:
+        sm = bb.session_manager
+        host = bb.host
+        assert host is not None
+        # two sessions, so that the state of each must come back from its own snapshot and log
+        first = await sm.create_session("u1", tier="pro", metadata={"team": "a"})
+        second = await sm.create_session("u2", tier="basic")
+        for n in range(4):  # nine commits: snapshots after the 4th and the 8th, then a tail of one
+            clock.now += 1
+            await sm.touch_session(first.session_id, f"op{n}")
+            await sm.track_usage(first.session_id, "llm", QuotaType.TOKENS, 10 + n)
+        await sm.change_tier(second.session_id, "pro")  # two commits: no snapshot, the log only
+        before = [msgspec.to_builtins(await sm.get_session(s.session_id)) for s in (first, second)]
+        quota_before = await sm.get_quota(first.session_id)
+        last_used = time.monotonic()
+        assert host.active_actors == 2
+
+        # the first comes back from a snapshot plus its tail, the second from its log alone
+        deadline = time.monotonic() + DROPPED_WITHIN  # the host saves snapshots in the background
+        while await bb.journal.load(AggregateKey("acme", "session", first.session_id)) is None:
+            assert time.monotonic() < deadline, "no snapshot of the first session"
+            await anyio.sleep(0.02)
+        assert await bb.journal.load(AggregateKey("acme", "session", second.session_id)) is None
+
+        dropped = await _wait_for_active(bb, 0)  # nobody asked: the host's own loop dropped them
+        assert dropped - last_used >= PASSIVATE_AFTER * 0.8  # not before they were idle that long
+
+        after = [msgspec.to_builtins(await sm.get_session(s.session_id)) for s in (first, second)]
+        assert host.active_actors == 2  # activated again by those reads
+        assert after == before
+        assert await sm.get_quota(first.session_id) == quota_before
+        # and the reloaded actor goes on from where it was: the next command is its next version
+        clock.now += 1
+        touched = await sm.touch_session(first.session_id, "again")
+        assert touched.sequence > before[0]["sequence"] and touched.version == before[0]["version"] + 1
+        assert (await sm.get_quota(first.session_id))["tokens"]["used"] == quota_before["tokens"]["used"]
