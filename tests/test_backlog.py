@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from blackbird.errors import ValidationError
@@ -70,11 +70,15 @@ def run(
 
 
 @settings(max_examples=400, deadline=None)
-@given(LOGS, PACES, PACES, st.integers(0, 40))
+@given(LOGS, PACES, PACES, st.data())
 def test_resuming_with_the_last_token_loses_and_repeats_nothing(
-    log: list[list[str]], pace1: list[int], pace2: list[int], stop_after: int
+    log: list[list[str]], pace1: list[int], pace2: list[int], data: st.DataObject
 ) -> None:
     everything = messages(log)
+    # where the reader disconnects, drawn within what there is to read (0: it never does)
+    inside = st.integers(1, len(everything) - 1) if len(everything) >= 2 else st.integers(0, len(everything))
+    stop_after = data.draw(inside | st.integers(0, len(everything)), label="stop_after")
+    event("disconnects before the end" if 0 < stop_after < len(everything) else "never disconnects")
     first, token, _ = run(log, parse_resume(None), pace1, stop_after or None)
     resume = parse_resume(token) if token is not None else parse_resume(None)
     second, _, _ = run(log, resume, pace2, None)

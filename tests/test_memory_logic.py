@@ -4,7 +4,7 @@ retention-score eviction, erasure by author, members."""
 from __future__ import annotations
 
 import msgspec
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from actors.events import (
@@ -119,17 +119,24 @@ def test_members_are_added_and_removed() -> None:
     assert s.members == ("u2", "u3")
 
 
-commands = st.lists(
-    st.one_of(
-        st.builds(lambda i, k, e: remember(f"m{i}", key=k, expires=e), st.integers(0, 5),
-                  st.sampled_from([None, "a", "b"]), st.sampled_from([None, T0 + 3, T0 + 8, T0 + 20])),
-        st.builds(lambda i: ForgetMemory(memory_id=f"m{i}"), st.integers(0, 5)),
-        st.builds(lambda k, imp, e: SetCache(key=k, author="u1", sealed=b"v", size=1, importance=imp,
-                                             expires_at=e, capacity=2),
-                  st.sampled_from(["x", "y", "z"]), st.floats(0, 1), st.sampled_from([None, T0 + 5, T0 + 12])),
-        st.builds(lambda k: GetCache(key=k), st.sampled_from(["x", "y", "z"])),
-    ),
-    max_size=30,
+def set_cache(key: str) -> st.SearchStrategy[SetCache]:
+    return st.builds(
+        lambda imp, e: SetCache(key=key, author="u1", sealed=b"v", size=1, importance=imp, expires_at=e, capacity=2),
+        st.floats(0, 1), st.sampled_from([None, T0 + 5, T0 + 12]),
+    )
+
+
+command = st.one_of(
+    st.builds(lambda i, k, e: remember(f"m{i}", key=k, expires=e), st.integers(0, 5),
+              st.sampled_from([None, "a", "b"]), st.sampled_from([None, T0 + 3, T0 + 8, T0 + 20])),
+    st.builds(lambda i: ForgetMemory(memory_id=f"m{i}"), st.integers(0, 5)),
+    st.sampled_from(["x", "y", "z"]).flatmap(set_cache),
+    st.builds(lambda k: GetCache(key=k), st.sampled_from(["x", "y", "z"])),
+)
+# Eviction needs a third live key in a cache of two: half the scripts start by setting all three.
+three_keys = st.tuples(set_cache("x"), set_cache("y"), set_cache("z")).flatmap(st.permutations).map(list)
+commands = st.lists(command, max_size=30) | st.tuples(three_keys, st.lists(command, max_size=27)).map(
+    lambda t: t[0] + t[1]
 )
 
 
@@ -146,6 +153,8 @@ def test_capacity_holds_and_replay_through_the_wire_is_identical(commands: list[
         assert s.stored_bytes == sum(m.size for m in s.memories.values())
         assert s.next_expiry == earliest_expiry(s)
         assert set(s.keys.values()) <= set(s.memories)
+    event("some cache entry evicted" if any(isinstance(e, CacheRemoved) and e.reason == "evicted" for e in log)
+          else "no eviction")
     replayed = state()
     for e in log:
         wire = msgspec.json.decode(msgspec.json.encode(e), type=type(e))

@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from actors.events import (
@@ -80,16 +80,21 @@ commands = st.lists(
             st.just(TerminateSession()),
         ),
     ),
+    min_size=1,
     max_size=60,
 )
 
 
 @settings(max_examples=120, deadline=None)
-@given(commands=commands, cuts=st.lists(st.integers(0, 80), max_size=4), limit=st.integers(2, 50))
+@given(commands=commands, data=st.data(), limit=st.integers(2, 50))
 def test_rebuild_equals_incremental_with_checkpoints_anywhere(
-    commands: list[tuple[str, str, str, Any]], cuts: list[int], limit: int
+    commands: list[tuple[str, str, str, Any]], data: st.DataObject, limit: int
 ) -> None:
     log = session_history(commands)
+    # drawn within the log (cuts drawn from 0..80 mostly land past its end: nothing after them)
+    inside = st.integers(1, len(log) - 1) if len(log) >= 2 else st.integers(0, len(log))
+    cuts = data.draw(st.lists(inside | st.integers(0, len(log)), min_size=1, max_size=4), label="cuts")
+    event("a checkpoint inside the log" if any(0 < c < len(log) for c in cuts) else "checkpoints only at the ends")
     projection = ActivityProjection(history_limit=limit)
     rebuilt = projection.initial()
     for seq, subject, commit in log:
