@@ -224,9 +224,29 @@ async def test_reads_include_the_callers_own_writes(bb: AsyncBlackbird) -> None:
     assert [r["amount"] for r in full] == list(range(20, 0, -1))
     assert all(r["resource_type"] == "tokens" and r["session_id"] == s.session_id for r in full)
     assert await sm.get_usage_history("u1", resource_type=QuotaType.API_CALLS) == []
-    since = full[4]["timestamp"]
-    assert len(await sm.get_usage_history("u1", since=since)) >= 5
     json.dumps(full)
+
+
+@pytest.mark.anyio
+async def test_usage_history_since_keeps_exactly_the_records_at_or_after_it(nats_server: NatsServer) -> None:
+    """``since`` is inclusive: a record stamped exactly at it is kept, one a millisecond before is
+    not, and nothing older leaks through (the clock is moved by hand, so the stamps are exact)."""
+    now = [T0]
+    async with AsyncBlackbird(nats_url=nats_server.url, tenant="acme", clock=lambda: now[0]) as bb:
+        sm = bb.session_manager
+        s = await sm.create_session("u1", tier="pro")
+        since = T0 + 10
+        stamps = [T0 + 1, T0 + 5, since - 0.001, since, since + 0.001, T0 + 12, T0 + 20]
+        for i, at in enumerate(stamps):
+            now[0] = at
+            await sm.track_usage(s.session_id, "llm", QuotaType.TOKENS, i + 1)
+        history = await sm.get_usage_history("u1", since=since)
+        assert [(r["timestamp"], r["amount"]) for r in history] == [(T0 + 20, 7), (T0 + 12, 6), (since + 0.001, 5),
+                                                                    (since, 4)]
+        assert [r["amount"] for r in await sm.get_usage_history("u1", since=since, limit=2)] == [7, 6]
+        assert [r["amount"] for r in await sm.get_usage_history("u1", since=since - 0.001)] == [7, 6, 5, 4, 3]
+        assert await sm.get_usage_history("u1", since=T0 + 21) == []
+        assert len(await sm.get_usage_history("u1")) == len(stamps)  # without since: everything
 
 
 @pytest.mark.anyio
@@ -383,7 +403,10 @@ async def test_a_usage_spike_raises_an_alert_in_the_log_and_on_the_sessions_chan
 
 @pytest.mark.anyio
 async def test_a_burst_of_denials_is_flagged_and_thresholds_are_configurable(nats_server: NatsServer) -> None:
-    async with AsyncBlackbird(nats_url=nats_server.url, tenant="acme", abuse={"denial_burst": 5}) as bb:
+    now = [T0]  # stands still: the six calls fall in one second however slow the machine
+    async with AsyncBlackbird(
+        nats_url=nats_server.url, tenant="acme", abuse={"denial_burst": 5}, clock=lambda: now[0]
+    ) as bb:
         sm = bb.session_manager
         s = await sm.create_session("u1", tier="free")  # api_call: 1 per second
         await sm.enforce_rate_limit(s.session_id, "api_call")

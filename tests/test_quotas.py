@@ -121,7 +121,8 @@ def test_seed_quota_examples_run_on_the_sync_facade(capsys: pytest.CaptureFixtur
 
 
 def test_seed_rate_limit_example_runs_on_the_sync_facade(capsys: pytest.CaptureFixture[str]) -> None:
-    with BlackbirdSDK(development_mode=True) as sdk:
+    clock = Clock()  # stands still: the twelve calls fall in one minute however slow the machine
+    with BlackbirdSDK(development_mode=True, clock=clock) as sdk:
         session = sdk.session_manager.create_session(user_id="user123", tier="free")
 
         def safe_api_call(session_id, operation_func, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -150,7 +151,7 @@ def test_seed_rate_limit_example_runs_on_the_sync_facade(capsys: pytest.CaptureF
                 sent += 1
         except RateLimitError as e:
             print(f"Rate limit hit: {e}")
-            assert e.limit_type == "per_minute" and e.limit == 10 and 0 < e.retry_after <= 60
+            assert e.limit_type == "per_minute" and e.limit == 10 and e.retry_after == pytest.approx(60)
         assert sent == 10
         assert sdk.session_manager.get_quota(session.session_id, QuotaType.API_CALLS)["used"] == 10
         status = sdk.session_manager.get_rate_limits(session.session_id)
@@ -212,15 +213,17 @@ def test_seed_concurrency_decorator_with_threads_never_frees_another_threads_slo
 # --------------------------------------------------------------------------- durable decisions
 
 
-async def test_every_decision_is_an_event_with_the_policy_version(bb: AsyncBlackbird) -> None:
-    sm = bb.session_manager
-    s = await sm.create_session("u1", tier="free")
-    await sm.enforce_rate_limit(s.session_id, "api_call")
-    with pytest.raises(RateLimitError):
-        await sm.enforce_rate_limit(s.session_id, "api_call")  # 1 per second on free
-    with pytest.raises(QuotaExceededError):
-        await sm.track_usage(s.session_id, "llm", QuotaType.TOKENS, 10**9)
-    events = await events_of(bb, "acme", s.session_id)
+async def test_every_decision_is_an_event_with_the_policy_version(nats_server: NatsServer) -> None:
+    clock = Clock()
+    async with AsyncBlackbird(nats_url=nats_server.url, tenant="acme", clock=clock) as bb:
+        sm = bb.session_manager
+        s = await sm.create_session("u1", tier="free")
+        await sm.enforce_rate_limit(s.session_id, "api_call")
+        with pytest.raises(RateLimitError):
+            await sm.enforce_rate_limit(s.session_id, "api_call")  # 1 per second on free; the clock stands still
+        with pytest.raises(QuotaExceededError):
+            await sm.track_usage(s.session_id, "llm", QuotaType.TOKENS, 10**9)
+        events = await events_of(bb, "acme", s.session_id)
     decisions = [e for e in events if isinstance(e, (RateAllowed, RateDenied, QuotaDenied))]
     assert [type(e) for e in decisions] == [RateAllowed, RateDenied, QuotaDenied]
     assert {e.policy_version for e in decisions} == {bb.policy.version}
@@ -332,24 +335,24 @@ async def test_restart_keeps_counters_and_policies(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- tenants
 
 
-async def test_tenant_policy_overrides_are_versioned_events_seen_by_other_clients(
-    bb: AsyncBlackbird, nats_server: NatsServer
-) -> None:
-    sm = bb.session_manager
-    policy = await sm.set_tenant_policy({"tiers": {"free": {"rate_limits": {"default": {"per_minute": 2}}}}})
-    assert policy["version"] == bb.policy.version + 1
-    s = await sm.create_session("u1", tier="free")
-    for _ in range(2):
-        await sm.enforce_rate_limit(s.session_id, "chat", "per_minute")
-    with pytest.raises(RateLimitError) as err:
-        await sm.enforce_rate_limit(s.session_id, "chat", "per_minute")
-    assert err.value.limit == 2
-    denied = [e for e in await events_of(bb, "acme", s.session_id) if isinstance(e, RateDenied)]
-    assert denied[-1].policy_version == policy["version"]
-    async with AsyncBlackbird(nats_url=nats_server.url, tenant="acme") as second:
-        assert await second.session_manager.get_tenant_policy() == policy
-        other_tenant = await second.session_manager.get_tenant_policy(tenant="globex")
-        assert other_tenant["version"] == bb.policy.version  # the override stops at the wall
+async def test_tenant_policy_overrides_are_versioned_events_seen_by_other_clients(nats_server: NatsServer) -> None:
+    clock = Clock()  # stands still: the three calls fall in one minute however slow the machine
+    async with AsyncBlackbird(nats_url=nats_server.url, tenant="acme", clock=clock) as bb:
+        sm = bb.session_manager
+        policy = await sm.set_tenant_policy({"tiers": {"free": {"rate_limits": {"default": {"per_minute": 2}}}}})
+        assert policy["version"] == bb.policy.version + 1
+        s = await sm.create_session("u1", tier="free")
+        for _ in range(2):
+            await sm.enforce_rate_limit(s.session_id, "chat", "per_minute")
+        with pytest.raises(RateLimitError) as err:
+            await sm.enforce_rate_limit(s.session_id, "chat", "per_minute")
+        assert err.value.limit == 2
+        denied = [e for e in await events_of(bb, "acme", s.session_id) if isinstance(e, RateDenied)]
+        assert denied[-1].policy_version == policy["version"]
+        async with AsyncBlackbird(nats_url=nats_server.url, tenant="acme") as second:
+            assert await second.session_manager.get_tenant_policy() == policy
+            other_tenant = await second.session_manager.get_tenant_policy(tenant="globex")
+            assert other_tenant["version"] == bb.policy.version  # the override stops at the wall
 
 
 async def test_a_tenant_cannot_see_spend_or_release_another_tenants_quota(bb: AsyncBlackbird) -> None:
@@ -485,8 +488,9 @@ async def test_a_retried_refused_command_is_refused_again(bb: AsyncBlackbird) ->
 
 
 async def test_limits_work_the_same_through_a_remote_client(nats_server: NatsServer) -> None:
-    async with AsyncBlackbird(nats_url=nats_server.url, tenant="acme", serve_commands=True):
-        async with AsyncBlackbird(nats_url=nats_server.url, tenant="acme", remote=True) as client:
+    clock = Clock()  # the serving host decides with it: the second call falls in the same second
+    async with AsyncBlackbird(nats_url=nats_server.url, tenant="acme", serve_commands=True, clock=clock):
+        async with AsyncBlackbird(nats_url=nats_server.url, tenant="acme", remote=True, clock=clock) as client:
             sm = client.session_manager
             s = await sm.create_session("u1", tier="free")
             granted = await sm.admit(s.session_id, "llm", {"tokens": 100})
@@ -497,5 +501,7 @@ async def test_limits_work_the_same_through_a_remote_client(nats_server: NatsSer
             await sm.enforce_rate_limit(s.session_id, "api_call")
             with pytest.raises(RateLimitError) as rate:
                 await sm.enforce_rate_limit(s.session_id, "api_call")
-            assert rate.value.limit_type == "per_second"
+            assert rate.value.limit_type == "per_second" and rate.value.retry_after == pytest.approx(1.0)
+            clock.now += rate.value.retry_after  # the window has moved on: allowed again
+            await sm.enforce_rate_limit(s.session_id, "api_call")
             assert (await sm.get_quota(s.session_id, "tokens"))["used"] == 100
