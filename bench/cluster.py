@@ -42,14 +42,13 @@ if __package__ in (None, ""):  # run as ``python bench/cluster.py``: the repo's 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import anyio
-from nats.js.api import StorageType, StreamConfig
 
 from bench.commands import (
     RAW_BATCH,
-    RAW_SUBJECTS,
     commit_payload,
     create_sessions,
     load_average,
+    publish_raw,
     row,
     run_cli,
     run_context,
@@ -112,41 +111,15 @@ def client_node(cluster: NatsCluster, bb: AsyncBlackbird) -> int:
 async def raw_publish(
     cluster: NatsCluster, payload: bytes, seconds: float, replicas: int, *, with_headers: bool = False
 ) -> float:
-    """Pipelined ``js.publish_async`` msgs/s into a fresh stream with ``replicas`` replicas;
-    ``with_headers``: each message carries the two headers our appends carry (``Nats-Msg-Id`` and
-    ``Nats-Expected-Last-Subject-Sequence``), so what the server does for them is counted."""
+    """Pipelined ``js.publish_async`` msgs/s into a fresh stream with ``replicas`` replicas
+    (:func:`bench.commands.publish_raw`), deleted afterwards."""
     nc = await cluster.connect()
     try:
         js = nc.jetstream(timeout=30)
         name = f"RAW{replicas}_{uuid.uuid4().hex[:6]}"
-        prefix = name.lower()
-        await js.add_stream(StreamConfig(name=name, subjects=[f"{prefix}.>"], storage=StorageType.FILE,
-                                         num_replicas=replicas, duplicate_window=120.0))
-        subjects = [f"{prefix}.{i}" for i in range(RAW_SUBJECTS)]
-        last_seq = [0] * RAW_SUBJECTS
-        sent = 0
-
-        async def batch() -> None:
-            nonlocal sent
-            futures = []
-            for j in range(RAW_BATCH):
-                k = (sent + j) % RAW_SUBJECTS
-                headers = None
-                if with_headers:
-                    headers = {"Nats-Expected-Last-Subject-Sequence": str(last_seq[k]), "Nats-Msg-Id": uuid.uuid4().hex}
-                futures.append((k, await js.publish_async(subjects[k], payload, headers=headers)))
-            for k, fut in futures:
-                last_seq[k] = (await fut).seq
-            sent += RAW_BATCH
-
-        await batch()  # warm-up (stream files, subject index)
-        before = sent
-        start = time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            await batch()
-        rate = (sent - before) / (time.perf_counter() - start)
+        sent, elapsed, _ = await publish_raw(js, name, payload, seconds, with_headers=with_headers, replicas=replicas)
         await js.delete_stream(name)
-        return rate
+        return sent / elapsed
     finally:
         await nc.close()
 

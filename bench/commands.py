@@ -44,6 +44,7 @@ if __package__ in (None, ""):  # run as ``python bench/commands.py``: the repo's
 import anyio
 import msgspec
 import nats
+from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 
 from actors.events import Applied, Commit, SessionTouched
@@ -258,48 +259,69 @@ async def commit_payload(url: str, stream: str, subject: str, principal: str) ->
 # --------------------------------------------------------------------------- 2. raw baseline
 
 
+async def publish_raw(
+    js: JetStreamContext,
+    stream: str,
+    payload: bytes,
+    seconds: float,
+    *,
+    with_headers: bool,
+    replicas: int = 1,
+    server_pid: int | None = None,
+) -> tuple[int, float, str]:
+    """Pipelined ``js.publish_async`` of ``payload`` into a new stream ``stream`` with ``replicas``
+    replicas, in batches of RAW_BATCH round-robin over RAW_SUBJECTS subjects (``<stream in lower
+    case>.<i>``), for ``seconds`` after one warm-up batch; ``with_headers``: each message carries
+    the two headers our appends carry (``Nats-Msg-Id`` and ``Nats-Expected-Last-Subject-Sequence``),
+    so what the server does for them is counted. Returns (messages, seconds, cpu use of this
+    process and of the server ``server_pid`` over the timed batches; "" without a pid)."""
+    prefix = stream.lower()
+    await js.add_stream(
+        StreamConfig(name=stream, subjects=[f"{prefix}.>"], storage=StorageType.FILE,
+                     num_replicas=replicas, duplicate_window=120.0)
+    )
+    subjects = [f"{prefix}.{i}" for i in range(RAW_SUBJECTS)]
+    last_seq = [0] * RAW_SUBJECTS
+    sent = 0
+
+    async def batch() -> None:
+        nonlocal sent
+        futures = []
+        for j in range(RAW_BATCH):
+            k = (sent + j) % RAW_SUBJECTS
+            headers = None
+            if with_headers:
+                headers = {
+                    "Nats-Expected-Last-Subject-Sequence": str(last_seq[k]),
+                    "Nats-Msg-Id": uuid.uuid4().hex,
+                }
+            futures.append((k, await js.publish_async(subjects[k], payload, headers=headers)))
+        for k, fut in futures:
+            ack = await fut
+            last_seq[k] = ack.seq
+        sent += RAW_BATCH
+
+    await batch()  # warm-up (stream files, subject index)
+    sent_before = sent
+    meter = CpuMeter(server_pid) if server_pid is not None else None
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        await batch()
+    elapsed = time.perf_counter() - start
+    return sent - sent_before, elapsed, meter.text() if meter else ""
+
+
 async def raw_baseline(
     url: str, payload: bytes, seconds: float, server_pid: int, *, with_headers: bool
 ) -> tuple[int, float, str]:
-    """Pipelined js.publish_async into stream RAW; returns (messages, seconds, cpu use)."""
+    """Pipelined js.publish_async into stream RAW (RAWH with headers; see :func:`publish_raw`);
+    returns (messages, seconds, cpu use)."""
     nc = await nats.connect(url, name="bench-raw")
     try:
-        js = nc.jetstream(timeout=30)
-        stream = "RAWH" if with_headers else "RAW"
-        prefix = "rawh" if with_headers else "raw"
-        await js.add_stream(
-            StreamConfig(name=stream, subjects=[f"{prefix}.>"], storage=StorageType.FILE,
-                         duplicate_window=120.0)
+        return await publish_raw(
+            nc.jetstream(timeout=30), "RAWH" if with_headers else "RAW", payload, seconds,
+            with_headers=with_headers, server_pid=server_pid,
         )
-        subjects = [f"{prefix}.{i}" for i in range(RAW_SUBJECTS)]
-        last_seq = [0] * RAW_SUBJECTS
-        sent = 0
-
-        async def batch() -> None:
-            nonlocal sent
-            futures = []
-            for j in range(RAW_BATCH):
-                k = (sent + j) % RAW_SUBJECTS
-                headers = None
-                if with_headers:
-                    headers = {
-                        "Nats-Expected-Last-Subject-Sequence": str(last_seq[k]),
-                        "Nats-Msg-Id": uuid.uuid4().hex,
-                    }
-                futures.append((k, await js.publish_async(subjects[k], payload, headers=headers)))
-            for k, fut in futures:
-                ack = await fut
-                last_seq[k] = ack.seq
-            sent += RAW_BATCH
-
-        await batch()  # warm-up (stream files, subject index)
-        sent_before = sent
-        meter = CpuMeter(server_pid)
-        start = time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            await batch()
-        elapsed = time.perf_counter() - start
-        return sent - sent_before, elapsed, meter.text()
     finally:
         await nc.close()
 

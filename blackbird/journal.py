@@ -360,6 +360,28 @@ class Journal:
         except nats.js.errors.NotFoundError:
             return None
 
+    async def _store_stream(
+        self,
+        stream: str,
+        what: str,
+        replicas: int | None,
+        create: Callable[[JetStreamContext], Awaitable[object]] | None,
+    ) -> StreamInfo | None:
+        """The info of ``stream``, the stream behind the store ``what`` (a replica count that differs
+        from ``replicas``, default the setting, is logged); None if it is missing, after creating it
+        with ``create`` if given (one that another client created meanwhile counts as created)."""
+        info = await self._stream_info(stream)
+        if info is not None:
+            self._log_replicas(stream, info.config.num_replicas, replicas)
+            return info
+        if create is not None:
+            try:
+                await self.retrying(f"create {what}", create, expected=(nats.js.errors.BadRequestError,))
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != STREAM_NAME_IN_USE:
+                    raise LogError(f"could not create {what}: {exc.description}") from None
+        return None
+
     async def bucket(
         self, name: str, *, create: bool, replicas: int | None = None, history: int = 1, direct_ok: bool = False
     ) -> Bucket | None:
@@ -368,26 +390,18 @@ class Journal:
         setting is logged). ``direct_ok``: its reads may be answered by a replica that lags (for
         caches such as snapshots); otherwise with several replicas they go to the leader."""
         stream = f"KV_{name}"
-        info = await self._stream_info(stream)
+        config = KeyValueConfig(
+            bucket=name, history=history, replicas=replicas or self._settings.replicas, storage=StorageType.FILE
+        )
+        info = await self._store_stream(
+            stream, f"bucket {name}", replicas, (lambda js: js.create_key_value(config=config)) if create else None
+        )
         if info is None:
             if not create:
                 return None
-            config = KeyValueConfig(
-                bucket=name, history=history, replicas=replicas or self._settings.replicas, storage=StorageType.FILE
-            )
-            try:
-                await self.retrying(
-                    f"create bucket {name}", lambda js: js.create_key_value(config=config),
-                    expected=(nats.js.errors.BadRequestError,),
-                )
-            except nats.js.errors.BadRequestError as exc:
-                if exc.err_code != STREAM_NAME_IN_USE:
-                    raise LogError(f"could not create bucket {name}: {exc.description}") from None
             info = await self._stream_info(stream)
             if info is None:
                 raise LogError(f"bucket {name} was created and deleted meanwhile")
-        else:
-            self._log_replicas(stream, info.config.num_replicas, replicas)
         actual = info.config.num_replicas or 1
         return Bucket(name, direct=bool(info.config.allow_direct) and (direct_ok or actual == 1))
 
@@ -397,23 +411,13 @@ class Journal:
         """The object store ``name`` as a handle maker for :meth:`retrying`; created with
         ``replicas`` replicas (default: the setting) if missing and ``create`` (else None)."""
         stream = f"OBJ_{name}"
-        info = await self._stream_info(stream)
-        if info is None:
-            if not create:
-                return None
-            config = ObjectStoreConfig(
-                bucket=name, replicas=replicas or self._settings.replicas, storage=StorageType.FILE
-            )
-            try:
-                await self.retrying(
-                    f"create object store {name}", lambda js: js.create_object_store(name, config=config),
-                    expected=(nats.js.errors.BadRequestError,),
-                )
-            except nats.js.errors.BadRequestError as exc:
-                if exc.err_code != STREAM_NAME_IN_USE:
-                    raise LogError(f"could not create object store {name}: {exc.description}") from None
-        else:
-            self._log_replicas(stream, info.config.num_replicas, replicas)
+        config = ObjectStoreConfig(bucket=name, replicas=replicas or self._settings.replicas, storage=StorageType.FILE)
+        info = await self._store_stream(
+            stream, f"object store {name}", replicas,
+            (lambda js: js.create_object_store(name, config=config)) if create else None,
+        )
+        if info is None and not create:
+            return None
 
         def handle(js: JetStreamContext) -> ObjectStore:
             return ObjectStore(name=name, stream=stream, js=js)

@@ -4,17 +4,23 @@ JetStream or LanceDB."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
+import nats
 import pytest
+from nats.aio.client import Client as NATS
 
 from blackbird import AsyncBlackbird
+from blackbird.http.app import http_server, sse_app
 from blackbird.server.embedded import _free_port, find_nats_server_binary
 
 from .nats_cluster import NatsCluster, running_cluster
@@ -98,6 +104,32 @@ async def bb(nats_server: NatsServer) -> AsyncIterator[AsyncBlackbird]:
     """An AsyncBlackbird hosting actors in this process, on the test's nats-server."""
     async with AsyncBlackbird(nats_url=nats_server.url, tenant="acme") as client:
         yield client
+
+
+@pytest.fixture
+async def nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
+    """A plain nats-py connection to the test's nats-server (what any client of it can send)."""
+    conn = await nats.connect(nats_server.url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def serving_http(bb: AsyncBlackbird, tokens: Mapping[str, str]) -> AsyncIterator[str]:
+    """``bb`` over HTTP (``sse_app`` with ``tokens``, heartbeats every 0.2 s) on a real uvicorn
+    server on a free loopback port; yields its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()  # listening before the server runs: no request can arrive too early
+    server = http_server(sse_app(bb, tokens, heartbeat=0.2), "127.0.0.1", 0)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: server.serve(sockets=[sock]))
+        try:
+            yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        finally:
+            server.should_exit = True
 
 
 def new_id() -> str:

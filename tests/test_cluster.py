@@ -103,9 +103,19 @@ class Recovery:
         assert self.every_session <= RESUME_WITHIN, str(self)
 
 
-async def check_with_fresh_client(url: str, load: UsageLoad, bb: AsyncBlackbird, **options: Any) -> None:
+async def check_recovered(recovery: Recovery, bb: AsyncBlackbird, servers: NatsCluster | NatsServer) -> None:
+    """After the fault: print ``recovery``; nothing was lost (read through ``bb`` and through a
+    fresh client, on the settled cluster), ``bb`` is still connected and the load recovered in time."""
+    print(recovery)
+    if isinstance(servers, NatsCluster):
+        await servers.wait_settled()  # the checks read a settled cluster
+        url, options = servers.nats_url, {"replicas": 3}
+    else:
+        url, options = servers.url, {}
     async with client(url, **options) as fresh:
-        await check_nothing_lost(load, bb, fresh)
+        await check_nothing_lost(recovery.load, bb, fresh)
+    assert is_connected(bb)
+    recovery.assert_live()
 
 
 # --------------------------------------------------------------------------- cluster
@@ -128,11 +138,7 @@ async def test_killing_the_stream_leader_loses_nothing_and_commands_resume_with_
                 await nats_cluster.wait_settled()
                 await load.wait_progress(PROGRESS, after=time.monotonic())
             recovery = Recovery(f"kill -9 of stream leader node-{leader}", killed, back, load)
-            print(recovery)
-            await nats_cluster.wait_settled()  # the checks read a settled cluster
-            await check_with_fresh_client(nats_cluster.nats_url, load, bb, replicas=3)
-            assert is_connected(bb)
-            recovery.assert_live()
+            await check_recovered(recovery, bb, nats_cluster)
 
 
 async def test_killing_a_follower_loses_nothing_and_commands_keep_flowing(nats_cluster: NatsCluster) -> None:
@@ -148,11 +154,7 @@ async def test_killing_a_follower_loses_nothing_and_commands_keep_flowing(nats_c
                 back = await nats_cluster.leader_answers(PROBE_SUBJECT)
                 await load.wait_progress(PROGRESS, after=back)
             recovery = Recovery(f"kill -9 of follower node-{follower}", killed, back, load)
-            print(recovery)
-            await nats_cluster.wait_settled()  # the checks read a settled cluster
-            await check_with_fresh_client(nats_cluster.nats_url, load, bb, replicas=3)
-            assert is_connected(bb)
-            recovery.assert_live()
+            await check_recovered(recovery, bb, nats_cluster)
 
 
 async def test_killing_the_clients_node_moves_the_client_to_another_node_and_loses_nothing(
@@ -171,12 +173,8 @@ async def test_killing_the_clients_node_moves_the_client_to_another_node_and_los
                 back = await nats_cluster.leader_answers(PROBE_SUBJECT)
                 await load.wait_progress(PROGRESS, after=back)
             recovery = Recovery(f"kill -9 of node-{mine}, the client's node", killed, back, load)
-            print(recovery)
-            await nats_cluster.wait_settled()  # the checks read a settled cluster
-            await check_with_fresh_client(nats_cluster.nats_url, load, bb, replicas=3)
-            assert is_connected(bb)
+            await check_recovered(recovery, bb, nats_cluster)
             assert connected_node(nats_cluster, bb) != mine
-            recovery.assert_live()
 
 
 async def test_pausing_the_stream_leader_past_the_command_timeout_loses_nothing(nats_cluster: NatsCluster) -> None:
@@ -195,11 +193,7 @@ async def test_pausing_the_stream_leader_past_the_command_timeout_loses_nothing(
                 await nats_cluster.wait_settled()  # the old leader is a follower again, caught up
             fault = f"SIGSTOP of stream leader node-{leader} for {resumed - paused:.1f}s"
             recovery = Recovery(fault, paused, back, load)
-            print(recovery)
-            await nats_cluster.wait_settled()  # the checks read a settled cluster
-            await check_with_fresh_client(nats_cluster.nats_url, load, bb, replicas=3)
-            assert is_connected(bb)
-            recovery.assert_live()
+            await check_recovered(recovery, bb, nats_cluster)
 
 
 # --------------------------------------------------------------------------- single server
@@ -223,7 +217,4 @@ async def test_restarting_a_single_server_loses_nothing_and_commands_resume_when
                 back = await leader_answers([nats_server.url], PROBE_SUBJECT)
                 await load.wait_progress(PROGRESS, after=back)
             recovery = Recovery("kill -9 and restart of the single server", killed, back, load)
-            print(recovery)
-            await check_with_fresh_client(nats_server.url, load, bb)
-            assert is_connected(bb)
-            recovery.assert_live()
+            await check_recovered(recovery, bb, nats_server)

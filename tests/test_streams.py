@@ -5,7 +5,6 @@ for a slow reader, tenant walls, typed errors, and the same over HTTP as Server-
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,10 +17,10 @@ import pytest
 from actors.events import Applied, Commit, MessagePosted
 from actors.ports import AggregateKey
 from blackbird import AsyncBlackbird, BlackbirdSDK, SessionNotFoundError, ValidationError
-from blackbird.http.app import http_server, load_tokens, sse_app
+from blackbird.http.app import load_tokens
 from blackbird.streams.subscription import StreamEvent, Subscription
 
-from .conftest import NatsServer, new_id
+from .conftest import NatsServer, new_id, serving_http
 
 pytestmark = pytest.mark.anyio
 
@@ -183,16 +182,8 @@ async def sse_events(lines: AsyncIterator[str], n: int) -> list[dict[str, Any]]:
 @pytest.fixture
 async def sse(bb: AsyncBlackbird) -> AsyncIterator[str]:
     """The streams of ``bb`` over HTTP on a real uvicorn server; yields its base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen()  # listening before the server runs: no request can arrive too early
-    server = http_server(sse_app(bb, TOKENS, heartbeat=0.2), "127.0.0.1", 0)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(lambda: server.serve(sockets=[sock]))
-        try:
-            yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-        finally:
-            server.should_exit = True
+    async with serving_http(bb, TOKENS) as url:
+        yield url
 
 
 async def test_sse_streams_a_session_and_resumes_with_last_event_id(bb: AsyncBlackbird, sse: str) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -20,7 +19,6 @@ import anyio.from_thread
 import anyio.to_thread
 import httpx
 import msgspec
-import nats
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -50,9 +48,8 @@ from blackbird import (
 )
 from blackbird._validate import check_metadata
 from blackbird.commands.dispatch import CREATION_GRACE, LocalDispatcher, ask_or_raise
-from blackbird.http.app import http_server, sse_app
 
-from .conftest import NatsServer, new_id
+from .conftest import NatsServer, new_id, serving_http
 
 pytestmark = pytest.mark.anyio
 
@@ -66,16 +63,6 @@ async def host(nats_server: NatsServer) -> AsyncIterator[AsyncBlackbird]:
     """A client hosting the actors and serving the command subjects, as `blackbird serve` does."""
     async with AsyncBlackbird(nats_url=nats_server.url, tenant=TENANT, serve_commands=True) as bb:
         yield bb
-
-
-@pytest.fixture
-async def nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
-    """A plain nats-py connection: what any client of the command subjects can send."""
-    conn = await nats.connect(nats_server.url)
-    try:
-        yield conn
-    finally:
-        await conn.drain()
 
 
 async def raw(nc: NATS, session_id: str, command: dict[str, Any] | bytes, **envelope: Any) -> dict[str, Any]:
@@ -449,16 +436,8 @@ async def test_queries_refuse_numbers_outside_their_range_with_a_typed_error(hos
 
 @pytest.fixture
 async def sse(host: AsyncBlackbird) -> AsyncIterator[str]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen()  # listening before the server runs: no request can arrive too early
-    server = http_server(sse_app(host, TOKENS, heartbeat=0.2), "127.0.0.1", 0)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(lambda: server.serve(sockets=[sock]))
-        try:
-            yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-        finally:
-            server.should_exit = True
+    async with serving_http(host, TOKENS) as url:
+        yield url
 
 
 async def test_http_answers_ugly_input_with_the_sdks_typed_error_as_json(host: AsyncBlackbird, sse: str) -> None:
