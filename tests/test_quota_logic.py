@@ -171,6 +171,11 @@ def test_sparse_traffic_is_counted_exactly(gaps: list[float], limit: int) -> Non
     admitted = admitted_by_ratelog(times, limit, window)
     count_case("expired entries made room" if made_room(times, limit, window) else "no entry had to expire")
     assert admitted == admitted_by_exact_log(times, limit, window)
+    log = b""  # and the count it reports (rate_status's "remaining") leaves out exactly what expired
+    for t in times:
+        assert ratelog.count(log, t, window) == sum(1 for a in admitted if t - window < a < t)
+        if t in admitted:
+            log = ratelog.record(log, t, window)
 
 
 def test_the_log_stays_small_however_large_the_limit() -> None:
