@@ -11,11 +11,15 @@ page cache), connects ``AsyncBlackbird(nats_url=..., tenant="bench")`` and measu
 2. a raw baseline on the same server: nats-py ``js.publish_async`` of payloads the size of one
    of our commits, pipelined in batches of 1,000, into a separate stream ("RAW"); a second
    variant carries the same headers our appends carry (``Nats-Msg-Id`` and
-   ``Nats-Expected-Last-Subject-Sequence``) so the server-side cost of those is visible;
+   ``Nats-Expected-Last-Subject-Sequence``) so the server-side cost of those is visible.
+   The 1,000-session level and the two raw variants alternate (raw, raw + headers, ours, then
+   ours, raw + headers, raw, ...: ``alternate``), 3 runs each with ``--quick``, 5 without;
+   the figures are the medians, ``ratio_vs_raw`` = median commands/s at 1,000 sessions ÷
+   median raw msgs/s (no headers);
 3. activation time of a session with 10,000 events, without and with a snapshot.
 
 A human-readable table goes to stdout; the very last line is one JSON object.
-``--profile FILE`` runs cProfile over the 1,000-session phase only and writes its stats to FILE
+``--profile FILE`` runs cProfile over the first 1,000-session run only and writes its stats to FILE
 (the throughput of that phase is then distorted by the profiler).
 """
 
@@ -46,6 +50,7 @@ import msgspec
 import nats
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
+from nats.js.errors import NotFoundError
 
 from actors.events import Applied, Commit, SessionTouched
 from actors.ports import AggregateKey
@@ -67,14 +72,15 @@ class Config:
     warmup: float = 0.5  # seconds of untimed load before each level
     raw_seconds: float = 3.0
     activation_repeats: int = 5
+    repetitions: int = 3  # the top level and raw, alternated
 
 
 def make_config(quick: bool) -> Config:
     if quick:
-        return Config(quick=True, seconds={1: 3.0, 100: 3.0, 1_000: 4.0}, raw_seconds=2.5,
-                      activation_repeats=5)
-    return Config(quick=False, seconds={1: 10.0, 100: 15.0, 1_000: 20.0}, raw_seconds=10.0,
-                  activation_repeats=11)
+        return Config(quick=True, seconds={1: 3.0, 100: 3.0, 1_000: 3.0}, raw_seconds=2.5,
+                      activation_repeats=5, repetitions=3)
+    return Config(quick=False, seconds={1: 10.0, 100: 15.0, 1_000: 15.0}, raw_seconds=10.0,
+                  activation_repeats=11, repetitions=5)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -99,6 +105,28 @@ def load_average() -> str:
 def run_context(quick: bool, load_start: str, load_end: str) -> dict[str, Any]:
     """What every benchmark's JSON line says about how it ran."""
     return {"fsync": FSYNC, "gc": GC_MODE[0], "quick": quick, "load_average": {"start": load_start, "end": load_end}}
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def spread(values: list[float], fmt: str = ",.0f") -> str:
+    """``median of N: a, b, c`` for a figure measured in N alternated repetitions."""
+    return f"median of {len(values)}: {', '.join(format(v, fmt) for v in values)}"
+
+
+async def alternate(sides: dict[str, Callable[[], Awaitable[float]]], reps: int) -> dict[str, list[float]]:
+    """Run every side once per repetition, ``reps`` times, the order reversed on every other
+    repetition (two sides: A B, B A, A B, ... = ABBA), so neither the raw baseline nor ours
+    always runs first (on colder caches) or last (on a warmer machine); returns each side's
+    figures in run order. Report the medians and the ratio of the medians."""
+    names = list(sides)
+    out: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(reps):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            out[name].append(await sides[name]())
+    return out
 
 
 def row(name: str, value: str, detail: str = "") -> None:
@@ -276,6 +304,10 @@ async def publish_raw(
     so what the server does for them is counted. Returns (messages, seconds, cpu use of this
     process and of the server ``server_pid`` over the timed batches; "" without a pid)."""
     prefix = stream.lower()
+    try:  # a fresh stream each run (a repeated run's expected-sequence headers start from 0)
+        await js.delete_stream(stream)
+    except NotFoundError:
+        pass
     await js.add_stream(
         StreamConfig(name=stream, subjects=[f"{prefix}.>"], storage=StorageType.FILE,
                      num_replicas=replicas, duplicate_window=120.0)
@@ -363,63 +395,93 @@ async def time_call(fn: Any, repeats: int) -> float:
 # --------------------------------------------------------------------------- main
 
 
-async def raw_baselines(url: str, payload: bytes, seconds: float, server_pid: int) -> tuple[float, float]:
-    """Raw ``js.publish_async`` msgs/s of ``payload``, without and with the two headers our
-    appends carry; prints a row for each."""
-    n_raw, s_raw, cpu_raw = await raw_baseline(url, payload, seconds, server_pid, with_headers=False)
-    raw_rate = n_raw / s_raw
+async def alternate_with_raw(
+    ours: Callable[[], Awaitable[PhaseResult]], url: str, payload: bytes, seconds: float,
+    server_pid: int, reps: int,
+) -> tuple[PhaseResult, float, float, dict[str, list[float]]]:
+    """``ours`` alternated with raw ``js.publish_async`` of ``payload``, without and with the two
+    headers our appends carry (raw, raw + headers, ours, then ours, raw + headers, raw, ...),
+    ``reps`` times each; prints the raw rows. Returns our median run (by rate), the median raw
+    rates and every run's rate per side ("raw", "raw_headers", "ours")."""
+    notes: dict[bool, str] = {}
+    phases: list[PhaseResult] = []
+
+    def raw_side(with_headers: bool) -> Callable[[], Awaitable[float]]:
+        async def run() -> float:
+            n, s, cpu = await raw_baseline(url, payload, seconds, server_pid, with_headers=with_headers)
+            notes[with_headers] = f"last run {n:,} msgs in {s:.1f} s, {cpu}"
+            return n / s
+        return run
+
+    async def ours_side() -> float:
+        phases.append(await ours())
+        return phases[-1].per_s
+
+    runs = await alternate({"raw": raw_side(False), "raw_headers": raw_side(True), "ours": ours_side}, reps)
+    raw_rate, rawh_rate = median(runs["raw"]), median(runs["raw_headers"])
     row("raw js.publish_async (no headers)", f"{raw_rate:,.0f} msg/s",
-        f"{len(payload)} B, batches of {RAW_BATCH}, {RAW_SUBJECTS} subjects, "
-        f"{n_raw:,} msgs in {s_raw:.1f} s; {cpu_raw}")
-    n_rawh, s_rawh, cpu_rawh = await raw_baseline(url, payload, seconds, server_pid, with_headers=True)
-    rawh_rate = n_rawh / s_rawh
+        f"{len(payload)} B, batches of {RAW_BATCH}, {RAW_SUBJECTS} subjects, {seconds:.1f} s a run; "
+        f"{spread(runs['raw'])}; {notes[False]}")
     row("raw js.publish_async (+msg-id, expected-seq)", f"{rawh_rate:,.0f} msg/s",
-        f"same, with the 2 headers our appends carry; {n_rawh:,} msgs in {s_rawh:.1f} s; {cpu_rawh}")
-    return raw_rate, rawh_rate
+        f"same, with the 2 headers our appends carry; {spread(runs['raw_headers'])}; {notes[True]}")
+    middle = sorted(phases, key=lambda p: p.per_s)[len(phases) // 2]
+    return middle, raw_rate, rawh_rate, runs
 
 
 async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
     t_start = time.perf_counter()
+    load_start = load_average()
     result: dict[str, Any] = {"bench": "commands"}
     with tempfile.TemporaryDirectory(prefix="bb-bench-") as tmp:
         async with EmbeddedServer(tmp) as server:
             url = server.url
             print(f"nats-server {url} (embedded, store {server.store_dir}), fsync: {FSYNC}")
             print(f"mode: {'quick' if cfg.quick else 'full'}; python {sys.version.split()[0]}; "
-                  f"{os.cpu_count()} cpus")
+                  f"{os.cpu_count()} cpus; load average {load_start} (other processes skew every "
+                  f"figure); gc: {GC_MODE[0]}")
             print()
             row("measurement", "value", "detail")
             row("-" * 44, "-" * 16, "-" * 40)
 
             # ---------------------------------------------------------------- 1. commands
+            # 1 and 100 sessions once; the top level alternated with the raw baseline (2.)
             phases: dict[int, PhaseResult] = {}
+            top = max(cfg.concurrency)
             async with AsyncBlackbird(nats_url=url, tenant=TENANT) as bb:
                 ids = {n: await create_sessions(bb, n, f"s{n}") for n in cfg.concurrency}
-                for n in cfg.concurrency:
-                    profiled = profile_path is not None and n == max(cfg.concurrency)
-                    res = await run_touch_phase(
-                        bb, ids[n], cfg.warmup, cfg.seconds[n], server.pid,
-                        profile_path if profiled else None,
-                    )
+                for n in cfg.concurrency[:-1]:
+                    res = await run_touch_phase(bb, ids[n], cfg.warmup, cfg.seconds[n], server.pid)
                     phases[n] = res
                     row(f"touch_session, {n} concurrent session(s)", f"{res.per_s:,.0f} cmd/s",
                         f"p50 {res.p50_ms:.2f} ms  p99 {res.p99_ms:.2f} ms  "
-                        f"({res.commands:,} cmds in {res.seconds:.1f} s; {res.cpu}"
-                        f"{', under cProfile' if profiled else ''})")
+                        f"({res.commands:,} cmds in {res.seconds:.1f} s; {res.cpu})")
                 settings = bb.settings
                 subject = bb.journal.subjects.session(TENANT, ids[1][0])
-            payload, built_size = await commit_payload(
-                url, settings.stream, subject, settings.principal
-            )
-            row("commit payload (TouchSession, stored)", f"{len(payload)} B",
-                f"msgspec.json of a hand-built commit: {built_size} B; "
-                f"snapshot_every={settings.snapshot_every} (default)")
+                payload, built_size = await commit_payload(
+                    url, settings.stream, subject, settings.principal
+                )
+                row("commit payload (TouchSession, stored)", f"{len(payload)} B",
+                    f"msgspec.json of a hand-built commit: {built_size} B; "
+                    f"snapshot_every={settings.snapshot_every} (default)")
 
-            # ---------------------------------------------------------------- 2. raw baseline
-            raw_rate, rawh_rate = await raw_baselines(url, payload, cfg.raw_seconds, server.pid)
-            top = max(cfg.concurrency)
-            ratio = phases[top].per_s / raw_rate
-            row(f"ratio cmds/s @{top} ÷ raw msgs/s", f"{ratio:.3f}", "target >= 0.5")
+                # ------------------------------------------------------------ 2. raw baseline
+                to_profile = [profile_path]  # the first run at the top level only
+
+                async def ours() -> PhaseResult:
+                    profile_to, to_profile[0] = to_profile[0], None
+                    return await run_touch_phase(
+                        bb, ids[top], cfg.warmup, cfg.seconds[top], server.pid, profile_to)
+
+                res, raw_rate, rawh_rate, runs = await alternate_with_raw(
+                    ours, url, payload, cfg.raw_seconds, server.pid, cfg.repetitions)
+                phases[top] = res
+                row(f"touch_session, {top} concurrent session(s)", f"{median(runs['ours']):,.0f} cmd/s",
+                    f"{spread(runs['ours'])}, alternated with raw; the median run: p50 {res.p50_ms:.2f} ms  "
+                    f"p99 {res.p99_ms:.2f} ms  ({res.commands:,} cmds in {res.seconds:.1f} s; {res.cpu}"
+                    f"{', first run under cProfile' if profile_path else ''})")
+            ratio = median(runs["ours"]) / raw_rate
+            row(f"ratio cmds/s @{top} ÷ raw msgs/s", f"{ratio:.3f}",
+                f"target >= 0.5; ratio of the medians of {cfg.repetitions} alternated runs (ABBA)")
 
             # ---------------------------------------------------------------- 3. activation
             async with AsyncBlackbird(nats_url=url, tenant=TENANT, snapshot_every=10**9) as bb:
@@ -456,12 +518,17 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
                 row("  of which: last_seq lookup", f"{last_ms:.2f} ms", "median, Journal.last_seq")
 
     total = time.perf_counter() - t_start
-    row("total wall time", f"{total:.1f} s", "")
+    load_end = load_average()
+    row("total wall time", f"{total:.1f} s", f"load average now {load_end}")
     result.update(
         ratio_vs_raw=round(ratio, 4),
+        ratio_definition=(f"median touch_session cmds/s at {top} sessions / median raw js.publish_async "
+                          f"msgs/s of the same payload, {cfg.repetitions} runs each, alternated (ABBA)"),
         raw_msgs_per_s=round(raw_rate, 1),
         raw_with_headers_msgs_per_s=round(rawh_rate, 1),
-        cmds_per_s={str(n): round(p.per_s, 1) for n, p in phases.items()},
+        runs_per_s={k: [round(x, 1) for x in v] for k, v in runs.items()},
+        cmds_per_s={**{str(n): round(p.per_s, 1) for n, p in phases.items()},
+                    str(top): round(median(runs["ours"]), 1)},
         p50_ms={str(n): round(p.p50_ms, 3) for n, p in phases.items()},
         p99_ms={str(n): round(p.p99_ms, 3) for n, p in phases.items()},
         payload_bytes=len(payload),
@@ -469,8 +536,7 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
             "no_snapshot": round(statistics.median(plain), 3),
             "snapshot": round(statistics.median(snap), 3),
         },
-        fsync=FSYNC,
-        quick=cfg.quick,
+        **run_context(cfg.quick, load_start, load_end),
     )
     return result
 

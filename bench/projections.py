@@ -26,8 +26,10 @@ default fsync mode: JetStream's ``sync_interval`` of 2 minutes), opens the log w
    and restore times; and a restart: the generator's next commits are appended (so that the
    checkpoint now covers 90% of the stream), then restore + catch up the last 10%.
 
-Steps 2 and 3 run ``repetitions`` times, interleaved (raw, raw+metadata, raw+decode,
-rebuild, ...); every figure reported is the median over the repetitions, as are the
+Steps 2 and 3 run ``repetitions`` times (3 with ``--quick``, 5 without), alternated: raw
+(its four variants), rebuild, then rebuild, raw, and so on (``bench.commands.alternate``), so
+neither side always runs first on colder caches; every figure reported is the median over
+the repetitions (the ratio is the ratio of the medians), as are the
 checkpoint and restart times. ``ratio_vs_raw`` = rebuild commits/s ÷ raw ordered-consumer
 msgs/s of variant (a), the one that does nothing per message; target >= 0.5.
 
@@ -44,7 +46,6 @@ import cProfile
 import gc
 import os
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -78,7 +79,18 @@ from actors.events import (
     UsageTracked,
     UserSessionOpened,
 )
-from bench.commands import FSYNC, GC_MODE, CpuMeter, row, run_cli
+from bench.commands import (
+    FSYNC,
+    GC_MODE,
+    CpuMeter,
+    alternate,
+    load_average,
+    median,
+    row,
+    run_cli,
+    run_context,
+    spread,
+)
 from blackbird._projections import MemoryCheckpoints, NatsCheckpoints
 from blackbird.config import build_settings
 from blackbird.journal import Journal
@@ -124,15 +136,7 @@ class Config:
 def make_config(quick: bool) -> Config:
     if quick:
         return Config(quick=True, commits=100_000, repetitions=3)
-    return Config(quick=False, commits=300_000, repetitions=3)
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)
-
-
-def spread(values: list[float], fmt: str = ",.0f") -> str:
-    return f"median of {len(values)}: {', '.join(format(v, fmt) for v in values)}"
+    return Config(quick=False, commits=300_000, repetitions=5)
 
 
 # --------------------------------------------------------------------------- 1. the log
@@ -383,6 +387,7 @@ async def timed(fn: Callable[[], Awaitable[Any]]) -> tuple[float, Any]:
 async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
     t_start = time.perf_counter()
     result: dict[str, Any] = {"bench": "projections"}
+    load_start = load_average()
     n = cfg.commits  # the stream the rebuild reads
     tail = round(n * cfg.restart_share / (1 - cfg.restart_share))  # appended before the restart
     t0 = time.perf_counter()
@@ -397,8 +402,8 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
             print(f"nats-server {url} (embedded, store {server.store_dir}), fsync: {FSYNC}")
             print(f"mode: {'quick' if cfg.quick else 'full'}; python {sys.version.split()[0]}; "
                   f"{os.cpu_count()} cpus; gc: {GC_MODE[0]}; load average "
-                  f"{'/'.join(f'{x:.2f}' for x in os.getloadavg())}; every figure below is the "
-                  f"median of {cfg.repetitions} repetitions")
+                  f"{load_start}; every figure below is the "
+                  f"median of {cfg.repetitions} repetitions, raw and ours alternated (ABBA)")
             print()
             row("measurement", "value", "detail")
             row("-" * 44, "-" * 16, "-" * 40)
@@ -431,17 +436,23 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
                     gc.collect()
 
                     # ------------------------------------------------------ 2+3. repetitions
-                    raw: dict[str, list[float]] = {"count": [], "meta": [], "decode": [], "nofilter": []}
+                    # raw and the rebuild alternate (raw, rebuild, rebuild, raw, ...): neither side
+                    # always runs first on colder caches
                     cpu: dict[str, str] = {}
-                    rebuild_s: list[float] = []
                     store_ms: list[float] = []
                     runner: ProjectionRunner[Any] | None = None
-                    for _ in range(cfg.repetitions):
-                        for mode, times in raw.items():
+
+                    def raw_side(mode: str) -> Callable[[], Awaitable[float]]:
+                        async def run() -> float:
                             gc.collect()
                             meter = CpuMeter(server.pid)
-                            times.append(await raw_replay(js, stream, last_seq, mode))
+                            seconds = await raw_replay(js, stream, last_seq, mode)
                             cpu[mode] = meter.text()
+                            return seconds
+                        return run
+
+                    async def rebuild_side() -> float:
+                        nonlocal runner
                         runner = None
                         gc.collect()
                         runner = ProjectionRunner(ActivityProjection(), journal, MemoryCheckpoints(), "bb.>")
@@ -449,10 +460,16 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
                         seconds, seq = await timed(runner.rebuild)
                         cpu["rebuild"] = meter.text()
                         assert seq == last_seq, (seq, last_seq)
-                        rebuild_s.append(seconds)
                         # what the rebuild's checkpoint into memory costs (encoding the model)
                         runner._saved_seq = 0
                         store_ms.append((await timed(runner.checkpoint))[0] * 1000)
+                        return seconds
+
+                    modes = ("count", "meta", "decode", "nofilter")
+                    runs = await alternate(
+                        {**{mode: raw_side(mode) for mode in modes}, "rebuild": rebuild_side}, cfg.repetitions)
+                    raw = {mode: runs[mode] for mode in modes}
+                    rebuild_s = runs["rebuild"]
                     assert runner is not None
                     model_text = check_model(runner.model, fill, last_seq)
 
@@ -572,7 +589,8 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
                 await nc.close()
 
     total = time.perf_counter() - t_start
-    row("total wall time", f"{total:.1f} s", "")
+    load_end = load_average()
+    row("total wall time", f"{total:.1f} s", f"load average now {load_end}")
     result.update(
         ratio_vs_raw=round(ratio, 4),
         ratio_vs_raw_decode=round(rebuild_rate / decode_rate, 4),
@@ -596,9 +614,8 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
         restart_tail_commits=tail,
         repetitions=cfg.repetitions,
         statistic="median",
-        fsync=FSYNC,
-        gc=GC_MODE[0],
-        quick=cfg.quick,
+        alternated="raw and rebuild, ABBA",
+        **run_context(cfg.quick, load_start, load_end),
     )
     return result
 
