@@ -26,7 +26,7 @@ pytestmark = pytest.mark.anyio
 
 
 async def take(stream: Subscription, n: int) -> list[StreamEvent]:
-    out = []
+    out: list[StreamEvent] = []
     for _ in range(n):
         event = await stream.get(timeout=10)
         assert event is not None, f"only {len(out)} of {n} messages came"
@@ -39,13 +39,30 @@ async def post(bb: AsyncBlackbird, sid: str, texts: list[str], channel: str = "c
         await bb.send_message(text, session_id=sid, channel=channel)
 
 
+# "Nothing more came" is checked by a sentinel appended after the data: reading up to it shows
+# whatever else the stream would deliver (a trailing duplicate, a repeat), with no wait for time.
+SENTINEL = "end-of-test-data"
+
+
+async def until_sentinel(stream: Subscription) -> list[StreamEvent]:
+    """Every message before the sentinel (which must come within 10 s)."""
+    out: list[StreamEvent] = []
+    while True:
+        event = await stream.get(timeout=10)
+        assert event is not None, f"no sentinel after {[e.text for e in out]}"
+        if event.text == SENTINEL:
+            return out
+        out.append(event)
+        assert len(out) <= 1_000, "no sentinel after 1,000 messages"
+
+
 async def test_a_subscriber_gets_the_history_then_live_messages_in_order(bb: AsyncBlackbird) -> None:
     s = await bb.session_manager.create_session("u1")
     await post(bb, s.session_id, ["a", "b", "c"])
     async with bb.streams.subscribe(s.session_id) as stream:
         history = await take(stream, 3)
-        await post(bb, s.session_id, ["d", "e"])
-        live = await take(stream, 2)
+        await post(bb, s.session_id, ["d", "e", SENTINEL])
+        live = await until_sentinel(stream)
     got = history + live
     assert [e.text for e in got] == ["a", "b", "c", "d", "e"]
     positions = [(e.sequence, e.index) for e in got]
@@ -65,15 +82,14 @@ async def test_resuming_after_any_id_gives_the_rest_once_even_inside_one_commit(
     )
     commit = Commit(at=now, version=s.version + 2, commands=events)
     await bb.journal.append(key, commit, expected_seq=last, msg_id=new_id())
-    await post(bb, s.session_id, ["after"])
+    await post(bb, s.session_id, ["after", SENTINEL])
     async with bb.streams.subscribe(s.session_id) as stream:
-        everything = await take(stream, 5)
+        everything = await until_sentinel(stream)
     assert [e.text for e in everything] == ["before", "x", "y", "z", "after"]
     assert [e.index for e in everything[1:4]] == [0, 1, 2] and len({e.sequence for e in everything[1:4]}) == 1
-    for i, seen in enumerate(everything):  # resume after each id in turn: exactly the rest
+    for i, seen in enumerate(everything):  # resume after each id in turn: exactly the rest, once
         async with bb.streams.subscribe(s.session_id, after=seen.id) as stream:
-            rest = await take(stream, len(everything) - i - 1)
-            assert await stream.get(timeout=0.2) is None  # and nothing more
+            rest = await until_sentinel(stream)
         assert [e.id for e in rest] == [e.id for e in everything[i + 1 :]]
     # a plain sequence means "after that whole commit"
     async with bb.streams.subscribe(s.session_id, after=everything[1].sequence) as stream:
@@ -102,9 +118,9 @@ async def test_channels_filter_and_a_slow_reader_gets_the_latest_progress(bb: As
         in_order = await take(stream, 10)
         assert [e.text for e in in_order][:3] == ["hello", "0%", "10%"]
         assert all(e.resume == e.id or e.resume == str(e.sequence) for e in in_order)
+    await post(bb, s.session_id, [SENTINEL])
     async with bb.streams.subscribe(s.session_id, channels=["chat", "notification"], critical=()) as stream:
-        assert [e.text for e in await take(stream, 2)] == ["hello", "disk full"]
-        assert await stream.get(timeout=0.2) is None
+        assert [e.text for e in await until_sentinel(stream)] == ["hello", "disk full"]  # no progress
 
 
 async def test_a_killed_server_keeps_every_message_and_streams_resume(nats_server: NatsServer) -> None:
@@ -118,8 +134,8 @@ async def test_a_killed_server_keeps_every_message_and_streams_resume(nats_serve
     async with AsyncBlackbird(nats_url=nats_server.url, tenant="acme") as bb:
         async with bb.streams.subscribe(s.session_id, after=seen[-1].id) as stream:
             rest = await take(stream, 3)
-            await post(bb, s.session_id, ["m6"])
-            rest += await take(stream, 1)
+            await post(bb, s.session_id, ["m6", SENTINEL])
+            rest += await until_sentinel(stream)
     assert [e.text for e in seen + rest] == [f"m{i}" for i in range(7)]
 
 
@@ -132,9 +148,12 @@ async def test_tenants_are_walls_for_streams(nats_server: NatsServer) -> None:
                 pass
         other = await bb.session_manager.create_session("u1", tenant="globex")
         await bb.send_message("globex news", session_id=other.session_id, tenant="globex")
+        await bb.send_message(SENTINEL, session_id=other.session_id, tenant="globex")
+        await post(bb, s.session_id, [SENTINEL])
         async with bb.streams.subscribe(other.session_id, tenant="globex") as stream:
-            assert [e.text for e in await take(stream, 1)] == ["globex news"]
-            assert await stream.get(timeout=0.2) is None
+            assert [e.text for e in await until_sentinel(stream)] == ["globex news"]
+        async with bb.streams.subscribe(s.session_id) as stream:  # each tenant sees its own only
+            assert [e.text for e in await until_sentinel(stream)] == ["acme secret"]
 
 
 @pytest.mark.parametrize(
@@ -159,6 +178,17 @@ async def test_bad_stream_input_gets_a_typed_error_naming_the_field(
 # ------------------------------------------------------------------------------------------ SSE
 
 TOKENS = {"acme-reader-token-0001": "acme", "globex-reader-token-01": "globex"}
+
+
+async def sse_until_sentinel(lines: AsyncIterator[str]) -> list[dict[str, Any]]:
+    """Every SSE event before the sentinel message (which must come within 10 s)."""
+    out: list[dict[str, Any]] = []
+    while True:
+        [event] = await sse_events(lines, 1)
+        if event["data"]["text"] == SENTINEL:
+            return out
+        out.append(event)
+        assert len(out) <= 1_000, "no sentinel after 1,000 events"
 
 
 async def sse_events(lines: AsyncIterator[str], n: int) -> list[dict[str, Any]]:
@@ -205,12 +235,65 @@ async def test_sse_streams_a_session_and_resumes_with_last_event_id(bb: AsyncBla
             lines = response.aiter_lines()
             rest = await sse_events(lines, 2)
             await post(bb, s.session_id, ["five"], channel="progress")
-            rest += await sse_events(lines, 1)
+            await post(bb, s.session_id, [SENTINEL])
+            rest += await sse_until_sentinel(lines)
         assert [(e["event"], e["data"]["text"]) for e in rest] == [
             ("chat", "three"), ("chat", "four"), ("progress", "five"),
         ]
-        async with http.stream("GET", url + "?channels=progress", headers=auth) as response:
-            assert [e["data"]["text"] for e in await sse_events(response.aiter_lines(), 1)] == ["five"]
+        # the sentinel on a channel of its own: on "progress" it would replace "five" (coalescing)
+        await post(bb, s.session_id, [SENTINEL], channel="end")
+        async with http.stream("GET", url + "?channels=progress,end", headers=auth) as response:
+            assert [e["data"]["text"] for e in await sse_until_sentinel(response.aiter_lines())] == ["five"]
+
+
+async def test_sse_resumes_after_a_notification_that_jumped_the_queue_missing_and_repeating_nothing(
+    bb: AsyncBlackbird, sse: str
+) -> None:
+    s = await bb.session_manager.create_session("u1")
+    await post(bb, s.session_id, ["a", "b", "c"])
+    async with bb.streams.subscribe(s.session_id) as stream:
+        await stream.caught_up()  # the reader is behind: a, b and c wait for it
+        await post(bb, s.session_id, ["disk full"], channel="notification")
+        with anyio.fail_after(10):
+            while stream.backlog < 4:  # the notification has joined the waiting messages
+                await anyio.sleep(0.01)
+        jumped = await stream.get(timeout=10)
+        then = await stream.get(timeout=10)
+    assert jumped is not None and then is not None
+    assert (jumped.channel, jumped.text, then.text) == ("notification", "disk full", "a")
+    # each token lists the notification taken early ("<watermark>+<notification's id>")
+    assert jumped.resume.endswith(f"+{jumped.id}") and then.resume.endswith(f"+{jumped.id}")
+    assert jumped.resume != then.resume
+    await post(bb, s.session_id, ["d", SENTINEL])
+    url = f"{sse}/v1/sessions/{s.session_id}/events"
+    auth = {"Authorization": f"Bearer {next(iter(TOKENS))}"}
+    async with httpx.AsyncClient(timeout=10) as http:
+        for token, expected in ((jumped.resume, ["a", "b", "c", "d"]), (then.resume, ["b", "c", "d"])):
+            async with http.stream("GET", url, headers={**auth, "Last-Event-ID": token}) as response:
+                assert response.status_code == 200
+                rest = await sse_until_sentinel(response.aiter_lines())
+            assert [e["data"]["text"] for e in rest] == expected  # no notification again, nothing missed
+            assert "+" not in rest[-1]["id"]  # past the notification: a plain token again
+
+
+async def test_sse_resumes_across_a_restart_of_the_nats_server(
+    nats_server: NatsServer, bb: AsyncBlackbird, sse: str
+) -> None:
+    s = await bb.session_manager.create_session("u1")
+    await post(bb, s.session_id, ["m0", "m1", "m2", "m3"])
+    url = f"{sse}/v1/sessions/{s.session_id}/events"
+    auth = {"Authorization": f"Bearer {next(iter(TOKENS))}"}
+    async with httpx.AsyncClient(timeout=30) as http:
+        async with http.stream("GET", url, headers=auth) as response:
+            seen = await sse_events(response.aiter_lines(), 2)
+        nats_server.kill()  # SIGKILL between the two connections
+        nats_server.start()  # same port and store
+        await post(bb, s.session_id, ["m4", SENTINEL])  # retried by the client until NATS is back
+        async with http.stream("GET", url, headers={**auth, "Last-Event-ID": seen[-1]["id"]}) as response:
+            assert response.status_code == 200
+            rest = await sse_until_sentinel(response.aiter_lines())
+    assert [e["data"]["text"] for e in seen + rest] == ["m0", "m1", "m2", "m3", "m4"]
+    assert len({e["id"] for e in seen + rest}) == 5
 
 
 async def test_sse_refuses_without_a_token_across_tenants_and_on_bad_input(bb: AsyncBlackbird, sse: str) -> None:
@@ -259,7 +342,9 @@ def test_streams_work_through_the_sync_facade() -> None:
             first = stream.get(timeout=10)
             assert first is not None and first.text == "a"
             assert next(iter(stream)).text == "b"
-            assert stream.get(timeout=0.2) is None
+            sdk.send_message(SENTINEL, session_id=s.session_id)
+            after = stream.get(timeout=10)  # nothing came between "b" and the sentinel
+            assert after is not None and after.text == SENTINEL
 
 
 async def test_caught_up_raises_when_reading_the_history_stalls_not_when_the_reader_is_slow() -> None:
