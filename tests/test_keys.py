@@ -177,6 +177,13 @@ async def test_forgotten_key_bytes_are_erased_from_the_servers_disk(
 ) -> None:
     forgotten = await keys.key("acme", "u1")
     kept = await keys.key("acme", "u2")
+
+    def on_disk(key: bytes) -> bool:
+        return any(key in p.read_bytes() for p in Path(nats_server.store).rglob("*") if p.is_file())
+
+    with anyio.fail_after(20):  # the key is written to the store's files before it is forgotten
+        while not on_disk(forgotten):
+            await anyio.sleep(0.02)  # polling a condition, with the deadline above
     await keys.forget("acme", "u1")
     # A graceful stop flushes every block to disk.
     nats_server.process.terminate()
