@@ -61,6 +61,7 @@ class UsageLoad:
     amount_of: Callable[[int], int] = lambda k: k % 5 + 1
     sessions: list[Worker] = field(default_factory=list)
     failures: Counter[str] = field(default_factory=Counter)  # failed attempts by error class
+    failed: Counter[str] = field(default_factory=Counter)  # failed attempts by command id
     untyped: list[str] = field(default_factory=list)  # failures that were not a BlackbirdError
     longest_attempt: float = 0.0  # seconds, acknowledged or failed
     longest_what: str = ""  # which command that attempt was for, and how it ended
@@ -83,9 +84,10 @@ class UsageLoad:
             finally:
                 self._stop.set()
 
-    async def _attempt(self, call: Callable[[], Awaitable[Any]], command_id: str) -> tuple[float, float] | None:
+    async def attempt(self, call: Callable[[], Awaitable[Any]], command_id: str) -> tuple[float, float] | None:
         """Run ``call`` until it succeeds: ``(started, returned)`` of the successful attempt, or
-        None if it failed for ``retry_for`` seconds."""
+        None if it failed for ``retry_for`` seconds. Other loads (memory writes, messages) call
+        it too, so their attempts count in ``attempting``, ``failed`` and the failures."""
         give_up = time.monotonic() + self.retry_for
         while True:
             started = time.monotonic()
@@ -103,6 +105,7 @@ class UsageLoad:
                 return started, returned
             finally:
                 del self.attempting[command_id]
+            self.failed[command_id] += 1
             failed = time.monotonic()
             self._note_attempt(command_id, started, failed, "failed")
             if failed > give_up:
@@ -118,7 +121,7 @@ class UsageLoad:
         sm = self.bb.session_manager
         sid = worker.session_id
         create_id = f"create-{sid}"
-        created = await self._attempt(
+        created = await self.attempt(
             lambda: sm.create_session(f"user-{sid}", tier="enterprise", session_id=sid, command_id=create_id),
             create_id,
         )
@@ -134,7 +137,7 @@ class UsageLoad:
             async def track(cid: str = command_id, n: int = amount) -> None:
                 await sm.track_usage(sid, "inference", "tokens", n, command_id=cid)
 
-            acked = await self._attempt(track, command_id)
+            acked = await self.attempt(track, command_id)
             if acked is None:
                 worker.lost.append(command_id)
                 return

@@ -284,9 +284,10 @@ class AsyncMemory:
                 await embed()
             matrix = embedded[0]
         sizes = [len(t.encode()) for t in cleaned]
+        # under an id of its own, so a retried write (same command_id) is charged once
         await self._quotas.track_usage(
             session.session_id, "memory.remember", QuotaType.STORAGE, float(sum(sizes)),
-            tenant=session.tenant,
+            tenant=session.tenant, command_id=None if command_id is None else f"{command_id}:storage",
         )
         retention = policy.retention_for(kind)
         now = self._clock()
