@@ -162,11 +162,20 @@ def test_a_merged_burst_counts_until_its_last_admission_leaves() -> None:
     assert admitted_by_ratelog([0.0, 0.9, 64.95], 2, 64.0) == [0.0, 0.9, 64.95]
 
 
+# Seconds between arrivals, at least 1/32 s (two per 1/64th of a 1 s window would merge); short
+# gaps (two draws in three) fill the window up to its limit, long ones let entries expire.
+gap = st.one_of(
+    st.floats(min_value=1.0 / 32, max_value=0.1),
+    st.floats(min_value=1.0 / 32, max_value=0.1),
+    st.floats(min_value=0.1, max_value=2.0),
+)
+
+
 @settings(max_examples=200, deadline=None)
 @given(
-    # mostly gaps short enough for the limit to bind within the 1 s window, some long ones to empty it
-    gaps=st.lists(st.one_of(st.floats(min_value=1.0 / 32, max_value=0.2), st.floats(min_value=0.2, max_value=2.0)),
-                  min_size=1, max_size=80),
+    # mostly gaps short enough for the limit to bind within the 1 s window, some long ones to empty
+    # it; half the lists long enough for both to happen
+    gaps=st.lists(gap, min_size=1, max_size=10) | st.lists(gap, min_size=20, max_size=80),
     limit=st.integers(min_value=1, max_value=10),
 )
 def test_sparse_traffic_is_counted_exactly(gaps: list[float], limit: int) -> None:
