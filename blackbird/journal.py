@@ -508,40 +508,40 @@ class Journal:
                 if not transient(exc):
                     raise typed(exc, f"append to {subject}") from None
                 why = describe(exc)
-                next_try = await _pause(attempt, deadline)
-                attempt += 1
-                send = True
-                if next_try is None:
-                    raise self._unstored(subject, commit, msg_id, why, uncertain) from None
-                try_deadline = next_try
-                continue
+            else:
+                answer = await self._answer(msg, subject, expected_seq, payload, uncertain)
+                if isinstance(answer, AppendResult):
+                    return answer
+                why = answer
+            # Refused at once (not connected, no responders, 5xx): send again after a short pause.
             send = True
-            if not msg.data:  # a status: 503 no responders (no leader yet, or no stream)
-                why = "no responders: the stream has no leader (an election?) or does not capture the subject"
-                next_try = await _pause(attempt, deadline)
-                attempt += 1
-                if next_try is None:
-                    raise self._unstored(subject, commit, msg_id, why, uncertain)
-                try_deadline = next_try
-                continue
-            ack = self._decode_ack(msg.data)
-            if ack.error is not None:
-                if ack.error.err_code == WRONG_LAST_SEQUENCE:
-                    if uncertain and (stored := await self._stored_as(subject, expected_seq, payload)):
-                        return AppendResult(stored, False)  # our own earlier try was stored
-                    raise AppendConflict(ack.error.description)
-                if ack.error.code >= 500:  # the stream is not ready (e.g. recovering)
-                    why = ack.error.description
-                    next_try = await _pause(attempt, deadline)
-                    attempt += 1
-                    if next_try is None:
-                        raise self._unstored(subject, commit, msg_id, why, uncertain)
-                    try_deadline = next_try
-                    continue
-                raise LogError(f"append to {subject} failed: {ack.error.description}")
+            next_try = await _pause(attempt, deadline)
+            attempt += 1
+            if next_try is None:
+                raise self._unstored(subject, commit, msg_id, why, uncertain)
+            try_deadline = next_try
+
+    async def _answer(
+        self, msg: Msg, subject: str, expected_seq: int, payload: bytes, uncertain: bool
+    ) -> AppendResult | str:
+        """What an answer to an append says: its result, or why the stream refused it for now
+        (to be sent again). A conflict raises AppendConflict, any other refusal LogError.
+        ``uncertain``: an earlier try went unanswered, so a "duplicate" or "wrong last sequence"
+        may be that try, stored: the log tells."""
+        if not msg.data:  # a status: 503 no responders (no leader yet, or no stream)
+            return "no responders: the stream has no leader (an election?) or does not capture the subject"
+        ack = self._decode_ack(msg.data)
+        if ack.error is None:
             if ack.duplicate and uncertain and await self._stored_as(subject, expected_seq, payload) == ack.seq:
                 return AppendResult(ack.seq, False)  # our own earlier try: this call's success
             return AppendResult(ack.seq, ack.duplicate)
+        if ack.error.err_code == WRONG_LAST_SEQUENCE:
+            if uncertain and (stored := await self._stored_as(subject, expected_seq, payload)):
+                return AppendResult(stored, False)  # our own earlier try was stored
+            raise AppendConflict(ack.error.description)
+        if ack.error.code < 500:
+            raise LogError(f"append to {subject} failed: {ack.error.description}")
+        return ack.error.description  # the stream is not ready (e.g. recovering)
 
     def _unstored(self, subject: str, commit: Commit, msg_id: str, why: str, uncertain: bool) -> Exception:
         ids = commit.command_ids

@@ -69,8 +69,12 @@ class UserCommands(Protocol):
 def raise_for_rejection(reply: CommandReply) -> None:
     """Raise the typed error a rejected reply stands for."""
     if reply.rejection is not None:
-        r = reply.rejection
-        raise error_from_code(r.code, r.message, dict(r.fields))
+        raise error_of_rejection(reply.rejection)
+
+
+def error_of_rejection(r: Rejection) -> BlackbirdError:
+    """The typed error a rejection (from an actor, or over the wire) stands for."""
+    return error_from_code(r.code, r.message, dict(r.fields))
 
 
 def rejection_from_error(exc: BlackbirdError) -> Rejection:
@@ -97,18 +101,28 @@ async def ask_or_raise(
         command = validate(command)
     except Invalid as problem:
         raise error_of(problem) from None
+    outcome = await _ask(host, key, command, command_id or new_id(), principal)
+    if outcome.rejection is not None:
+        raise error_of_rejection(outcome.rejection)
+    return outcome
+
+
+async def _ask(host: ActorHost, key: AggregateKey, command: Any, command_id: str, principal: str) -> Outcome:
+    """``host.ask`` with what it raises as typed errors: a lost append race, a command that
+    waited in its actor's mailbox past its deadline."""
     try:
-        outcome = await host.ask(key, command, command_id or new_id(), principal)
+        return await host.ask(key, command, command_id, principal)
     except ConflictRetriesExhausted as exc:
+        if key.kind == "session":
+            raise ConcurrencyConflictError(
+                f"session {key.id!r}: {exc}; retry with the same command id",
+                session_id=key.id, attempts=exc.attempts,
+            ) from None
         raise ConcurrencyConflictError(
             f"{key.kind} {key.id!r}: {exc}; retry with the same command id", id=key.id
         ) from None
     except QueueTimeout as exc:
         raise _timed_out(exc) from None
-    if outcome.rejection is not None:
-        r = outcome.rejection
-        raise error_from_code(r.code, r.message, dict(r.fields))
-    return outcome
 
 
 class LocalDispatcher:
@@ -151,15 +165,7 @@ class LocalDispatcher:
             return CommandReply(rejection=rejection_from_error(exc))
 
     async def _run(self, key: AggregateKey, command: SessionCommand, command_id: str, principal: str) -> Outcome:
-        try:
-            return await self._host.ask(key, command, command_id, principal)
-        except ConflictRetriesExhausted as exc:
-            raise ConcurrencyConflictError(
-                f"session {key.id!r}: {exc}; retry with the same command id",
-                session_id=key.id, attempts=exc.attempts,
-            ) from None
-        except QueueTimeout as exc:
-            raise _timed_out(exc) from None
+        return await _ask(self._host, key, command, command_id, principal)
 
     async def _answer(
         self, key: AggregateKey, command: SessionCommand, command_id: str, principal: str
