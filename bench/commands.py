@@ -26,6 +26,7 @@ A human-readable table goes to stdout; the very last line is one JSON object.
 from __future__ import annotations
 
 import argparse
+import base64
 import cProfile
 import json
 import os
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("BLACKBIRD_LOG_LEVEL", "warning")
+os.environ.setdefault("BLACKBIRD_MASTER_KEY", base64.b64encode(os.urandom(32)).decode())  # an external server
 
 if __package__ in (None, ""):  # run as ``python bench/commands.py``: the repo's packages first,
     # before this folder (whose projections.py would shadow the ``projections`` package)

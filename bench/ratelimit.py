@@ -35,6 +35,7 @@ stats to FILE (the throughput of that phase is then distorted by the profiler).
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import os
 import sys
@@ -45,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("BLACKBIRD_LOG_LEVEL", "warning")
+os.environ.setdefault("BLACKBIRD_MASTER_KEY", base64.b64encode(os.urandom(32)).decode())  # an external server
 
 if __package__ in (None, ""):  # run as ``python bench/ratelimit.py``: make ``bench`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

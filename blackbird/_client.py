@@ -35,6 +35,7 @@ from blackbird.errors import ClosedError, EmbeddedServerError, ValidationError, 
 from blackbird.journal import Journal
 from blackbird.memory.index import MemoryIndex
 from blackbird.memory.keys import UserKeys
+from blackbird.memory.master_key import load_master_keys
 from blackbird.memory.service import AsyncMemory
 from blackbird.server.embedded import EmbeddedServer
 from blackbird.sessions.analytics import Analytics
@@ -268,9 +269,12 @@ class AsyncBlackbird:
         self._streams = AsyncStreams(gateway, journal, timeout=s.command_timeout)
         # Memory: its actors here (OCC keeps each scope single-writer across processes), its
         # LanceDB index beside the data (or in a temporary folder: it is rebuilt from the log).
+        # The master key wrapping the data keys: required where memory actors run (a remote
+        # client without one can still do everything but seal or open memories).
+        master_keys = load_master_keys(s, self.data_dir, required=not self.remote)
         keys = await UserKeys.open(
             journal.jetstream, replicas=s.replicas, create=not self.remote, contexts=journal.contexts,
-            timeout=s.command_timeout,
+            timeout=s.command_timeout, master_keys=master_keys,
         )
         memory_host = await stack.enter_async_context(
             self._actor_host(MemoryBehaviour(), journal, snapshots=not self.remote)

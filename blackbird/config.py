@@ -46,6 +46,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     abuse: dict[str, Any] = {}  # thresholds: see projections.abuse.AbuseConfig
     log_level: str | None = None  # when Blackbird configures structlog: debug, info, warning, ...
     http_tokens: str | None = None  # `blackbird serve --http`: JSON {"<token>": "<tenant>"}
+    # The master key wrapping the users' data keys in bb_keys (blackbird.memory.master_key):
+    # base64 of 32 bytes (several comma-separated, the first current), or a file of such lines.
+    # Neither: <data_dir>/keys/master.key, generated; a client on an external nats_url needs one.
+    master_key: str | None = None  # secret
+    master_key_file: str | None = None
 
     @property
     def nats_servers(self) -> list[str]:
@@ -76,7 +81,7 @@ def build_settings(**overrides: Any) -> Settings:
         )
     merged: dict[str, Any] = _from_env()
     merged.update({k: v for k, v in overrides.items() if v is not None})
-    for name in ("data_dir", "policy_file", "memory_dir"):
+    for name in ("data_dir", "policy_file", "memory_dir", "master_key_file"):
         if isinstance(merged.get(name), Path):
             merged[name] = str(merged[name])
     if merged.get("nats_url") is not None:

@@ -26,6 +26,9 @@ from blackbird.server.embedded import _free_port, find_nats_server_binary
 from .nats_cluster import NatsCluster, running_cluster
 
 os.environ.setdefault("BLACKBIRD_LOG_LEVEL", "warning")
+#: The master key (blackbird.memory.master_key) of every client on the tests' external servers.
+TEST_MASTER_KEY = "YmxhY2tiaXJkLXRlc3QtbWFzdGVyLWtleS0zMmJ5dGU="
+os.environ.setdefault("BLACKBIRD_MASTER_KEY", TEST_MASTER_KEY)
 
 
 @pytest.fixture

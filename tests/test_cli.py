@@ -25,6 +25,8 @@ import pytest
 from blackbird._cli import main
 from blackbird.server.embedded import _free_port, _nats_running
 
+from .conftest import TEST_MASTER_KEY
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "blackbird._cli"]
 READY_TIMEOUT = 30.0
@@ -36,6 +38,7 @@ def _env() -> dict[str, str]:
     """This environment without BLACKBIRD_* settings a developer may have exported."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BLACKBIRD_")}
     env["BLACKBIRD_LOG_LEVEL"] = "warning"
+    env["BLACKBIRD_MASTER_KEY"] = TEST_MASTER_KEY  # `serve --nats-url` hosts memory actors
     return env
 
 

@@ -13,21 +13,34 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from blackbird.errors import LogError, ValidationError
-from blackbird.memory.keys import BUCKET, DecryptionError, UserKeys
+from blackbird.memory.keys import BUCKET, DecryptionError, UserKeys, _kv_key
+from blackbird.memory.master_key import MasterKeys
 from tests.conftest import NatsServer
 
 pytestmark = pytest.mark.anyio
 
 STREAM = f"KV_{BUCKET}"
+MASTER_KEYS = MasterKeys.generate()
+
+
+async def open_keys(js: JetStreamContext, **options: Any) -> UserKeys:
+    return await UserKeys.open(js, master_keys=MASTER_KEYS, **options)
+
+
+async def record_of(keys: UserKeys, tenant: str, user_id: str) -> bytes:
+    """The user's record in the bucket as stored (wrapped)."""
+    latest = await keys._latest(_kv_key(tenant, user_id))
+    assert latest is not None and latest.data
+    return bytes(latest.data)
 
 
 @pytest.fixture
 async def keys(nc: NATS) -> UserKeys:
-    return await UserKeys.open(nc.jetstream())
+    return await open_keys(nc.jetstream())
 
 
 async def stored_messages(js: JetStreamContext) -> list[bytes]:
-    """Every message body the bucket's stream still holds, read sequence by sequence."""
+    """Every data key record the bucket's stream still holds, read sequence by sequence."""
     info = await js.stream_info(STREAM)
     bodies = []
     for seq in range(1, info.state.last_seq + 1):
@@ -35,6 +48,8 @@ async def stored_messages(js: JetStreamContext) -> list[bytes]:
             msg = await js.get_msg(STREAM, seq=seq)
         except nats.js.errors.NotFoundError:
             continue  # erased or rolled up
+        if msg.subject == f"$KV.{BUCKET}._master_key":
+            continue  # names the master key, holds no data key
         bodies.append(msg.data or b"")
     return bodies
 
@@ -156,27 +171,31 @@ async def test_forget_is_idempotent_and_spares_other_users(keys: UserKeys) -> No
 
 async def test_forget_leaves_no_revision_of_the_key_in_the_bucket(keys: UserKeys, nc: NATS) -> None:
     js = nc.jetstream()
-    old_key = await keys.key("acme", "u1")
-    other_key = await keys.key("acme", "u2")
+    await keys.key("acme", "u1")
+    await keys.key("acme", "u2")
+    # the records as stored (wrapped): the data keys themselves are never in the bucket
+    old_key, other_key = await record_of(keys, "acme", "u1"), await record_of(keys, "acme", "u2")
     assert any(old_key in body for body in await stored_messages(js))
 
     await keys.forget("acme", "u1")
-    new_key = await keys.key("acme", "u1")
+    await keys.key("acme", "u1")
+    new_key = await record_of(keys, "acme", "u1")
 
     bodies = await stored_messages(js)
     assert not any(old_key in body for body in bodies)
     assert any(other_key in body for body in bodies)
     assert any(new_key in body for body in bodies)
     kv = await js.key_value(BUCKET)
-    history = await kv.history((await kv.keys())[0])
+    history = await kv.history(_kv_key("acme", "u1"))
     assert all(old_key not in (entry.value or b"") for entry in history)
 
 
 async def test_forgotten_key_bytes_are_erased_from_the_servers_disk(
     nats_server: NatsServer, keys: UserKeys
 ) -> None:
-    forgotten = await keys.key("acme", "u1")
-    kept = await keys.key("acme", "u2")
+    await keys.key("acme", "u1")
+    await keys.key("acme", "u2")
+    forgotten, kept = await record_of(keys, "acme", "u1"), await record_of(keys, "acme", "u2")  # wrapped
 
     def on_disk(key: bytes) -> bool:
         return any(key in p.read_bytes() for p in Path(nats_server.store).rglob("*") if p.is_file())
@@ -209,8 +228,8 @@ async def test_two_processes_racing_to_create_a_key_end_with_one(
     users = [f"u{i}" for i in range(40)]
     other_nc = await nats.connect(nats_server.url)
     try:
-        first = await UserKeys.open(nc.jetstream())
-        second = await UserKeys.open(other_nc.jetstream())
+        first = await open_keys(nc.jetstream())
+        second = await open_keys(other_nc.jetstream())
         found: dict[tuple[int, str], bytes] = {}
 
         async def fetch(n: int, keys: UserKeys, user: str) -> None:
@@ -256,8 +275,8 @@ async def test_two_processes_that_both_saw_no_key_end_with_the_winners(
 ) -> None:
     other_nc = await nats.connect(nats_server.url)
     try:
-        first = await UserKeys.open(nc.jetstream())
-        second = await UserKeys.open(other_nc.jetstream())
+        first = await open_keys(nc.jetstream())
+        second = await open_keys(other_nc.jetstream())
         if forgotten_before:
             await first.key("acme", "u1")
             await first.forget("acme", "u1")
@@ -283,8 +302,8 @@ async def test_a_key_created_while_a_forget_runs_is_destroyed_too(
 ) -> None:
     other_nc = await nats.connect(nats_server.url)
     try:
-        forgetter = await UserKeys.open(nc.jetstream())
-        writer = await UserKeys.open(other_nc.jetstream(), cache_ttl=0)
+        forgetter = await open_keys(nc.jetstream())
+        writer = await open_keys(other_nc.jetstream(), cache_ttl=0)
         old = await forgetter.key("acme", "u1")
         racing: list[bytes] = []
         original = forgetter._erase
@@ -310,8 +329,8 @@ async def test_a_forget_in_another_process_is_seen_once_the_cache_expires(
 ) -> None:
     other_nc = await nats.connect(nats_server.url)
     try:
-        writer = await UserKeys.open(nc.jetstream())
-        reader = await UserKeys.open(other_nc.jetstream(), cache_ttl=0)
+        writer = await open_keys(nc.jetstream())
+        reader = await open_keys(other_nc.jetstream(), cache_ttl=0)
         blob = await writer.encrypt("acme", "u1", b"x")
         assert await reader.decrypt("acme", "u1", blob) == b"x"
         await writer.forget("acme", "u1")
@@ -329,8 +348,8 @@ async def test_a_stale_cached_key_is_refreshed_for_a_blob_under_a_newer_key(
 ) -> None:
     other_nc = await nats.connect(nats_server.url)
     try:
-        writer = await UserKeys.open(nc.jetstream())
-        reader = await UserKeys.open(other_nc.jetstream())  # caches for 30 s
+        writer = await open_keys(nc.jetstream())
+        reader = await open_keys(other_nc.jetstream())  # caches for 30 s
         await reader.decrypt("acme", "u1", await writer.encrypt("acme", "u1", b"old"))
         await writer.forget("acme", "u1")
         fresh = await writer.encrypt("acme", "u1", b"new")
@@ -343,10 +362,10 @@ async def test_a_stale_cached_key_is_refreshed_for_a_blob_under_a_newer_key(
 
 
 async def test_without_create_a_missing_bucket_fails_on_first_use(nc: NATS) -> None:
-    keys = await UserKeys.open(nc.jetstream(), create=False)
+    keys = await open_keys(nc.jetstream(), create=False)
     with pytest.raises(LogError, match="key bucket bb_keys does not exist"):
         await keys.key("acme", "u1")
-    await UserKeys.open(nc.jetstream())  # a host creates it
+    await open_keys(nc.jetstream())  # a host creates it
     assert len(await keys.key("acme", "u1")) == 32
 
 
@@ -354,12 +373,12 @@ async def test_a_plain_kv_bucket_is_refused_because_it_cannot_erase(nc: NATS) ->
     js = nc.jetstream()
     await js.create_key_value(bucket=BUCKET, history=1)
     with pytest.raises(LogError, match="forgotten keys would stay readable on disk"):
-        await UserKeys.open(js)
+        await open_keys(js)
 
 
 async def test_opening_twice_reuses_the_bucket(keys: UserKeys, nc: NATS) -> None:
     key = await keys.key("acme", "u1")
-    again = await UserKeys.open(nc.jetstream())
+    again = await open_keys(nc.jetstream())
     assert await again.key("acme", "u1") == key
     info = await nc.jetstream().stream_info(STREAM)
     assert info.config.max_msgs_per_subject == 1

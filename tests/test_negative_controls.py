@@ -22,7 +22,7 @@ from blackbird import AsyncBlackbird, QuotaType
 from blackbird.memory.index import Sealed
 from blackbird.memory.keys import UserKeys
 
-from .conftest import NatsServer
+from .conftest import TEST_MASTER_KEY, NatsServer
 
 pytestmark = pytest.mark.anyio
 
@@ -166,12 +166,21 @@ async def sealed_memories(bb: AsyncBlackbird, user_id: str) -> list[MemoryRememb
     return found
 
 
+def unwrap(record: bytes, tenant: str, user_id: str) -> bytes:
+    """The data key of a bb_keys record (version 2 | key id (8) | master key id (8) | nonce (12)
+    | wrapped key), unwrapped with the tests' master key: the layout is in blackbird.memory.keys."""
+    name = key_entry(tenant, user_id).split("/", 1)[1]
+    master = AESGCM(base64.b64decode(TEST_MASTER_KEY))
+    return master.decrypt(record[17:29], record[29:], record[:17] + name.encode())
+
+
 def open_with(record: bytes, event: MemoryRemembered) -> str:
-    """Open a sealed memory with a bb_keys record (version | key id (8) | key (32)), as anyone
+    """Open a sealed memory with a bb_keys record (unwrapped with the master key), as anyone
     holding the key could: the layout is in blackbird.memory.keys."""
     header, nonce, body = event.sealed[:9], event.sealed[9:21], event.sealed[21:]
     assert header[1:] == record[1:9], "sealed under another key"
-    plain = AESGCM(record[9:]).decrypt(nonce, body, header + f"{event.scope}:{event.owner}".encode())
+    data_key = unwrap(record, "acme", event.author)
+    plain = AESGCM(data_key).decrypt(nonce, body, header + f"{event.scope}:{event.owner}".encode())
     return msgspec.msgpack.decode(plain, type=Sealed).text
 
 
@@ -215,9 +224,11 @@ async def test_forget_user_removes_what_was_there_from_the_store_every_bucket_an
             # the scan reads each bucket's values: the user's id is in the read model
             assert any(b"leaver" in v for k, v in buckets.items() if k.startswith("bb_projection_models/"))
             record = buckets[key_entry("acme", "leaver")]
-            data_key = record[9:]
+            data_key = unwrap(record, "acme", "leaver")
             assert len(data_key) == 32
-            await until(lambda: data_key in folder_bytes(nats_server.store), "the data key in the store files")
+            # the record is in the store files, wrapped: the data key itself is not
+            await until(lambda: record in folder_bytes(nats_server.store), "the key record in the store files")
+            assert data_key not in folder_bytes(nats_server.store)
             assert not any(NEEDLE in v for v in buckets.values())  # sealed from the start
             assert NEEDLE not in folder_bytes(nats_server.store)
             sealed = await sealed_memories(bb, "leaver")
@@ -230,11 +241,11 @@ async def test_forget_user_removes_what_was_there_from_the_store_every_bucket_an
             # log still holds cannot be opened; no bucket holds the text or the key.
             buckets = await every_bucket(js)
             assert key_entry("acme", "leaver") not in buckets
-            assert not any(NEEDLE in v or data_key in v for v in buckets.values())
-            await until(lambda: data_key not in folder_bytes(nats_server.store), "the key erased from disk")
+            assert not any(NEEDLE in v or record in v or data_key in v for v in buckets.values())
+            await until(lambda: record not in folder_bytes(nats_server.store), "the key erased from disk")
             store = folder_bytes(nats_server.store)
             assert NEEDLE not in store
-            keys = await UserKeys.open(js, create=False)
+            keys = await UserKeys.open(js, create=False, master_keys=bb.memory._keys.master_keys)
             assert sealed == await sealed_memories(bb, "leaver")  # the sealed bytes stay in the log
             assert all([await keys.decrypt("acme", "leaver", e.sealed, aad=f"{e.scope}:{e.owner}".encode())
                         is None for e in sealed])

@@ -22,6 +22,7 @@ import pytest
 
 from blackbird import AsyncBlackbird
 
+from .conftest import TEST_MASTER_KEY
 from .fault_load import TENANT, UsageLoad, check_nothing_lost
 from .nats_cluster import NatsCluster
 
@@ -44,7 +45,7 @@ class ServeProcess:
         self.out = folder / f"{name}.out"
         self.err = folder / f"{name}.err"
         env = {k: v for k, v in os.environ.items() if not k.startswith("BLACKBIRD_")}
-        env.update(BLACKBIRD_REPLICAS="3", BLACKBIRD_LOG_LEVEL="warning")
+        env.update(BLACKBIRD_REPLICAS="3", BLACKBIRD_LOG_LEVEL="warning", BLACKBIRD_MASTER_KEY=TEST_MASTER_KEY)
         with open(self.out, "wb") as out, open(self.err, "wb") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "blackbird._cli", "serve", "--nats-url", nats_url],

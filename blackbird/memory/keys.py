@@ -12,6 +12,19 @@ the purge marker. That needs a bucket that allows message deletes, which a bucke
 creates ``bb_keys`` itself and refuses a bucket that would keep erased keys readable. With
 replicas > 1, a key's bytes also stay in the stream's Raft log until the next Raft snapshot.
 
+Data keys are stored wrapped under a master key (key-encryption key, see
+:mod:`blackbird.memory.master_key`): whoever reads the bucket without it cannot unseal
+anything. Key record layout (version 2, 77 bytes)::
+
+    0x02 | data key id (8) | master key id (8) | nonce (12) | AES-GCM(master key, data key) (32 + 16)
+
+The wrap authenticates the first 17 bytes and the record's KV key (``<tenant>.<user>``), so a
+record copied to another user's entry does not open. A version-1 record (``0x01 | data key id
+| data key``, plaintext, written before wrapping) is still read; :meth:`UserKeys.rotate`
+rewraps it. The bucket also holds the entry ``_master_key`` (``0x02 | master key id``): the
+master key the records are wrapped under, checked by :meth:`UserKeys.open` so a client with the
+wrong master key fails there (ValidationError naming ``master_key``), not on first use.
+
 Sealed blob layout (version 1)::
 
     0x01 | key id (8 bytes) | nonce (12 bytes) | AES-GCM ciphertext + tag (16 bytes)
@@ -40,10 +53,11 @@ from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, MSG_ROLLUP_SUBJECT
 
 from blackbird._retry import Bucket, retrying
 from blackbird.errors import DecryptionError, LogError, ValidationError
+from blackbird.memory.master_key import MasterKeys, missing_master_key, wrong_master_key
 
 T = TypeVar("T")
 
-__all__ = ["BUCKET", "DecryptionError", "UserKeys"]
+__all__ = ["BUCKET", "DecryptionError", "RewrapCounts", "UserKeys"]
 
 #: The KV bucket holding every user's data key.
 BUCKET = "bb_keys"
@@ -51,13 +65,18 @@ _STREAM = f"KV_{BUCKET}"
 _SUBJECT_PREFIX = f"$KV.{BUCKET}."
 
 _BLOB_VERSION = 1
-_RECORD_VERSION = 1
+_PLAIN_RECORD_VERSION = 1  # before wrapping: read, never written
+_RECORD_VERSION = 2
 _KID_SIZE = 8
 _KEY_SIZE = 32  # AES-256
 _NONCE_SIZE = 12  # 96-bit GCM nonce
 _TAG_SIZE = 16
 _HEADER_SIZE = 1 + _KID_SIZE
-_RECORD_SIZE = 1 + _KID_SIZE + _KEY_SIZE
+_PLAIN_RECORD_SIZE = 1 + _KID_SIZE + _KEY_SIZE
+_WRAP_HEADER_SIZE = 1 + _KID_SIZE + _KID_SIZE  # version | data key id | master key id
+_RECORD_SIZE = _WRAP_HEADER_SIZE + _NONCE_SIZE + _KEY_SIZE + _TAG_SIZE
+#: The entry naming the master key the records are wrapped under (user entries have a dot).
+_MASTER_ENTRY = "_master_key"
 
 _CACHE_LIMIT = 10_000  # users whose keys stay in memory (least recently used leave first)
 _ATTEMPTS = 10  # rounds of a create/forget race lost before giving up
@@ -83,6 +102,13 @@ class _DataKey(NamedTuple):
     aead: AESGCM
 
 
+class RewrapCounts(NamedTuple):
+    """What :meth:`UserKeys.rotate` did."""
+
+    rewrapped: int  # records wrapped again under the current master key
+    current: int  # records that were wrapped under it already
+
+
 class UserKeys:
     """Per-user AES-256-GCM data keys in the ``bb_keys`` bucket, cached in memory.
 
@@ -99,7 +125,9 @@ class UserKeys:
         cache_ttl: float,
         contexts: Callable[[float], JetStreamContext] | None = None,
         timeout: float = 10.0,
+        master_keys: MasterKeys | None = None,
     ):
+        self.master_keys = master_keys
         self._js = js
         self._contexts = contexts or (lambda _: js)
         self._timeout = timeout
@@ -122,6 +150,7 @@ class UserKeys:
         cache_ttl: float = 30.0,
         contexts: Callable[[float], JetStreamContext] | None = None,
         timeout: float = 10.0,
+        master_keys: MasterKeys | None = None,
     ) -> UserKeys:
         """Bind to the ``bb_keys`` bucket; with ``create``, create it (``replicas`` replicas) if
         missing. An existing bucket is used as it is.
@@ -138,10 +167,21 @@ class UserKeys:
         Every request is retried through a NATS failover for ``timeout`` seconds, on a short
         per-try timeout when ``contexts`` gives JetStream contexts by timeout (the journal's
         ``contexts``; else each try waits as long as ``js`` does), then raises LogError.
+
+        ``master_keys`` wrap and unwrap the data keys. Without them only version-1 (plaintext)
+        records can be read: creating a key, or reading a wrapped one, raises ValidationError
+        (``master_key``). With them, a bucket whose records are wrapped under a master key not
+        among them raises ValidationError (``master_key``) here; a bucket that names none yet
+        is marked with the current one.
         """
-        keys = cls(js, create=create, replicas=replicas, cache_ttl=cache_ttl, contexts=contexts, timeout=timeout)
+        keys = cls(
+            js, create=create, replicas=replicas, cache_ttl=cache_ttl, contexts=contexts, timeout=timeout,
+            master_keys=master_keys,
+        )
         with contextlib.suppress(_BucketMissingError):
             await keys._bucket()
+            if master_keys is not None:
+                await keys._check_master_key(master_keys)
         return keys
 
     # ------------------------------------------------------------------ public API
@@ -243,6 +283,110 @@ class UserKeys:
         await self._bucket()
         latest = await self._latest(_kv_key(tenant, user_id))
         return latest is not None and _operation(latest) in (KV_PURGE, KV_DEL)
+
+    async def rotate(self) -> RewrapCounts:
+        """Rewrap every record of the bucket under the current master key (version-1 records
+        too); the ``_master_key`` entry then names it.
+
+        Each record is rewritten only if it is still the one read (expected last subject
+        sequence), so a key created or forgotten meanwhile is not overwritten: a forgotten
+        key stays forgotten. Records created while this runs are rewrapped by a second pass.
+        Raises ValidationError (``master_key``) without master keys or if a record is wrapped
+        under a key the ring does not hold.
+        """
+        ring = self.master_keys
+        if ring is None:
+            raise missing_master_key()
+        bucket = await self._bucket()
+        seen: set[str] = set()
+        rewrapped: set[str] = set()
+        for _ in range(_ATTEMPTS):  # until a pass finds nothing left to rewrap
+            done = 0
+            for name in await self._names(bucket):
+                if name == _MASTER_ENTRY:
+                    continue
+                if await self._rewrap(name, ring):
+                    rewrapped.add(name)
+                    done += 1
+                seen.add(name)
+            if not done:
+                break
+        else:
+            raise LogError(f"rewrap {BUCKET}: records still change after {_ATTEMPTS} passes")
+        await self._mark_master_key(ring.sealing().kid, replace=True)
+        return RewrapCounts(len(rewrapped), len(seen - rewrapped))
+
+    async def _names(self, bucket: Bucket) -> list[str]:
+        """The bucket's entries that hold a record (not forgotten)."""
+        try:
+            return await retrying(
+                f"list the entries of {BUCKET}", lambda js: bucket(js).keys(), self._contexts,
+                timeout=self._timeout, per_try=self._timeout, expected=(nats.js.errors.NoKeysError,),
+            )
+        except nats.js.errors.NoKeysError:
+            return []
+
+    async def _rewrap(self, name: str, ring: MasterKeys) -> bool:
+        """Rewrap one entry's record under the current master key unless it is wrapped under it
+        already or holds none (forgotten); whether it was rewritten."""
+        for _ in range(_ATTEMPTS):
+            latest = await self._latest(name)
+            if latest is None or _operation(latest) is not None:
+                return False  # gone or forgotten: stays so
+            data_key, kek = _decode_record(latest.data, name, self.master_keys)
+            master = ring.sealing()
+            if kek == master.kid:
+                return False
+            try:
+                await self._replace(name, _wrap(name, data_key, master.kid, master.aead), int(latest.seq))
+                return True
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code not in _WRONG_LAST_SEQUENCE:
+                    raise LogError(f"rewrap the key entry {name}: {exc.description}") from None
+                # changed meanwhile (forgotten, created again, or a try of ours that landed)
+        raise LogError(f"rewrap the key entry {name}: lost {_ATTEMPTS} races with its changes")
+
+    async def _replace(self, name: str, record: bytes, seq: int) -> None:
+        """Write ``record`` to entry ``name`` if its last message is still at ``seq``."""
+        headers = {Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: str(seq)}
+        await self._retry(
+            f"rewrap the key entry {name}",
+            lambda js: js.publish(_SUBJECT_PREFIX + name, record, headers=headers),
+            expected=(nats.js.errors.BadRequestError,),
+        )
+
+    async def _check_master_key(self, ring: MasterKeys) -> None:
+        """Raise ValidationError (``master_key``) if the bucket's records are wrapped under a
+        master key the ring does not hold; mark a bucket that names none with the current."""
+        for _ in range(_ATTEMPTS):
+            latest = await self._latest(_MASTER_ENTRY)
+            if latest is not None and _operation(latest) is None:
+                kek = _master_entry(latest.data)
+                if ring.find(kek) is None:
+                    raise wrong_master_key(kek, ring)
+                return
+            if not self._create_bucket:
+                return  # not marked yet: a host marks it
+            if await self._mark_master_key(ring.sealing().kid, replace=False):
+                return
+        raise LogError(f"mark the master key in {BUCKET}: lost {_ATTEMPTS} races")
+
+    async def _mark_master_key(self, kek: bytes, *, replace: bool) -> bool:
+        """Write the ``_master_key`` entry (``replace``: over any, else only where there is
+        none); whether it was written."""
+        bucket = await self._bucket()
+        value = bytes([_RECORD_VERSION]) + kek
+        if replace:
+            await self._retry(f"mark the master key in {BUCKET}", lambda js: bucket(js).put(_MASTER_ENTRY, value))
+            return True
+        try:
+            await self._retry(
+                f"mark the master key in {BUCKET}", lambda js: bucket(js).create(_MASTER_ENTRY, value),
+                expected=(nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError),
+            )
+        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError):
+            return False  # marked meanwhile (or a try of ours landed): read it again
+        return True
 
     # ------------------------------------------------------------------ bucket
 
@@ -356,10 +500,14 @@ class UserKeys:
             latest = await self._latest(name)
             data_key: _DataKey | None = None
             if latest is not None and _operation(latest) is None:
-                data_key = _decode_record(latest.data, user_id)
+                data_key, _ = _decode_record(latest.data, name, self.master_keys, user_id)
             if data_key is None and create:
+                if self.master_keys is None:
+                    raise missing_master_key()
+                master = self.master_keys.sealing()
                 kid, key = os.urandom(_KID_SIZE), os.urandom(_KEY_SIZE)
-                record = bytes([_RECORD_VERSION]) + kid + key
+                data_key = _DataKey(kid, key, AESGCM(key))
+                record = _wrap(name, data_key, master.kid, master.aead)
                 try:
                     # Creates only if the user has no key; after a forget, only on its marker.
                     await self._create(bucket, name, record, user_id)
@@ -367,7 +515,6 @@ class UserKeys:
                     # another process created it first (or forgot it), or a try of ours whose
                     # answer was lost did land: read again
                     continue
-                data_key = _DataKey(kid, key, AESGCM(key))
             if data_key is not None and epoch == self._epoch:
                 self._remember(tenant, user_id, data_key)
             return data_key
@@ -428,14 +575,51 @@ def _operation(msg: Any) -> str | None:
     return headers.get(KV_OP)
 
 
-def _decode_record(data: bytes | None, user_id: str) -> _DataKey:
+def _wrap(name: str, data_key: _DataKey, kek: bytes, aead: AESGCM) -> bytes:
+    """The version-2 record of ``data_key`` for entry ``name``, wrapped under master key ``kek``."""
+    header = bytes([_RECORD_VERSION]) + data_key.kid + kek
+    nonce = os.urandom(_NONCE_SIZE)
+    return header + nonce + aead.encrypt(nonce, data_key.key, header + name.encode())
+
+
+def _decode_record(
+    data: bytes | None, name: str, ring: MasterKeys | None, user_id: str | None = None
+) -> tuple[_DataKey, bytes | None]:
+    """The data key of entry ``name``'s record and the id of the master key that wrapped it
+    (None for a version-1 plaintext record)."""
+    what = f"key of {user_id!r}" if user_id is not None else f"key entry {name}"
+    if data and len(data) == _PLAIN_RECORD_SIZE and data[0] == _PLAIN_RECORD_VERSION:
+        kid, key = data[1 : 1 + _KID_SIZE], data[1 + _KID_SIZE :]
+        return _DataKey(kid, key, AESGCM(key)), None
     if not data or len(data) != _RECORD_SIZE or data[0] != _RECORD_VERSION:
         raise LogError(
-            f"key of {user_id!r} in bucket {BUCKET}: expected a {_RECORD_SIZE}-byte "
-            f"version-{_RECORD_VERSION} record, got {len(data or b'')} bytes"
+            f"{what} in bucket {BUCKET}: expected a {_RECORD_SIZE}-byte version-{_RECORD_VERSION} "
+            f"record, got {len(data or b'')} bytes"
         )
-    kid, key = data[1 : 1 + _KID_SIZE], data[1 + _KID_SIZE :]
-    return _DataKey(kid, key, AESGCM(key))
+    header = data[:_WRAP_HEADER_SIZE]
+    kid, kek = data[1 : 1 + _KID_SIZE], data[1 + _KID_SIZE : _WRAP_HEADER_SIZE]
+    if ring is None:
+        raise missing_master_key()
+    master = ring.find(kek)
+    if master is None:
+        raise wrong_master_key(kek, ring)
+    nonce = data[_WRAP_HEADER_SIZE : _WRAP_HEADER_SIZE + _NONCE_SIZE]
+    try:
+        key = master.aead.decrypt(nonce, data[_WRAP_HEADER_SIZE + _NONCE_SIZE :], header + name.encode())
+    except InvalidTag:
+        raise LogError(
+            f"{what} in bucket {BUCKET} failed authentication under master key {kek.hex()}: the "
+            "record was altered or copied from another user's entry"
+        ) from None
+    return _DataKey(kid, key, AESGCM(key)), kek
+
+
+def _master_entry(data: bytes | None) -> bytes:
+    if not data or len(data) != 1 + _KID_SIZE or data[0] != _RECORD_VERSION:
+        raise LogError(
+            f"entry {_MASTER_ENTRY} of bucket {BUCKET}: expected {1 + _KID_SIZE} bytes, got {len(data or b'')}"
+        )
+    return data[1:]
 
 
 def _check_bucket(info: StreamInfo) -> None:
