@@ -253,6 +253,7 @@ async def _serve(args: argparse.Namespace) -> int:
                         nats_url=args.nats_url,
                         tenant=args.tenant,
                         serve_commands=True,
+                        **_auth_options(args),
                     ) as bb:
                         lifetime.deadline = math.inf
                         started = True
@@ -298,7 +299,7 @@ async def _with_client(
     # max_reconnect_attempts=-1), so bound the connection here. The scope encloses the client's
     # whole lifetime (a client may hold task groups); its deadline is lifted once connected.
     with anyio.CancelScope(deadline=anyio.current_time() + args.connect_timeout) as scope:
-        async with AsyncBlackbird(nats_url=url, tenant=args.tenant, remote=True) as bb:
+        async with AsyncBlackbird(nats_url=url, tenant=args.tenant, remote=True, **_auth_options(args)) as bb:
             scope.deadline = math.inf
             return await action(bb)
     raise CliError(
@@ -450,6 +451,36 @@ def _add_location(parser: argparse.ArgumentParser, *, serve: bool) -> None:
         else "find the NATS url of the `blackbird serve` using this data folder "
         "(default: BLACKBIRD_DATA_DIR or ./blackbird-data)",
     )
+    auth = parser.add_argument_group(
+        "NATS authentication and TLS",
+        "at most one of --nats-creds, --nats-nkey-seed, --nats-token, --nats-user with "
+        "--nats-password; each defaults to its BLACKBIRD_* variable (e.g. BLACKBIRD_NATS_CREDS)",
+    )
+    auth.add_argument("--nats-creds", metavar="FILE", help="a .creds file: the user's JWT and nkey seed")
+    auth.add_argument("--nats-nkey-seed", metavar="FILE", help="a file holding the user's nkey seed (SU...)")
+    auth.add_argument("--nats-user", metavar="USER", help="user name (with a password)")
+    auth.add_argument(
+        "--nats-password", metavar="PASSWORD",
+        help="password of --nats-user; prefer BLACKBIRD_NATS_PASSWORD (arguments are visible to other users)",
+    )
+    auth.add_argument(
+        "--nats-token", metavar="TOKEN",
+        help="authentication token; prefer BLACKBIRD_NATS_TOKEN (arguments are visible to other users)",
+    )
+    auth.add_argument("--tls-ca", metavar="FILE", help="CA bundle (PEM) that signed the server's certificate")
+    auth.add_argument("--tls-cert", metavar="FILE", help="client certificate (PEM), with --tls-key")
+    auth.add_argument("--tls-key", metavar="FILE", help="the client certificate's key (PEM, unencrypted)")
+
+
+_AUTH_OPTIONS = (
+    "nats_creds", "nats_nkey_seed", "nats_user", "nats_password", "nats_token", "tls_ca", "tls_cert", "tls_key",
+)
+
+
+def _auth_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The authentication and TLS settings given on the command line (None: not given, so the
+    BLACKBIRD_* environment variable applies)."""
+    return {name: getattr(args, name, None) for name in _AUTH_OPTIONS}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -299,27 +299,55 @@ class AsyncBlackbird:
             clock=self._clock,
         )
 
-    async def _connect(self, url: str) -> NATS:
+    async def _connect(self, url: str, *, auth: dict[str, Any] | None = None) -> NATS:
         """Connect to any of the servers ``url`` lists within ``command_timeout``; once connected,
         reconnect forever (to any server of the cluster) on blips.
+
+        ``auth``: the ``connect()`` keywords that authenticate this client (credentials, TLS);
+        None: those of the settings (:func:`~blackbird.connection.connect_options`).
 
         Why these options: a server that is back is found within ``reconnect_time_wait`` (0.5 s);
         a server that stops answering (paused, or a network that drops packets) is given up
         after three unanswered pings, so the client moves to another node of a cluster; a forced
-        flush of a full outgoing buffer waits at most ``flush_timeout`` instead of for ever.
+        flush of a full outgoing buffer waits at most ``flush_timeout`` instead of for ever. A
+        server that refuses the credentials or the TLS handshake while connecting raises
+        :class:`~blackbird.errors.NatsAuthError` at once: nats-py would retry it until the timeout.
         """
+        import ssl
+
+        from blackbird.connection import connect_options, credential_kind
+        from blackbird.errors import NatsAuthError
+
         timeout = self.settings.command_timeout
         servers = nats_servers(url)
         shown = ",".join(redact_url(u) for u in servers)
+        options = connect_options(self.settings) if auth is None else auth
+        kind = credential_kind(options)
 
         quiet = False  # after the first failed reconnection attempt, the next ones are debug lines
+        connecting = True  # until the first connection is made
+        refused: Exception | None = None  # the server's refusal of the credentials or TLS handshake
+
+        class Refused(Exception):
+            """Raised by on_error to end nats-py's first-connect loop on a refusal."""
 
         async def on_error(exc: Exception) -> None:
-            nonlocal quiet
+            nonlocal quiet, refused
+            if connecting and _refused(exc):
+                refused = exc
+                raise Refused  # out of nc.connect(): retrying the same credentials cannot help
             (log.debug if quiet else log.warning)(
                 "nats_connection_error", nats_url=shown, error=str(exc) or type(exc).__name__
             )
             quiet = not nc.is_connected
+
+        def _refused(exc: Exception) -> bool:
+            text = str(exc).lower()
+            return (
+                isinstance(exc, nats.errors.AuthorizationError | ssl.SSLError)
+                or "authorization violation" in text
+                or "authentication" in text  # 'Authentication Timeout', '... Authentication Expired'
+            )
 
         async def on_disconnected() -> None:
             if not nc.is_closed:  # closing the client is no news
@@ -346,11 +374,25 @@ class AsyncBlackbird:
                     error_cb=on_error,
                     disconnected_cb=on_disconnected,
                     reconnected_cb=on_reconnected,
+                    **options,
                 )
+                connecting = False
                 return nc
-        except (TimeoutError, OSError, nats.errors.Error) as exc:
-            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+        except (Refused, TimeoutError, OSError, nats.errors.Error) as exc:
+            # bounded: after a TLS handshake that failed, nats-py's close waits for ever for the
+            # plain transport it upgraded to be closed
+            with anyio.CancelScope(shield=True, deadline=anyio.current_time() + 1), \
+                    contextlib.suppress(Exception):
                 await nc.close()
+            if refused is not None:
+                reason = getattr(refused, "reason", None) or str(refused) or type(refused).__name__
+                if isinstance(refused, ssl.SSLCertVerificationError):
+                    problem = f"the TLS certificate of NATS at {shown} is not trusted (check tls_ca)"
+                elif isinstance(refused, ssl.SSLError):
+                    problem = f"NATS at {shown} refused the TLS handshake of this client"
+                else:
+                    problem = f"NATS at {shown} refused the credentials of this client"
+                raise NatsAuthError(f"{problem} (auth: {kind}): {reason}", nats_url=shown, auth=kind) from None
             raise EmbeddedServerError(
                 f"could not connect to NATS at {shown} within {timeout:g}s "
                 f"({type(exc).__name__}); is the server running?",

@@ -51,11 +51,38 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # Neither: <data_dir>/keys/master.key, generated; a client on an external nats_url needs one.
     master_key: str | None = None  # secret
     master_key_file: str | None = None
+    # Authentication to NATS (at most one kind; see blackbird.connection.connect_options):
+    nats_creds: str | None = None  # a .creds file: the user's JWT and nkey seed (operator mode)
+    nats_nkey_seed: str | None = None  # a file holding a user nkey seed (SU...)
+    nats_token: str | None = None  # secret: shown as *** by repr
+    nats_user: str | None = None  # with nats_password
+    nats_password: str | None = None  # secret: shown as *** by repr
+    # TLS: the CA bundle that signed the server's certificate; a client certificate and its key
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    def __repr__(self) -> str:
+        """The fields as msgspec shows them, with the secrets (``nats_token``, ``nats_password``,
+        ``http_tokens``, credentials in ``nats_url``) replaced by ``***``: settings may be logged."""
+        shown = []
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            if name in _SECRET_FIELDS and value is not None:
+                value = "***"
+            elif name == "nats_url" and value is not None:
+                value = ",".join(redact_url(u) for u in value.split(","))
+            shown.append(f"{name}={value!r}")
+        return f"Settings({', '.join(shown)})"
 
     @property
     def nats_servers(self) -> list[str]:
         """The NATS server URLs of ``nats_url`` (empty when it is None)."""
         return [] if self.nats_url is None else self.nats_url.split(",")
+
+
+_SECRET_FIELDS = frozenset({"nats_token", "nats_password", "http_tokens"})
+_PATH_SETTINGS = ("nats_creds", "nats_nkey_seed", "tls_ca", "tls_cert", "tls_key")
 
 
 def _from_env() -> dict[str, Any]:
@@ -81,7 +108,7 @@ def build_settings(**overrides: Any) -> Settings:
         )
     merged: dict[str, Any] = _from_env()
     merged.update({k: v for k, v in overrides.items() if v is not None})
-    for name in ("data_dir", "policy_file", "memory_dir", "master_key_file"):
+    for name in ("data_dir", "policy_file", "memory_dir", "master_key_file", *_PATH_SETTINGS):
         if isinstance(merged.get(name), Path):
             merged[name] = str(merged[name])
     if merged.get("nats_url") is not None:

@@ -16,6 +16,7 @@ The tree (a second base, in brackets, lets ``except ValueError`` and the like ca
     ├── CommandTimeoutError [TimeoutError]
     ├── ProjectionTimeoutError [TimeoutError]
     ├── EmbeddedServerError
+    │   └── NatsAuthError
     ├── LogError
     ├── ClosedError
     ├── DecryptionError [ValueError]
@@ -385,6 +386,42 @@ class EmbeddedServerError(BlackbirdError):
         self.pid = pid
 
 
+class NatsAuthError(EmbeddedServerError):
+    """The NATS server refused this client's credentials or TLS handshake (or its certificate was
+    not trusted); nothing was sent.
+
+    Raised when a client opens, at the first refusal (it is not retried until the connect
+    timeout). Fields: ``nats_url`` (the servers tried, credentials in URLs shown as ``***``) and
+    ``auth``, the kind of credential presented (``"creds"``, ``"nkey"``, ``"token"``,
+    ``"user/password"`` or ``"none"``, followed by ``" + TLS client certificate"`` when one was
+    presented); never the secret itself. Also raised when the server's TLS certificate is not
+    trusted. The other fields of :class:`EmbeddedServerError` are None.
+    """
+
+    code = "nats_auth_error"
+    auth: str
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        auth: str,
+        nats_url: str | None = None,
+        searched: list[str] | None = None,
+        binary: str | None = None,
+        data_dir: str | None = None,
+        port: int | None = None,
+        log_file: str | None = None,
+        log_tail: str | None = None,
+        pid: int | None = None,
+    ) -> None:
+        super().__init__(
+            message, nats_url=nats_url, searched=searched, binary=binary, data_dir=data_dir,
+            port=port, log_file=log_file, log_tail=log_tail, pid=pid,
+        )
+        self.auth = auth
+
+
 class LogError(BlackbirdError):
     """The JetStream log or a key-value bucket refused or failed an operation (a stream or
     bucket that cannot be created, an append the server rejected, a lost race that kept being
@@ -565,6 +602,7 @@ _BY_CODE: dict[str, type[BlackbirdError]] = {
         CommandTimeoutError,
         ProjectionTimeoutError,
         EmbeddedServerError,
+        NatsAuthError,
         LogError,
         ClosedError,
         DecryptionError,
