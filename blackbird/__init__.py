@@ -14,6 +14,7 @@ from blackbird._sync import BlackbirdSDK, SessionManager
 from blackbird.audit.replay import Auditor, AuditReport
 from blackbird.config import Settings
 from blackbird.errors import (
+    AccessDeniedError,
     AggregateFaultError,
     BlackbirdError,
     ClosedError,
@@ -46,6 +47,7 @@ from blackbird.streams.subscription import AsyncStreams, StreamEvent, Subscripti
 from blackbird.types import Admission, Memory, Session, SessionStatus, UsageRecord
 
 __all__ = [
+    "AccessDeniedError",
     "Admission",
     "AggregateFaultError",
     "AsyncBlackbird",

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import structlog
 
 from blackbird._client import DEFAULT_DATA_DIR, AsyncBlackbird
@@ -33,6 +34,8 @@ from blackbird._runtime import tune_gc_for_serving
 from blackbird.audit.replay import parse_until
 from blackbird.config import Settings, build_settings
 from blackbird.errors import BlackbirdError, ValidationError
+from blackbird.memory.master_key import rotate_master_key
+from blackbird.server.access import AccessFile
 from blackbird.server.embedded import EmbeddedServer
 from blackbird.subjects import validate_token
 
@@ -127,20 +130,26 @@ def _data_dir(arg: str | None) -> Path:
     return Path(arg or _environment().data_dir or DEFAULT_DATA_DIR).resolve()
 
 
-def _resolve_nats_url(args: argparse.Namespace) -> str:
-    """--nats-url; else --data-dir's server; else BLACKBIRD_NATS_URL; else the default folder's."""
+def _resolve_nats_url(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """--nats-url; else --data-dir's server; else BLACKBIRD_NATS_URL; else the default folder's.
+    With the credentials to use: those given (options, else BLACKBIRD_* variables), or for a data
+    folder's server when none are given, the folder's service identity."""
+    given = _auth_options(args)
     if args.nats_url:
-        return str(args.nats_url)
-    env_url = _environment().nats_url
-    if args.data_dir is None and env_url:
-        return env_url
+        return str(args.nats_url), given
+    env = _environment()
+    if args.data_dir is None and env.nats_url:
+        return env.nats_url, given
     data_dir = _data_dir(args.data_dir)
     url = EmbeddedServer.running_url(data_dir)
     if url is None:
         raise CliError(
             f"no running `blackbird serve` for data folder {data_dir}; start it or pass --nats-url"
         )
-    return url
+    if any(v is not None for v in given.values()) or any(getattr(env, name) for name in _AUTH_OPTIONS):
+        return url, given
+    auth = EmbeddedServer(data_dir).service_auth()
+    return url, {"nats_user": auth["user"], "nats_password": auth["password"]}
 
 
 def _parse_metadata(raw: str | None) -> dict[str, Any] | None:
@@ -294,12 +303,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 async def _with_client(
     args: argparse.Namespace, action: Callable[[AsyncBlackbird], Awaitable[int]]
 ) -> int:
-    url = _resolve_nats_url(args)
+    url, auth = _resolve_nats_url(args)
     # nats-py retries an unreachable server forever (AsyncBlackbird connects with
     # max_reconnect_attempts=-1), so bound the connection here. The scope encloses the client's
     # whole lifetime (a client may hold task groups); its deadline is lifted once connected.
     with anyio.CancelScope(deadline=anyio.current_time() + args.connect_timeout) as scope:
-        async with AsyncBlackbird(nats_url=url, tenant=args.tenant, remote=True, **_auth_options(args)) as bb:
+        async with AsyncBlackbird(nats_url=url, tenant=args.tenant, remote=True, **auth) as bb:
             scope.deadline = math.inf
             return await action(bb)
     raise CliError(
@@ -408,6 +417,95 @@ def _audit_verify(args: argparse.Namespace) -> Callable[[AsyncBlackbird], Awaita
         return EXIT_ERROR if any(differences.values()) else EXIT_OK
 
     return action
+
+
+# --------------------------------------------------------------------------- tenants, credentials, keys
+
+
+def _change_access(args: argparse.Namespace, change: Callable[[AccessFile], Any]) -> Any:
+    """Apply ``change`` to the data folder's access file; a running server enforces it at once."""
+    data_dir = _data_dir(args.data_dir)
+    return _run(lambda: EmbeddedServer.change_access(data_dir, change, subject_prefix=_environment().subject_prefix))
+
+
+def _access(args: argparse.Namespace) -> AccessFile:
+    """The data folder's access file, read (created if missing, as a first server start would)."""
+    nats_dir = _data_dir(args.data_dir) / "nats"
+    nats_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return AccessFile.load_or_create(nats_dir, _environment().subject_prefix)
+
+
+def _cmd_tenants(args: argparse.Namespace) -> int:
+    _configure_logging(args.log_level, "warning")
+    if args.tenants_command == "list":
+        access = _access(args)
+        rows = [
+            {"tenant": name, "credentials": len(t.credentials), "created_at": t.created_at}
+            for name, t in sorted(access.tenants.items())
+        ]
+        _out(json.dumps(rows, indent=2) if args.json else "\n".join(f"{r['tenant']}\t{r['credentials']}" for r in rows))
+        return EXIT_OK
+    name = validate_token(args.name, "tenant")
+    if args.tenants_command == "add":
+        added = _change_access(args, lambda a: a.add_tenant(name))
+        _out(f"tenant {name!r} {'added' if added else 'exists already'}")
+        return EXIT_OK
+    removed = _change_access(args, lambda a: a.remove_tenant(name))
+    if not removed:
+        _err(f"error: no tenant {name!r}")
+        return EXIT_ERROR
+    _out(f"tenant {name!r} removed; its credentials no longer connect (its data stays in the log)")
+    return EXIT_OK
+
+
+def _cmd_credentials(args: argparse.Namespace) -> int:
+    _configure_logging(args.log_level, "warning")
+    if args.credentials_command == "issue":
+        issued = _change_access(
+            args, lambda a: a.issue(args.tenant, name=args.name, user_id=args.user, read_only=args.read_only)
+        )
+        url = EmbeddedServer.running_url(_data_dir(args.data_dir))
+        env = {**issued.settings(), **({"BLACKBIRD_NATS_URL": url} if url else {})}
+        if args.out:
+            _write_env_file(Path(args.out), env)
+        _out(json.dumps({**msgspec.structs.asdict(issued), "environment": env}, indent=2))
+        _err("the password is shown once: Blackbird keeps only its hash")
+        return EXIT_OK
+    if args.credentials_command == "list":
+        access = _access(args)
+        rows = [
+            {"user": c.user, "tenant": tenant, "read_only": c.read_only, "user_id": c.user_id,
+             "created_at": c.created_at}
+            for tenant, t in sorted(access.tenants.items()) if args.tenant in (None, tenant)
+            for c in t.credentials.values()
+        ]
+        _out(json.dumps(rows, indent=2))
+        return EXIT_OK
+    tenant = _change_access(args, lambda a: a.revoke(args.user_name))
+    if tenant is None:
+        _err(f"error: no credential {args.user_name!r}")
+        return EXIT_ERROR
+    _out(f"credential {args.user_name!r} of tenant {tenant!r} revoked; its connections were closed")
+    return EXIT_OK
+
+
+def _write_env_file(path: Path, env: dict[str, str]) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.writelines(f"{k}={v}\n" for k, v in env.items())
+    os.chmod(path, 0o600)
+
+
+def _cmd_master_key(args: argparse.Namespace) -> int:
+    _configure_logging(args.log_level, "warning")
+
+    async def rotate() -> int:
+        async with AsyncBlackbird(data_dir=_data_dir(args.data_dir)) as bb:
+            report = await rotate_master_key(bb)
+        _out(json.dumps(msgspec.structs.asdict(report), indent=2))
+        return EXIT_OK
+
+    return _run(rotate)
 
 
 def _positive_int(text: str) -> int:
@@ -601,7 +699,61 @@ def build_parser() -> argparse.ArgumentParser:
     )
     audit.add_argument("--json", action="store_true", help="print one JSON document")
     audit.set_defaults(func=_cmd_audit)
+    _add_access_commands(commands)
     return parser
+
+
+def _add_access_commands(commands: Any) -> None:
+    """``tenants``, ``credentials`` and ``master-key``: who may connect, and the key wrapping data keys."""
+    folder = argparse.ArgumentParser(add_help=False)
+    folder.add_argument(
+        "--data-dir", metavar="DIR",
+        help="the data folder of the embedded nats-server (default: BLACKBIRD_DATA_DIR or ./blackbird-data)",
+    )
+    folder.add_argument(
+        "--log-level", choices=LOG_LEVELS, type=str.lower,
+        help="log level on stderr (default: BLACKBIRD_LOG_LEVEL or warning)",
+    )
+    tenants = commands.add_parser(
+        "tenants", help="add, list or remove the tenants the embedded nats-server walls apart",
+        description="Each tenant is a NATS account that reaches only its own command and read subjects "
+        "(see README, Security). Adding or removing one restarts a running embedded server on the "
+        "same port (its clients reconnect).",
+    )
+    actions = tenants.add_subparsers(dest="tenants_command", metavar="ACTION", required=True)
+    for action, text in (("add", "add a tenant"), ("remove", "remove a tenant and all its credentials")):
+        sub = actions.add_parser(action, parents=[folder], help=text)
+        sub.add_argument("name", metavar="TENANT")
+    listing = actions.add_parser("list", parents=[folder], help="list the tenants")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    tenants.set_defaults(func=_cmd_tenants)
+
+    credentials = commands.add_parser(
+        "credentials", help="issue, list or revoke a tenant's NATS credentials",
+        description="A credential is a NATS user of the tenant's account: user name and password "
+        "(shown once; only a bcrypt hash is kept). Revoking closes its connections at once.",
+    )
+    actions = credentials.add_subparsers(dest="credentials_command", metavar="ACTION", required=True)
+    issue = actions.add_parser("issue", parents=[folder], help="issue a credential and print it once")
+    issue.add_argument("--tenant", required=True, help="the tenant it belongs to")
+    issue.add_argument("--user", metavar="USER_ID", help="bind it to this end user: their sessions only")
+    issue.add_argument("--read-only", action="store_true", help="reads only: audits, streams, session state")
+    issue.add_argument("--name", help="a name for it (default: cred-<random>); its user name is TENANT:NAME")
+    issue.add_argument("--out", metavar="FILE", help="also write the BLACKBIRD_* variables to FILE (0600)")
+    listing = actions.add_parser("list", parents=[folder], help="list credentials (never passwords)")
+    listing.add_argument("--tenant", help="only this tenant's")
+    revoke = actions.add_parser("revoke", parents=[folder], help="revoke a credential")
+    revoke.add_argument("user_name", metavar="USER", help="its user name, e.g. acme:cred-1a2b3c")
+    credentials.set_defaults(func=_cmd_credentials)
+
+    master = commands.add_parser(
+        "master-key", help="rotate the key that wraps the users' data keys",
+        description="rotate: generate a new master key (first in the key file), rewrap every user's "
+        "data key under it, then drop the old key.",
+    )
+    actions = master.add_subparsers(dest="master_command", metavar="ACTION", required=True)
+    actions.add_parser("rotate", parents=[folder], help="rotate the master key of the data folder")
+    master.set_defaults(func=_cmd_master_key)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from typing import Any, Self
 import anyio
 import msgspec
 import nats.errors
+import nats.js.errors
 import structlog
 from nats.aio.client import Client as NATS
 
@@ -28,15 +29,18 @@ from blackbird._projections import MemoryCheckpoints, NatsCheckpoints, Projectio
 from blackbird._retry import keep_running
 from blackbird.audit.replay import Auditor
 from blackbird.commands.dispatch import Dispatcher, LocalDispatcher, ask_or_raise
+from blackbird.commands.logs import LogService, RemoteLog
 from blackbird.commands.remote import RemoteDispatcher
 from blackbird.commands.service import CommandService
 from blackbird.config import Settings, build_settings, nats_servers, redact_url
-from blackbird.errors import ClosedError, EmbeddedServerError, ValidationError, field_of
+from blackbird.connection import connect_options
+from blackbird.errors import AccessDeniedError, ClosedError, EmbeddedServerError, ValidationError, field_of
 from blackbird.journal import Journal
 from blackbird.memory.index import MemoryIndex
 from blackbird.memory.keys import UserKeys
 from blackbird.memory.master_key import load_master_keys
 from blackbird.memory.service import AsyncMemory
+from blackbird.server.access import inbox_prefix
 from blackbird.server.embedded import EmbeddedServer
 from blackbird.sessions.analytics import Analytics
 from blackbird.sessions.gateway import SessionGateway
@@ -44,7 +48,7 @@ from blackbird.sessions.manager import AsyncSessionManager
 from blackbird.sessions.quotas import Quotas
 from blackbird.sessions.tenants import TenantDirectory
 from blackbird.streams.subscription import AsyncStreams
-from blackbird.subjects import validate_token
+from blackbird.subjects import Subjects, validate_token
 from projections.abuse import AbuseConfig, AbuseProjection
 from projections.activity import ActivityProjection
 
@@ -72,6 +76,22 @@ def _abuse_config(settings: Settings) -> AbuseConfig:
         raise ValidationError(
             f"{field}: {exc}", field=field, expected="thresholds of projections.abuse.AbuseConfig"
         ) from None
+
+
+async def _has_jetstream(nc: NATS, timeout: float) -> bool:
+    """Whether this connection's account has JetStream (a tenant's account has none)."""
+    try:
+        await nc.jetstream(timeout=timeout).account_info()
+    except nats.js.errors.ServiceUnavailableError:  # "JetStream not enabled for account"
+        return False
+    except nats.errors.NoRespondersError:
+        return False
+    except nats.js.errors.APIError as exc:
+        return exc.err_code != _JETSTREAM_NOT_ENABLED
+    return True
+
+
+_JETSTREAM_NOT_ENABLED = 10039
 
 
 class AsyncBlackbird:
@@ -123,6 +143,8 @@ class AsyncBlackbird:
         self._streams: AsyncStreams | None = None
         self.data_dir: Path | None = None
         self.nats_url: str | None = self.settings.nats_url
+        self.tenant_credentials = False
+        """Whether this client is connected with a tenant's credentials (no JetStream: see README Security)."""
         """The server URLs connected to (comma-separated; the embedded server's once open)."""
 
     @property
@@ -139,13 +161,23 @@ class AsyncBlackbird:
     @property
     def journal(self) -> Journal:
         """The event log (read history, follow a tenant's or a session's commits)."""
+        self._needs_service_identity("the journal")
         if self._journal is None:
             raise ClosedError("AsyncBlackbird is not open; use `async with AsyncBlackbird(...)`")
         return self._journal
 
+    def _needs_service_identity(self, what: str) -> None:
+        if self.tenant_credentials:
+            raise AccessDeniedError(
+                f"{what} needs the service identity: this client is connected with tenant credentials, "
+                "which reach commands, session streams and audits of their tenant only",
+                principal=self.settings.nats_user or "tenant", action=what, tenant=self.settings.tenant,
+            )
+
     @property
     def projections(self) -> Projections:
         """The read models this client runs (lag, verify, rebuild)."""
+        self._needs_service_identity("projections")
         if self._projections is None:
             raise ClosedError("AsyncBlackbird is not open; use `async with AsyncBlackbird(...)`")
         return self._projections
@@ -160,6 +192,7 @@ class AsyncBlackbird:
     @property
     def memory(self) -> AsyncMemory:
         """Memory: remember/recall, the key-value cache, sharing and erasure (coroutines)."""
+        self._needs_service_identity("memory")
         if self._memory is None:
             raise ClosedError("AsyncBlackbird is not open; use `async with AsyncBlackbird(...)`")
         return self._memory
@@ -190,14 +223,19 @@ class AsyncBlackbird:
     async def _open(self, stack: contextlib.AsyncExitStack) -> None:
         s = self.settings
         url = s.nats_url
+        auth = connect_options(s)
         if url is None:
             if self.development_mode and s.data_dir is None:
                 tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="blackbird-dev-"))
                 self.data_dir = Path(tmp)
             else:
                 self.data_dir = Path(s.data_dir or DEFAULT_DATA_DIR).resolve()
-            server = await stack.enter_async_context(EmbeddedServer(self.data_dir))
+            server = await stack.enter_async_context(EmbeddedServer(self.data_dir, subject_prefix=s.subject_prefix))
             url = server.url
+            if not auth:  # the folder's own service identity
+                auth = server.service_auth()
+        if "user" in auth:  # replies come to the one inbox prefix a tenant credential may subscribe to
+            auth = {**auth, "inbox_prefix": inbox_prefix(auth["user"])}
         self.nats_url = url
         if s.memory_dir is not None:
             memory_dir = Path(s.memory_dir)
@@ -205,9 +243,12 @@ class AsyncBlackbird:
             memory_dir = self.data_dir / "memory"
         else:  # removed last, after everything that may still write to it has stopped
             memory_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="blackbird-memory-")))
-        nc = await self._connect(url)
+        nc = await self._connect(url, auth=auth)
         self._nc = nc
         stack.push_async_callback(self._drain_connection, nc, min(s.command_timeout, 5.0))
+        if self.remote and not await _has_jetstream(nc, s.command_timeout):
+            await self._open_on_tenant_credentials(stack, nc)
+            return
         # A remote client only sends commands: it must not need the rights to (re)configure the
         # stream, nor reconfigure it with settings that differ from the hosts'.
         journal = await stack.enter_async_context(Journal.open(nc, s, configure=not self.remote))
@@ -248,6 +289,8 @@ class AsyncBlackbird:
             if s.serve_commands:
                 service = CommandService(nc, journal.subjects, dispatcher, s.queue_group)
                 await tasks.start(keep_running, "command_service", service.run)
+                reads = LogService(nc, journal, dispatcher, s.queue_group)
+                await tasks.start(keep_running, "log_service", reads.run)
         # Read models: started on first use (a command-line client that never asks pays
         # nothing), checkpointed in NATS when this client may create buckets.
         checkpoints = await NatsCheckpoints.open(journal, s.replicas, create=not self.remote)
@@ -288,6 +331,36 @@ class AsyncBlackbird:
             clock=self._clock,
         )
         log.info("blackbird_opened", nats_url=url, data_dir=str(self.data_dir), remote=self.remote)
+
+    async def _open_on_tenant_credentials(self, stack: contextlib.AsyncExitStack, nc: NATS) -> None:
+        """A remote client whose account has no JetStream (a tenant's credentials): commands go to
+        the hosts as ever, and the log (audits, streams, the tenant's policy) is read through them;
+        the rest (memory, analytics, operator actions) needs the service identity."""
+        s = self.settings
+        self.tenant_credentials = True
+        reader = RemoteLog(nc, Subjects(s.subject_prefix), s.tenant, s.command_timeout)
+        book = PolicyBook(self.policy)
+        tenants = TenantDirectory(reader, book, None, s.principal, only=s.tenant)
+        tasks = await stack.enter_async_context(anyio.create_task_group())
+        stack.callback(tasks.cancel_scope.cancel)
+        with anyio.fail_after(s.command_timeout):
+            await tasks.start(keep_running, "tenant_policy", tenants.follow)
+
+        async def user_commands(tenant: str, user_id: str, command: UserCommand, command_id: str | None) -> Outcome:
+            raise AccessDeniedError(
+                f"{type(command).__name__} needs the service identity, not tenant credentials",
+                principal=s.nats_user or "tenant", action=type(command).__name__, tenant=tenant,
+            )
+
+        gateway = SessionGateway(
+            RemoteDispatcher(nc, reader.subjects, s.command_timeout), book, user_commands, tenants.command,
+            tenant=s.tenant, principal=s.nats_user or s.principal, clock=self._clock, confined=True,
+        )
+        quotas = Quotas(gateway)
+        self._session_manager = AsyncSessionManager(gateway, quotas, Analytics(gateway, quotas, None, s.analytics_k))
+        self._auditor = Auditor(reader, book, s.tenant)
+        self._streams = AsyncStreams(gateway, reader, timeout=s.command_timeout)
+        log.info("blackbird_opened", nats_url=self.nats_url, tenant=s.tenant, tenant_credentials=True)
 
     def _actor_host(self, behaviour: Behaviour[Any], journal: Journal, *, snapshots: bool = False) -> ActorHost:
         """An actor host with this client's settings; ``snapshots`` in the journal's KV bucket."""

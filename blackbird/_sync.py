@@ -288,6 +288,11 @@ class BlackbirdSDK:
         return self._client.data_dir
 
     @property
+    def tenant_credentials(self) -> bool:
+        """Whether this client is connected with a tenant's credentials (see README, Security)."""
+        return self._client.tenant_credentials
+
+    @property
     def async_client(self) -> AsyncBlackbird:
         """The AsyncBlackbird this facade runs (use only from its portal's event loop)."""
         return self._client

@@ -671,6 +671,10 @@ class BlackbirdSDK:
         """The embedded server's data folder (None with ``nats_url=``)."""
 
     @property
+    def tenant_credentials(self) -> bool:
+        """Whether this client is connected with a tenant's credentials (see README, Security)."""
+
+    @property
     def async_client(self) -> AsyncBlackbird:
         """The AsyncBlackbird this facade runs (use only from its portal's event loop)."""
 

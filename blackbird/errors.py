@@ -23,6 +23,7 @@ The tree (a second base, in brackets, lets ``except ValueError`` and the like ca
     ├── EmbedderUnavailableError
     ├── EmbedderError
     ├── ScopeAccessError [PermissionError]
+    ├── AccessDeniedError [PermissionError]
     ├── EmbeddingModelMismatchError
     ├── MemoryIndexBusyError
     ├── CommandIdReusedError
@@ -519,6 +520,25 @@ class ScopeAccessError(BlackbirdError, PermissionError):
         self.user_id = user_id
 
 
+class AccessDeniedError(BlackbirdError, PermissionError):
+    """The authenticated identity may not do this: a tenant's credentials naming another tenant,
+    a user's credentials naming another user's session, a tenant asking for an operator's
+    action (quota adjustments, tier changes, tenant policy), or a client on tenant credentials
+    asking for what only the service identity reaches (memory, analytics). Fields:
+    ``principal`` (who asked, as authenticated), ``action`` (what was refused) and ``tenant``."""
+
+    code = "access_denied"
+    principal: str
+    action: str
+    tenant: str | None
+
+    def __init__(self, message: str, *, principal: str, action: str, tenant: str | None = None) -> None:
+        super().__init__(message)
+        self.principal = principal
+        self.action = action
+        self.tenant = tenant
+
+
 class EmbeddingModelMismatchError(BlackbirdError):
     """``recall`` found the tenant's memories embedded with another model than this client's
     embedder; rebuild the index with ``rebuild_index(reembed=True)`` or use that model.
@@ -609,6 +629,7 @@ _BY_CODE: dict[str, type[BlackbirdError]] = {
         EmbedderUnavailableError,
         EmbedderError,
         ScopeAccessError,
+        AccessDeniedError,
         EmbeddingModelMismatchError,
         MemoryIndexBusyError,
     )

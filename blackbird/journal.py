@@ -34,7 +34,7 @@ import base64
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import anyio
 import anyio.abc
@@ -199,6 +199,30 @@ class Entry(NamedTuple):
     seq: int
     subject: str
     commit: Commit
+
+
+class LogReader(Protocol):
+    """Reading the log, as audits, streams and the policy book do: :class:`Journal` straight from
+    JetStream, :class:`blackbird.commands.logs.RemoteLog` through the hosts (tenant credentials)."""
+
+    subjects: Subjects
+    stream: str
+
+    async def last_seq_of(self, subject: str, *, direct: bool = False) -> int: ...
+
+    def follow(self, subject_filter: str, after_seq: int = 0) -> AsyncIterator[Entry]: ...
+
+    async def follow_with(
+        self, subject_filter: str, after_seq: int, on_entry: Callable[[Entry], Awaitable[None]]
+    ) -> None: ...
+
+    async def replay(
+        self,
+        subject_filter: str,
+        after_seq: int,
+        on_entry: Callable[[int, str, Commit], None],
+        until_seq: int | None = None,
+    ) -> int: ...
 
 
 _DIRECT_READS = 8  # commits read by direct gets before a catch-up switches to a consumer
@@ -759,6 +783,48 @@ class Journal:
         if failure:
             raise failure[0]
         return last
+
+    async def page(
+        self, subject_filter: str, after_seq: int, *, until_seq: int | None, limit: int, max_bytes: int, wait: float
+    ) -> tuple[list[tuple[int, str, bytes]], int]:
+        """Up to ``limit`` raw commits (``max_bytes`` in all, at least one) on ``subject_filter``
+        after ``after_seq`` (and up to ``until_seq``), and the filter's last sequence. When there is
+        none yet, waits up to ``wait`` seconds for the first one (a long poll: what a client that
+        may not read the stream itself follows a log with)."""
+        last = await self.last_seq_of(subject_filter)
+        bound = last if until_seq is None else min(until_seq, last)
+        if limit == 0 or (bound <= after_seq and (wait <= 0 or until_seq is not None and until_seq <= after_seq)):
+            return [], last
+        records: list[tuple[int, str, bytes]] = []
+        size = 0
+        done = anyio.Event()
+
+        async def deliver(msg: Msg) -> None:
+            nonlocal size
+            if done.is_set():
+                return
+            meta = msg.metadata
+            seq = meta.sequence.stream
+            if until_seq is not None and seq > until_seq:
+                done.set()
+                return
+            data = msg.data or b""
+            records.append((seq, msg.subject, data))
+            size += len(data)
+            if len(records) >= limit or size >= max_bytes or meta.num_pending == 0 or seq == until_seq:
+                done.set()
+
+        sub = await self._subscribe_ordered(subject_filter, after_seq, deliver)
+        try:
+            # what is there comes within a read's timeout; a wait for what is not there yet, within `wait`
+            with anyio.move_on_after(self._timeout if bound > after_seq else wait):
+                await done.wait()
+        finally:
+            done.set()
+            await _unsubscribe(sub)
+        if bound > after_seq and not records:
+            raise LogError(f"read of {subject_filter} after sequence {after_seq} stalled")
+        return records, max(last, records[-1][0] if records else 0)
 
     async def _collect(
         self, subject_filter: str, after_seq: int, until_seq: int, *, strict: bool = False

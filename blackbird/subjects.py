@@ -3,6 +3,9 @@
 Events:   ``<prefix>.<tenant>.session.<session_id>``, ``<prefix>.<tenant>.user.<user_id>``,
           ``<prefix>.<tenant>.tenant``, ``<prefix>.<tenant>.memory.<scope>:<owner>``
 Commands: ``<prefix>cmd.<tenant>.<session_id>`` (request/reply, served by queue-grouped hosts)
+Reads:    ``<prefix>svc.<tenant>.log`` (a tenant's log, for clients without JetStream) and
+          ``<prefix>svc.<tenant>.session.<session_id>`` (a session's state): request/reply, the
+          subjects read-only credentials may use
 
 Tenant isolation, per-session replay and live subscription are subject filters, so a tenant or
 id that could change a subject's shape (``.``, ``*``, ``>``, whitespace) is refused up front.
@@ -46,6 +49,7 @@ class Subjects:
     def __init__(self, prefix: str = "bb") -> None:
         self.prefix = validate_token(prefix, "subject_prefix")
         self.command_prefix = f"{prefix}cmd"
+        self.service_prefix = f"{prefix}svc"
 
     @property
     def stream_subjects(self) -> list[str]:
@@ -81,9 +85,19 @@ class Subjects:
     def command_wildcard(self) -> str:
         return f"{self.command_prefix}.*.*"
 
+    def query(self, tenant: str, session_id: str) -> str:
+        """Where a session's state is asked for (a read: no command subject needed)."""
+        return f"{self.service_prefix}.{tenant}.session.{session_id}"
+
+    @property
+    def query_wildcard(self) -> str:
+        return f"{self.service_prefix}.*.session.*"
+
     def parse_command(self, subject: str) -> tuple[str, str]:
-        """(tenant, session_id) from a command subject; raises ValidationError if malformed."""
+        """(tenant, session_id) from a command (or query) subject; raises ValidationError if malformed."""
         parts = subject.split(".")
+        if len(parts) == 4 and parts[0] == self.service_prefix and parts[2] == "session":
+            return validate_token(parts[1], "tenant"), validate_token(parts[3], "session_id")
         if len(parts) != 3 or parts[0] != self.command_prefix:
             raise ValidationError(
                 f"subject: expected {self.command_prefix}.<tenant>.<session_id>, got {subject!r}",

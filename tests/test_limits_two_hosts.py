@@ -42,7 +42,7 @@ from actors.events import (
 from actors.ports import AggregateKey
 from blackbird import AsyncBlackbird, QuotaExceededError, RateLimitError
 
-from .conftest import NatsServer
+from .conftest import TEST_MASTER_KEY, NatsServer
 
 pytestmark = pytest.mark.anyio
 
@@ -136,7 +136,8 @@ class Worker:
             stdout=subprocess.PIPE,
             text=True,
             cwd=REPO,
-            env={"BLACKBIRD_LOG_LEVEL": "error", "PATH": "", "PYTHONPATH": str(REPO)},
+            env={"BLACKBIRD_LOG_LEVEL": "error", "PATH": "", "PYTHONPATH": str(REPO),
+                 "BLACKBIRD_MASTER_KEY": TEST_MASTER_KEY},
         )
 
     def send(self, calls: list[dict[str, Any]], streams: int | None = None) -> None:

@@ -72,8 +72,12 @@ async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> No
             await anyio.sleep(0.02)
 
 
-async def assert_jetstream_works(url: str) -> None:
-    nc = await nats.connect(url, allow_reconnect=False, connect_timeout=5)
+async def assert_jetstream_works(url: str, data_dir: Path) -> None:
+    """JetStream answers the folder's service identity (and nobody connects without credentials)."""
+    with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+        await nats.connect(url, allow_reconnect=False, connect_timeout=5)
+    auth = EmbeddedServer(data_dir).service_auth()
+    nc = await nats.connect(url, allow_reconnect=False, connect_timeout=5, **auth)
     try:
         info = await nc.jetstream().account_info()
         assert info.limits is not None
@@ -117,7 +121,7 @@ async def test_starts_serves_jetstream_and_stops(tmp_path: Path) -> None:
         assert srv.started_here
         assert srv.url.startswith("nats://127.0.0.1:")
         assert srv.store_dir == tmp_path / "nats" / "store"
-        await assert_jetstream_works(srv.url)
+        await assert_jetstream_works(srv.url, tmp_path)
         state = json.loads((tmp_path / "nats" / "server.json").read_text())
         assert state == {"pid": srv.pid, "port": int(srv.url.rsplit(":", 1)[1]), "url": srv.url}
         pid = srv.pid
@@ -137,11 +141,11 @@ async def test_contexts_and_processes_share_one_server(tmp_path: Path) -> None:
             async with EmbeddedServer(tmp_path) as inner:
                 assert (inner.url, inner.pid, inner.started_here) == (url, pid, False)
             assert process_running(pid)
-            await assert_jetstream_works(url)
+            await assert_jetstream_works(url, tmp_path)
             assert await read_holder(holder) == (url, pid, False)
         # The context that started the server has left; the holder process still uses it.
         assert process_running(pid)
-        await assert_jetstream_works(url)
+        await assert_jetstream_works(url, tmp_path)
         await release_holder(holder)
         await wait_until(lambda: not process_running(pid))
         assert not (tmp_path / "nats" / "server.json").exists()
@@ -160,7 +164,7 @@ async def test_last_user_stops_a_server_started_by_another_process(tmp_path: Pat
             assert (srv.url, srv.pid, srv.started_here) == (url, pid, False)
             await release_holder(holder)
             assert process_running(pid)
-            await assert_jetstream_works(url)
+            await assert_jetstream_works(url, tmp_path)
         await wait_until(lambda: not process_running(pid))
     finally:
         holder.kill()
@@ -179,7 +183,7 @@ async def test_stale_server_json_is_replaced(tmp_path: Path, corrupt: bool) -> N
     async with EmbeddedServer(tmp_path) as srv:
         assert srv.started_here and srv.pid != dead_pid
         assert json.loads(state_file.read_text())["pid"] == srv.pid
-        await assert_jetstream_works(srv.url)
+        await assert_jetstream_works(srv.url, tmp_path)
     assert not state_file.exists()
 
 
@@ -196,7 +200,7 @@ async def test_retries_with_another_port_when_the_port_is_taken(
         async with EmbeddedServer(tmp_path) as srv:
             assert srv.started_here
             assert srv.url != f"nats://127.0.0.1:{taken.getsockname()[1]}"
-            await assert_jetstream_works(srv.url)
+            await assert_jetstream_works(srv.url, tmp_path)
     assert "address already in use" in (tmp_path / "nats" / "server.log").read_text()
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from blackbird import AsyncBlackbird
 
-from .conftest import NatsServer
+from .conftest import TEST_MASTER_KEY, NatsServer
 
 pytestmark = pytest.mark.anyio
 
@@ -58,7 +58,8 @@ def spawn(url: str, sid: str, name: str, count: int) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         text=True,
         cwd=REPO,
-        env={"BLACKBIRD_LOG_LEVEL": "error", "PATH": "", "PYTHONPATH": str(REPO)},
+        env={"BLACKBIRD_LOG_LEVEL": "error", "PATH": "", "PYTHONPATH": str(REPO),
+                 "BLACKBIRD_MASTER_KEY": TEST_MASTER_KEY},
     )
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "ready"

@@ -38,7 +38,7 @@ from blackbird._validate import invalid
 from blackbird.audit.render import describe, iso, key_figures
 from blackbird.audit.report import AuditReport, TimelineRow
 from blackbird.errors import BlackbirdError, SessionNotFoundError
-from blackbird.journal import Entry, Journal
+from blackbird.journal import Entry, LogReader
 from blackbird.subjects import validate_token
 
 __all__ = ["AuditReport", "Auditor", "TimelineRow", "parse_until"]
@@ -59,7 +59,7 @@ class Auditor:
 
     def __init__(
         self,
-        journal: Journal,
+        journal: LogReader,
         policies: PolicyBook,
         tenant: str,
         *,

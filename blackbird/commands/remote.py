@@ -9,7 +9,7 @@ import msgspec
 import nats.errors
 from nats.aio.client import Client as NATS
 
-from actors.events import CommandReply, CommandRequest, SessionCommand
+from actors.events import CommandReply, CommandRequest, GetSession, SessionCommand
 from blackbird._retry import backoff, describe, transient, typed
 from blackbird.errors import CommandTimeoutError, LogError
 from blackbird.subjects import Subjects
@@ -38,7 +38,9 @@ class RemoteDispatcher:
         self, tenant: str, session_id: str, command: SessionCommand, command_id: str, principal: str
     ) -> CommandReply:
         body = self._encode(CommandRequest(command=command, command_id=command_id, principal=principal))
-        subject = self._subjects.command(tenant, session_id)
+        # a query goes where reads go: read-only credentials may ask it
+        query = isinstance(command, GetSession)
+        subject = (self._subjects.query if query else self._subjects.command)(tenant, session_id)
         deadline = time.monotonic() + self._timeout
         per_try = _FIRST_TRY
         attempt = 0

@@ -4,6 +4,10 @@ Hosts subscribe in one queue group, so any number of processes share the load; o
 concurrency on the log keeps each session single-writer even when two hosts race. Every reply
 is a JSON :class:`~actors.events.CommandReply`; malformed requests get a typed rejection that
 names the offending field, never a silent drop.
+
+The principal recorded for a command is the authenticated identity
+(:func:`blackbird.commands.identity.identity_of`): a tenant's credentials are confined to their
+tenant (and a user-bound credential to its user's sessions), whatever the body claims.
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from actors.events import CommandReply, CommandRequest, SessionCommand
+from actors.events import CommandReply, CommandRequest, CreateSession, GetSession, SessionCommand
 from actors.validation import MAX_DEPTH, Invalid, invalid_from
 from blackbird.commands.dispatch import Dispatcher, rejection_from_error, rejection_from_invalid
-from blackbird.errors import BlackbirdError
+from blackbird.commands.identity import authorize_command, authorize_session, identity_of
+from blackbird.errors import BlackbirdError, ValidationError
 from blackbird.ids import new_id
 from blackbird.subjects import Subjects
 
@@ -39,8 +44,16 @@ class CommandService:
         self._encode = msgspec.json.Encoder().encode
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        sub = await self._nc.subscribe(self._subjects.command_wildcard, queue=self._queue)
-        log.info("command_service_started", subject=self._subjects.command_wildcard, queue=self._queue)
+        async with anyio.create_task_group() as tg:
+            for subject in (self._subjects.command_wildcard, self._subjects.query_wildcard):
+                await tg.start(self._serve, subject)
+            task_status.started()
+
+    async def _serve(
+        self, subject: str, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        sub = await self._nc.subscribe(subject, queue=self._queue)
+        log.info("command_service_started", subject=subject, queue=self._queue)
         task_status.started()
         try:
             async with anyio.create_task_group() as tg:
@@ -74,9 +87,31 @@ class CommandService:
         # the raw body, so the caller hears which field, as a caller of the SDK would.
         except (msgspec.DecodeError, ValueError, RecursionError) as exc:
             return CommandReply(rejection=rejection_from_invalid(_undecodable(msg.data, exc)))
+        try:
+            query = msg.subject.startswith(self._subjects.service_prefix + ".")
+            if query and not isinstance(request.command, GetSession):
+                raise ValidationError(
+                    f"command: {msg.subject} answers GetSession only; send {type(request.command).__name__} "
+                    f"on {self._subjects.command(tenant, session_id)}",
+                    field="command", expected="GetSession", got=type(request.command).__name__,
+                )
+            identity = identity_of(msg.headers, tenant, request.principal)
+            authorize_command(identity, request.command)
+        except BlackbirdError as exc:
+            log.warning("command_denied", tenant=tenant, session_id=session_id, error=str(exc))
+            return CommandReply(rejection=rejection_from_error(exc))
+        if identity.user_id is not None and not isinstance(request.command, CreateSession):
+            # a user-bound credential reaches its user's sessions only: ask the session first
+            owner = await self._dispatcher.dispatch(tenant, session_id, GetSession(), new_id(), identity.principal)
+            if owner.session is None:
+                return owner
+            try:
+                authorize_session(identity, owner.session.user_id, type(request.command).__name__)
+            except BlackbirdError as exc:
+                return CommandReply(rejection=rejection_from_error(exc))
         command_id = request.command_id or new_id()
         return await self._dispatcher.dispatch(
-            tenant, session_id, request.command, command_id, request.principal
+            tenant, session_id, request.command, command_id, identity.principal
         )
 
 

@@ -6,6 +6,13 @@ Processes that open the same folder share that one server: ``nats/start.lock`` (
 serialises starting and stopping, every user holds a shared lock on ``nats/users.lock`` while it
 uses the server, and the last user out stops it.  ``nats/server.json`` records the running
 server's pid, port and url; ``nats/server.log`` collects its output.
+
+The server is secured: it runs with the accounts of :mod:`blackbird.server.access` (generated
+into ``nats/server.conf`` from ``nats/access.json``, both 0600), so a connection without
+credentials is refused; processes sharing the folder connect as the service identity
+(:meth:`EmbeddedServer.service_auth`). :meth:`EmbeddedServer.change_access` adds and removes
+tenants and credentials, reloading the running server (a new or removed tenant restarts it on
+the same port: nats-server does not wire the imports of an account added by a reload).
 """
 
 from __future__ import annotations
@@ -22,14 +29,16 @@ import sys
 import sysconfig
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import anyio
 import anyio.to_thread
 import structlog
 
 from blackbird.errors import EmbeddedServerError
+from blackbird.server.access import SERVICE_USER, AccessFile
 
 __all__ = ["EmbeddedServer", "find_nats_server_binary"]
 
@@ -40,6 +49,9 @@ STOP_TIMEOUT = 5.0  # seconds a nats-server gets to exit after SIGTERM before SI
 _PORT_ATTEMPTS = 3
 _POLL = 0.05
 _HOST = "127.0.0.1"
+RELOAD_TIMEOUT = 10.0  # seconds a reload signal gets to be reported done in the server's log
+
+T = TypeVar("T")
 
 
 def find_nats_server_binary() -> str:
@@ -148,8 +160,9 @@ class EmbeddedServer:
     it stops the server only if no other process (or context) still uses it.
     """
 
-    def __init__(self, data_dir: Path | str) -> None:
+    def __init__(self, data_dir: Path | str, *, subject_prefix: str = "bb") -> None:
         self.data_dir = Path(data_dir)
+        self.subject_prefix = subject_prefix
         self.nats_dir = self.data_dir / "nats"
         self.store_dir = self.nats_dir / "store"
         """Where the server keeps its JetStream data."""
@@ -174,6 +187,57 @@ class EmbeddedServer:
         assert self._pid is not None
         return self._pid
 
+    def service_auth(self) -> dict[str, Any]:
+        """nats-py ``connect`` options that authenticate as the folder's service identity."""
+        access = AccessFile.load_or_create(self.nats_dir, self.subject_prefix)
+        return {"user": SERVICE_USER, "password": access.service_password}
+
+    @classmethod
+    async def change_access(
+        cls, data_dir: Path | str, change: Callable[[AccessFile], T], *, subject_prefix: str = "bb"
+    ) -> T:
+        """Apply ``change`` to the folder's access file and make the server enforce it.
+
+        Runs under ``start.lock`` (no server starts or stops meanwhile). A running server is
+        reloaded (new or revoked credentials: a revoked one's connections are closed); when the
+        set of tenants changed it is restarted on the same port, which its clients reconnect to.
+        Returns what ``change`` returned."""
+        server = cls(data_dir, subject_prefix=subject_prefix)
+        server.nats_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        start_fd = await _lock(server.nats_dir / "start.lock", fcntl.LOCK_EX)
+        try:
+            access = AccessFile.load_or_create(server.nats_dir, subject_prefix)
+            tenants_before = set(access.tenants)
+            result = change(access)
+            access.save(server.nats_dir)
+            access.write_config(server.nats_dir, server.store_dir)
+            state = server._read_state()
+            if state and _nats_running(state["pid"]):
+                if set(access.tenants) == tenants_before:
+                    await server._reload(state["pid"])
+                else:
+                    await _terminate(state["pid"])
+                    await server._start(state["port"])
+                    log.info("server_restarted_for_tenants", pid=server._pid, port=server._port)
+            return result
+        finally:
+            os.close(start_fd)
+
+    async def _reload(self, pid: int) -> None:
+        """Signal ``pid`` to reload its configuration and wait until its log says it did."""
+        offset = self._log_file.stat().st_size if self._log_file.exists() else 0
+        os.kill(pid, signal.SIGHUP)
+        deadline = time.monotonic() + RELOAD_TIMEOUT
+        while time.monotonic() < deadline:
+            text = self._log_since(offset)
+            if "Reloaded server configuration" in text:
+                log.info("server_reloaded", pid=pid)
+                return
+            if "Failed to reload" in text:
+                raise self._fail("nats-server refused the new configuration", offset, 0)
+            await anyio.sleep(_POLL)
+        raise self._fail(f"nats-server did not report a reload within {RELOAD_TIMEOUT:g}s", offset, 0)
+
     def _require_running(self) -> None:
         if self._users_fd is None:
             msg = "the embedded server is not open: use `async with EmbeddedServer(data_dir)`"
@@ -182,7 +246,7 @@ class EmbeddedServer:
     async def __aenter__(self) -> Self:
         if self._users_fd is not None:
             raise EmbeddedServerError("EmbeddedServer is already open", data_dir=str(self.data_dir))
-        self.nats_dir.mkdir(parents=True, exist_ok=True)
+        self.nats_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         start_fd = await _lock(self.nats_dir / "start.lock", fcntl.LOCK_EX)
         try:
             state = self._read_state()
@@ -266,11 +330,13 @@ class EmbeddedServer:
     async def _start(self, preferred_port: int | None = None) -> None:
         binary = find_nats_server_binary()
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        access = AccessFile.load_or_create(self.nats_dir, self.subject_prefix)
+        config = access.write_config(self.nats_dir, self.store_dir)
         deadline = time.monotonic() + READY_TIMEOUT
         for attempt in range(1, _PORT_ATTEMPTS + 1):
             port = preferred_port if attempt == 1 and preferred_port and _port_free(preferred_port) else _free_port()
             offset = self._log_file.stat().st_size if self._log_file.exists() else 0
-            opts = ["-js", "-sd", str(self.store_dir), "-a", _HOST, "-p", str(port)]
+            opts = ["-c", str(config), "-a", _HOST, "-p", str(port)]
             args = [binary, *opts, "--pid", str(self.nats_dir / "server.pid")]
             try:
                 proc = await anyio.to_thread.run_sync(self._spawn, args)

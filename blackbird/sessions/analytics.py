@@ -17,6 +17,7 @@ from actors.policy import QuotaType
 from actors.validation import MAX_INSTANT
 from blackbird._projections import Projections
 from blackbird._validate import check_enum, check_seconds, invalid
+from blackbird.errors import AccessDeniedError
 from blackbird.sessions.gateway import SessionGateway
 from blackbird.sessions.quotas import Quotas
 from blackbird.subjects import validate_token
@@ -30,14 +31,24 @@ ACTIVITY = "activity"
 class Analytics:
     """Answers from the activity projection, scoped to a tenant, after this client's writes."""
 
-    def __init__(self, gateway: SessionGateway, quotas: Quotas, projections: Projections, k: int) -> None:
+    def __init__(self, gateway: SessionGateway, quotas: Quotas, projections: Projections | None, k: int) -> None:
+        """``projections`` None: a client on tenant credentials, which reads no whole log."""
         self._gateway = gateway
         self._quotas = quotas
         self._projections = projections
         self._k = k
 
+    @property
+    def _read_models(self) -> Projections:
+        if self._projections is None:
+            raise AccessDeniedError(
+                "analytics need the service identity: this client is connected with tenant credentials",
+                principal=self._gateway.principal, action="analytics", tenant=self._gateway.tenant,
+            )
+        return self._projections
+
     async def _activity(self) -> Activity:
-        runner = await self._projections.caught_up(ACTIVITY, self._gateway.written)
+        runner = await self._read_models.caught_up(ACTIVITY, self._gateway.written)
         return runner.model  # type: ignore[no-any-return]
 
     async def get_user_sessions(self, user_id: str, *, tenant: str | None = None) -> list[Session]:
@@ -81,7 +92,7 @@ class Analytics:
     async def get_statistics(self, *, tenant: str | None = None) -> dict[str, Any]:
         """Tenant-wide figures (JSON-ready)."""
         stats = activity.statistics(await self._activity(), self._gateway.tenant_of(tenant), self._gateway.clock())
-        stats["projection_lag"] = await self._projections.lag()
+        stats["projection_lag"] = await self._read_models.lag()
         return stats
 
     async def get_user_analytics(self, user_id: str, *, tenant: str | None = None) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from actors.events import CommandReply, GetSession, SessionCommand, TenantComman
 from actors.policy import MemoryPolicy, TierPolicy
 from actors.tenant import PolicyBook, TenantState
 from blackbird.commands.dispatch import Dispatcher, UserCommands, raise_for_rejection
-from blackbird.errors import SessionNotFoundError, ValidationError
+from blackbird.errors import AccessDeniedError, SessionNotFoundError, ValidationError
 from blackbird.ids import new_id
 from blackbird.subjects import validate_token
 from blackbird.types import Session
@@ -45,8 +45,12 @@ class SessionGateway:
         tenant: str,
         principal: str,
         clock: Callable[[], float] = time.time,
+        confined: bool = False,
     ) -> None:
+        """``confined``: this client reaches its own tenant only (tenant credentials); naming
+        another raises AccessDeniedError at once (the server would refuse it anyway)."""
         self.policies = policies
+        self._confined = confined
         self.user_commands = user_commands
         self.tenant_commands = tenant_commands
         self.tenant = validate_token(tenant, "tenant")
@@ -59,7 +63,13 @@ class SessionGateway:
         """``tenant`` validated, or the client's own tenant when None."""
         if tenant is None or tenant == self.tenant:
             return self.tenant  # validated once, in __init__
-        return validate_token(tenant, "tenant")
+        tenant = validate_token(tenant, "tenant")
+        if self._confined:
+            raise AccessDeniedError(
+                f"tenant: this client's credentials reach tenant {self.tenant!r} only, not {tenant!r}",
+                principal=self.principal, action="reach another tenant", tenant=tenant,
+            )
+        return tenant
 
     def tier_name(self, tier: Any, tenant: str | None) -> str:
         """``tier`` (a name or a str Enum) if the tenant's policy defines it, else ValidationError."""

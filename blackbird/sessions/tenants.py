@@ -19,20 +19,33 @@ from actors.host import ActorHost
 from actors.ports import AggregateKey
 from actors.tenant import PolicyBook, TenantState
 from blackbird.commands.dispatch import ask_or_raise
-from blackbird.journal import Journal
+from blackbird.errors import AccessDeniedError
+from blackbird.journal import LogReader
 
 log = structlog.get_logger("blackbird.tenants")
 
 
 class TenantDirectory:
-    def __init__(self, journal: Journal, book: PolicyBook, host: ActorHost, principal: str) -> None:
+    def __init__(
+        self, journal: LogReader, book: PolicyBook, host: ActorHost | None, principal: str, *, only: str | None = None
+    ) -> None:
+        """``host`` None: tenant commands are refused (a client on tenant credentials); ``only``:
+        follow that one tenant's policy (the only one such a client may read)."""
         self._journal = journal
         self._book = book
         self._host = host
         self._principal = principal
+        self._filter = journal.subjects.tenants_filter if only is None else journal.subjects.aggregate(
+            AggregateKey(only, "tenant", only)
+        )
 
     async def command(self, tenant: str, command: TenantCommand, command_id: str | None) -> TenantState:
         """Run a tenant command durably and return the tenant's state after it."""
+        if self._host is None:
+            raise AccessDeniedError(
+                f"{type(command).__name__} is an operator's action: it needs the service identity, "
+                "not tenant credentials", principal=self._principal, action=type(command).__name__, tenant=tenant,
+            )
         key = AggregateKey(tenant, "tenant", tenant)
         outcome = await ask_or_raise(self._host, key, command, command_id, self._principal)
         self._book.observe(outcome.state)
@@ -41,13 +54,13 @@ class TenantDirectory:
     async def follow(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Fold every tenant's commits into the book; ready once caught up with the log."""
         subjects = self._journal.subjects
-        target = await self._journal.last_seq_of(subjects.tenants_filter)
+        target = await self._journal.last_seq_of(self._filter)
         ready = target == 0
         if ready:
             task_status.started()
         states: dict[str, TenantState] = {}
         try:
-            async for entry in self._journal.follow(subjects.tenants_filter):
+            async for entry in self._journal.follow(self._filter):
                 tenant = subjects.tenant_of(entry.subject)
                 state = states.get(tenant) or TenantState(tenant=tenant)
                 states[tenant] = state = tenant_logic.apply_commit(state, entry.commit)

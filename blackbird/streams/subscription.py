@@ -31,7 +31,7 @@ from actors.events import MessagePosted
 from blackbird._errors_group import single_error
 from blackbird._validate import invalid
 from blackbird.errors import LogError
-from blackbird.journal import Entry, Journal
+from blackbird.journal import Entry, LogReader
 from blackbird.sessions.gateway import SessionGateway
 from blackbird.streams.backlog import WHOLE_COMMIT, Backlog, Position, parse_resume
 from blackbird.subjects import validate_token
@@ -155,7 +155,7 @@ class Subscription:
 class AsyncStreams:
     """``.streams`` on AsyncBlackbird: subscribe to a session's channel messages."""
 
-    def __init__(self, gateway: SessionGateway, journal: Journal, *, timeout: float = 10.0) -> None:
+    def __init__(self, gateway: SessionGateway, journal: LogReader, *, timeout: float = 10.0) -> None:
         self._gateway = gateway
         self._journal = journal
         self._timeout = timeout
