@@ -287,9 +287,9 @@ class AsyncBlackbird:
             self._host = host
             dispatcher = LocalDispatcher(host, user_commands, clock=self._clock)
             if s.serve_commands:
-                service = CommandService(nc, journal.subjects, dispatcher, s.queue_group)
+                service = CommandService(nc, journal.subjects, dispatcher, s.queue_group, s.tenant_accounts)
                 await tasks.start(keep_running, "command_service", service.run)
-                reads = LogService(nc, journal, dispatcher, s.queue_group)
+                reads = LogService(nc, journal, dispatcher, s.queue_group, s.tenant_accounts)
                 await tasks.start(keep_running, "log_service", reads.run)
         # Read models: started on first use (a command-line client that never asks pays
         # nothing), checkpointed in NATS when this client may create buckets.

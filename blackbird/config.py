@@ -45,6 +45,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     detect_abuse: bool = True  # hosts run the abuse detector and raise its alerts
     abuse: dict[str, Any] = {}  # thresholds: see projections.abuse.AbuseConfig
     log_level: str | None = None  # when Blackbird configures structlog: debug, info, warning, ...
+    # operator-mode (JWT) NATS: tenant accounts' public keys -> tenant, for the hosts to know
+    # whose requests arrive through the shared service imports (the embedded server needs none)
+    tenant_accounts: dict[str, str] = {}
     http_tokens: str | None = None  # `blackbird serve --http`: JSON {"<token>": "<tenant>"}
     # The master key wrapping the users' data keys in bb_keys (blackbird.memory.master_key):
     # base64 of 32 bytes (several comma-separated, the first current), or a file of such lines.
@@ -81,7 +84,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         return [] if self.nats_url is None else self.nats_url.split(",")
 
 
-_SECRET_FIELDS = frozenset({"nats_token", "nats_password", "http_tokens"})
+_SECRET_FIELDS = frozenset({"nats_token", "nats_password", "http_tokens", "master_key"})
 _PATH_SETTINGS = ("nats_creds", "nats_nkey_seed", "tls_ca", "tls_cert", "tls_key")
 
 
@@ -90,7 +93,17 @@ def _from_env() -> dict[str, Any]:
     found: dict[str, Any] = {}
     for name in fields:
         raw = os.environ.get(ENV_PREFIX + name.upper())
-        if raw is not None:
+        if raw is None:
+            continue
+        if fields[name] is dict or getattr(fields[name], "__origin__", None) is dict:  # a JSON object
+            try:
+                found[name] = msgspec.json.decode(raw)
+            except msgspec.DecodeError:
+                raise ValidationError(
+                    f"{name}: {ENV_PREFIX + name.upper()} is not a JSON object", field=name,
+                    expected="a JSON object", got=raw[:80],
+                ) from None
+        else:
             found[name] = raw
     return found
 

@@ -47,15 +47,22 @@ class Identity(msgspec.Struct, frozen=True):
 class _RequestInfo(msgspec.Struct):
     acc: str = ""
     user: str = ""
+    name_tag: str = ""  # operator mode: the user JWT's name (set by the account's signer)
 
 
 _decode_info = msgspec.json.Decoder(_RequestInfo).decode
 
 
-def identity_of(headers: Mapping[str, str] | None, tenant: str, claimed: str) -> Identity:
+def identity_of(
+    headers: Mapping[str, str] | None, tenant: str, claimed: str, accounts: Mapping[str, str] | None = None
+) -> Identity:
     """The identity behind a request on a subject of ``tenant``; ``claimed`` is the principal the
     body names, believed only from the service identity. Raises AccessDeniedError when the
-    requester's account is not ``tenant``'s."""
+    requester's account is not ``tenant``'s.
+
+    A tenant's account is ``tenant:<name>`` (the embedded server's config-file accounts) or, on
+    an operator-mode (JWT) deployment where accounts are public keys, the one ``accounts`` maps
+    to the tenant (the ``tenant_accounts`` setting). There the principal is the user JWT's name."""
     raw = headers.get(REQUEST_INFO) if headers else None
     if raw is None:
         return Identity(principal=claimed)
@@ -65,8 +72,8 @@ def identity_of(headers: Mapping[str, str] | None, tenant: str, claimed: str) ->
         raise AccessDeniedError(
             f"the {REQUEST_INFO} header is not the server's", principal="unknown", action="request", tenant=tenant
         ) from None
-    who = info.user or info.acc or "unknown"
-    account_tenant = tenant_of_account(info.acc)
+    who = info.name_tag or info.user or info.acc or "unknown"
+    account_tenant = tenant_of_account(info.acc) or (accounts or {}).get(info.acc)
     if account_tenant is None:
         raise AccessDeniedError(
             f"account {info.acc!r} is no tenant's: it may not reach Blackbird's services",
@@ -77,7 +84,7 @@ def identity_of(headers: Mapping[str, str] | None, tenant: str, claimed: str) ->
             f"{who!r} of tenant {account_tenant!r} may not reach tenant {tenant!r}",
             principal=who, action="request", tenant=tenant,
         )
-    return Identity(principal=who, tenant=account_tenant, user_id=bound_user(account_tenant, info.user))
+    return Identity(principal=who, tenant=account_tenant, user_id=bound_user(account_tenant, who))
 
 
 def authorize_command(identity: Identity, command: SessionCommand) -> None:

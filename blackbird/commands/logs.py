@@ -16,7 +16,7 @@ subjects only; a user-bound credential its user's sessions and records) before r
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Annotated
 
 import anyio
@@ -71,7 +71,10 @@ class LogPage(msgspec.Struct, frozen=True):
 class LogService:
     """Answers log reads for the tenants (queue-grouped like the command service) until cancelled."""
 
-    def __init__(self, nc: NATS, journal: Journal, dispatcher: Dispatcher, queue: str) -> None:
+    def __init__(
+        self, nc: NATS, journal: Journal, dispatcher: Dispatcher, queue: str, accounts: Mapping[str, str] | None = None
+    ) -> None:
+        self._accounts = accounts
         self._nc = nc
         self._journal = journal
         self._subjects = journal.subjects
@@ -106,7 +109,7 @@ class LogService:
 
     async def _answer(self, msg: Msg) -> LogPage:
         tenant = validate_token(msg.subject.split(".")[1], "tenant")
-        identity = identity_of(msg.headers, tenant, "service")
+        identity = identity_of(msg.headers, tenant, "service", self._accounts)
         try:
             request = self._decode(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError) as exc:

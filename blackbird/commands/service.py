@@ -13,6 +13,7 @@ tenant (and a user-bound credential to its user's sessions), whatever the body c
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any, get_args
 
 import anyio
@@ -35,7 +36,16 @@ log = structlog.get_logger("blackbird.service")
 class CommandService:
     """Serves session commands from NATS until cancelled."""
 
-    def __init__(self, nc: NATS, subjects: Subjects, dispatcher: Dispatcher, queue: str) -> None:
+    def __init__(
+        self,
+        nc: NATS,
+        subjects: Subjects,
+        dispatcher: Dispatcher,
+        queue: str,
+        accounts: Mapping[str, str] | None = None,
+    ) -> None:
+        """``accounts``: operator-mode account public keys -> tenant (see identity_of)."""
+        self._accounts = accounts
         self._nc = nc
         self._subjects = subjects
         self._dispatcher = dispatcher
@@ -95,7 +105,7 @@ class CommandService:
                     f"on {self._subjects.command(tenant, session_id)}",
                     field="command", expected="GetSession", got=type(request.command).__name__,
                 )
-            identity = identity_of(msg.headers, tenant, request.principal)
+            identity = identity_of(msg.headers, tenant, request.principal, self._accounts)
             authorize_command(identity, request.command)
         except BlackbirdError as exc:
             log.warning("command_denied", tenant=tenant, session_id=session_id, error=str(exc))
