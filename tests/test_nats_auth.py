@@ -4,13 +4,10 @@ fail fast with NatsAuthError, and connect_options refuses bad settings naming th
 
 from __future__ import annotations
 
-import base64
 import datetime
 import hashlib
 import json
-import os
 import subprocess
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +28,9 @@ from blackbird import AsyncBlackbird, NatsAuthError, ValidationError
 from blackbird._cli import main
 from blackbird.config import build_settings
 from blackbird.connection import connect_options
-from blackbird.server.embedded import _free_port, find_nats_server_binary
+from blackbird.server.embedded import _free_port
+
+from .nats_jwt import JETSTREAM, UNLIMITED, creds_text, new_nkey, sign_jwt, spawn, user_jwt
 
 pytestmark = pytest.mark.anyio
 
@@ -56,23 +55,6 @@ class HashEmbedder:
 # ------------------------------------------------------------------ a configured nats-server
 
 
-def _spawn(config: Path) -> subprocess.Popen[bytes]:
-    """nats-server -c ``config``, returned once it printed "Server is ready" (no sleeps)."""
-    proc = subprocess.Popen(
-        [find_nats_server_binary(), "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    assert proc.stderr is not None
-    seen: list[bytes] = []
-    for raw in proc.stderr:
-        seen.append(raw)
-        if b"Server is ready" in raw:
-            break
-    else:
-        raise RuntimeError(f"nats-server exited with {proc.wait()}: {b''.join(seen[-20:]).decode()}")
-    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # type: ignore[union-attr]
-    return proc
-
-
 @dataclass
 class Secured:
     """A running nats-server requiring one kind of authentication."""
@@ -87,67 +69,21 @@ class Secured:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _nkey(prefix: int) -> tuple[str, str]:
-    """A new nkey: (public key, seed)."""
-    seed = nkeys.encode_seed(os.urandom(32), prefix)
-    kp = nkeys.from_seed(bytearray(seed))
-    return kp.public_key.decode(), bytes(seed).decode()
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _jwt(issuer_seed: str, subject: str, name: str, nats_claims: dict[str, Any]) -> str:
-    """A NATS v2 JWT (header ``ed25519-nkey``) signed by ``issuer_seed``."""
-    issuer = nkeys.from_seed(bytearray(issuer_seed.encode()))
-    claims: dict[str, Any] = {
-        "iat": int(time.time()), "iss": issuer.public_key.decode(), "name": name, "sub": subject,
-        "nats": {**nats_claims, "version": 2},
-    }
-    claims["jti"] = base64.b32encode(hashlib.sha256(json.dumps(claims, sort_keys=True).encode()).digest()).decode()
-    header = _b64(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
-    body = _b64(json.dumps(claims).encode())
-    signature = issuer.sign(f"{header}.{body}".encode())
-    return f"{header}.{body}.{_b64(signature)}"
-
-
-def _creds(user_jwt: str, user_seed: str) -> str:
-    return (
-        f"-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n"
-        "************************* IMPORTANT *************************\n"
-        "NKEY Seed printed below can be used to sign and prove identity.\n\n"
-        f"-----BEGIN USER NKEY SEED-----\n{user_seed}\n------END USER NKEY SEED------\n"
-    )
-
-
-_UNLIMITED = {"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": True,
-              "conn": -1, "leaf": -1}
-_JETSTREAM = {"mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1}
-
-
-def _user(account_seed: str, name: str) -> tuple[str, str]:
-    """(a user JWT of the account, the user's seed)."""
-    public, seed = _nkey(nkeys.PREFIX_BYTE_USER)
-    claims = {"type": "user", "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1}
-    return _jwt(account_seed, public, name, claims), seed
-
-
 def _operator_config(tmp: Path) -> tuple[str, dict[str, Any]]:
     """An operator-mode server configuration: accounts SYS, APP (JetStream on, exports the
     service ``svc.>``) and TENANT (imports it with ``share: true``); users of APP and TENANT."""
-    op_pub, op_seed = _nkey(nkeys.PREFIX_BYTE_OPERATOR)
-    sys_pub, sys_seed = _nkey(nkeys.PREFIX_BYTE_ACCOUNT)
-    app_pub, app_seed = _nkey(nkeys.PREFIX_BYTE_ACCOUNT)
-    tenant_pub, tenant_seed = _nkey(nkeys.PREFIX_BYTE_ACCOUNT)
-    operator_jwt = _jwt(op_seed, op_pub, "OP", {"type": "operator", "system_account": sys_pub})
-    sys_jwt = _jwt(op_seed, sys_pub, "SYS", {"type": "account", "limits": _UNLIMITED})
-    app_jwt = _jwt(op_seed, app_pub, "APP", {
-        "type": "account", "limits": {**_UNLIMITED, **_JETSTREAM},
+    op_pub, op_seed = new_nkey(nkeys.PREFIX_BYTE_OPERATOR)
+    sys_pub, sys_seed = new_nkey(nkeys.PREFIX_BYTE_ACCOUNT)
+    app_pub, app_seed = new_nkey(nkeys.PREFIX_BYTE_ACCOUNT)
+    tenant_pub, tenant_seed = new_nkey(nkeys.PREFIX_BYTE_ACCOUNT)
+    operator_jwt = sign_jwt(op_seed, op_pub, "OP", {"type": "operator", "system_account": sys_pub})
+    sys_jwt = sign_jwt(op_seed, sys_pub, "SYS", {"type": "account", "limits": UNLIMITED})
+    app_jwt = sign_jwt(op_seed, app_pub, "APP", {
+        "type": "account", "limits": {**UNLIMITED, **JETSTREAM},
         "exports": [{"name": "svc", "subject": "svc.>", "type": "service", "response_type": "Singleton"}],
     })
-    tenant_jwt = _jwt(op_seed, tenant_pub, "TENANT", {
-        "type": "account", "limits": _UNLIMITED,
+    tenant_jwt = sign_jwt(op_seed, tenant_pub, "TENANT", {
+        "type": "account", "limits": UNLIMITED,
         # share (a field of the import in JWT v2): the exporter's responders see the requester's
         # full client info in Nats-Request-Info; without it only {"acc": ..., "rtt": ...}
         "imports": [{"name": "svc", "subject": "svc.>", "account": app_pub, "type": "service", "share": True}],
@@ -158,14 +94,14 @@ def _operator_config(tmp: Path) -> tuple[str, dict[str, Any]]:
         "resolver: MEMORY\n"
         f"resolver_preload: {{\n  {sys_pub}: {sys_jwt}\n  {app_pub}: {app_jwt}\n  {tenant_pub}: {tenant_jwt}\n}}\n"
     )
-    app_user = _user(app_seed, "app-user")
-    tenant_user = _user(tenant_seed, "tenant-user")
-    (tmp / "app.creds").write_text(_creds(*app_user))
-    (tmp / "tenant.creds").write_text(_creds(*tenant_user))
+    app_user = user_jwt(app_seed, "app-user")
+    tenant_user = user_jwt(tenant_seed, "tenant-user")
+    (tmp / "app.creds").write_text(creds_text(*app_user))
+    (tmp / "tenant.creds").write_text(creds_text(*tenant_user))
     # a user signed by an account the server does not know
-    stranger_pub, stranger_seed = _nkey(nkeys.PREFIX_BYTE_ACCOUNT)
-    stranger = _user(stranger_seed, "stranger")
-    (tmp / "stranger.creds").write_text(_creds(*stranger))
+    stranger_pub, stranger_seed = new_nkey(nkeys.PREFIX_BYTE_ACCOUNT)
+    stranger = user_jwt(stranger_seed, "stranger")
+    (tmp / "stranger.creds").write_text(creds_text(*stranger))
     return config, {"app": app_pub, "tenant": tenant_pub, "app_user_seed": app_user[1],
                     "stranger_seed": stranger[1]}
 
@@ -239,9 +175,9 @@ def _secured(kind: str, tmp: Path) -> Secured:
         bad = [("no credentials", {}, None),
                ("a wrong password", {"nats_user": USER, "nats_password": "wrong-pass-xyz"}, "wrong-pass-xyz")]
     elif kind == "nkey":
-        public, seed = _nkey(nkeys.PREFIX_BYTE_USER)
+        public, seed = new_nkey(nkeys.PREFIX_BYTE_USER)
         (tmp / "user.nk").write_text(seed + "\n")
-        _, other = _nkey(nkeys.PREFIX_BYTE_USER)
+        _, other = new_nkey(nkeys.PREFIX_BYTE_USER)
         (tmp / "other.nk").write_text(other + "\n")
         lines.append(f'authorization {{ users: [{{nkey: "{public}"}}] }}')
         good = {"nats_nkey_seed": str(tmp / "user.nk")}
@@ -284,7 +220,7 @@ def secured(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Secured]
     """A real nats-server (JetStream on for the authenticated account) requiring one kind of
     authentication, on a free port with its own store."""
     server = _secured(request.param, tmp_path)
-    server.process = _spawn(tmp_path / "server.conf")
+    server.process = spawn(tmp_path / "server.conf")
     try:
         yield server
     finally:
@@ -295,7 +231,7 @@ def secured(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Secured]
 @pytest.fixture
 def user_server(tmp_path: Path) -> Iterator[Secured]:
     server = _secured("user", tmp_path)
-    server.process = _spawn(tmp_path / "server.conf")
+    server.process = spawn(tmp_path / "server.conf")
     try:
         yield server
     finally:
@@ -306,7 +242,7 @@ def user_server(tmp_path: Path) -> Iterator[Secured]:
 @pytest.fixture
 def operator_server(tmp_path: Path) -> Iterator[Secured]:
     server = _secured("creds", tmp_path)
-    server.process = _spawn(tmp_path / "server.conf")
+    server.process = spawn(tmp_path / "server.conf")
     try:
         yield server
     finally:
@@ -419,7 +355,7 @@ def _refused(**settings: Any) -> ValidationError:
 
 
 def test_connect_options_for_each_kind(tmp_path: Path) -> None:
-    _, seed = _nkey(nkeys.PREFIX_BYTE_USER)
+    _, seed = new_nkey(nkeys.PREFIX_BYTE_USER)
     (tmp_path / "user.nk").write_text(seed)
     assert connect_options(build_settings()) == {}
     assert connect_options(build_settings(nats_token="t")) == {"token": "t"}
@@ -458,7 +394,7 @@ def test_half_given_pairs_are_refused_naming_the_missing_half(tmp_path: Path) ->
 
 
 def test_more_than_one_kind_of_credential_is_refused(tmp_path: Path) -> None:
-    _, seed = _nkey(nkeys.PREFIX_BYTE_USER)
+    _, seed = new_nkey(nkeys.PREFIX_BYTE_USER)
     (tmp_path / "user.nk").write_text(seed)
     error = _refused(nats_token="t-s3cret", nats_user="u", nats_password="p-s3cret")
     assert error.field == "nats_user" and "nats_token" in str(error)

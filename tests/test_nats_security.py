@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -14,11 +14,12 @@ import msgspec
 import nats
 import nats.errors
 import pytest
-from nats.aio.client import Client as NATS
 
 from blackbird import AccessDeniedError, AsyncBlackbird, ValidationError
 from blackbird.server.access import AccessFile, IssuedCredential, inbox_prefix
 from blackbird.server.embedded import EmbeddedServer
+
+from .nats_raw import Raw, raw_connect
 
 pytestmark = pytest.mark.anyio
 
@@ -42,41 +43,11 @@ class Walls:
         )
 
 
-@dataclass
-class Raw:
-    """A raw nats-py connection and the errors the server sent it (permission violations)."""
-
-    nc: NATS
-    errors: list[str] = field(default_factory=list)
-    disconnected: anyio.Event = field(default_factory=anyio.Event)
-    _seen: anyio.Event = field(default_factory=anyio.Event)
-
-    async def violation(self, text: str) -> str:
-        """Wait (bounded) for the server's permissions violation mentioning ``text``."""
-        with anyio.fail_after(5):
-            while True:
-                for e in self.errors:
-                    if "permissions violation" in e.lower() and text.lower() in e.lower():  # nats-py lowercases it
-                        return e
-                self._seen = anyio.Event()
-                await self._seen.wait()
-
-
 async def raw(url: str, cred: IssuedCredential | None) -> Raw:
-    box = Raw(nc=NATS())
-
-    async def on_error(exc: Exception) -> None:
-        box.errors.append(str(exc))
-        box._seen.set()
-
-    async def on_disconnected() -> None:
-        box.disconnected.set()
-
     options: dict[str, object] = {}
     if cred is not None:
         options = {"user": cred.user, "password": cred.password, "inbox_prefix": inbox_prefix(cred.user)}
-    await box.nc.connect(url, error_cb=on_error, disconnected_cb=on_disconnected, allow_reconnect=False, **options)
-    return box
+    return await raw_connect(url, **options)
 
 
 def _issue(access: AccessFile) -> tuple[IssuedCredential, IssuedCredential]:
