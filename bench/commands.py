@@ -4,7 +4,9 @@ Run as ``python bench/commands.py [--quick] [--profile FILE]``.
 
 It starts its own nats-server (``blackbird.server.embedded.EmbeddedServer`` on a temporary data dir,
 default fsync mode: JetStream's ``sync_interval`` of 2 minutes, acks after the write to the
-page cache), connects ``AsyncBlackbird(nats_url=..., tenant="bench")`` and measures
+page cache), connects ``AsyncBlackbird(**service_settings(server), tenant="bench")`` (the
+server is secured: every client, ours and the raw baselines', connects as the data folder's
+service identity, ``server.service_auth()``) and measures
 
 1. ``touch_session`` commands/s and per-command latency (p50/p99) with 1, 100 and 1,000
    concurrent sessions, one worker per session; every call returns after the JetStream ack;
@@ -35,7 +37,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +88,14 @@ def make_config(quick: bool) -> Config:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def service_settings(server: EmbeddedServer) -> dict[str, Any]:
+    """``AsyncBlackbird`` settings for ``server``: its url and the data folder's service identity,
+    the one the raw clients connect as (``nats.connect(url, **server.service_auth())``), so that
+    a raw baseline and ours talk to the same server with the same auth."""
+    auth = server.service_auth()
+    return {"nats_url": server.url, "nats_user": auth["user"], "nats_password": auth["password"]}
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -269,9 +279,12 @@ async def run_touch_phase(
     return phase
 
 
-async def commit_payload(url: str, stream: str, subject: str, principal: str) -> tuple[bytes, int]:
-    """The stored bytes of a real TouchSession commit, and the size of one built by hand."""
-    nc = await nats.connect(url, name="bench-read")
+async def commit_payload(
+    url: str, stream: str, subject: str, principal: str, *, auth: Mapping[str, Any]
+) -> tuple[bytes, int]:
+    """The stored bytes of a real TouchSession commit, and the size of one built by hand
+    (read by a raw client connecting with ``auth``: nats-py connect options, ``{}`` for none)."""
+    nc = await nats.connect(url, name="bench-read", **auth)
     try:
         msg = await nc.jetstream().get_last_msg(stream, subject)
     finally:
@@ -346,11 +359,13 @@ async def publish_raw(
 
 
 async def raw_baseline(
-    url: str, payload: bytes, seconds: float, server_pid: int, *, with_headers: bool
+    url: str, payload: bytes, seconds: float, server_pid: int, *, with_headers: bool,
+    auth: Mapping[str, Any],
 ) -> tuple[int, float, str]:
-    """Pipelined js.publish_async into stream RAW (RAWH with headers; see :func:`publish_raw`);
-    returns (messages, seconds, cpu use)."""
-    nc = await nats.connect(url, name="bench-raw")
+    """Pipelined js.publish_async into stream RAW (RAWH with headers; see :func:`publish_raw`)
+    by a client connecting with ``auth`` (nats-py connect options); returns (messages, seconds,
+    cpu use)."""
+    nc = await nats.connect(url, name="bench-raw", **auth)
     try:
         return await publish_raw(
             nc.jetstream(timeout=30), "RAWH" if with_headers else "RAW", payload, seconds,
@@ -399,18 +414,20 @@ async def time_call(fn: Any, repeats: int) -> float:
 
 async def alternate_with_raw(
     ours: Callable[[], Awaitable[PhaseResult]], url: str, payload: bytes, seconds: float,
-    server_pid: int, reps: int,
+    server_pid: int, reps: int, *, auth: Mapping[str, Any],
 ) -> tuple[PhaseResult, float, float, dict[str, list[float]]]:
     """``ours`` alternated with raw ``js.publish_async`` of ``payload``, without and with the two
     headers our appends carry (raw, raw + headers, ours, then ours, raw + headers, raw, ...),
-    ``reps`` times each; prints the raw rows. Returns our median run (by rate), the median raw
+    ``reps`` times each, the raw client connecting with ``auth`` (the identity ours uses, for
+    like-for-like figures); prints the raw rows. Returns our median run (by rate), the median raw
     rates and every run's rate per side ("raw", "raw_headers", "ours")."""
     notes: dict[bool, str] = {}
     phases: list[PhaseResult] = []
 
     def raw_side(with_headers: bool) -> Callable[[], Awaitable[float]]:
         async def run() -> float:
-            n, s, cpu = await raw_baseline(url, payload, seconds, server_pid, with_headers=with_headers)
+            n, s, cpu = await raw_baseline(
+                url, payload, seconds, server_pid, with_headers=with_headers, auth=auth)
             notes[with_headers] = f"last run {n:,} msgs in {s:.1f} s, {cpu}"
             return n / s
         return run
@@ -437,6 +454,7 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bb-bench-") as tmp:
         async with EmbeddedServer(tmp) as server:
             url = server.url
+            auth = server.service_auth()  # the raw clients' identity; ours: service_settings()
             print(f"nats-server {url} (embedded, store {server.store_dir}), fsync: {FSYNC}")
             print(f"mode: {'quick' if cfg.quick else 'full'}; python {sys.version.split()[0]}; "
                   f"{os.cpu_count()} cpus; load average {load_start} (other processes skew every "
@@ -449,7 +467,7 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
             # 1 and 100 sessions once; the top level alternated with the raw baseline (2.)
             phases: dict[int, PhaseResult] = {}
             top = max(cfg.concurrency)
-            async with AsyncBlackbird(nats_url=url, tenant=TENANT) as bb:
+            async with AsyncBlackbird(**service_settings(server), tenant=TENANT) as bb:
                 ids = {n: await create_sessions(bb, n, f"s{n}") for n in cfg.concurrency}
                 for n in cfg.concurrency[:-1]:
                     res = await run_touch_phase(bb, ids[n], cfg.warmup, cfg.seconds[n], server.pid)
@@ -460,7 +478,7 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
                 settings = bb.settings
                 subject = bb.journal.subjects.session(TENANT, ids[1][0])
                 payload, built_size = await commit_payload(
-                    url, settings.stream, subject, settings.principal
+                    url, settings.stream, subject, settings.principal, auth=auth
                 )
                 row("commit payload (TouchSession, stored)", f"{len(payload)} B",
                     f"msgspec.json of a hand-built commit: {built_size} B; "
@@ -475,7 +493,7 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
                         bb, ids[top], cfg.warmup, cfg.seconds[top], server.pid, profile_to)
 
                 res, raw_rate, rawh_rate, runs = await alternate_with_raw(
-                    ours, url, payload, cfg.raw_seconds, server.pid, cfg.repetitions)
+                    ours, url, payload, cfg.raw_seconds, server.pid, cfg.repetitions, auth=auth)
                 phases[top] = res
                 row(f"touch_session, {top} concurrent session(s)", f"{median(runs['ours']):,.0f} cmd/s",
                     f"{spread(runs['ours'])}, alternated with raw; the median run: p50 {res.p50_ms:.2f} ms  "
@@ -486,7 +504,7 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
                 f"target >= 0.5; ratio of the medians of {cfg.repetitions} alternated runs (ABBA)")
 
             # ---------------------------------------------------------------- 3. activation
-            async with AsyncBlackbird(nats_url=url, tenant=TENANT, snapshot_every=10**9) as bb:
+            async with AsyncBlackbird(**service_settings(server), tenant=TENANT, snapshot_every=10**9) as bb:
                 host = bb.host
                 assert host is not None
                 sid_plain = f"act-plain-{uuid.uuid4().hex[:8]}"

@@ -6,7 +6,8 @@ It starts its own nats-server (``blackbird.server.embedded.EmbeddedServer`` on a
 default fsync mode: JetStream's ``sync_interval`` of 2 minutes), connects
 ``AsyncBlackbird(nats_url=..., tenant="bench", embedder=MiniLMEmbedder())`` (the real local
 all-MiniLM-L6-v2 on its default engine, ONNX Runtime when installed; the header line says which
-engine and how many threads; the LanceDB index in a temporary folder) and measures
+engine and how many threads; the LanceDB index in a temporary folder; connected as the data
+folder's service identity, ``bench.commands.service_settings``) and measures
 
 1. the embedder alone: sentences/s in batches of 256 and single-sentence latency, on the default
    engine and on ``MiniLMEmbedder(engine="numpy")`` in the same run; then writes/s of
@@ -108,6 +109,7 @@ from bench.commands import (
     row,
     run_cli,
     run_context,
+    service_settings,
     spread,
 )
 from blackbird import AsyncBlackbird
@@ -492,7 +494,7 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
                 f"cos {float(np.mean(sim_comp.max(1))):.2f} composed vs "
                 f"{float(np.mean(sim_true.max(1))):.2f} real")
 
-            async with AsyncBlackbird(nats_url=url, tenant=TENANT, embedder=embedder) as bb:
+            async with AsyncBlackbird(**service_settings(server), tenant=TENANT, embedder=embedder) as bb:
                 memory = bb.memory
                 writers = ["w-embed", "w-plain", "w-dedupe", "w-single"]
                 wsids = await writer_sessions(bb, WRITE_TENANT, writers)

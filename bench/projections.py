@@ -3,7 +3,9 @@
 Run as ``python bench/projections.py [--quick] [--profile FILE] [--default-gc]``.
 
 It starts its own nats-server (``blackbird.server.embedded.EmbeddedServer`` on a temporary data dir,
-default fsync mode: JetStream's ``sync_interval`` of 2 minutes), opens the log with
+default fsync mode: JetStream's ``sync_interval`` of 2 minutes), connects one raw nats-py client
+as the data folder's service identity (``nats.connect(url, **server.service_auth())``: the fill,
+the raw baseline and the rebuild share it), opens the log with
 ``Journal.open(nc, build_settings(nats_url=url))`` (stream "BLACKBIRD") and
 
 1. fills it without the actors: real ``actors.events.Commit`` envelopes, encoded exactly as the
@@ -408,7 +410,7 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
             row("measurement", "value", "detail")
             row("-" * 44, "-" * 16, "-" * 40)
             settings = build_settings(nats_url=url)
-            nc = await nats.connect(url, name="bench-projections")
+            nc = await nats.connect(url, name="bench-projections", **server.service_auth())
             try:
                 async with Journal.open(nc, settings) as journal:
                     js = nc.jetstream(timeout=30)

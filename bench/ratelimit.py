@@ -7,7 +7,8 @@ default fsync mode: JetStream's ``sync_interval`` of 2 minutes, acks after the w
 page cache), writes a tier policy into the same temporary folder (tier ``bench``: every window
 has a limit too high to be reached, so decisions are allowed; tier ``strict``: one request per
 second, so nearly every decision is denied), connects
-``AsyncBlackbird(nats_url=..., tenant="bench", policy_file=...)`` and measures
+``AsyncBlackbird(nats_url=..., tenant="bench", policy_file=...)`` as the data folder's service
+identity (``bench.commands.service_settings``; the raw clients connect as the same) and measures
 
 1. ``enforce_rate_limit`` decisions/s and per-call latency (p50/p99) with 1, 100 and 1,000
    concurrent sessions of tier ``bench`` (allowed-heavy), then with 1,000 sessions of tier
@@ -41,6 +42,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +72,7 @@ from bench.commands import (
     run_cli,
     run_context,
     run_phase,
+    service_settings,
     spread,
 )
 from blackbird import AsyncBlackbird, RateLimitError
@@ -148,9 +151,12 @@ async def run_rate_phase(
     return RatePhase(**dataclasses.asdict(phase), allowed=phase.commands - denied, denied=denied)
 
 
-async def stored_commit(url: str, stream: str, subject: str) -> tuple[bytes, Commit]:
-    """The stored bytes of the last commit on ``subject``, and the commit they decode to."""
-    nc = await nats.connect(url, name="bench-read")
+async def stored_commit(
+    url: str, stream: str, subject: str, *, auth: Mapping[str, Any]
+) -> tuple[bytes, Commit]:
+    """The stored bytes of the last commit on ``subject``, and the commit they decode to (read by
+    a raw client connecting with ``auth``, nats-py connect options)."""
+    nc = await nats.connect(url, name="bench-read", **auth)
     try:
         msg = await nc.jetstream().get_last_msg(stream, subject)
     finally:
@@ -306,6 +312,7 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
         policy = load_policy(POLICY_TOML)
         async with EmbeddedServer(tmp) as server:
             url = server.url
+            auth = server.service_auth()  # the raw clients' identity; ours: service_settings()
             print(f"nats-server {url} (embedded, store {server.store_dir}), fsync: {FSYNC}")
             print(f"mode: {'quick' if cfg.quick else 'full'}; python {sys.version.split()[0]}; "
                   f"{os.cpu_count()} cpus; policy {policy_file.name}: tier {ALLOW_TIER!r} "
@@ -322,7 +329,7 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
             phases: dict[int, RatePhase] = {}
             top = max(cfg.concurrency)
             async with AsyncBlackbird(
-                nats_url=url, tenant=TENANT, policy_file=str(policy_file)
+                **service_settings(server), tenant=TENANT, policy_file=str(policy_file)
             ) as bb:
                 ids = {
                     n: await create_sessions(bb, n, f"s{n}", ALLOW_TIER) for n in cfg.concurrency
@@ -335,7 +342,7 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
                 settings = bb.settings
                 subject_allowed = bb.journal.subjects.session(TENANT, ids[1][0])
                 subject_denied = bb.journal.subjects.session(TENANT, denied_ids[0])
-                payload, commit = await stored_commit(url, settings.stream, subject_allowed)
+                payload, commit = await stored_commit(url, settings.stream, subject_allowed, auth=auth)
                 events = [e for a in commit.commands for e in a.events]
                 assert [type(e) for e in events] == [RateAllowed], events
                 row("commit payload (RateAllowed, stored)", f"{len(payload)} B",
@@ -350,7 +357,7 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
                         bb, ids[top], cfg.warmup, cfg.seconds[top], server.pid, profile_to)
 
                 top_res, raw_rate, rawh_rate, runs = await alternate_with_raw(
-                    ours, url, payload, cfg.raw_seconds, server.pid, cfg.repetitions)
+                    ours, url, payload, cfg.raw_seconds, server.pid, cfg.repetitions, auth=auth)
                 assert isinstance(top_res, RatePhase)
                 phases[top] = top_res
                 phase_row(f"enforce_rate_limit, {top} session(s), allowed", top_res, profile_path is not None)
@@ -361,7 +368,7 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
                 )
                 phase_row(f"enforce_rate_limit, {cfg.denied_sessions} sessions, 1/s", denied)
             denied_payload, denied_commit = await stored_commit(
-                url, settings.stream, subject_denied
+                url, settings.stream, subject_denied, auth=auth
             )
             last_kind = "+".join(type(e).__name__ for a in denied_commit.commands for e in a.events)
             row("  commit payload, last of a 1/s session", f"{len(denied_payload)} B", last_kind)

@@ -3,8 +3,10 @@
 Run as ``python bench/streams.py [--quick] [--profile FILE] [--default-gc]``.
 
 It starts its own nats-server (``blackbird.server.embedded.EmbeddedServer`` on a temporary data dir,
-default fsync mode), posts N chat messages to one session with ``send_message`` (one durable
-commit each, one after the other: ``--quick`` 5,000, else 30,000), and measures
+default fsync mode; our client and the raw one both connect as the data folder's service
+identity: ``bench.commands.service_settings``), posts N chat messages to one session with
+``send_message`` (one durable commit each, one after the other: ``--quick`` 5,000, else 30,000),
+and measures
 
 1. replay: ``bb.streams.subscribe(session_id)`` from the start until all N messages came out
    (decoded commits, ``StreamEvent`` each), next to a raw nats-py ordered consumer reading the
@@ -33,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +60,7 @@ from bench.commands import (
     row,
     run_cli,
     run_context,
+    service_settings,
     spread,
 )
 from blackbird import AsyncBlackbird
@@ -82,9 +86,10 @@ def make_config(quick: bool) -> Config:
 
 
 
-async def raw_replay(url: str, stream: str, subject: str, n: int) -> float:
-    """Seconds for a raw nats-py ordered consumer to receive ``n`` messages of ``subject``."""
-    nc = await nats.connect(url, name="bench-raw")
+async def raw_replay(url: str, stream: str, subject: str, n: int, *, auth: Mapping[str, Any]) -> float:
+    """Seconds for a raw nats-py ordered consumer, connecting with ``auth`` (nats-py connect
+    options), to receive ``n`` messages of ``subject``."""
+    nc = await nats.connect(url, name="bench-raw", **auth)
     try:
         js = nc.jetstream()
         done = anyio.Event()
@@ -146,6 +151,7 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bb-bench-") as tmp:
         async with EmbeddedServer(Path(tmp)) as server:
             url = server.url
+            auth = server.service_auth()  # the raw clients' identity; ours: service_settings()
             print(f"nats-server {url} (embedded), fsync: {FSYNC}")
             print(f"mode: {'quick' if cfg.quick else 'full'}; python {sys.version.split()[0]}; "
                   f"{os.cpu_count()} cpus; load average {load_start} (other processes skew every "
@@ -153,7 +159,7 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
             print()
             row("measurement", "value", "detail")
             row("-" * 44, "-" * 16, "-" * 40)
-            async with AsyncBlackbird(nats_url=url, tenant=TENANT) as bb:
+            async with AsyncBlackbird(**service_settings(server), tenant=TENANT) as bb:
                 s = await bb.session_manager.create_session("bench-user", tier="enterprise")
                 sid = s.session_id
                 started = time.perf_counter()
@@ -166,7 +172,8 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
 
                 # 1. replay vs raw, alternated (raw, ours, ours, raw, ...)
                 async def raw_side() -> float:
-                    return (cfg.messages + 1) / await raw_replay(url, bb.journal.stream, subject, cfg.messages + 1)
+                    n = cfg.messages + 1
+                    return n / await raw_replay(url, bb.journal.stream, subject, n, auth=auth)
 
                 async def ours_side() -> float:
                     started = time.perf_counter()
