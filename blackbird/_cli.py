@@ -225,7 +225,12 @@ def _announce(bb: AsyncBlackbird, http: tuple[str, int] | None = None) -> None:
             f"  streams:     http://{http[0]}:{http[1]}/v1/sessions/<session_id>/events  "
             "(SSE; Authorization: Bearer <a tenant's token>; resume with Last-Event-ID)"
         )
-    _out(f"  try:         blackbird session create --user-id u1 --nats-url {url}")
+    if bb.data_dir is not None:  # the embedded server is secured: the folder's CLI finds its credentials
+        _out("  security:    no connection without credentials; tenants: `blackbird tenants add`, "
+             "`blackbird credentials issue --tenant T` (README, Security)")
+        _out(f"  try:         blackbird session create --user-id u1 --data-dir {bb.data_dir}")
+    else:
+        _out(f"  try:         blackbird session create --user-id u1 --nats-url {url}")
     _out("  stop:        Ctrl-C or SIGTERM")
     _out(f"blackbird ready nats_url={url} commands={subjects.command_wildcard} pid={os.getpid()}")
 

@@ -29,11 +29,11 @@ from blackbird._projections import MemoryCheckpoints, NatsCheckpoints, Projectio
 from blackbird._retry import keep_running
 from blackbird.audit.replay import Auditor
 from blackbird.commands.dispatch import Dispatcher, LocalDispatcher, ask_or_raise
-from blackbird.commands.logs import LogService, RemoteLog
+from blackbird.commands.logs import LogService, Reconnects, RemoteLog
 from blackbird.commands.remote import RemoteDispatcher
 from blackbird.commands.service import CommandService
 from blackbird.config import Settings, build_settings, nats_servers, redact_url
-from blackbird.connection import connect_options
+from blackbird.connection import connect_options, identity_name
 from blackbird.errors import AccessDeniedError, ClosedError, EmbeddedServerError, ValidationError, field_of
 from blackbird.journal import Journal
 from blackbird.memory.index import MemoryIndex
@@ -144,6 +144,7 @@ class AsyncBlackbird:
         self.data_dir: Path | None = None
         self.nats_url: str | None = self.settings.nats_url
         self.tenant_credentials = False
+        self._reconnects = Reconnects()
         """Whether this client is connected with a tenant's credentials (no JetStream: see README Security)."""
         """The server URLs connected to (comma-separated; the embedded server's once open)."""
 
@@ -234,8 +235,9 @@ class AsyncBlackbird:
             url = server.url
             if not auth:  # the folder's own service identity
                 auth = server.service_auth()
-        if "user" in auth:  # replies come to the one inbox prefix a tenant credential may subscribe to
-            auth = {**auth, "inbox_prefix": inbox_prefix(auth["user"])}
+        name = identity_name(auth)
+        if name is not None:  # replies come to the one inbox prefix a tenant credential may subscribe to
+            auth = {**auth, "inbox_prefix": inbox_prefix(name)}
         self.nats_url = url
         if s.memory_dir is not None:
             memory_dir = Path(s.memory_dir)
@@ -338,7 +340,7 @@ class AsyncBlackbird:
         the rest (memory, analytics, operator actions) needs the service identity."""
         s = self.settings
         self.tenant_credentials = True
-        reader = RemoteLog(nc, Subjects(s.subject_prefix), s.tenant, s.command_timeout)
+        reader = RemoteLog(nc, Subjects(s.subject_prefix), s.tenant, s.command_timeout, reconnects=self._reconnects)
         book = PolicyBook(self.policy)
         tenants = TenantDirectory(reader, book, None, s.principal, only=s.tenant)
         tasks = await stack.enter_async_context(anyio.create_task_group())
@@ -430,6 +432,7 @@ class AsyncBlackbird:
             nonlocal quiet
             quiet = False
             log.warning("nats_reconnected", server=redact_url(nc.connected_url.geturl()) if nc.connected_url else None)
+            self._reconnects.happened()
 
         nc = NATS()
         try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import ssl
 from pathlib import Path
 from typing import Any
@@ -177,3 +179,23 @@ def _tls_context(settings: Settings) -> ssl.SSLContext | None:
             ) from None
         context._blackbird_client_cert = True
     return context
+
+
+def identity_name(options: dict[str, Any]) -> str | None:
+    """The name this client is known by to the server, if its credentials carry one: the user of
+    user/password, the ``name`` (else ``sub``) claim of a .creds file's user JWT. A tenant
+    credential may subscribe only to replies under ``_INBOX.<that name>``."""
+    if "user" in options:
+        return str(options["user"])
+    creds = options.get("user_credentials")
+    if not isinstance(creds, str):
+        return None
+    try:
+        lines = Path(creds).read_text().splitlines()
+        token = lines[lines.index("-----BEGIN NATS USER JWT-----") + 1].strip()
+        body = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    except (OSError, ValueError, IndexError):
+        return None  # connect_options checked the file: a JWT without claims has no name to use
+    name = claims.get("name") or claims.get("sub") if isinstance(claims, dict) else None
+    return name if isinstance(name, str) and name else None

@@ -790,11 +790,43 @@ class Journal:
         """Up to ``limit`` raw commits (``max_bytes`` in all, at least one) on ``subject_filter``
         after ``after_seq`` (and up to ``until_seq``), and the filter's last sequence. When there is
         none yet, waits up to ``wait`` seconds for the first one (a long poll: what a client that
-        may not read the stream itself follows a log with)."""
-        last = await self.last_seq_of(subject_filter)
-        bound = last if until_seq is None else min(until_seq, last)
-        if limit == 0 or (bound <= after_seq and (wait <= 0 or until_seq is not None and until_seq <= after_seq)):
-            return [], last
+        may not read the stream itself follows a log with). The wait costs a core subscription, not
+        a consumer: one is made only once there is something to read."""
+        if limit == 0 or (until_seq is not None and until_seq <= after_seq):
+            return [], await self.last_seq_of(subject_filter)
+        deadline = anyio.current_time() + wait
+        woken = False
+        while True:
+            # subscribed before the check, so a commit landing in between still wakes the wait
+            wake = await self._nc.subscribe(subject_filter, max_msgs=1) if wait > 0 else None
+            try:
+                last = await self.last_seq_of(subject_filter)
+                remaining = deadline - anyio.current_time()
+                if last > after_seq or woken:
+                    # a publish seen may not be stored yet (or may have been refused): give it a moment
+                    within = self._timeout if last > after_seq else max(0.0, min(remaining, 1.0))
+                    records = await self._records(subject_filter, after_seq, until_seq, limit, max_bytes, within)
+                    if records:
+                        return records, max(last, records[-1][0])
+                    if last > after_seq:
+                        raise LogError(f"read of {subject_filter} after sequence {after_seq} stalled")
+                    remaining = deadline - anyio.current_time()
+                if wake is None or remaining <= 0:
+                    return [], last
+                try:
+                    await wake.next_msg(timeout=remaining)
+                except nats.errors.TimeoutError:
+                    return [], last
+                woken = True
+            finally:
+                if wake is not None:
+                    await _unsubscribe(wake)
+
+    async def _records(
+        self, subject_filter: str, after_seq: int, until_seq: int | None, limit: int, max_bytes: int, within: float
+    ) -> list[tuple[int, str, bytes]]:
+        """Raw commits after ``after_seq`` as :meth:`page` returns them; empty if the first does not
+        come ``within`` seconds."""
         records: list[tuple[int, str, bytes]] = []
         size = 0
         done = anyio.Event()
@@ -816,15 +848,12 @@ class Journal:
 
         sub = await self._subscribe_ordered(subject_filter, after_seq, deliver)
         try:
-            # what is there comes within a read's timeout; a wait for what is not there yet, within `wait`
-            with anyio.move_on_after(self._timeout if bound > after_seq else wait):
+            with anyio.move_on_after(within):
                 await done.wait()
         finally:
             done.set()
             await _unsubscribe(sub)
-        if bound > after_seq and not records:
-            raise LogError(f"read of {subject_filter} after sequence {after_seq} stalled")
-        return records, max(last, records[-1][0] if records else 0)
+        return records
 
     async def _collect(
         self, subject_filter: str, after_seq: int, until_seq: int, *, strict: bool = False

@@ -8,13 +8,9 @@ deployment would have them (see docs/security-operator-mode.md).
   the user JWT's name);
 * the hosts map the tenant accounts' public keys to tenants (the ``tenant_accounts`` setting).
 
-Nothing is mocked but one thing: Blackbird's client sets its inbox prefix (the only subjects a
-tenant user may subscribe to) for user/password credentials only. The ``creds_inbox`` fixture
-applies the fix proposed for ``AsyncBlackbird._open`` (the inbox of a creds user is
-``_INBOX.<the user JWT's name>``) and ``test_a_creds_client_sets_its_inbox_prefix`` shows the
-gap until the fix lands (it then passes, and strict xfail flags the fixture for removal).
-``test_an_import_without_share_fails_closed`` likewise shows what an import without ``share``
-does today (the hosts take it for the whole account's).
+Nothing is mocked. A creds client's replies come to ``_INBOX.<the user JWT's name>`` (the only
+subjects a tenant user may subscribe to), and an import without ``share`` (the server then names
+the account only) is refused by the hosts.
 """
 
 from __future__ import annotations
@@ -31,14 +27,12 @@ import nats.errors
 import nkeys  # type: ignore[import-untyped]
 import pytest
 
-import blackbird._client
-import blackbird.connection
 from blackbird import AccessDeniedError, AsyncBlackbird, ValidationError
 from blackbird.server.access import inbox_prefix
 from blackbird.server.embedded import _free_port
 
 from .conftest import TEST_MASTER_KEY
-from .nats_jwt import JETSTREAM, UNLIMITED, creds_text, jwt_name, new_nkey, sign_jwt, spawn, user_jwt
+from .nats_jwt import JETSTREAM, UNLIMITED, creds_text, new_nkey, sign_jwt, spawn, user_jwt
 from .nats_raw import Raw, raw_connect
 
 pytestmark = pytest.mark.anyio
@@ -169,21 +163,6 @@ def operator(tmp_path: Path) -> Iterator[Operator]:
         yield deployment
 
 
-@pytest.fixture
-def creds_inbox(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The fix proposed for AsyncBlackbird._open: a creds user's replies come to
-    ``_INBOX.<the user JWT's name>``, as a user/password credential's come to ``_INBOX.<user>``."""
-    original = blackbird.connection.connect_options
-
-    def connect_options(settings: Any) -> dict[str, Any]:
-        options = original(settings)
-        if "user_credentials" in options:
-            options = {**options, "inbox_prefix": inbox_prefix(jwt_name(options["user_credentials"]))}
-        return options
-
-    monkeypatch.setattr(blackbird._client, "connect_options", connect_options)
-
-
 @dataclass
 class Walls:
     operator: Operator
@@ -191,7 +170,7 @@ class Walls:
 
 
 @pytest.fixture
-async def walls(operator: Operator, creds_inbox: None) -> AsyncIterator[Walls]:
+async def walls(operator: Operator) -> AsyncIterator[Walls]:
     """The operator-mode server and a host that maps ACME's and GLOBEX's accounts to their tenants."""
     async with operator.host() as host:
         yield Walls(operator, host)
@@ -296,7 +275,7 @@ async def test_a_tenant_account_reaches_nothing_of_another_tenant_nor_jetstream(
     assert after is not None and after.version == victim.version  # nothing was applied
 
 
-async def test_a_host_without_the_account_mapping_refuses_the_tenant(operator: Operator, creds_inbox: None) -> None:
+async def test_a_host_without_the_account_mapping_refuses_the_tenant(operator: Operator) -> None:
     """The mapping is what lets a tenant account in: a host without it takes ACME's account for
     no tenant's and refuses its commands and reads."""
     async with operator.host(tenant_accounts={}) as host:
@@ -352,25 +331,13 @@ async def test_a_user_bound_credential_reaches_its_users_sessions_only(walls: Wa
     assert after is not None and after.version == bobs.version
 
 
-@pytest.mark.xfail(
-    strict=True, raises=nats.errors.TimeoutError,
-    reason="AsyncBlackbird._open sets inbox_prefix for user/password only: a creds user subscribes to "
-    "_INBOX.<random>.*, which a wall-grade permission (_INBOX.<name>.>) refuses. When this passes, "
-    "drop the creds_inbox fixture.",
-)
 async def test_a_creds_client_sets_its_inbox_prefix(operator: Operator) -> None:
     async with operator.host(), operator.client("acme", command_timeout=2.0) as acme:
         assert acme.tenant_credentials
         await acme.session_manager.create_session(user_id="u1")
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="identity_of takes a Nats-Request-Info without the user (an import without share) for the "
-    "account's: the principal becomes the account key and a user-bound credential reaches every "
-    "session of its tenant. When this passes, the hosts fail closed on such imports.",
-)
-async def test_an_import_without_share_fails_closed(tmp_path: Path, creds_inbox: None) -> None:
+async def test_an_import_without_share_fails_closed(tmp_path: Path) -> None:
     with _running(tmp_path, share=False) as op:
         async with op.host() as host:
             bobs = await host.session_manager.create_session(user_id="bob")

@@ -72,7 +72,13 @@ def identity_of(
         raise AccessDeniedError(
             f"the {REQUEST_INFO} header is not the server's", principal="unknown", action="request", tenant=tenant
         ) from None
-    who = info.name_tag or info.user or info.acc or "unknown"
+    who = info.name_tag or info.user
+    if not who:  # an import without `share`: the server names the account only, not who in it
+        raise AccessDeniedError(
+            f"a request from account {info.acc!r} names no user (its service import lacks `share`): "
+            "Blackbird needs to know who asks",
+            principal=info.acc or "unknown", action="request", tenant=tenant,
+        )
     account_tenant = tenant_of_account(info.acc) or (accounts or {}).get(info.acc)
     if account_tenant is None:
         raise AccessDeniedError(

@@ -43,7 +43,8 @@ log = structlog.get_logger("blackbird.logs")
 MAX_LIMIT = 1000
 MAX_WAIT = 30.0
 _MAX_PAGE_BYTES = 512 * 1024  # a page fits the server's default 1 MB max payload
-_FOLLOW_WAIT = 10.0  # seconds one read of a follow waits for the next commit
+_FOLLOW_WAIT = 3.0  # seconds one read of a follow waits for the next commit (a host that died with it costs this)
+_TRY_MARGIN = 2.0  # seconds a try waits for an answer beyond the read's own wait
 
 
 class LogRead(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -163,11 +164,31 @@ def _literal(token: str) -> bool:
     return True
 
 
+class Reconnects:
+    """Wakes the reads waiting for an answer when the connection comes back: a request sent
+    before a server restarted has lost its answer, so it is sent again at once rather than after
+    its try's timeout (a long poll's is the wait plus 2 s)."""
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def current(self) -> anyio.Event:
+        """Set at the next reconnection."""
+        return self._event
+
+    def happened(self) -> None:
+        self._event.set()
+        self._event = anyio.Event()
+
+
 class RemoteLog:
     """The log of one tenant, read through the hosts' :class:`LogService` (a
     :class:`~blackbird.journal.LogReader`)."""
 
-    def __init__(self, nc: NATS, subjects: Subjects, tenant: str, timeout: float) -> None:
+    def __init__(
+        self, nc: NATS, subjects: Subjects, tenant: str, timeout: float, *, reconnects: Reconnects | None = None
+    ) -> None:
+        self._reconnects = reconnects or Reconnects()
         self._nc = nc
         self.subjects = subjects
         self.stream = f"{subjects.service_prefix}.{tenant}.log"
@@ -177,15 +198,18 @@ class RemoteLog:
         self._decode_page = msgspec.json.Decoder(LogPage).decode
         self._decode_commit = msgspec.json.Decoder(Commit).decode
 
-    async def _read(self, request: LogRead) -> LogPage:
-        """One read, sent again while no host answers (hosts restarting) until the timeout."""
+    async def _read(self, request: LogRead, *, patient: bool = False) -> LogPage:
+        """One read. Sent again when no host answers a try (the wait plus 2 s: a host or the server
+        may have restarted) or none serves the subject, until ``timeout`` (``patient``: for as long
+        as the caller waits, as a live subscription does across outages)."""
         body = self._encode(request)
-        deadline = time.monotonic() + self._timeout + request.wait
+        deadline = None if patient else time.monotonic() + self._timeout + request.wait
+        per_try = request.wait + min(self._timeout, _TRY_MARGIN)
         attempt = 0
         why = "no answer"
-        while (remaining := deadline - time.monotonic()) > 0.01:
+        while deadline is None or (remaining := deadline - time.monotonic()) > 0.01:
             try:
-                msg = await self._nc.request(self._subject, body, timeout=remaining)
+                msg = await self._request(body, per_try if deadline is None else min(per_try, remaining))
             except nats.errors.TimeoutError:
                 why = "no answer"
                 continue
@@ -193,8 +217,12 @@ class RemoteLog:
                 if not transient(exc):
                     raise typed(exc, f"read of {request.filter}") from None
                 why = describe(exc)
-                await anyio.sleep(min(backoff(attempt), max(0.0, deadline - time.monotonic())))
+                pause = backoff(attempt)
+                await anyio.sleep(pause if deadline is None else min(pause, max(0.0, deadline - time.monotonic())))
                 attempt += 1
+                continue
+            if msg is None:  # reconnected meanwhile: the answer is lost, ask again
+                why = "reconnected"
                 continue
             try:
                 page = self._decode_page(msg.data)
@@ -208,6 +236,28 @@ class RemoteLog:
             f"({why}); is `blackbird serve` running?",
             subject=self._subject, command_id="",
         )
+
+    async def _request(self, body: bytes, timeout: float) -> Msg | None:
+        """The answer to one try, or None if the connection came back meanwhile; raises what the
+        request raised (as itself, not in an exception group)."""
+        reconnected = self._reconnects.current()
+        answer: list[Msg] = []
+        failed: list[Exception] = []
+        async with anyio.create_task_group() as tg:
+
+            async def ask() -> None:
+                try:
+                    answer.append(await self._nc.request(self._subject, body, timeout=timeout))
+                except Exception as exc:  # handed to the caller below
+                    failed.append(exc)
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(ask)
+            await reconnected.wait()
+            tg.cancel_scope.cancel()
+        if failed:
+            raise failed[0]
+        return answer[0] if answer else None
 
     def _entry(self, record: LogRecord) -> Entry:
         try:
@@ -242,7 +292,7 @@ class RemoteLog:
     async def follow(self, subject_filter: str, after_seq: int = 0) -> AsyncIterator[Entry]:
         """Every commit after ``after_seq``, then new ones as they come (until cancelled)."""
         while True:
-            page = await self._read(LogRead(filter=subject_filter, after=after_seq, wait=_FOLLOW_WAIT))
+            page = await self._read(LogRead(filter=subject_filter, after=after_seq, wait=_FOLLOW_WAIT), patient=True)
             for record in page.records:
                 entry = self._entry(record)
                 after_seq = entry.seq
