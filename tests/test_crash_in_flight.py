@@ -22,20 +22,18 @@ has everything).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import os
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
 import anyio.abc
 import anyio.to_thread
-import numpy as np
 import pytest
 
 from actors.events import Commit, MemoryRemembered, MessagePosted
@@ -43,6 +41,7 @@ from blackbird import AsyncBlackbird, BlackbirdError, CommandIdReusedError
 from blackbird.streams.subscription import StreamEvent
 
 from .conftest import NatsServer
+from .embedders import HashEmbedder
 from .fault_load import PACE, RETRY_PAUSE, TENANT, UsageLoad, check_nothing_lost
 from .nats_cluster import NatsCluster
 from .test_serve_failover import ServeProcess
@@ -54,21 +53,6 @@ PROGRESS = 10  # acknowledgements per worker before the fault, and again after i
 HELD = 0.05  # seconds a call must have been stuck before the kill counts it as in flight
 WRITERS = 2  # sessions writing memories
 POSTERS = 2  # sessions posting messages, each with a subscriber
-
-
-class HashEmbedder:
-    """Deterministic unit vectors from a text's hash: distinct texts are far apart (no
-    near-duplicate merging), and no model is loaded."""
-
-    model_id = "test/hash-64"
-    dimension = 64
-
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        seeds = [int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest()) for t in texts]
-        rows = [np.random.default_rng(seed).standard_normal(64) for seed in seeds]
-        matrix = np.asarray(rows, dtype=np.float32).reshape(len(texts), 64)
-        unit: np.ndarray = matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
-        return unit
 
 
 @dataclass

@@ -4,12 +4,12 @@ fail fast with NatsAuthError, and connect_options refuses bad settings naming th
 
 from __future__ import annotations
 
+import contextlib
 import datetime
-import hashlib
 import json
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,6 @@ from typing import Any
 import anyio
 import nats
 import nkeys  # type: ignore[import-untyped]
-import numpy as np
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -30,26 +29,13 @@ from blackbird.config import build_settings
 from blackbird.connection import connect_options
 from blackbird.server.embedded import _free_port
 
+from .embedders import HashEmbedder
 from .nats_jwt import JETSTREAM, UNLIMITED, creds_text, new_nkey, sign_jwt, spawn, user_jwt
 
 pytestmark = pytest.mark.anyio
 
 TOKEN = "tok-0123456789-s3cret"
 USER, PASSWORD = "bob", "pw-0123456789-s3cret"
-
-
-class HashEmbedder:
-    """Deterministic unit vectors from a text's hash: no model is loaded."""
-
-    model_id = "test/hash-64"
-    dimension = 64
-
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        seeds = [int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest()) for t in texts]
-        rows = [np.random.default_rng(seed).standard_normal(64) for seed in seeds]
-        matrix = np.asarray(rows, dtype=np.float32).reshape(len(texts), 64)
-        unit: np.ndarray = matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
-        return unit
 
 
 # ------------------------------------------------------------------ a configured nats-server
@@ -215,39 +201,35 @@ def _secured(kind: str, tmp: Path) -> Secured:
     return Secured(kind, f"nats://127.0.0.1:{port}", good, bad, tmp, extra=extra_info)
 
 
-@pytest.fixture(params=["token", "user", "nkey", "creds", "tls"])
-def secured(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Secured]:
+@contextlib.contextmanager
+def _running_secured(kind: str, tmp_path: Path) -> Iterator[Secured]:
     """A real nats-server (JetStream on for the authenticated account) requiring one kind of
-    authentication, on a free port with its own store."""
-    server = _secured(request.param, tmp_path)
+    authentication, on a free port with its own store; killed afterwards."""
+    server = _secured(kind, tmp_path)
     server.process = spawn(tmp_path / "server.conf")
     try:
         yield server
     finally:
         server.process.kill()
         server.process.wait()
+
+
+@pytest.fixture(params=["token", "user", "nkey", "creds", "tls"])
+def secured(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Secured]:
+    with _running_secured(request.param, tmp_path) as server:
+        yield server
 
 
 @pytest.fixture
 def user_server(tmp_path: Path) -> Iterator[Secured]:
-    server = _secured("user", tmp_path)
-    server.process = spawn(tmp_path / "server.conf")
-    try:
+    with _running_secured("user", tmp_path) as server:
         yield server
-    finally:
-        server.process.kill()
-        server.process.wait()
 
 
 @pytest.fixture
 def operator_server(tmp_path: Path) -> Iterator[Secured]:
-    server = _secured("creds", tmp_path)
-    server.process = spawn(tmp_path / "server.conf")
-    try:
+    with _running_secured("creds", tmp_path) as server:
         yield server
-    finally:
-        server.process.kill()
-        server.process.wait()
 
 
 # ------------------------------------------------------------------ connecting

@@ -7,7 +7,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import anyio
@@ -69,6 +69,26 @@ async def _follow(client: AsyncBlackbird, session_id: str, until: int, got: list
                 return
 
 
+async def _under_load(tenant: AsyncBlackbird, count: int, fault: Callable[[], Awaitable[object]]) -> str:
+    """Create a session, post ``count`` messages while following its stream, and bring ``fault``
+    on once a quarter are acknowledged; then every message was acknowledged and seen once.
+    Returns the session id."""
+    session = await tenant.session_manager.create_session(user_id="u1")
+    acked: list[str] = []
+    got: list[str] = []
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_follow, tenant, session.session_id, count, got)
+            started = anyio.Event()
+            tg.start_soon(_load, tenant, session.session_id, count, acked, started)
+            await started.wait()
+            await fault()
+            assert len(acked) < count  # the fault came while commands were still coming
+    assert sorted(acked) == sorted(f"m{i}" for i in range(count))
+    assert sorted(got) == sorted(acked) and len(set(got)) == count  # each once
+    return session.session_id
+
+
 async def test_a_tenants_stream_and_commands_ride_out_a_server_restart(data: tuple[Path, IssuedCredential]) -> None:
     folder, cred = data
     count = 120
@@ -77,22 +97,12 @@ async def test_a_tenants_stream_and_commands_ride_out_a_server_restart(data: tup
             nats_url=host.nats_url, remote=True, tenant="acme", nats_user=cred.user, nats_password=cred.password,
             command_timeout=10.0,
         ) as tenant:
-            session = await tenant.session_manager.create_session(user_id="u1")
-            acked: list[str] = []
-            got: list[str] = []
-            with anyio.fail_after(60):
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(_follow, tenant, session.session_id, count, got)
-                    started = anyio.Event()
-                    tg.start_soon(_load, tenant, session.session_id, count, acked, started)
-                    await started.wait()
-                    # a tenant added meanwhile restarts the server under the load
-                    await EmbeddedServer.change_access(folder, lambda a: a.add_tenant("initech"))
-                    assert len(acked) < count  # the restart came while commands were still coming
-    assert sorted(acked) == sorted(f"m{i}" for i in range(count))
-    assert sorted(got) == sorted(acked) and len(set(got)) == count  # each once
+            # a tenant added meanwhile restarts the server under the load
+            session_id = await _under_load(
+                tenant, count, lambda: EmbeddedServer.change_access(folder, lambda a: a.add_tenant("initech"))
+            )
     async with AsyncBlackbird(data_dir=folder) as again:
-        report = await again.audit.replay(session_id=session.session_id, tenant="acme")
+        report = await again.audit.replay(session_id=session_id, tenant="acme")
         posted = [row for row in report.rows if row.what[0].startswith("MessagePosted")]
         assert len(posted) == count  # in the log exactly once each
         assert {row.who for row in report.rows} == {cred.user}
@@ -113,20 +123,13 @@ async def test_a_tenants_stream_rides_out_the_kill_of_one_of_two_hosts(data: tup
                 nats_url=host.nats_url, remote=True, tenant="acme", nats_user=cred.user,
                 nats_password=cred.password, command_timeout=10.0,
             ) as tenant:
-                session = await tenant.session_manager.create_session(user_id="u1")
-                acked: list[str] = []
-                got: list[str] = []
-                with anyio.fail_after(60):
-                    async with anyio.create_task_group() as tg:
-                        tg.start_soon(_follow, tenant, session.session_id, count, got)
-                        started = anyio.Event()
-                        tg.start_soon(_load, tenant, session.session_id, count, acked, started)
-                        await started.wait()
-                        other.send_signal(signal.SIGKILL)  # the host serving some of the reads and commands
+
+                async def kill() -> None:  # the host serving some of the reads and commands
+                    other.send_signal(signal.SIGKILL)
+
+                session_id = await _under_load(tenant, count, kill)
         finally:
             other.kill()
             other.wait()
-        assert sorted(acked) == sorted(f"m{i}" for i in range(count))
-        assert sorted(got) == sorted(acked) and len(set(got)) == count
-        report = await host.audit.replay(session_id=session.session_id, tenant="acme")
+        report = await host.audit.replay(session_id=session_id, tenant="acme")
         assert len([row for row in report.rows if row.what[0].startswith("MessagePosted")]) == count

@@ -31,6 +31,7 @@ from actors.events import Commit, GetSession, Rejection, upcast
 from blackbird._retry import backoff, describe, transient, typed
 from blackbird.commands.dispatch import Dispatcher, error_of_rejection, rejection_from_error
 from blackbird.commands.identity import Identity, authorize_session, identity_of
+from blackbird.commands.service import serve_requests
 from blackbird.errors import AccessDeniedError, BlackbirdError, CommandTimeoutError, LogError, ValidationError
 from blackbird.ids import new_id
 from blackbird.journal import Entry, Journal
@@ -86,17 +87,7 @@ class LogService:
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         subject = f"{self._subjects.service_prefix}.*.log"
-        sub = await self._nc.subscribe(subject, queue=self._queue)
-        log.info("log_service_started", subject=subject, queue=self._queue)
-        task_status.started()
-        try:
-            async with anyio.create_task_group() as tg:
-                async for msg in sub.messages:
-                    if msg.reply:
-                        tg.start_soon(self._handle, msg)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await sub.unsubscribe()
+        await serve_requests(self._nc, subject, self._queue, self._handle, task_status=task_status)
 
     async def _handle(self, msg: Msg) -> None:
         try:

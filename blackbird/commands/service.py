@@ -13,7 +13,7 @@ tenant (and a user-bound credential to its user's sessions), whatever the body c
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, get_args
 
 import anyio
@@ -56,26 +56,10 @@ class CommandService:
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
             for subject in (self._subjects.command_wildcard, self._subjects.query_wildcard):
-                await tg.start(self._serve, subject)
+                await tg.start(serve_requests, self._nc, subject, self._queue, self._handle)
             task_status.started()
 
-    async def _serve(
-        self, subject: str, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-    ) -> None:
-        sub = await self._nc.subscribe(subject, queue=self._queue)
-        log.info("command_service_started", subject=subject, queue=self._queue)
-        task_status.started()
-        try:
-            async with anyio.create_task_group() as tg:
-                async for msg in sub.messages:
-                    tg.start_soon(self._handle, msg)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await sub.unsubscribe()
-
     async def _handle(self, msg: Msg) -> None:
-        if not msg.reply:
-            return
         reply = await self._answer(msg)
         try:
             await self._nc.publish(msg.reply, self._encode(reply))
@@ -123,6 +107,30 @@ class CommandService:
         return await self._dispatcher.dispatch(
             tenant, session_id, request.command, command_id, identity.principal
         )
+
+
+async def serve_requests(
+    nc: NATS,
+    subject: str,
+    queue: str,
+    handle: Callable[[Msg], Coroutine[Any, Any, None]],
+    *,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Hand every request on ``subject`` (one of the hosts' queue group ``queue``) to ``handle``, each
+    in its own task, until cancelled; ready once subscribed. A message without a reply subject
+    is no request: nobody could hear an answer, so it is dropped."""
+    sub = await nc.subscribe(subject, queue=queue)
+    log.info("service_started", subject=subject, queue=queue)
+    task_status.started()
+    try:
+        async with anyio.create_task_group() as tg:
+            async for msg in sub.messages:
+                if msg.reply:
+                    tg.start_soon(handle, msg)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await sub.unsubscribe()
 
 
 _COMMANDS: tuple[type[Any], ...] = get_args(SessionCommand)
