@@ -143,10 +143,10 @@ class AsyncBlackbird:
         self._streams: AsyncStreams | None = None
         self.data_dir: Path | None = None
         self.nats_url: str | None = self.settings.nats_url
-        self.tenant_credentials = False
-        self._reconnects = Reconnects()
-        """Whether this client is connected with a tenant's credentials (no JetStream: see README Security)."""
         """The server URLs connected to (comma-separated; the embedded server's once open)."""
+        self.tenant_credentials = False
+        """Whether this client is connected with a tenant's credentials (no JetStream: see README Security)."""
+        self._reconnects = Reconnects()
 
     @property
     def session_manager(self) -> AsyncSessionManager:
@@ -248,7 +248,14 @@ class AsyncBlackbird:
         nc = await self._connect(url, auth=auth)
         self._nc = nc
         stack.push_async_callback(self._drain_connection, nc, min(s.command_timeout, 5.0))
-        if self.remote and not await _has_jetstream(nc, s.command_timeout):
+        if not await _has_jetstream(nc, s.command_timeout):
+            if not self.remote:
+                raise ValidationError(
+                    "remote: these credentials reach no JetStream (a tenant's credentials, or a server without "
+                    "JetStream), so this client cannot host actors; open it with remote=True to send commands "
+                    "to the hosts (`blackbird serve`)",
+                    field="remote", expected="True for a tenant's credentials", got=False,
+                )
             await self._open_on_tenant_credentials(stack, nc)
             return
         # A remote client only sends commands: it must not need the rights to (re)configure the

@@ -306,3 +306,12 @@ async def test_ugly_log_reads_get_typed_rejections(walls: Walls, body: bytes, fi
         await client.nc.close()
     assert answer["rejection"]["code"] == "validation_error"
     assert json.loads(json.dumps(answer["rejection"]["fields"]))["field"] == field
+
+
+async def test_tenant_credentials_without_remote_get_a_clear_error(walls: Walls) -> None:
+    with pytest.raises(ValidationError) as refused:
+        async with AsyncBlackbird(
+            nats_url=walls.url, tenant="acme", nats_user=walls.acme.user, nats_password=walls.acme.password
+        ):
+            pass
+    assert refused.value.field == "remote"
