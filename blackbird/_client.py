@@ -43,7 +43,7 @@ from blackbird.memory.service import AsyncMemory
 from blackbird.server.access import inbox_prefix
 from blackbird.server.embedded import EmbeddedServer
 from blackbird.sessions.analytics import Analytics
-from blackbird.sessions.gateway import SessionGateway
+from blackbird.sessions.gateway import SessionGateway, acting_principal
 from blackbird.sessions.manager import AsyncSessionManager
 from blackbird.sessions.quotas import Quotas
 from blackbird.sessions.tenants import TenantDirectory
@@ -284,7 +284,7 @@ class AsyncBlackbird:
             tenant: str, user_id: str, command: UserCommand, command_id: str | None
         ) -> Outcome:
             key = AggregateKey(tenant, "user", user_id)
-            return await ask_or_raise(users, key, command, command_id, s.principal)
+            return await ask_or_raise(users, key, command, command_id, acting_principal.get() or s.principal)
 
         dispatcher: Dispatcher
         if self.remote:

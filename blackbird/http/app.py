@@ -1,103 +1,162 @@
-"""Session streams over HTTP as Server-Sent Events, for browsers and other non-NATS clients.
+"""The HTTP API of ``blackbird serve --http``, assembled as one Starlette app.
 
-``GET /v1/sessions/{session_id}/events`` streams a session's channel messages
-(:mod:`blackbird.streams.subscription`): first what the log holds that the client has not had, then live
-ones. Each SSE event carries ``id:`` its resume token, ``event: <channel>`` and ``data:`` the
-message as JSON; a client that reconnects sends the last id back as ``Last-Event-ID`` (browsers'
-EventSource do so by themselves) and gets every message it has not had, once. ``?after=<token>``
-does the same explicitly, ``?channels=chat,progress`` filters. A comment line every
-``heartbeat`` seconds keeps idle connections open through proxies.
-
-Tenants are walls: every request names its tenant by ``Authorization: Bearer <token>``, a token
-the host was given for that tenant, and sees only that tenant's sessions (another tenant's
-session is 404, exactly as an unknown one). Errors are JSON ``{"error": {"code", "message",
-...fields}}`` with 400 (bad ``after``/``channels``, naming the field), 401 and 404.
+It serves JSON endpoints, session streams (SSE), the OpenAPI document and the web console.
+The endpoints are data (:mod:`blackbird.http.routes`): :mod:`blackbird.http.api` (sessions,
+usage, limits, memory, messages, audits, keys) and :mod:`blackbird.http.streams` (SSE streams,
+stream tokens, admin monitoring, broadcast). Each request is authenticated
+(:mod:`blackbird.http.auth`), checked against the endpoint's roles, its body and query decoded into
+the endpoint's msgspec types (400 naming the field), and run with the caller as the principal of
+what it causes. ``/openapi.json`` is generated from the same table; ``/docs`` reads it; ``/`` is
+the console (static files shipped in the package, no build step). ``cors_origins`` lets pages
+from those origins call the API (preflight included).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hmac
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from importlib import resources
 from typing import Any
 
 import msgspec
 import structlog
 
-from blackbird.errors import BlackbirdError, SessionNotFoundError, ValidationError
+from blackbird.errors import BlackbirdError, ValidationError
+from blackbird.http.auth import Caller, KeyVerifier, TokenVerifier, authenticate
+from blackbird.http.routes import (
+    HEARTBEAT,
+    Call,
+    Endpoint,
+    HttpContext,
+    decode_body,
+    decode_query,
+    error_payload,
+    error_status,
+    openapi,
+    retry_after,
+)
+from blackbird.sessions.gateway import acting_principal
 
 log = structlog.get_logger("blackbird.http")
 
-HEARTBEAT = 15.0  # seconds between keep-alive comments on an idle stream
-RETRY_MS = 1000  # what an EventSource waits before reconnecting
+MAX_BODY = 1024 * 1024  # bytes of a request body
+
+
+def http_app(
+    bb: Any,
+    tokens: Mapping[str, str],
+    *,
+    cors_origins: Sequence[str] = (),
+    heartbeat: float = HEARTBEAT,
+    keys: KeyVerifier | None = None,
+    stream_tokens: TokenVerifier | None = None,
+) -> Any:
+    """The ASGI app serving ``bb`` over HTTP; ``tokens`` maps bootstrap tokens to tenants.
+    ``keys`` and ``stream_tokens`` default to ``bb``'s API keys and stream tokens."""
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.middleware.cors import CORSMiddleware
+    from starlette.requests import Request
+    from starlette.responses import HTMLResponse, JSONResponse, Response
+    from starlette.routing import Mount, Route
+    from starlette.staticfiles import StaticFiles
+
+    from blackbird.http import api, streams
+    from blackbird.http.tokens import StreamTokens
+
+    if keys is None:
+        keys = getattr(bb, "api_keys", None)
+    tokens_service = stream_tokens if stream_tokens is not None else StreamTokens.for_client(bb)
+    ctx = HttpContext(bb=bb, bootstrap=dict(tokens), keys=keys, stream_tokens=tokens_service, heartbeat=heartbeat)
+    endpoints: list[Endpoint] = [*api.endpoints(ctx), *streams.endpoints(ctx)]
+
+    def failure(exc: BaseException) -> Response:
+        status = error_status(exc)
+        if isinstance(exc, BlackbirdError):
+            body = error_payload(exc)
+        else:
+            log.error("http_handler_failed", error=repr(exc))
+            body = {"error": {"code": "internal_error", "message": "the server failed to answer; see its log"}}
+        headers = {}
+        if status == 429 and (after := retry_after(exc)) is not None:
+            headers["Retry-After"] = after
+        if status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="blackbird"'
+        return Response(msgspec.json.encode(body), status_code=status, media_type="application/json", headers=headers)
+
+    def route(endpoint: Endpoint) -> Route:
+        async def handle(request: Request) -> Response:
+            try:
+                caller: Caller = authenticate(
+                    request.headers, request.query_params, keys=ctx.keys, bootstrap=ctx.bootstrap,
+                    stream_tokens=ctx.stream_tokens if endpoint.stream else None,
+                )
+                if caller.role != "stream":
+                    caller.require(endpoint.roles, endpoint.summary)
+                raw = await request.body() if endpoint.body is not None else b""
+                if len(raw) > MAX_BODY:
+                    raise ValidationError(
+                        f"body: at most {MAX_BODY} bytes, got {len(raw)}", field="body",
+                        expected=f"at most {MAX_BODY} bytes", got=len(raw),
+                    )
+                call = Call(
+                    caller=caller,
+                    path=dict(request.path_params),
+                    body=decode_body(raw, endpoint.body) if endpoint.body is not None else None,
+                    query=decode_query(dict(request.query_params), endpoint.query) if endpoint.query else None,
+                    headers={k.lower(): v for k, v in request.headers.items()},
+                )
+                if caller.key_id is not None and ctx.keys is not None and hasattr(ctx.keys, "used"):
+                    ctx.keys.used(caller.key_id)
+                token = acting_principal.set(caller.principal)
+                try:
+                    result = await endpoint.handler(call)
+                finally:
+                    acting_principal.reset(token)
+            except Exception as exc:  # every failure answers as its status, none escapes as a 500 page
+                return failure(exc)
+            if isinstance(result, Response):
+                return result
+            return Response(msgspec.json.encode(result), status_code=endpoint.status, media_type="application/json")
+
+        return Route(endpoint.path, handle, methods=[endpoint.method])
+
+    version = getattr(bb, "version", None) or _version()
+    document = openapi(endpoints, title="Blackbird HTTP API", version=version)
+
+    async def openapi_json(request: Request) -> Response:
+        return JSONResponse(document)
+
+    console = resources.files("blackbird.http") / "console"
+
+    async def docs(request: Request) -> Response:
+        return HTMLResponse((console / "docs.html").read_text())
+
+    routes: list[Any] = [route(e) for e in endpoints]
+    routes += [Route("/openapi.json", openapi_json), Route("/docs", docs)]
+    if console.is_dir():
+        routes.append(Mount("/", app=StaticFiles(directory=str(console), html=True), name="console"))
+    middleware = []
+    if cors_origins:
+        middleware.append(Middleware(
+            CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "PUT", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Last-Event-ID"], max_age=600,
+        ))
+    return Starlette(routes=routes, middleware=middleware)
 
 
 def sse_app(bb: Any, tokens: Mapping[str, str], *, heartbeat: float = HEARTBEAT) -> Any:
-    """The ASGI (Starlette) app serving ``bb``'s session streams; ``tokens`` maps a bearer
-    token to the one tenant it may read."""
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, Response, StreamingResponse
-    from starlette.routing import Route
-
-    from blackbird.streams.backlog import parse_resume
-    from blackbird.streams.subscription import check_channels
-
-    def error(status: int, exc: BlackbirdError | None, code: str, message: str) -> Response:
-        fields = {} if exc is None else {k: v for k, v in exc.fields.items() if _jsonable(v)}
-        return JSONResponse({"error": {"code": code, "message": message, **fields}}, status_code=status)
-
-    def tenant_of(request: Request) -> str | None:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            return None
-        for known, tenant in tokens.items():  # constant-time compare, no early exit on a hit
-            if hmac.compare_digest(known.encode(), token.strip().encode()):
-                return tenant
-        return None
-
-    async def events(request: Request) -> Response:
-        tenant = tenant_of(request)
-        if tenant is None:
-            return error(401, None, "unauthorized", "expected Authorization: Bearer <a token of this host>")
-        session_id = request.path_params["session_id"]
-        after = request.headers.get("last-event-id") or request.query_params.get("after")
-        raw_channels = request.query_params.get("channels")
-        channels = None if raw_channels is None else [c for c in raw_channels.split(",") if c]
-        try:  # everything a stream could refuse is checked before the 200 goes out
-            parse_resume(after, "after" if "last-event-id" not in request.headers else "Last-Event-ID")
-            if channels is not None:
-                check_channels(channels)
-            session = await bb.session_manager.get_session(session_id, tenant=tenant)
-        except ValidationError as exc:
-            return error(400, exc, exc.code, str(exc))
-        except SessionNotFoundError as exc:
-            return error(404, exc, exc.code, str(exc))
-        if session is None:
-            return error(404, None, "session_not_found", f"session {session_id!r} not found")
-
-        async def body() -> AsyncIterator[bytes]:
-            yield f"retry: {RETRY_MS}\n\n".encode()
-            async with bb.streams.subscribe(session_id, tenant=tenant, after=after, channels=channels) as stream:
-                while True:
-                    message = await stream.get(timeout=heartbeat)
-                    if message is None:
-                        yield b": keep-alive\n\n"
-                        continue
-                    data = msgspec.json.encode(message).decode()
-                    yield f"id: {message.resume}\nevent: {message.channel}\ndata: {data}\n\n".encode()
-
-        log.debug("sse_opened", tenant=tenant, session_id=session_id, after=after)
-        return StreamingResponse(
-            body(), media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-
-    return Starlette(routes=[Route("/v1/sessions/{session_id}/events", events)])
+    """The HTTP app with bootstrap ``tokens`` only (kept for callers of the first version)."""
+    return http_app(bb, tokens, heartbeat=heartbeat)
 
 
-def _jsonable(value: Any) -> bool:
-    return isinstance(value, str | int | float | bool | type(None) | list | dict)
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("blackbird-sdk")
+    except PackageNotFoundError:
+        return "0"
 
 
 def load_tokens(raw: str, where: str) -> dict[str, str]:

@@ -67,7 +67,7 @@ from blackbird.ids import new_id
 from blackbird.journal import Journal
 from blackbird.memory.index import MemoryIndex, Sealed, quote
 from blackbird.memory.keys import UserKeys
-from blackbird.sessions.gateway import SessionGateway
+from blackbird.sessions.gateway import SessionGateway, acting_principal
 from blackbird.sessions.quotas import Quotas
 from blackbird.subjects import validate_token
 from blackbird.types import Memory
@@ -145,7 +145,8 @@ class AsyncMemory:
 
     async def _ask(self, tenant: str, sid: str, command: Any, command_id: str | None = None) -> Any:
         outcome = await ask_or_raise(
-            self._host, AggregateKey(tenant, "memory", sid), command, command_id, self._principal
+            self._host, AggregateKey(tenant, "memory", sid), command, command_id,
+            acting_principal.get() or self._principal
         )
         self._written = max(self._written, outcome.sequence)
         return outcome

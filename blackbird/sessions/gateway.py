@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any, Protocol
 
 from actors.events import CommandReply, GetSession, SessionCommand, TenantCommand
@@ -26,6 +27,11 @@ class TenantCommands(Protocol):
     async def __call__(self, tenant: str, command: TenantCommand, command_id: str | None) -> TenantState:
         """Run a tenant command durably; the tenant's state after it (refusals raise)."""
         ...
+
+
+#: The principal the commands of the current task are recorded under, when not the client's own:
+#: the HTTP API sets it per request to the API key's identity (see blackbird.http.auth).
+acting_principal: ContextVar[str | None] = ContextVar("acting_principal", default=None)
 
 
 class SessionGateway:
@@ -107,7 +113,7 @@ class SessionGateway:
         if command_id is not None:
             validate_token(command_id, "command_id")
         reply = await self._dispatcher.dispatch(
-            tenant, session_id, command, command_id or new_id(), self.principal
+            tenant, session_id, command, command_id or new_id(), acting_principal.get() or self.principal
         )
         self.written = max(self.written, reply.sequence)
         raise_for_rejection(reply)

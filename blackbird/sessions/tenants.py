@@ -21,6 +21,7 @@ from actors.tenant import PolicyBook, TenantState
 from blackbird.commands.dispatch import ask_or_raise
 from blackbird.errors import AccessDeniedError
 from blackbird.journal import LogReader
+from blackbird.sessions.gateway import acting_principal
 
 log = structlog.get_logger("blackbird.tenants")
 
@@ -47,7 +48,7 @@ class TenantDirectory:
                 "not tenant credentials", principal=self._principal, action=type(command).__name__, tenant=tenant,
             )
         key = AggregateKey(tenant, "tenant", tenant)
-        outcome = await ask_or_raise(self._host, key, command, command_id, self._principal)
+        outcome = await ask_or_raise(self._host, key, command, command_id, acting_principal.get() or self._principal)
         self._book.observe(outcome.state)
         return outcome.state  # type: ignore[no-any-return]
 
