@@ -61,14 +61,16 @@ def http_app(
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
 
-    from blackbird.http import api, streams
+    from blackbird.http import api, keys_api, participants_api, streams
     from blackbird.http.tokens import StreamTokens
 
     if keys is None:
         keys = getattr(bb, "api_keys", None)
     tokens_service = stream_tokens if stream_tokens is not None else StreamTokens.for_client(bb)
     ctx = HttpContext(bb=bb, bootstrap=dict(tokens), keys=keys, stream_tokens=tokens_service, heartbeat=heartbeat)
-    endpoints: list[Endpoint] = [*api.endpoints(ctx), *streams.endpoints(ctx)]
+    endpoints: list[Endpoint] = [
+        *api.endpoints(ctx), *participants_api.endpoints(ctx), *keys_api.endpoints(ctx), *streams.endpoints(ctx)
+    ]
 
     def failure(exc: BaseException) -> Response:
         status = error_status(exc)
