@@ -276,10 +276,11 @@ async def _serve(args: argparse.Namespace) -> int:
                         async with anyio.create_task_group() as web:
                             server = None
                             if args.http is not None:
-                                from blackbird.http.app import http_server, sse_app
+                                from blackbird.http.app import http_app, http_server
 
                                 host, port = args.http
-                                server = http_server(sse_app(bb, args.http_tokens), host, port)
+                                app = http_app(bb, args.http_tokens, cors_origins=args.http_cors_origin or ())
+                                server = http_server(app, host, port)
                                 web.start_soon(server.serve)
                             _announce(bb, args.http)
                             await stop.wait()
@@ -623,6 +624,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--http-tokens", metavar="FILE",
         help='JSON file {"<token>": "<tenant>", ...}: each bearer token reads one tenant\'s streams '
         "(default: the JSON in BLACKBIRD_HTTP_TOKENS)",
+    )
+    serve.add_argument(
+        "--http-cors-origin", action="append", metavar="ORIGIN",
+        help="let pages from this origin (e.g. https://app.example.com) call the HTTP API and "
+        "read its streams, preflight included; repeat for several",
     )
     serve.set_defaults(func=_cmd_serve)
 

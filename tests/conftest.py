@@ -10,7 +10,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +20,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from blackbird import AsyncBlackbird
-from blackbird.http.app import http_server, sse_app
+from blackbird.http.app import http_app, http_server
 from blackbird.server.embedded import _free_port, find_nats_server_binary
 
 from .nats_cluster import NatsCluster, running_cluster
@@ -120,13 +120,15 @@ async def nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
 
 
 @contextlib.asynccontextmanager
-async def serving_http(bb: AsyncBlackbird, tokens: Mapping[str, str]) -> AsyncIterator[str]:
-    """``bb`` over HTTP (``sse_app`` with ``tokens``, heartbeats every 0.2 s) on a real uvicorn
-    server on a free loopback port; yields its base URL."""
+async def serving_http(
+    bb: AsyncBlackbird, tokens: Mapping[str, str], *, cors_origins: Sequence[str] = ()
+) -> AsyncIterator[str]:
+    """``bb`` over HTTP (``http_app`` with ``tokens`` and ``cors_origins``, heartbeats every 0.2 s)
+    on a real uvicorn server on a free loopback port; yields its base URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen()  # listening before the server runs: no request can arrive too early
-    server = http_server(sse_app(bb, tokens, heartbeat=0.2), "127.0.0.1", 0)
+    server = http_server(http_app(bb, tokens, cors_origins=cors_origins, heartbeat=0.2), "127.0.0.1", 0)
     async with anyio.create_task_group() as tg:
         tg.start_soon(lambda: server.serve(sockets=[sock]))
         try:

@@ -71,6 +71,8 @@ M = TypeVar("M", bound=Message)
 def _format(position: Position) -> str:
     if position.place >= WHOLE_COMMIT:
         return str(position.sequence)
+    if position.place < 0:  # before every message of its commit (a gap's place): the commit before
+        return str(position.sequence - 1)
     return f"{position.sequence}-{position.place}"
 
 

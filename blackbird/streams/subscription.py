@@ -14,6 +14,15 @@ waiting, critical ones (``notification`` by default) go first; a message of a co
 (``progress`` by default) replaces the earlier one of its channel still waiting, so a reader that
 falls behind gets the latest progress instead of every step. The token accounts for both (see
 :mod:`blackbird.streams.backlog`); a reader that keeps up gets every message in log order.
+
+Gaps: retention (``max_age``, limits) or an operator's purge may remove commits a resuming reader
+has not had. A stream never skips them silently: the reader first gets a message on channel
+``gap`` (whatever ``channels`` it asked for) whose metadata holds ``requested`` (the sequence it
+resumed after) and ``first`` (the first sequence the log still holds for it); its ``resume``
+token goes on after the gap. A session's commits carry their aggregate version (1, 2, ...), so a
+missing commit shows as a jump in versions; when the resume point's own commit is gone too, the
+stream's first held sequence decides (a gap is reported if anything after the resume point is
+gone, which may include commits of other sessions only: it errs towards reporting).
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ from actors.events import MessagePosted
 from blackbird._errors_group import single_error
 from blackbird._validate import invalid
 from blackbird.errors import LogError
-from blackbird.journal import Entry, LogReader
+from blackbird.journal import Entry, Journal, LogReader
 from blackbird.sessions.gateway import SessionGateway
 from blackbird.streams.backlog import WHOLE_COMMIT, Backlog, Position, parse_resume
 from blackbird.subjects import validate_token
@@ -40,6 +49,7 @@ log = structlog.get_logger("blackbird.streams")
 
 COALESCE = ("progress",)
 CRITICAL = ("notification",)
+GAP = "gap"  # the channel of the message that says part of the history is gone
 
 
 class StreamEvent(msgspec.Struct, frozen=True):
@@ -199,7 +209,20 @@ class AsyncStreams:
             subscription._caught_up.set()
         bound = log.bind(tenant=session.tenant, session_id=session.session_id)
 
+        held_from = await first_held(self._journal) if resume.after.sequence > 0 else 0
+        versions = _Versions(resume.after.sequence, held_from)
+
         async def on_entry(entry: Entry) -> None:
+            lost = versions.check(entry.seq, entry.commit.version)
+            if lost is not None:
+                bound.warning("stream_gap", requested=lost, first=entry.seq)
+                await subscription._put(StreamEvent(
+                    id=f"{entry.seq}-{GAP}", sequence=entry.seq, index=-1,
+                    tenant=session.tenant, session_id=session.session_id, channel=GAP,
+                    text=f"the log no longer holds this session's messages after sequence {lost} "
+                    f"and before {entry.seq}",
+                    metadata={"requested": lost, "first": entry.seq}, at=entry.commit.at,
+                ))
             position = 0
             for applied in entry.commit.commands:
                 for event in applied.events:
@@ -216,9 +239,10 @@ class AsyncStreams:
             subscription._read_commit(entry.seq)
 
         async def read() -> None:
-            # the commit holding ``after`` is read again: its later messages are still due
+            # the commit holding ``after`` is read again: its later messages are still due, and
+            # its version tells whether the next commit follows it (see _Versions)
             start = resume.after
-            first = start.sequence - 1 if start.place < WHOLE_COMMIT and start.sequence > 0 else start.sequence
+            first = max(start.sequence - 1, 0)
             try:
                 await self._journal.follow_with(subject, first, on_entry)
             except Exception as exc:  # the reader gets it on its next message
@@ -240,3 +264,35 @@ def check_channels(channels: Any) -> frozenset[str]:
     if isinstance(channels, str) or not isinstance(channels, Sequence) or not channels:
         raise invalid("channels", "a non-empty list of channel names", repr(channels))
     return frozenset(validate_token(c, "channels") for c in channels)
+
+
+class _Versions:
+    """Tells a gap from the versions of the commits a stream reads (1, 2, ... per session).
+
+    ``check`` returns the sequence the lost part starts after (the resume point, or the commit
+    before the jump), or None when nothing is missing."""
+
+    def __init__(self, after: int, held_from: int) -> None:
+        self._after = after  # the resume point (0: from the start, where no gap is reported)
+        self._held_from = held_from  # the stream's first sequence (0: unknown)
+        self._last: tuple[int, int] | None = None  # (sequence, version) of the last commit read
+
+    def check(self, seq: int, version: int) -> int | None:
+        last, self._last = self._last, (seq, version)
+        if seq <= self._after:  # the resume point's own commit, read again
+            return None
+        if last is not None:
+            return last[0] if version > last[1] + 1 else None
+        # the first commit after the resume point, with the resume point's own commit unknown
+        if self._after == 0 or version == 1:
+            return None
+        return self._after if self._held_from > self._after + 1 else None
+
+
+async def first_held(journal: LogReader) -> int:
+    """The first sequence the log still holds (0 if this reader cannot tell: a tenant client
+    reads through the hosts and sees no stream state)."""
+    if not isinstance(journal, Journal):
+        return 0
+    info = await journal.retrying(f"read stream {journal.stream}", lambda js: js.stream_info(journal.stream))
+    return int(info.state.first_seq)
