@@ -41,6 +41,19 @@ class SessionStatus(enum.StrEnum):
     TERMINATED = "terminated"
 
 
+class ParticipantRole(enum.StrEnum):
+    """What a participant who joined a session may do: ``participant`` posts and reads,
+    ``observer`` only reads. (The session's own user is its ``owner``, see :data:`OWNER`.)"""
+
+    PARTICIPANT = "participant"
+    OBSERVER = "observer"
+
+
+#: The role of a session's own user (its ``user_id``) among its participants: implicit from the
+#: creation, never joined, never left.
+OWNER = "owner"
+
+
 # --------------------------------------------------------------------------- events
 
 
@@ -177,6 +190,19 @@ class MessagePosted(_Event, frozen=True):
     channel: str
     text: str
     metadata: Metadata
+    author: str | None = None  # the posting user (the owner or a participant); None: a service
+
+
+class ParticipantJoined(_Event, frozen=True):
+    """A user takes part in the session with ``role`` ("participant" or "observer"); joining
+    again changes the role."""
+
+    user_id: str
+    role: str
+
+
+class ParticipantLeft(_Event, frozen=True):
+    user_id: str
 
 
 SessionEvent = (
@@ -198,6 +224,8 @@ SessionEvent = (
     | ReservationReleased
     | QuotaAdjusted
     | MessagePosted
+    | ParticipantJoined
+    | ParticipantLeft
 )
 
 
@@ -471,9 +499,27 @@ class AdjustQuota(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=T
 
 
 class PostMessage(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    """Post on a channel; with ``author`` (the posting user) only the owner or a participant
+    may (an observer or a stranger is refused: ``access_denied``); without, a service posts."""
+
     channel: Token = "chat"
     text: Annotated[str, msgspec.Meta(max_length=MAX_MESSAGE_LENGTH)] = ""
     metadata: Metadata = {}
+    author: Token | None = None
+
+
+class JoinSession(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    """Let ``user_id`` take part in the session with ``role``; again: change the role. The
+    owner (the session's user) cannot be re-roled."""
+
+    user_id: Token
+    role: ParticipantRole = ParticipantRole.PARTICIPANT
+
+
+class LeaveSession(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    """``user_id`` no longer takes part (refused for the owner and for a non-participant)."""
+
+    user_id: Token
 
 
 SessionCommand = (
@@ -490,6 +536,8 @@ SessionCommand = (
     | Settle
     | AdjustQuota
     | PostMessage
+    | JoinSession
+    | LeaveSession
 )
 
 
@@ -629,6 +677,7 @@ class SessionView(msgspec.Struct, frozen=True, gc=False):
     leases: dict[str, tuple[str, float, int]] = {}
     reservations: dict[str, tuple[str, dict[str, float], float]] = {}
     boosts: dict[str, tuple[float, float | None]] = {}
+    participants: dict[str, str] = {}  # user_id -> role ("owner", "participant", "observer")
 
 
 class CommandReply(msgspec.Struct, frozen=True, gc=False):

@@ -10,6 +10,7 @@ import msgspec
 
 from actors import aggregate, idempotency, quota, ratelog
 from actors.events import (
+    OWNER,
     AcquireSlot,
     AdjustQuota,
     Admit,
@@ -21,8 +22,13 @@ from actors.events import (
     Decision,
     Event,
     GetSession,
+    JoinSession,
+    LeaveSession,
     MessagePosted,
     Metadata,
+    ParticipantJoined,
+    ParticipantLeft,
+    ParticipantRole,
     PostMessage,
     QuotaAdjusted,
     QuotaDenied,
@@ -56,7 +62,7 @@ from actors.policy import Policy, TierPolicy
 from actors.ports import AggregateKey
 from actors.tenant import PolicyBook
 
-__all__ = ["Decision", "SessionState", "apply_commit", "decide", "evolve", "fold"]
+__all__ = ["Decision", "SessionState", "apply_commit", "decide", "evolve", "fold", "role_of"]
 
 #: How many recent command ids a session remembers for idempotency (beyond JetStream's
 #: duplicate window). A retry of any of a session's last RECENT_COMMANDS commands is a no-op.
@@ -86,6 +92,8 @@ class SessionState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     recent_commands: bytes = b""  # fingerprints of the last RECENT_COMMANDS command ids
     recent_digests: bytes = b""  # fingerprints of those commands' digests (idempotency.recall)
     recent_refusals: dict[str, Rejection] = {}  # answers to recent refused commands
+    # user_id -> ParticipantRole value of those who joined; the owner (user_id) is implicit
+    participants: dict[str, str] = {}
 
     def view(self, sequence: int = 0) -> SessionView:
         return SessionView(
@@ -107,11 +115,19 @@ class SessionState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
             leases=self.leases,
             reservations=self.reservations,
             boosts=self.boosts,
+            participants={self.user_id: OWNER, **self.participants} if self.exists else {},
         )
 
 
 def initial_state(tenant: str, session_id: str) -> SessionState:
     return SessionState(tenant=tenant, session_id=session_id)
+
+
+def role_of(state: SessionState, user_id: str) -> str | None:
+    """``user_id``'s role in the session: "owner", "participant", "observer", or None."""
+    if state.exists and user_id == state.user_id:
+        return OWNER
+    return state.participants.get(user_id)
 
 
 def expiry_reason(state: SessionState, now: float) -> str | None:
@@ -216,8 +232,24 @@ def decide(
             return Decision(events=expired + decision.events, rejection=decision.rejection)
         return decision
     if isinstance(command, PostMessage):
-        posted = MessagePosted(at=now, channel=command.channel, text=command.text, metadata=command.metadata)
+        role = None if command.author is None else role_of(state, command.author)
+        if command.author is not None and role not in (OWNER, ParticipantRole.PARTICIPANT):
+            return _reject(
+                "access_denied",
+                f"author {command.author!r} may not post on session {state.session_id!r} "
+                f"({'an observer reads only' if role else 'not a participant'}); "
+                "the owner or a participant may",
+                principal=command.author,
+                action="post_message",
+                tenant=state.tenant,
+                session_id=state.session_id,
+            )
+        posted = MessagePosted(
+            at=now, channel=command.channel, text=command.text, metadata=command.metadata, author=command.author
+        )
         return Decision(events=(posted,))
+    if isinstance(command, JoinSession | LeaveSession):
+        return _decide_participants(state, command, now)
     if isinstance(command, TerminateSession):
         return Decision(events=(SessionTerminated(at=now, reason=command.reason),))
     if isinstance(command, ChangeTier):
@@ -239,6 +271,29 @@ def decide(
             )
         )
     raise TypeError(f"not a session command: {command!r}")  # unreachable for typed input
+
+
+def _decide_participants(state: SessionState, command: JoinSession | LeaveSession, now: float) -> Decision:
+    if command.user_id == state.user_id:
+        action = "re-roled" if isinstance(command, JoinSession) else "removed"
+        return _reject(
+            "validation_error",
+            f"user_id: {command.user_id!r} owns session {state.session_id!r} and cannot be {action}",
+            field="user_id",
+            expected="a user other than the session's owner",
+            got=command.user_id,
+        )
+    if isinstance(command, JoinSession):
+        return Decision(events=(ParticipantJoined(at=now, user_id=command.user_id, role=command.role.value),))
+    if command.user_id not in state.participants:
+        return _reject(
+            "validation_error",
+            f"user_id: {command.user_id!r} is not a participant of session {state.session_id!r}",
+            field="user_id",
+            expected="a participant of the session",
+            got=command.user_id,
+        )
+    return Decision(events=(ParticipantLeft(at=now, user_id=command.user_id),))
 
 
 def _decide_metered(
@@ -334,6 +389,10 @@ def evolve(state: SessionState, event: Event) -> SessionState:
     if isinstance(event, (ReservationSettled, ReservationReleased)):
         reservations = {k: v for k, v in state.reservations.items() if k != event.reservation_id}
         return replace(state, reservations=reservations)
+    if isinstance(event, ParticipantJoined):
+        return replace(state, participants={**state.participants, event.user_id: event.role})
+    if isinstance(event, ParticipantLeft):
+        return replace(state, participants={k: v for k, v in state.participants.items() if k != event.user_id})
     if isinstance(event, QuotaAdjusted):
         boosts = {k: v for k, v in state.boosts.items() if k != event.resource_type}
         if event.limit is not None:

@@ -325,6 +325,11 @@ class SessionManager(_SyncMirror):
     def get_user_sessions(self, user_id: str, *, tenant: str | None = None) -> list[Session]:
         """Every session of ``user_id`` in the tenant (oldest first), as of the read model."""
 
+    def get_tenant_sessions(self, *, tenant: str | None = None) -> list[Session]:
+        """Every session of the tenant (oldest first), as of the read model: ids, users, tiers,
+        status and times (read a session itself for its usage, leases and participants).
+        """
+
     def get_usage_history(
         self,
         user_id: str,

@@ -39,6 +39,7 @@ and :func:`error_from_code` rebuilds the typed error from them. Errors pickle th
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Any, ClassVar
 
 from actors.ports import CommitTooLarge
@@ -647,11 +648,15 @@ def error_from_code(code: str, message: str, fields: dict[str, Any]) -> Blackbir
 
 
 def field_of(exc: Exception, default: str) -> str:
-    """The field path msgspec names in a validation error (``$.a.b`` -> ``a.b``), else ``default``."""
+    """The field path msgspec names in a validation error (``$.a.b`` -> ``a.b``; a missing or
+    unknown field ``x`` of ``$.a`` -> ``a.x``), else ``default``."""
     text = str(exc)
-    if "`$." not in text:
-        return default
-    return text.rsplit("`$.", 1)[-1].split("`", 1)[0] or default
+    path = text.rsplit("`$.", 1)[-1].split("`", 1)[0] if "`$." in text else ""
+    named = _NAMED_FIELD.search(text)
+    return ".".join(part for part in (path, named.group(1) if named else "") if part) or default
+
+
+_NAMED_FIELD = re.compile(r"(?:missing required|contains unknown) field `([^`]+)`")
 
 
 _REQUIRED: dict[type[BlackbirdError], tuple[str, ...]] = {}

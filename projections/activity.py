@@ -228,6 +228,12 @@ def user_sessions(model: Activity, tenant: str, user_id: str) -> list[SessionRow
     return [t.sessions[sid] for sid in t.users[user_id].sessions]
 
 
+def tenant_sessions(model: Activity, tenant: str) -> list[SessionRow]:
+    """Every session of the tenant, oldest first."""
+    t = model.tenants.get(tenant)
+    return [] if t is None else sorted(t.sessions.values(), key=lambda row: row.seq)
+
+
 def _most_used(operations: dict[str, int]) -> str | None:
     return max(sorted(operations), key=operations.__getitem__) if operations else None
 

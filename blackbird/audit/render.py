@@ -14,6 +14,8 @@ from actors.events import (
     AlertRaised,
     Event,
     MessagePosted,
+    ParticipantJoined,
+    ParticipantLeft,
     QuotaAdjusted,
     QuotaDenied,
     RateAllowed,
@@ -88,6 +90,12 @@ def describe(event: Event) -> str:
             detail = f"{event.resource_type} {limit}" + ("" if event.until is None else f" until {iso(event.until)}")
         case MessagePosted():
             detail = f"{event.channel} ({len(event.text)} chars)"  # the text itself is not audit data
+            if event.author is not None:
+                detail += f" by {event.author}"
+        case ParticipantJoined():
+            detail = f"{event.user_id} as {event.role}"
+        case ParticipantLeft():
+            detail = event.user_id
         case TenantPolicyChanged():
             detail = f"version {event.policy.version} ({', '.join(_paths(event.overrides)) or 'no change'})"
         case UserQuotaAdjusted():

@@ -222,7 +222,7 @@ def openapi(endpoints: Sequence[Endpoint], *, title: str, version: str) -> dict[
         else:
             content = {"application/json": {"schema": by_kind[e.response]}} if e.response is not None else {}
             operation["responses"][str(e.status)] = {"description": "OK", **({"content": content} if content else {})}
-        if e.tag in ("sessions", "usage", "memory"):
+        if e.tag in ("sessions", "usage", "memory", "participants"):
             operation["responses"]["409"] = {"description": "exists, inactive or conflicting", **error}
             operation["responses"]["429"] = {
                 "description": "quota or rate limit reached (Retry-After says when to retry)", **error

@@ -55,16 +55,12 @@ class Analytics:
         """Every session of ``user_id`` in the tenant (oldest first), as of the read model."""
         user_id = validate_token(user_id, "user_id")
         tenant = self._gateway.tenant_of(tenant)
-        rows = activity.user_sessions(await self._activity(), tenant, user_id)
-        return [
-            Session(
-                session_id=r.session_id, user_id=r.user_id, tenant=tenant, tier=r.tier,
-                status=SessionStatus(r.status), metadata=r.metadata, created_at=r.created_at,
-                last_activity=r.last_activity, idle_timeout=r.idle_timeout, max_age=r.max_age,
-                sequence=r.seq,
-            )
-            for r in rows
-        ]
+        return [_session(r, tenant) for r in activity.user_sessions(await self._activity(), tenant, user_id)]
+
+    async def get_tenant_sessions(self, *, tenant: str | None = None) -> list[Session]:
+        """Every session of the tenant (oldest first), as of the read model."""
+        tenant = self._gateway.tenant_of(tenant)
+        return [_session(r, tenant) for r in activity.tenant_sessions(await self._activity(), tenant)]
 
     async def get_usage_history(
         self,
@@ -133,3 +129,13 @@ class Analytics:
         span = max(60.0, min(window, now - session.created_at))
         return activity.predict_exhaustion(history, quotas, now, span)
 
+
+
+def _session(row: activity.SessionRow, tenant: str) -> Session:
+    """A session as the read model holds it (no usage, leases or participants: the actor's)."""
+    return Session(
+        session_id=row.session_id, user_id=row.user_id, tenant=tenant, tier=row.tier,
+        status=SessionStatus(row.status), metadata=row.metadata, created_at=row.created_at,
+        last_activity=row.last_activity, idle_timeout=row.idle_timeout, max_age=row.max_age,
+        sequence=row.seq,
+    )

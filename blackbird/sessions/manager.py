@@ -363,6 +363,11 @@ class AsyncSessionManager:
         """Every session of ``user_id`` in the tenant (oldest first), as of the read model."""
         return await self._analytics.get_user_sessions(user_id, tenant=tenant)
 
+    async def get_tenant_sessions(self, *, tenant: str | None = None) -> list[Session]:
+        """Every session of the tenant (oldest first), as of the read model: ids, users, tiers,
+        status and times (read a session itself for its usage, leases and participants)."""
+        return await self._analytics.get_tenant_sessions(tenant=tenant)
+
     async def get_usage_history(
         self,
         user_id: str,
