@@ -242,7 +242,7 @@ def test_a_page_on_another_origin_gets_every_message_once_in_order_across_a_rest
     assert page.evaluate("window.opens") >= 2  # it did reconnect
 
 
-def test_the_console_lists_a_session_follows_its_messages_and_shows_quota_use(
+def test_the_console_lists_a_session_follows_its_messages_and_quota_use_through_a_restart_of_serve(
     page: Any, deployment_factory: Any
 ) -> None:
     deployment = deployment_factory()
@@ -282,6 +282,15 @@ def test_the_console_lists_a_session_follows_its_messages_and_shows_quota_use(
     page.wait_for_function(
         "sel => Number(document.querySelector(sel)?.getAttribute('aria-valuenow')) === 25", arg=tokens_gauge
     )
+
+    # a restart of serve: the console reconnects by itself (no reload) and misses nothing
+    deployment.stop()
+    deployment.start()
+    deployment.post(session_id, "after the restart")
+    page.locator("#messages li", has_text="after the restart").wait_for()
+    page.locator("#status", has_text="connected").wait_for()
+    assert page.locator("#messages li", has_text=text).count() == 1
+    assert page.locator("#messages li", has_text="typed in the console").count() == 1
 
 
 
