@@ -2,8 +2,10 @@
 origin follows a session through a restart of `blackbird serve`, and the web console shows
 sessions, live messages and quota use.
 
-`serve` runs as a subprocess (as in test_cli); the test posts messages over HTTP and tracks usage
-through the SDK. Every wait is bounded and polls the page's state, never a fixed sleep.
+`serve` runs as a subprocess (as in test_cli) with a bootstrap token, with which the test
+creates the API keys the pages use and posts messages over HTTP; usage is tracked through the SDK
+and over HTTP. Every wait is bounded and polls the page's state, never a fixed sleep. A test
+whose endpoints the running API does not have yet skips, naming them.
 """
 
 from __future__ import annotations
@@ -122,6 +124,12 @@ class Deployment:
         assert result.returncode == 0, result.stderr
         return str(session_json(result)["session_id"])
 
+    def api_key(self, role: str, user_id: str | None = None) -> str:
+        """A new API key of the tenant (created with the bootstrap token)."""
+        response = self.http.post("/v1/keys", json={"role": role, "user_id": user_id, "label": "browser test"})
+        assert response.status_code == 201, response.text
+        return str(response.json()["key"])
+
     def post(self, session_id: str, text: str, channel: str = "chat") -> None:
         response = self.http.post(f"/v1/sessions/{session_id}/messages", json={"channel": channel, "text": text})
         assert response.status_code in (200, 201), response.text
@@ -216,10 +224,11 @@ def test_a_page_on_another_origin_gets_every_message_once_in_order_across_a_rest
     deployment = deployment_factory([other_origin])
     deployment.start()
     deployment.require(
-        "POST /v1/sessions/{session_id}/stream-token", "POST /v1/sessions/{session_id}/messages",
+        "POST /v1/keys", "POST /v1/sessions/{session_id}/stream-token", "POST /v1/sessions/{session_id}/messages",
     )
-    session_id = deployment.create_session()
-    page.goto(f"{other_origin}/?api={deployment.url}&key={TOKEN}&session={session_id}")
+    session_id = deployment.create_session(user_id="u1")
+    key = deployment.api_key("user", user_id="u1")  # the page holds a key for its user only
+    page.goto(f"{other_origin}/?api={deployment.url}&key={key}&session={session_id}")
     page.wait_for_function("() => window.opens >= 1")
 
     before = [f"before restart {i}" for i in range(5)]
@@ -249,12 +258,12 @@ def test_the_console_lists_a_session_follows_its_messages_and_quota_use_through_
     deployment.start()
     deployment.require(
         "GET /v1/sessions", "GET /v1/sessions/{session_id}", "GET /v1/sessions/{session_id}/quota",
-        "POST /v1/sessions/{session_id}/stream-token", "POST /v1/sessions/{session_id}/messages",
+        "POST /v1/sessions/{session_id}/stream-token", "POST /v1/sessions/{session_id}/messages", "POST /v1/keys",
     )
     session_id = deployment.create_session(user_id="console-user", tier="pro")
 
     page.goto(f"{deployment.url}/")
-    page.get_by_label("API key or bootstrap token").fill(TOKEN)
+    page.get_by_label("API key or bootstrap token").fill(deployment.api_key("admin"))
     page.get_by_role("button", name="Use this key").click()
     link = page.locator(f'a[data-session="{session_id}"]')
     link.wait_for()  # the list polls GET /v1/sessions
@@ -300,7 +309,7 @@ def test_the_dashboard_shows_quota_use_usage_over_time_denials_and_an_abuse_aler
     deployment = deployment_factory()
     deployment.start()
     deployment.require(
-        "GET /v1/tenant/stats", "GET /v1/events", "POST /v1/sessions/{session_id}/usage",
+        "GET /v1/tenant/stats", "GET /v1/events", "POST /v1/sessions/{session_id}/usage", "POST /v1/keys",
     )
     session_id = deployment.create_session(user_id="noisy", tier="free")
     usage = f"/v1/sessions/{session_id}/usage"
@@ -308,7 +317,7 @@ def test_the_dashboard_shows_quota_use_usage_over_time_denials_and_an_abuse_aler
     assert tracked.status_code == 200, tracked.text
 
     page.goto(f"{deployment.url}/#/dashboard")
-    page.get_by_label("API key or bootstrap token").fill(TOKEN)
+    page.get_by_label("API key or bootstrap token").fill(deployment.api_key("admin"))
     page.get_by_role("button", name="Use this key").click()
     page.locator(f'#active-sessions tr[data-session="{session_id}"] [data-quota="tokens"] [role="meter"]').wait_for()
     page.locator('#user-gauges [data-user="noisy"]').wait_for()
