@@ -18,6 +18,7 @@ import msgspec
 
 from actors.policy import Policy, QuotaType, RateLimitType
 from actors.validation import (
+    API_KEY_ID_PATTERN,
     MAX_AMOUNT,
     MAX_DURATION,
     MAX_ID_LENGTH,
@@ -25,12 +26,22 @@ from actors.validation import (
     MAX_MESSAGE_LENGTH,
     MAX_NAME_LENGTH,
     MAX_SAFE_INT,
+    SECRET_HASH_PATTERN,
     TOKEN_PATTERN,
 )
 
 SCHEMA_VERSION = 1
 
 Metadata = dict[str, Any]  # user-supplied JSON data; its size and depth: actors.validation
+
+
+class ApiKeyRole(enum.StrEnum):
+    """Who an API key speaks for: the tenant's ``admin`` (every session, keys, monitoring), a
+    ``service`` (every session of the tenant) or one ``user`` (the sessions they take part in)."""
+
+    ADMIN = "admin"
+    SERVICE = "service"
+    USER = "user"
 
 
 class SessionStatus(enum.StrEnum):
@@ -246,7 +257,30 @@ class UserQuotaAdjusted(_Event, frozen=True):
     until: float | None
 
 
-TenantEvent = TenantPolicyChanged | UserQuotaAdjusted
+class ApiKeyIssued(_Event, frozen=True):
+    """An API key of the tenant's HTTP API: who it speaks for (``role``; a ``user`` key: one
+    ``user_id``'s sessions) and until when. Only the SHA-256 of its secret is ever stored."""
+
+    key_id: str
+    secret_hash: str  # sha256(secret) as hex; never shown (not in audits, lists or errors)
+    role: str  # an ApiKeyRole value
+    user_id: str | None
+    label: str | None
+    expires_at: float | None
+
+
+class ApiKeyRevoked(_Event, frozen=True):
+    key_id: str
+
+
+class ApiKeyUsed(_Event, frozen=True):
+    """The key was used at ``used_at`` (recorded at most every few minutes per key)."""
+
+    key_id: str
+    used_at: float
+
+
+TenantEvent = TenantPolicyChanged | UserQuotaAdjusted | ApiKeyIssued | ApiKeyRevoked | ApiKeyUsed
 
 
 class UserSessionOpened(_Event, frozen=True):
@@ -554,7 +588,33 @@ class AdjustUserQuota(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fiel
     until: Instant | None = None
 
 
-TenantCommand = SetTenantPolicy | AdjustUserQuota | GetSession
+ApiKeyId = Annotated[str, msgspec.Meta(pattern=API_KEY_ID_PATTERN)]
+
+
+class IssueApiKey(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    """Issue an API key; the shell makes ``key_id`` and the secret, and sends only the secret's
+    SHA-256 (``secret_hash``, hex). ``user_id`` is required for role ``user``, refused otherwise."""
+
+    key_id: ApiKeyId
+    secret_hash: Annotated[str, msgspec.Meta(pattern=SECRET_HASH_PATTERN)]
+    role: ApiKeyRole
+    user_id: Token | None = None
+    label: Name | None = None
+    expires_at: Instant | None = None
+
+
+class RevokeApiKey(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    key_id: ApiKeyId
+
+
+class RecordKeyUse(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    """Record that the key was used at ``at`` (seconds since the epoch)."""
+
+    key_id: ApiKeyId
+    at: Instant
+
+
+TenantCommand = SetTenantPolicy | AdjustUserQuota | IssueApiKey | RevokeApiKey | RecordKeyUse | GetSession
 
 
 class OpenUserSession(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):

@@ -58,6 +58,10 @@ MAX_INSTANT = 253_402_300_799.0
 #: ``$``, which would let a final newline through)
 TOKEN_PATTERN = r"^(?:(?![.*>\s])[\x21-\x7e\u00a0-\ud7ff\ue000-\U0010ffff])+\Z"
 TOKEN = re.compile(TOKEN_PATTERN)
+#: an API key's id: 16 lowercase hex characters (8 random bytes)
+API_KEY_ID_PATTERN = r"^[0-9a-f]{16}\Z"
+#: an API key's secret as stored: its SHA-256, 64 lowercase hex characters
+SECRET_HASH_PATTERN = r"^[0-9a-f]{64}\Z"
 TOKEN_EXPECTED = (
     f"a non-empty string of at most {MAX_ID_LENGTH} characters without '.', '*', '>' or whitespace"
 )
@@ -294,6 +298,10 @@ def invalid_from(
         expected = expected[len("Expected "):]
     if "matching regex" in expected and "(?![.*>" in expected:  # TOKEN_PATTERN, as msgspec shows it
         expected = TOKEN_EXPECTED
+    elif "matching regex" in expected and "[0-9a-f]{16}" in expected:  # API_KEY_ID_PATTERN
+        expected = "an API key id: 16 lowercase hex characters"
+    elif "matching regex" in expected and "[0-9a-f]{64}" in expected:  # SECRET_HASH_PATTERN
+        expected = "a SHA-256 as 64 lowercase hex characters"
     if expected.startswith("Invalid enum value "):
         got = expected[len("Invalid enum value "):]
         kind = _enum_of(classes, field)

@@ -8,6 +8,7 @@
 import typing
 from importlib.metadata import PackageNotFoundError, version
 
+from actors.events import ApiKeyRole
 from actors.policy import QuotaType, RateLimitType
 from blackbird._client import AsyncBlackbird
 from blackbird._sync import BlackbirdSDK, SessionManager
@@ -16,6 +17,7 @@ from blackbird.config import Settings
 from blackbird.errors import (
     AccessDeniedError,
     AggregateFaultError,
+    ApiKeyNotFoundError,
     BlackbirdError,
     ClosedError,
     CommandIdReusedError,
@@ -42,6 +44,7 @@ from blackbird.errors import (
     ValidationError,
 )
 from blackbird.memory.service import AsyncMemory
+from blackbird.sessions.api_keys import ApiKey, ApiKeys, IssuedApiKey
 from blackbird.sessions.manager import AsyncSessionManager
 from blackbird.streams.subscription import AsyncStreams, StreamEvent, Subscription
 from blackbird.types import Admission, Memory, Session, SessionStatus, UsageRecord
@@ -50,6 +53,10 @@ __all__ = [
     "AccessDeniedError",
     "Admission",
     "AggregateFaultError",
+    "ApiKey",
+    "ApiKeyNotFoundError",
+    "ApiKeyRole",
+    "ApiKeys",
     "AsyncBlackbird",
     "AsyncMemory",
     "AsyncSessionManager",
@@ -67,6 +74,7 @@ __all__ = [
     "EmbedderError",
     "EmbedderUnavailableError",
     "EmbeddingModelMismatchError",
+    "IssuedApiKey",
     "LogError",
     "Memory",
     "MemoryIndexBusyError",

@@ -711,6 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--json", action="store_true", help="print one JSON document")
     audit.set_defaults(func=_cmd_audit)
     _add_access_commands(commands)
+    _add_keys_command(commands, common)
     return parser
 
 
@@ -765,6 +766,49 @@ def _add_access_commands(commands: Any) -> None:
     actions = master.add_subparsers(dest="master_command", metavar="ACTION", required=True)
     actions.add_parser("rotate", parents=[folder], help="rotate the master key of the data folder")
     master.set_defaults(func=_cmd_master_key)
+
+
+def _add_keys_command(commands: Any, common: argparse.ArgumentParser) -> None:
+    """``keys``: the API keys of the HTTP API (``common``: where the server is, as for ``session``)."""
+    keys = commands.add_parser(
+        "keys", help="create, list or revoke a tenant's API keys for the HTTP API",
+        description="An API key (bbk_...) is shown once, when created; only its secret's SHA-256 is "
+        "kept, in the tenant's log (an audit of the tenant shows who issued and revoked which key).",
+    )
+    actions = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    create = actions.add_parser("create", parents=[common], help="create a key and print it once, as JSON")
+    create.add_argument("--role", required=True, choices=("admin", "service", "user"),
+                        help="admin: the tenant; service: every session; user: one user's sessions")
+    create.add_argument("--user-id", metavar="USER_ID", help="the user of a key of role user")
+    create.add_argument("--label", help="what the key is for (shown in lists and audits)")
+    create.add_argument("--expires-in", type=_positive_float, metavar="SECONDS",
+                        help="valid for this many seconds (default: until revoked)")
+    actions.add_parser("list", parents=[common], help="list the keys as JSON (never their secrets)")
+    revoke = actions.add_parser("revoke", parents=[common], help="revoke a key and print it as JSON")
+    revoke.add_argument("key_id", metavar="KEY_ID")
+    keys.set_defaults(func=_cmd_keys)
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    _configure_logging(args.log_level, "warning")
+    if args.tenant is None:
+        raise CliError("keys: --tenant is required (the tenant whose keys these are)", EXIT_USAGE)
+
+    async def action(bb: AsyncBlackbird) -> int:
+        keys = bb.api_keys
+        result: Any
+        if args.keys_command == "create":
+            result = await keys.create(
+                role=args.role, user_id=args.user_id, label=args.label, expires_in=args.expires_in, tenant=args.tenant
+            )
+        elif args.keys_command == "list":
+            result = await keys.list(tenant=args.tenant)
+        else:
+            result = await keys.revoke(args.key_id, tenant=args.tenant)
+        _out(json.dumps(msgspec.to_builtins(result), indent=2))
+        return EXIT_OK
+
+    return _run(lambda: _with_client(args, action))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -43,6 +43,7 @@ from blackbird.memory.service import AsyncMemory
 from blackbird.server.access import inbox_prefix
 from blackbird.server.embedded import EmbeddedServer
 from blackbird.sessions.analytics import Analytics
+from blackbird.sessions.api_keys import ApiKeys
 from blackbird.sessions.gateway import SessionGateway, acting_principal
 from blackbird.sessions.manager import AsyncSessionManager
 from blackbird.sessions.quotas import Quotas
@@ -141,6 +142,7 @@ class AsyncBlackbird:
         self._projections: Projections | None = None
         self._memory: AsyncMemory | None = None
         self._streams: AsyncStreams | None = None
+        self._api_keys: ApiKeys | None = None
         self.data_dir: Path | None = None
         self.nats_url: str | None = self.settings.nats_url
         """The server URLs connected to (comma-separated; the embedded server's once open)."""
@@ -197,6 +199,14 @@ class AsyncBlackbird:
         if self._memory is None:
             raise ClosedError("AsyncBlackbird is not open; use `async with AsyncBlackbird(...)`")
         return self._memory
+
+    @property
+    def api_keys(self) -> ApiKeys:
+        """API keys of the HTTP API: create, list, revoke (coroutines); verify (at once)."""
+        self._needs_service_identity("API keys")
+        if self._api_keys is None:
+            raise ClosedError("AsyncBlackbird is not open; use `async with AsyncBlackbird(...)`")
+        return self._api_keys
 
     @property
     def streams(self) -> AsyncStreams:
@@ -319,6 +329,7 @@ class AsyncBlackbird:
         )
         self._auditor = Auditor(journal, book, s.tenant, projections=self._projections)
         self._streams = AsyncStreams(gateway, journal, timeout=s.command_timeout)
+        self._api_keys = ApiKeys(tenants, book, tasks, tenant=s.tenant, clock=self._clock)
         # Memory: its actors here (OCC keeps each scope single-writer across processes), its
         # LanceDB index beside the data (or in a temporary folder: it is rebuilt from the log).
         # The master key wrapping the data keys: required where memory actors run (a remote
@@ -504,6 +515,7 @@ class AsyncBlackbird:
         stack, self._stack = self._stack, None
         self._session_manager = None
         self._streams = None
+        self._api_keys = None
         if stack is not None:
             await stack.aclose()
             log.info("blackbird_closed")

@@ -30,6 +30,7 @@ from blackbird.audit.replay import Auditor
 from blackbird.config import Settings
 from blackbird.errors import ClosedError
 from blackbird.memory.service import AsyncMemory
+from blackbird.sessions.api_keys import ApiKey, ApiKeys
 from blackbird.sessions.manager import AsyncSessionManager
 from blackbird.streams.subscription import (
     COALESCE,
@@ -140,6 +141,21 @@ class SyncAuditor(_SyncMirror, mirrors=Auditor):
     def tenant(self) -> str:
         """The tenant audited when a call names none (the client's)."""
         return self._target.tenant  # type: ignore[no-any-return]
+
+
+class SyncApiKeys(_SyncMirror, mirrors=ApiKeys):
+    """API keys, blocking: the methods of :class:`ApiKeys` (create, list, revoke, verify).
+    ``sdk.api_keys``."""
+
+    def verify(self, presented: str) -> ApiKey | None:
+        """The live key ``presented`` (``bbk_<key_id>_<secret>``) is, or None: unknown, wrong
+        secret, revoked, expired or not a key at all. Never waits, never raises."""
+        return self._portal.call(self._target.verify, presented)  # type: ignore[no-any-return]
+
+    def used(self, key_id: str) -> None:
+        """Record that ``key_id`` was used now (at most once per 10 minutes per key), in the
+        background; a failure is only logged."""
+        self._portal.call(self._target.used, key_id)
 
 
 class SyncSubscription(_SyncMirror, mirrors=Subscription):
@@ -259,6 +275,12 @@ class BlackbirdSDK:
         """Memory: remember/recall, the key-value cache, sharing and erasure (blocking). Raises
         ClosedError once closed."""
         return Memory(self._client.memory, self._open_portal())
+
+    @property
+    def api_keys(self) -> SyncApiKeys:
+        """API keys of the HTTP API: create, list, revoke, verify (blocking). Raises ClosedError
+        once closed, AccessDeniedError on tenant credentials."""
+        return SyncApiKeys(self._client.api_keys, self._open_portal())
 
     @property
     def streams(self) -> Streams:

@@ -13,6 +13,7 @@ The tree (a second base, in brackets, lets ``except ValueError`` and the like ca
     │   └── SessionLimitError
     ├── RateLimitError
     ├── ReservationNotFoundError [LookupError]
+    ├── ApiKeyNotFoundError [LookupError]
     ├── CommandTimeoutError [TimeoutError]
     ├── ProjectionTimeoutError [TimeoutError]
     ├── EmbeddedServerError
@@ -306,6 +307,20 @@ class ReservationNotFoundError(BlackbirdError, LookupError):
         super().__init__(message)
         self.reservation_id = reservation_id
         self.session_id = session_id
+
+
+class ApiKeyNotFoundError(BlackbirdError, LookupError):
+    """No API key of that id in the tenant (``blackbird keys list`` shows them). Fields:
+    ``key_id``, ``tenant``."""
+
+    code = "api_key_not_found"
+    key_id: str
+    tenant: str
+
+    def __init__(self, message: str, *, key_id: str, tenant: str) -> None:
+        super().__init__(message)
+        self.key_id = key_id
+        self.tenant = tenant
 
 
 class CommandTimeoutError(BlackbirdError, TimeoutError):
@@ -620,6 +635,7 @@ _BY_CODE: dict[str, type[BlackbirdError]] = {
         SessionLimitError,
         RateLimitError,
         ReservationNotFoundError,
+        ApiKeyNotFoundError,
         CommandTimeoutError,
         ProjectionTimeoutError,
         EmbeddedServerError,

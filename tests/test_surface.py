@@ -36,6 +36,7 @@ MIRRORS: list[tuple[type, type, dict[str, str]]] = [
     (blackbird.AsyncStreams, _sync.Streams, {}),
     (blackbird.Subscription, _sync.SyncSubscription, {}),
     (blackbird.Auditor, _sync.SyncAuditor, {}),
+    (blackbird.ApiKeys, _sync.SyncApiKeys, {}),
 ]
 SYNC_OF: dict[Any, Any] = {a: s for a, s, _ in MIRRORS}
 RENAMED = {(blackbird.AsyncBlackbird, "aclose"): "close"}

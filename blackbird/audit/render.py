@@ -12,6 +12,9 @@ from typing import Any
 
 from actors.events import (
     AlertRaised,
+    ApiKeyIssued,
+    ApiKeyRevoked,
+    ApiKeyUsed,
     Event,
     MessagePosted,
     ParticipantJoined,
@@ -101,6 +104,15 @@ def describe(event: Event) -> str:
         case UserQuotaAdjusted():
             limit = "reset" if event.limit is None else f"-> {_n(event.limit)}"
             detail = f"{event.user_id} {event.resource_type} {limit}"
+        case ApiKeyIssued():  # never the secret's hash
+            detail = f"{event.key_id} role {event.role}" + ("" if event.user_id is None else f" user {event.user_id}")
+            detail += ("" if event.label is None else f" label {event.label!r}") + (
+                "" if event.expires_at is None else f" expires {iso(event.expires_at)}"
+            )
+        case ApiKeyRevoked():
+            detail = event.key_id
+        case ApiKeyUsed():
+            detail = f"{event.key_id} at {iso(event.used_at)}"
         case UserSessionOpened():
             detail = f"{event.session_id} tier {event.tier}"
         case UserSessionClosed():

@@ -24,6 +24,7 @@ import structlog
 
 from blackbird.errors import (
     AccessDeniedError,
+    ApiKeyNotFoundError,
     BlackbirdError,
     CommandIdReusedError,
     ConcurrencyConflictError,
@@ -106,6 +107,7 @@ _STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (ScopeAccessError, 403),
     (SessionNotFoundError, 404),
     (ReservationNotFoundError, 404),
+    (ApiKeyNotFoundError, 404),
     (SessionExistsError, 409),
     (SessionInactiveError, 409),
     (ConcurrencyConflictError, 409),
