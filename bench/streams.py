@@ -20,7 +20,18 @@ and measures
 3. live latency: ``send_message`` called -> the subscriber holding the message (the durable
    append included), one at a time, p50/p99, and how long after the append's acknowledgement;
 4. SSE: the same replay over HTTP (``blackbird.http.app`` on uvicorn, read with httpx, SSE parsed),
-   messages/s.
+   messages/s;
+5. SSE fan-out: 1, 10, 100 and 1,000 SSE clients of one session. The server (uvicorn + the
+   client hosting the actors) runs in this process; the clients run in a second process (this file
+   with ``fanout-client``: httpx streams, SSE parsed), because at 1,000 connections parsing on the
+   client side would otherwise compete with the server in one event loop and its memory would
+   count as the server's. Every client resumes from the log's end, so a warm-up message tells when
+   all are following live; then ``send_message`` posts the level's messages one after the other.
+   Reported: messages delivered per second (clients x messages / first post -> last delivery),
+   p50/p99 delivery latency from ``send_message`` called (the durable append included) to a
+   client holding the parsed event (wall clocks of two processes on one machine), and memory per
+   idle connection (this process's RSS with every client connected and caught up, minus before,
+   / clients: the subscription, its JetStream ordered consumer's state here, the ASGI connection).
 
 A human-readable table goes to stdout; the very last line is one JSON object.
 """
@@ -76,12 +87,15 @@ class Config:
     messages: int
     live: int
     repetitions: int
+    fanout: tuple[tuple[int, int], ...] = ()  # (clients, messages) per level
 
 
 def make_config(quick: bool) -> Config:
     if quick:
-        return Config(quick=True, messages=5_000, live=200, repetitions=9)
-    return Config(quick=False, messages=30_000, live=1_000, repetitions=9)
+        return Config(quick=True, messages=5_000, live=200, repetitions=9,
+                      fanout=((1, 200), (10, 200), (100, 50), (1_000, 10)))
+    return Config(quick=False, messages=30_000, live=1_000, repetitions=9,
+                  fanout=((1, 1_000), (10, 1_000), (100, 300), (1_000, 50)))
 
 
 
@@ -142,6 +156,144 @@ async def sse_replay(bb: AsyncBlackbird, session_id: str, n: int) -> float:
     if got != n:
         raise RuntimeError(f"the SSE stream ended after {got} of {n} events")
     return elapsed
+
+
+def rss_bytes() -> int:
+    """This process's resident set size (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+async def fanout_client(url: str, clients: int, messages: int) -> None:
+    """The client side of the fan-out (run in its own process): ``clients`` SSE streams of
+    ``url``; prints "ready" once every one has the warm-up event, then, once every one has
+    ``messages`` more, one JSON line: the last delivery's wall-clock time and a latency sample."""
+    import json
+
+    import httpx
+
+    ready = 0
+    failed = 0  # streams the server ended before the warm-up (e.g. out of JetStream consumers)
+    last = 0.0
+    latencies: list[float] = []
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+
+    def counted() -> None:
+        if ready + failed == clients:
+            print("ready", flush=True)
+
+    async def client(http: httpx.AsyncClient, index: int) -> None:
+        nonlocal ready, failed, last
+        got = -1  # the warm-up first
+        try:
+            async with http.stream("GET", url, headers=headers) as response:
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    got += 1
+                    if got == 0:
+                        ready += 1
+                        counted()
+                        continue
+                    now = time.time()
+                    text = json.loads(line[6:])["text"]
+                    if index < 100:  # a sample: 100 clients' every message is plenty
+                        latencies.append(now - float(text.split()[-1]))
+                    if got == messages:
+                        last = max(last, now)
+                        return
+        except httpx.HTTPError:
+            pass
+        if got < 0:
+            failed += 1
+            counted()
+
+    limits = httpx.Limits(max_connections=clients + 10, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(120, connect=60), limits=limits) as http:
+        async with anyio.create_task_group() as tg:
+            for i in range(clients):
+                tg.start_soon(client, http, i)
+    print(json.dumps({"last": last, "latencies": latencies, "failed": failed}), flush=True)
+
+
+async def fanout_level(
+    bb: AsyncBlackbird, sid: str, base_url: str, clients: int, messages: int
+) -> dict[str, float]:
+    """One fan-out level: start the client process, wait until its clients follow live, post,
+    collect (see the module's docstring, item 5)."""
+    import json
+    import subprocess
+
+    last_seq = await bb.journal.last_seq_of(bb.journal.subjects.session(TENANT, sid))
+    url = f"{base_url}/v1/sessions/{sid}/events?after={last_seq}"
+    before = rss_bytes()
+    proc = await anyio.open_process(
+        [sys.executable, __file__, "fanout-client", url, str(clients), str(messages)],
+        stdout=subprocess.PIPE, stderr=None,
+    )
+    assert proc.stdout is not None
+    lines = proc.stdout
+    buffer = b""
+
+    async def next_line() -> str:
+        nonlocal buffer
+        while b"\n" not in buffer:
+            chunk = await lines.receive()
+            buffer += chunk
+        line, _, buffer = buffer.partition(b"\n")
+        return line.decode()
+
+    try:
+        with anyio.fail_after(300):
+            # the clients resume after last_seq: each gets the warm-up, however late it connects
+            await bb.send_message("warm-up 0", session_id=sid)
+            assert await next_line() == "ready"
+            connected = rss_bytes()
+            started = time.time()
+            for i in range(messages):
+                await bb.send_message(f"fan {i} {time.time():.6f}", session_id=sid)
+            posted = time.time()
+            result = json.loads(await next_line())
+            await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    latencies = sorted(result["latencies"])
+    elapsed = result["last"] - started
+    served = clients - result["failed"]
+    return {
+        "clients": clients,
+        "clients_refused": result["failed"],
+        "messages": messages,
+        "delivered_msgs_per_s": round(served * messages / elapsed, 1) if served else 0.0,
+        "post_msgs_per_s": round(messages / (posted - started), 1),
+        "latency_p50_ms": round(percentile(latencies, 0.5) * 1000, 2),
+        "latency_p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
+        "rss_per_idle_connection_kb": round((connected - before) / max(served, 1) / 1024, 1),
+    }
+
+
+async def fanout(bb: AsyncBlackbird, sid: str, levels: tuple[tuple[int, int], ...]) -> list[dict[str, float]]:
+    """Every fan-out level against one uvicorn server in this process."""
+    from blackbird.http.app import http_app, http_server
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(4096)  # 1,000 clients connect at once
+    server = http_server(http_app(bb, {TOKEN: TENANT}), "127.0.0.1", 0)
+    out = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: server.serve(sockets=[sock]))
+        try:
+            for clients, messages in levels:
+                out.append(await fanout_level(bb, sid, f"http://127.0.0.1:{sock.getsockname()[1]}", clients, messages))
+        finally:
+            server.should_exit = True
+    return out
 
 
 async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
@@ -240,6 +392,15 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
                 sse_rate = cfg.messages / sse_s
                 row("SSE replay over HTTP (uvicorn, httpx)", f"{sse_rate:,.0f} msg/s",
                     f"{cfg.messages:,} events from the start, parsed by the client")
+
+                # 5. SSE fan-out (clients in a second process)
+                fan = await fanout(bb, sid, cfg.fanout)
+                for level in fan:
+                    row(f"SSE fan-out to {level['clients']:,} clients", f"{level['delivered_msgs_per_s']:,.0f} msg/s",
+                        f"delivered ({level['messages']} posted at {level['post_msgs_per_s']:,.0f}/s); latency p50 "
+                        f"{level['latency_p50_ms']:.1f} ms, p99 {level['latency_p99_ms']:.1f} ms; "
+                        f"{level['rss_per_idle_connection_kb']:.0f} KiB RSS per idle connection"
+                        + (f"; {level['clients_refused']} streams ended at once" if level["clients_refused"] else ""))
     total = time.perf_counter() - t_start
     load_end = load_average()
     row("total wall time", f"{total:.1f} s", f"load average now {load_end}")
@@ -259,6 +420,10 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
         live_p99_ms=round(live_p99, 3),
         sse_msgs_per_s=round(sse_rate, 1),
         live_after_ack_p50_ms=round(ack_p50, 3),
+        fanout=fan,
+        fanout_definition="SSE clients of one session in a second process; delivered msg/s = clients x "
+        "messages / (first post -> last delivery); latency from send_message called to the client holding "
+        "the parsed event; RSS per idle connection = server process RSS delta / clients",
         **run_context(cfg.quick, load_start, load_end),
     )
     return result
@@ -269,4 +434,7 @@ def cli() -> None:
 
 
 if __name__ == "__main__":
-    cli()
+    if sys.argv[1:2] == ["fanout-client"]:
+        anyio.run(fanout_client, sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    else:
+        cli()

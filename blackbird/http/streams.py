@@ -202,19 +202,24 @@ def endpoints(ctx: HttpContext) -> list[Endpoint]:
 
         async def body() -> AsyncIterator[bytes]:
             yield f"retry: {RETRY_MS}\n\n".encode()
-            async with bb.streams.subscribe(session_id, tenant=caller.tenant, after=after, channels=channels) as stream:
-                if present:
-                    await presence.joined(caller, session_id)
-                try:
-                    while True:
-                        message = await stream.get(timeout=ctx.heartbeat)
-                        if message is None:
-                            yield KEEP_ALIVE
-                            continue
-                        yield sse(message.resume, message.channel, encode(message))
-                finally:
+            try:
+                async with bb.streams.subscribe(
+                    session_id, tenant=caller.tenant, after=after, channels=channels
+                ) as stream:
                     if present:
-                        await presence.left(caller, session_id)
+                        await presence.joined(caller, session_id)
+                    try:
+                        while True:
+                            message = await stream.get(timeout=ctx.heartbeat)
+                            if message is None:
+                                yield KEEP_ALIVE
+                                continue
+                            yield sse(message.resume, message.channel, encode(message))
+                    finally:
+                        if present:
+                            await presence.left(caller, session_id)
+            except Exception as exc:  # the 200 went out: end the stream, the client resumes where it was
+                log.warning("sse_ended", tenant=caller.tenant, session_id=session_id, error=repr(exc))
 
         log.debug("sse_opened", tenant=caller.tenant, session_id=session_id, after=after)
         return streaming(body())
