@@ -18,13 +18,16 @@ import structlog
 from actors.events import (
     ChangeTier,
     CreateSession,
+    JoinSession,
+    LeaveSession,
+    ParticipantRole,
     PostMessage,
     TerminateSession,
     TouchSession,
 )
 from actors.policy import QuotaType, RateLimitType
 from actors.validation import MAX_MESSAGE_LENGTH
-from blackbird._validate import check_metadata, check_str, check_text
+from blackbird._validate import check_metadata, check_str, check_text, invalid
 from blackbird.errors import ValidationError
 from blackbird.ids import derived_id, new_id
 from blackbird.sessions.analytics import Analytics
@@ -121,11 +124,17 @@ class AsyncSessionManager:
         metadata: dict[str, Any] | None = None,
         tenant: str | None = None,
         command_id: str | None = None,
+        author: str | None = None,
     ) -> dict[str, Any]:
         """Post ``message`` on a channel of a session (default: the session this client created
         last) as a durable MessagePosted event; returns where it landed (``sequence`` is the
         stream sequence, the event id a resuming subscriber passes back). Counts as activity.
-        Raises SessionInactiveError on a lapsed session."""
+        Raises SessionInactiveError on a lapsed session.
+
+        ``author`` is the posting user: the session's owner or a participant who joined with
+        role "participant" may post; an observer or a user who did not join gets
+        AccessDeniedError (``principal`` the author). Without ``author`` the message is a
+        service's (an agent's, a notification) and is not checked."""
         if not isinstance(message, str) or len(message) > MAX_MESSAGE_LENGTH:
             got = type(message).__name__ if not isinstance(message, str) else f"{len(message)} characters"
             raise ValidationError(
@@ -141,7 +150,8 @@ class AsyncSessionManager:
                 )
             tenant, session_id = self._current
         command = PostMessage(
-            channel=validate_token(channel, "channel"), text=message, metadata=check_metadata(metadata)
+            channel=validate_token(channel, "channel"), text=message, metadata=check_metadata(metadata),
+            author=None if author is None else validate_token(author, "author"),
         )
         session, reply = await self._gateway.request(tenant, session_id, command, command_id)
         assert session is not None
@@ -149,6 +159,39 @@ class AsyncSessionManager:
             "session_id": session.session_id, "tenant": session.tenant, "channel": channel,
             "message": message, "sequence": reply.sequence,
         }
+
+    async def join_session(
+        self,
+        session_id: str,
+        user_id: str,
+        role: str = "participant",
+        *,
+        tenant: str | None = None,
+        command_id: str | None = None,
+    ) -> Session:
+        """Let ``user_id`` take part in a session with ``role``: "participant" (posts and reads)
+        or "observer" (reads only); returns the session (its ``participants`` map user ids to
+        roles, the owner's being "owner"). Joining again changes the role. Recorded as
+        ParticipantJoined.
+
+        Raises ValidationError naming ``user_id`` for the owner (who cannot be re-roled) or
+        ``role`` for another role; SessionInactiveError on a terminated or lapsed session."""
+        value = getattr(role, "value", role)
+        roles = [r.value for r in ParticipantRole]
+        if value not in roles:
+            raise invalid("role", "one of " + ", ".join(roles), repr(value))
+        command = JoinSession(user_id=validate_token(user_id, "user_id"), role=ParticipantRole(value))
+        return await self._gateway.send(tenant, session_id, command, command_id)
+
+    async def leave_session(
+        self, session_id: str, user_id: str, *, tenant: str | None = None, command_id: str | None = None
+    ) -> Session:
+        """``user_id`` no longer takes part in the session (recorded as ParticipantLeft); returns
+        the session. Raises ValidationError naming ``user_id`` for the owner (who cannot leave)
+        or a user who is not a participant; SessionInactiveError on a terminated or lapsed
+        session."""
+        command = LeaveSession(user_id=validate_token(user_id, "user_id"))
+        return await self._gateway.send(tenant, session_id, command, command_id)
 
     # ------------------------------------------------------------------ limits (Quotas)
 
