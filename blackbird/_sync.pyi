@@ -13,6 +13,7 @@ declares them all. It is generated from these classes and the async ones by
 ``tools/make_sync_stubs.py``; run that after changing either (a test fails until you do).
 """
 
+import builtins
 from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime
@@ -24,8 +25,11 @@ from anyio.from_thread import BlockingPortal
 import blackbird
 from blackbird import (
     Admission,
+    ApiKey,
+    ApiKeyRole,
     AsyncBlackbird,
     AuditReport,
+    IssuedApiKey,
     QuotaType,
     RateLimitType,
     Session,
@@ -603,6 +607,51 @@ class SyncAuditor(_SyncMirror):
         """
 
 
+class SyncApiKeys(_SyncMirror):
+    """API keys, blocking: the methods of :class:`ApiKeys` (create, list, revoke, verify).
+    ``sdk.api_keys``.
+    """
+
+    def verify(self, presented: str) -> ApiKey | None:
+        """The live key ``presented`` (``bbk_<key_id>_<secret>``) is, or None: unknown, wrong
+        secret, revoked, expired or not a key at all. Never waits, never raises.
+        """
+
+    def used(self, key_id: str) -> None:
+        """Record that ``key_id`` was used now (at most once per 10 minutes per key), in the
+        background; a failure is only logged.
+        """
+
+    def create(
+        self,
+        *,
+        role: ApiKeyRole | str,
+        user_id: str | None = None,
+        label: str | None = None,
+        expires_in: float | None = None,
+        tenant: str | None = None,
+    ) -> IssuedApiKey:
+        """Issue a key of ``role`` (``"admin"``, ``"service"`` or ``"user"``; a user key needs
+        ``user_id``, the others refuse one) for ``tenant`` (default: the client's), valid for
+        ``expires_in`` seconds (None: until revoked). Its ``key`` is shown only here.
+
+        Raises ValidationError naming the field for bad input.
+        """
+
+    def list(self, *, tenant: str | None = None) -> builtins.list[ApiKey]:
+        """Every key of ``tenant`` (default: the client's), revoked and expired ones included,
+        oldest first; never their secrets or hashes.
+        """
+
+    def revoke(self, key_id: str, *, tenant: str | None = None) -> ApiKey:
+        """Revoke the key ``key_id`` of ``tenant`` (default: the client's): it stops working at
+        once here, and in other processes as soon as they see the revocation.
+
+        Raises ApiKeyNotFoundError (no such key in that tenant) or ValidationError (malformed
+        id, or already revoked).
+        """
+
+
 class SyncSubscription(_SyncMirror):
     """The messages of one session, blocking: ``for event in sub`` waits for each message;
     ``get(timeout)`` gives None when none came in time. Made by :meth:`Streams.subscribe`.
@@ -687,6 +736,12 @@ class BlackbirdSDK:
     def memory(self) -> Memory:
         """Memory: remember/recall, the key-value cache, sharing and erasure (blocking). Raises
         ClosedError once closed.
+        """
+
+    @property
+    def api_keys(self) -> SyncApiKeys:
+        """API keys of the HTTP API: create, list, revoke, verify (blocking). Raises ClosedError
+        once closed, AccessDeniedError on tenant credentials.
         """
 
     @property
