@@ -8,6 +8,8 @@ const KEY = "blackbird.key";
 const POLL_MS = 3000;
 const RETRY_MS = [500, 1000, 2000, 4000];
 const KNOWN_CHANNELS = ["chat", "progress", "notification"];
+const KEEP_MESSAGES = 1000; // shown per session; older ones leave the page
+const KEEP_IDS = 10000; // event ids remembered to drop repeats
 // SSE events carry the channel as their name and EventSource only reports names it listens to.
 const LISTENED = [...KNOWN_CHANNELS, "presence", "notifications", "system", "status", "tool", "agent", "message"];
 
@@ -52,12 +54,15 @@ async function api(path, { method = "GET", body } = {}) {
 }
 
 let online = null;
-function setOnline(ok, detail) {
-  if (ok === online && !detail) return;
+function setStatus(text, bad) {
+  $("status").textContent = text;
+  $("status").classList.toggle("bad", bad);
+}
+
+function setOnline(ok) {
+  if (ok === online) return;
   online = ok;
-  const status = $("status");
-  status.textContent = ok ? "connected" : `server unreachable, retrying${detail ? ` (${detail})` : ""}`;
-  status.classList.toggle("bad", !ok);
+  setStatus(ok ? "connected" : "server unreachable, retrying", !ok);
 }
 
 // A fetch that failed to reach the server (network error, or a 5xx while it restarts) marks the
@@ -216,6 +221,7 @@ function addMessage(channel, event) {
   item.hidden = !channelShown(channel);
   const list = $("messages");
   list.append(item);
+  while (list.children.length > KEEP_MESSAGES) list.firstElementChild.remove();
   item.scrollIntoView?.({ block: "nearest" });
 }
 
@@ -247,6 +253,7 @@ export function followSession(sessionId, { onEvent, onGap, onState }) {
     const id = data.id ?? message.lastEventId;
     if (id && seen.has(id)) return;
     if (id) seen.add(id);
+    if (seen.size > KEEP_IDS) seen.delete(seen.values().next().value);
     onEvent(data.channel || message.type, data);
   }
 
@@ -516,7 +523,8 @@ function route() {
 function signOut(reason) {
   sessionStorage.removeItem(KEY);
   $("login-error").textContent = reason || "";
-  setOnline(false, "signed out");
+  online = null;
+  setStatus("signed out", false);
   route();
 }
 
