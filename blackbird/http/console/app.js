@@ -57,6 +57,7 @@ let online = null;
 function setStatus(text, bad) {
   $("status").textContent = text;
   $("status").classList.toggle("bad", bad);
+  $("status").classList.toggle("ok", text === "connected");
 }
 
 function setOnline(ok) {
