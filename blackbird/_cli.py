@@ -191,11 +191,8 @@ def _http_tokens(args: argparse.Namespace) -> dict[str, str]:
             raise CliError(f"--http-tokens: cannot read {args.http_tokens} ({exc.strerror})", EXIT_USAGE) from None
     else:
         raw, where = _environment().http_tokens or "", "BLACKBIRD_HTTP_TOKENS"
-    if not raw.strip():
-        raise CliError(
-            "--http needs bearer tokens (tenants are walls): --http-tokens FILE or "
-            'BLACKBIRD_HTTP_TOKENS, JSON {"<token>": "<tenant>"}', EXIT_USAGE,
-        )
+    if not raw.strip():  # API keys only (`blackbird keys create`); bootstrap tokens are optional
+        return {}
     try:
         return load_tokens(raw, where)
     except ValidationError as exc:
@@ -222,8 +219,8 @@ def _announce(bb: AsyncBlackbird, http: tuple[str, int] | None = None) -> None:
     _out(f"  tenant:      {bb.settings.tenant}  (default; a command's subject names its tenant)")
     if http is not None:
         _out(
-            f"  streams:     http://{http[0]}:{http[1]}/v1/sessions/<session_id>/events  "
-            "(SSE; Authorization: Bearer <a tenant's token>; resume with Last-Event-ID)"
+            f"  http:        http://{http[0]}:{http[1]}/  (console; API docs at /docs; "
+            "Authorization: Bearer <API key>; streams: /v1/sessions/<id>/events)"
         )
     if bb.data_dir is not None:  # the embedded server is secured: the folder's CLI finds its credentials
         _out("  security:    no connection without credentials; tenants: `blackbird tenants add`, "
@@ -617,8 +614,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--http", type=_host_port, metavar="HOST:PORT",
-        help="also serve session streams as Server-Sent Events on this address "
-        "(needs tokens: --http-tokens or BLACKBIRD_HTTP_TOKENS)",
+        help="also serve the HTTP API, session streams (SSE) and the web console on this address "
+        "(callers use API keys: `blackbird keys create`, or bootstrap tokens: --http-tokens)",
     )
     serve.add_argument(
         "--http-tokens", metavar="FILE",
