@@ -13,7 +13,7 @@ import anyio
 import httpx
 import pytest
 
-from blackbird import AsyncBlackbird
+from blackbird import AsyncBlackbird, QuotaExceededError
 
 from .conftest import NatsServer, serving_http
 from .test_streams import SENTINEL, TOKENS, post, sse_events, sse_until_sentinel, take
@@ -274,7 +274,7 @@ async def test_the_admin_monitor_sees_every_session_and_alerts_resumes_and_filte
         await post(bb, a.session_id, ["from a"])
         await post(bb, b.session_id, ["from b"], channel="progress")
         async with serving_http(bb, TOKENS) as url, httpx.AsyncClient(timeout=20) as http:
-            monitor = f"{url}/v1/events"
+            monitor = f"{url}/v1/events?since=start"  # the whole log (by default: live from now)
             async with http.stream("GET", monitor, headers=ADMIN) as response:
                 assert response.status_code == 200
                 lines = response.aiter_lines()
@@ -295,13 +295,13 @@ async def test_the_admin_monitor_sees_every_session_and_alerts_resumes_and_filte
             async with http.stream("GET", monitor, headers={**ADMIN, "Last-Event-ID": seen[0]["id"]}) as response:
                 rest = await sse_until_sentinel(response.aiter_lines())
             assert [e["id"] for e in rest][: len(seen) - 1] == ids[1:]
-            async with http.stream("GET", monitor + "?channels=progress,chat", headers=ADMIN) as response:
+            async with http.stream("GET", monitor + "&channels=progress,chat", headers=ADMIN) as response:
                 only = await sse_until_sentinel(response.aiter_lines())
             assert [e["data"]["text"] for e in only] == ["from a", "from b", "from c"]
-            async with http.stream("GET", monitor + "?user_id=u1", headers=ADMIN) as response:
+            async with http.stream("GET", monitor + "&user_id=u1", headers=ADMIN) as response:
                 mine = await sse_until_sentinel(response.aiter_lines())
             assert [e["data"]["text"] for e in mine] == ["from a"]
-            async with http.stream("GET", monitor + "?user_id=u2&channels=alert,chat", headers=ADMIN) as response:
+            async with http.stream("GET", monitor + "&user_id=u2&channels=alert,chat", headers=ADMIN) as response:
                 theirs = await sse_events(response.aiter_lines(), 2)
             assert sorted(e["event"] for e in theirs) == ["alert", "chat"]
             for role, user in (("service", None), ("user", "u1")):
@@ -309,6 +309,24 @@ async def test_the_admin_monitor_sees_every_session_and_alerts_resumes_and_filte
                 assert refused.status_code == 403
                 refused = await http.post(f"{url}/v1/broadcast", headers=await key(bb, role, user), json={"text": "x"})
                 assert refused.status_code == 403
+
+
+async def test_the_admin_monitor_is_live_from_now_and_shows_denials(bb: AsyncBlackbird, url: str) -> None:
+    session = await bb.session_manager.create_session("u1")
+    await post(bb, session.session_id, ["before the monitor"])
+    async with httpx.AsyncClient(timeout=20) as http, http.stream("GET", f"{url}/v1/events", headers=ADMIN) as response:
+        assert response.status_code == 200
+        lines = response.aiter_lines()
+        await post(bb, session.session_id, ["after"])
+        first = await sse_events(lines, 1)
+        assert [e["data"]["text"] for e in first] == ["after"]  # nothing of before
+        quota = await bb.session_manager.get_quota(session.session_id)
+        limit = quota["tokens"]["limit"]
+        with pytest.raises(QuotaExceededError):
+            await bb.session_manager.track_usage(session.session_id, "chat", "tokens", limit + 1)
+        denial = (await sse_events(lines, 1))[0]
+    assert denial["event"] == "denial" and denial["data"]["session_id"] == session.session_id
+    assert denial["data"]["metadata"]["type"] == "QuotaDenied" and "tokens quota" in denial["data"]["text"]
 
 
 # --------------------------------------------------------------------------- broadcast

@@ -43,13 +43,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import anyio
 import msgspec
 import structlog
 
-from actors.events import AlertRaised, MessagePosted
+from actors.events import AlertRaised, MessagePosted, QuotaDenied, RateDenied, SlotDenied
 from blackbird.errors import BlackbirdError, SessionNotFoundError
 from blackbird.http.auth import ADMIN, Caller, Unauthorized
 from blackbird.http.routes import Call, Endpoint, HttpContext
@@ -62,6 +62,7 @@ log = structlog.get_logger("blackbird.http")
 RETRY_MS = 1000  # what an EventSource waits before reconnecting
 PRESENCE = "presence"
 ALERT = "alert"
+DENIAL = "denial"  # a refused quota, rate window or concurrency slot, as the monitor shows it
 PRESENCE_TIMEOUT = 5.0  # seconds a presence post may take (a "left" one runs shielded from the disconnect)
 BROADCAST_CONCURRENCY = 32
 MONITOR_BUFFER = 256  # entries a monitor holds for a slow client before the log waits
@@ -75,6 +76,7 @@ class StreamQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
 
 class MonitorQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
     after: str | None = None  # "<sequence>-<index>" of the last event had (Last-Event-ID takes precedence)
+    since: Literal["now", "start"] = "now"  # without a resume point: live from now, or the whole log
     channels: str | None = None  # comma-separated channel names ("alert" for alerts)
     user_id: str | None = None  # only this user's sessions and alerts
 
@@ -261,6 +263,11 @@ def endpoints(ctx: HttpContext) -> list[Endpoint]:
                         f"{seq}-{index}", seq, aggregate, None, event.channel, event.text,
                         dict(event.metadata), event.at,
                     )
+                elif isinstance(event, QuotaDenied | RateDenied | SlotDenied) and kind == "session":
+                    item = MonitorEvent(
+                        f"{seq}-{index}", seq, aggregate, None, DENIAL, _denial_text(event),
+                        {"type": type(event).__name__, **msgspec.structs.asdict(event)}, commit.at,
+                    )
                 elif isinstance(event, AlertRaised) and kind == "user":
                     item = MonitorEvent(
                         f"{seq}-{index}", seq, event.session_id, event.user_id, ALERT, event.detail,
@@ -281,6 +288,9 @@ def endpoints(ctx: HttpContext) -> list[Endpoint]:
                 out.append(item)
             return out
 
+        if last_event_id is None and call.query.after is None and call.query.since == "now":
+            # live from here: a resume point at the tenant's last commit
+            resume = parse_resume(str(await journal.last_seq_of(journal.subjects.tenant_filter(caller.tenant))))
         held = await first_held(journal) if resume.after.sequence > 0 else 0
 
         async def body() -> AsyncIterator[bytes]:
@@ -372,3 +382,11 @@ async def active_sessions(bb: Any, tenant: str) -> list[str]:
     now = clock()
     return [row.session_id for row in model.sessions.values() if row.active_at(now)]
 
+
+def _denial_text(event: QuotaDenied | RateDenied | SlotDenied) -> str:
+    """A refusal in words, as the monitor shows it."""
+    if isinstance(event, QuotaDenied):
+        return f"{event.operation}: {event.resource_type} quota {event.used:g}/{event.limit:g}, asked {event.amount:g}"
+    if isinstance(event, RateDenied):
+        return f"{event.operation}: {event.limit_type} limit {event.limit}, retry after {event.retry_after:.1f}s"
+    return f"{event.operation}: {event.scope} slots {event.active}/{event.limit}"
