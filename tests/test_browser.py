@@ -330,4 +330,4 @@ def test_the_dashboard_shows_quota_use_usage_over_time_denials_and_an_abuse_aler
         refused = deployment.http.post(usage, json=too_much)
         assert refused.status_code == 429, refused.text
     page.locator('#alerts li[data-type="alert"][data-kind="denial_burst"]').wait_for()
-    page.locator('#alerts li[data-type="denial"]').first.wait_for()  # the rise in the refusal counts
+    page.locator('#alerts li[data-type="denial"][data-kind="QuotaDenied"]').first.wait_for()  # each refusal, live

@@ -353,15 +353,9 @@ function renderStats(stats) {
   noteRefusals(stats.refusals || {});
 }
 
-// Denials are counted in the stats, not streamed: each rise since the last poll is shown.
+// Denials come live on the tenant stream (one entry each); the stats keep their counts.
 function noteRefusals(refusals) {
-  const before = dashboard.refusals;
   dashboard.refusals = { ...refusals };
-  if (before === null) return;
-  for (const [name, count] of Object.entries(refusals)) {
-    const rise = count - (before[name] || 0);
-    if (rise > 0) addAlert("denial", { metadata: { kind: name }, text: `${rise} more (${count} in all)`, at: Date.now() / 1000 });
-  }
 }
 
 // An inline SVG line chart: one line per resource type over the buckets' times.
@@ -413,7 +407,7 @@ function followTenant({ onEvent, onState }) {
       try {
         const headers = { Authorization: `Bearer ${key()}`, Accept: "text/event-stream" };
         if (lastId) headers["Last-Event-ID"] = lastId;
-        const response = await fetch("/v1/events?channels=alert", { headers, signal: controller.signal });
+        const response = await fetch("/v1/events?channels=alert,denial", { headers, signal: controller.signal });
         if (response.status === 401) return signOut("the key was refused");
         if (response.status === 403) { onState("admins only"); return; }
         if (response.status === 404) { onState("not served"); return; }
@@ -465,9 +459,10 @@ function followTenant({ onEvent, onState }) {
 // metadata: {kind, value, threshold}, at}; gap events say the history was cut.
 function onTenantEvent(type, data) {
   if (type === "gap") return addAlert("gap", { text: `alerts before #${data.first} are gone`, metadata: { kind: "gap" } });
-  if (type !== "alert") return;
+  if (type !== "alert" && type !== "denial") return;
   if (data.id && dashboard.alerts.has(data.id)) return;
   if (data.id) dashboard.alerts.add(data.id);
+  if (type === "denial") return addAlert("denial", { ...data, metadata: { kind: data.metadata?.type || "denial" } });
   addAlert("alert", data);
 }
 
