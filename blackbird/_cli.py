@@ -279,6 +279,10 @@ async def _serve(args: argparse.Namespace) -> int:
                                 app = http_app(bb, args.http_tokens, cors_origins=args.http_cors_origin or ())
                                 server = http_server(app, host, port)
                                 web.start_soon(server.serve)
+                                # "ready" is announced once the HTTP listener accepts (uvicorn
+                                # offers a flag, no event); a listener that cannot bind ends serve
+                                while not server.started and not server.should_exit:
+                                    await anyio.sleep(0.01)
                             _announce(bb, args.http)
                             await stop.wait()
                             if server is not None:
