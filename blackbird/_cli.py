@@ -233,6 +233,15 @@ def _announce(bb: AsyncBlackbird, http: tuple[str, int] | None = None) -> None:
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    listener = None
+    if args.http is not None:  # taken first: a port in use is said at once, before anything starts
+        from blackbird.http.app import listening_socket
+
+        try:
+            listener = listening_socket(*args.http)
+        except OSError as exc:
+            where = f"{args.http[0]}:{args.http[1]}"
+            raise CliError(f"--http {where}: cannot listen ({exc.strerror})", EXIT_USAGE) from None
     stop = anyio.Event()
     started = forced = False
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -278,7 +287,7 @@ async def _serve(args: argparse.Namespace) -> int:
                                 host, port = args.http
                                 app = http_app(bb, args.http_tokens, cors_origins=args.http_cors_origin or ())
                                 server = http_server(app, host, port)
-                                web.start_soon(server.serve)
+                                web.start_soon(server.serve, [listener])
                                 # "ready" is announced once the HTTP listener accepts (uvicorn
                                 # offers a flag, no event); a listener that cannot bind ends serve
                                 while not server.started and not server.should_exit:
