@@ -48,6 +48,7 @@ from blackbird.sessions.gateway import SessionGateway, acting_principal
 from blackbird.sessions.manager import AsyncSessionManager
 from blackbird.sessions.quotas import Quotas
 from blackbird.sessions.tenants import TenantDirectory
+from blackbird.streams.feeds import LiveFeeds
 from blackbird.streams.subscription import AsyncStreams
 from blackbird.subjects import Subjects, validate_token
 from projections.abuse import AbuseConfig, AbuseProjection
@@ -328,7 +329,7 @@ class AsyncBlackbird:
             gateway, quotas, Analytics(gateway, quotas, projections, s.analytics_k)
         )
         self._auditor = Auditor(journal, book, s.tenant, projections=self._projections)
-        self._streams = AsyncStreams(gateway, journal, timeout=s.command_timeout)
+        self._streams = AsyncStreams(gateway, journal, timeout=s.command_timeout, feeds=LiveFeeds(journal, tasks))
         self._api_keys = ApiKeys(tenants, book, tasks, tenant=s.tenant, clock=self._clock)
         # Memory: its actors here (OCC keeps each scope single-writer across processes), its
         # LanceDB index beside the data (or in a temporary folder: it is rebuilt from the log).

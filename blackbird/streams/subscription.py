@@ -43,6 +43,7 @@ from blackbird.errors import LogError
 from blackbird.journal import Entry, Journal, LogReader
 from blackbird.sessions.gateway import SessionGateway
 from blackbird.streams.backlog import WHOLE_COMMIT, Backlog, Position, parse_resume
+from blackbird.streams.feeds import LiveFeeds
 from blackbird.subjects import validate_token
 
 log = structlog.get_logger("blackbird.streams")
@@ -165,10 +166,13 @@ class Subscription:
 class AsyncStreams:
     """``.streams`` on AsyncBlackbird: subscribe to a session's channel messages."""
 
-    def __init__(self, gateway: SessionGateway, journal: LogReader, *, timeout: float = 10.0) -> None:
+    def __init__(
+        self, gateway: SessionGateway, journal: LogReader, *, timeout: float = 10.0, feeds: LiveFeeds | None = None
+    ) -> None:
         self._gateway = gateway
         self._journal = journal
         self._timeout = timeout
+        self._feeds = feeds  # live commits read once per session for every subscriber (None: each reads its own)
 
     @contextlib.asynccontextmanager
     async def subscribe(
@@ -244,7 +248,10 @@ class AsyncStreams:
             start = resume.after
             first = max(start.sequence - 1, 0)
             try:
-                await self._journal.follow_with(subject, first, on_entry)
+                if self._feeds is None:
+                    await self._journal.follow_with(subject, first, on_entry)
+                else:
+                    await self._feeds.follow_with(subject, first, on_entry, logger=bound)
             except Exception as exc:  # the reader gets it on its next message
                 bound.warning("stream_failed", error=repr(exc))
                 subscription._fail(exc)

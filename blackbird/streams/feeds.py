@@ -1,0 +1,223 @@
+"""Live feeds: one ordered consumer per followed subject, shared by every subscription in a client.
+
+A thousand subscribers of one session used to mean a thousand JetStream consumers, each decoding
+every commit; the server refuses consumers past its limit. Here a subject's live commits are read
+once, by its :class:`_Feed`, and handed to each follower's bounded queue without waiting for it.
+A follower reads its history (what the feed had passed before it joined) by itself, a few
+commits by direct gets, more with a consumer of its own that it drops once it reaches the feed,
+then goes on from its queue. A follower that falls behind by a whole queue, or whose feed fails,
+is let go by the feed and follows the log on its own from the last commit it handed on: slow
+readers never hold up the others, and nobody loses or repeats a commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import anyio.abc
+import msgspec
+import nats.js.errors
+import structlog
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from structlog.typing import FilteringBoundLogger
+
+from actors.events import Commit, upcast
+from blackbird.journal import Entry, Journal
+
+log = structlog.get_logger("blackbird.streams")
+
+QUEUE = 256  # commits a follower may fall behind its feed before it is let go
+_DIRECT_READS = 8  # stream sequences of a follower's history it may read one by one (else a consumer)
+
+
+class _CaughtUp(Exception):
+    """Ends a follower's history read: it has reached the feed."""
+
+
+class _Listener:
+    """One follower's place on a feed: the commits handed to it and not yet taken."""
+
+    def __init__(self, capacity: int) -> None:
+        self.send: MemoryObjectSendStream[Entry]
+        self.receive: MemoryObjectReceiveStream[Entry]
+        self.send, self.receive = anyio.create_memory_object_stream[Entry](max_buffer_size=capacity)
+        self.attached = True  # whether the feed still hands commits to it
+        self.overflowed = False
+
+
+class _Feed:
+    """The live commits of one subject, from its last commit when the feed started."""
+
+    def __init__(
+        self, journal: Journal, subject: str, logger: FilteringBoundLogger, done: Callable[[_Feed], None]
+    ) -> None:
+        self._journal = journal
+        self.subject = subject
+        self._log = logger
+        self._done = done  # tells the owner this feed is over (stopped or failed)
+        self._listeners: set[_Listener] = set()
+        self.position = 0  # the last sequence handed on (valid once ``ready``)
+        self.ready = anyio.Event()  # position is known, or the feed failed
+        self._scope = anyio.CancelScope()  # may be cancelled before run() enters it
+
+    def attach(self, listener: _Listener) -> None:
+        self._listeners.add(listener)
+
+    def detach(self, listener: _Listener) -> None:
+        """Stop handing commits to ``listener``; the last one to go stops the feed."""
+        self._let_go(listener)
+        if not self._listeners and not self._scope.cancel_called:
+            self._done(self)
+            self._scope.cancel()
+
+    def _let_go(self, listener: _Listener) -> None:
+        self._listeners.discard(listener)
+        listener.attached = False
+        listener.send.close()  # its follower takes what is queued, then sees the end
+
+    async def run(self) -> None:
+        """Follow the subject until stopped (by :meth:`detach`) or failed; never raises."""
+        with self._scope:
+            try:
+                self.position = await self._journal.last_seq_of(self.subject)
+                self.ready.set()
+                self._log.debug("stream_feed_started", subject=self.subject, position=self.position)
+                await self._journal.follow_with(self.subject, self.position, self._dispatch)
+            except Exception as exc:  # its followers go on by themselves
+                self._log.warning("stream_feed_failed", subject=self.subject, error=repr(exc))
+                self._done(self)
+            finally:
+                # stopped, failed, or the client is closing: whoever still listens reads alone
+                for listener in list(self._listeners):
+                    self._let_go(listener)
+                self.ready.set()
+
+    async def _dispatch(self, entry: Entry) -> None:
+        # no await here: a commit goes to every queue at once, and a full one is let go
+        for listener in list(self._listeners):
+            try:
+                listener.send.send_nowait(entry)
+            except anyio.WouldBlock:
+                listener.overflowed = True
+                self._let_go(listener)
+                self._log.warning("stream_feed_overflow", subject=self.subject, seq=entry.seq)
+        self.position = entry.seq
+
+
+class LiveFeeds:
+    """Shared live reading of the log, one feed per subject, for every subscription of a client.
+
+    Feeds run in ``tasks`` (the client's task group), not in any subscriber's scope: a feed
+    outlives the follower that started it and stops when its last follower leaves."""
+
+    def __init__(self, journal: Journal, tasks: anyio.abc.TaskGroup, *, queue: int = QUEUE) -> None:
+        self._journal = journal
+        self._tasks = tasks
+        self._queue = queue
+        self._feeds: dict[str, _Feed] = {}
+
+    def _over(self, feed: _Feed) -> None:
+        if self._feeds.get(feed.subject) is feed:
+            del self._feeds[feed.subject]
+
+    async def follow_with(
+        self,
+        subject: str,
+        after_seq: int,
+        on_entry: Callable[[Entry], Awaitable[None]],
+        *,
+        logger: FilteringBoundLogger | None = None,
+    ) -> None:
+        """What :meth:`Journal.follow_with` does: every commit on ``subject`` (no wildcards) with
+        a sequence above ``after_seq``, in order, handed to ``on_entry`` (awaited) until
+        cancelled; an error ``on_entry`` raises ends it with that error. ``logger`` (context
+        bound) is what the feed and this follower report on."""
+        logger = logger or log
+        feed = self._feeds.get(subject)
+        if feed is None:
+            feed = self._feeds[subject] = _Feed(self._journal, subject, logger, self._over)
+            self._tasks.start_soon(feed.run, name=f"stream feed {subject}")
+        listener = _Listener(self._queue)
+        feed.attach(listener)
+        last = after_seq  # the last sequence handed on
+        try:
+            await feed.ready.wait()
+            if listener.attached:
+                # the feed hands this listener every commit after ``joined``: read up to it alone
+                joined = feed.position
+                if last < joined:
+                    last = await self._catch_up(subject, last, joined, on_entry)
+                with listener.receive:
+                    async for entry in listener.receive:
+                        if entry.seq > last:  # the history read may have handed it on already
+                            await on_entry(entry)
+                            last = entry.seq
+            # let go by the feed: it failed, or this follower fell a whole queue behind
+            logger.info("stream_feed_left", subject=subject, after=last, overflowed=listener.overflowed)
+            await self._journal.follow_with(subject, last, on_entry)
+        finally:
+            feed.detach(listener)
+
+    async def _catch_up(
+        self, subject: str, after_seq: int, until: int, on_entry: Callable[[Entry], Awaitable[None]]
+    ) -> int:
+        """Hand on the commits in (after_seq, until]; the last sequence read (handed on, or not a
+        commit and skipped)."""
+        last = after_seq
+        if until - after_seq <= _DIRECT_READS:
+            # A few stream sequences behind, as a reconnecting reader usually is: get the commits
+            # one by one, a round trip each, rather than make a consumer. A thousand readers
+            # joining at once would otherwise make a thousand consumers, which the server keeps
+            # a while after they are dropped and refuses past its limit.
+            while last < until:
+                msg = await self._next_on(subject, last + 1)
+                if msg is None or int(msg.seq or 0) > until:  # ``until`` itself is gone: the feed has the rest
+                    return last
+                last = int(msg.seq or 0)
+                entry = _entry(last, subject, msg.data or b"")
+                if entry is not None:
+                    await on_entry(entry)
+            return last
+
+        async def take(entry: Entry) -> None:
+            nonlocal last
+            if entry.seq > until:
+                raise _CaughtUp
+            await on_entry(entry)
+            last = entry.seq
+            if entry.seq >= until:
+                raise _CaughtUp
+
+        try:
+            await self._journal.follow_with(subject, last, take)
+        except _CaughtUp:
+            pass
+        return last
+
+    async def _next_on(self, subject: str, start: int) -> Any:
+        """The first message on ``subject`` at or after sequence ``start`` (None if none), from
+        the stream's leader: it holds every commit a feed has handed on."""
+        journal = self._journal
+        try:
+            return await journal.retrying(
+                f"read {subject}",
+                lambda js: js.get_msg(journal.stream, seq=start, subject=subject, next=True),
+                expected=(nats.js.errors.NotFoundError,),
+            )
+        except nats.js.errors.NotFoundError:
+            return None
+
+
+_decode = msgspec.json.Decoder(Commit).decode
+
+
+def _entry(seq: int, subject: str, data: bytes) -> Entry | None:
+    """A stored message as an Entry; None (logged) for one that is not a commit, which a reader
+    skips as :meth:`Journal.follow_with` does."""
+    try:
+        return Entry(seq, subject, upcast(_decode(data)))
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        log.error("commit_undecodable", subject=subject, seq=seq, error=str(exc))
+        return None
