@@ -240,8 +240,8 @@ async def _serve(args: argparse.Namespace) -> int:
         try:
             listener = listening_socket(*args.http)
         except OSError as exc:
-            where = f"{args.http[0]}:{args.http[1]}"
-            raise CliError(f"--http {where}: cannot listen ({exc.strerror})", EXIT_USAGE) from None
+            address = f"{args.http[0]}:{args.http[1]}"
+            raise CliError(f"--http {address}: cannot listen ({exc.strerror})", EXIT_USAGE) from None
     stop = anyio.Event()
     started = forced = False
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
