@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 import nats
@@ -121,14 +122,16 @@ async def nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
 
 @contextlib.asynccontextmanager
 async def serving_http(
-    bb: AsyncBlackbird, tokens: Mapping[str, str], *, cors_origins: Sequence[str] = ()
+    bb: AsyncBlackbird, tokens: Mapping[str, str], *, cors_origins: Sequence[str] = (), keys: Any = None
 ) -> AsyncIterator[str]:
-    """``bb`` over HTTP (``http_app`` with ``tokens`` and ``cors_origins``, heartbeats every 0.2 s)
-    on a real uvicorn server on a free loopback port; yields its base URL."""
+    """``bb`` over HTTP (``http_app`` with ``tokens``, ``cors_origins`` and ``keys`` (a key verifier;
+    default bb's API keys), heartbeats every 0.2 s) on a real uvicorn server on a free loopback
+    port; yields its base URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen()  # listening before the server runs: no request can arrive too early
-    server = http_server(http_app(bb, tokens, cors_origins=cors_origins, heartbeat=0.2), "127.0.0.1", 0)
+    app = http_app(bb, tokens, cors_origins=cors_origins, heartbeat=0.2, keys=keys)
+    server = http_server(app, "127.0.0.1", 0)
     async with anyio.create_task_group() as tg:
         tg.start_soon(lambda: server.serve(sockets=[sock]))
         try:

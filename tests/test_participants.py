@@ -7,15 +7,11 @@ and the HTTP endpoints, each on a real nats-server.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import anyio
 import httpx
 import pytest
 from hypothesis import given, settings
@@ -43,7 +39,6 @@ from actors.session import SessionState, apply_commit, decide, initial_state, ro
 from blackbird import AccessDeniedError, AsyncBlackbird, SessionInactiveError, ValidationError
 from blackbird.audit.render import describe
 from blackbird.commands.dispatch import error_of_rejection
-from blackbird.http.app import http_app, http_server
 
 from .conftest import NatsServer, new_id, serving_http
 
@@ -372,21 +367,6 @@ class StaticKeys:
         return self.keys.get(presented)
 
 
-@contextlib.asynccontextmanager
-async def serving_with_keys(bb: AsyncBlackbird, keys: StaticKeys) -> AsyncIterator[str]:
-    """``bb`` over HTTP accepting ``keys`` (as conftest's serving_http, with a key verifier)."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen()
-    server = http_server(http_app(bb, {TOKEN: "acme"}, keys=keys), "127.0.0.1", 0)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(lambda: server.serve(sockets=[sock]))
-        try:
-            yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-        finally:
-            server.should_exit = True
-
-
 @pytest.mark.anyio
 async def test_http_user_keys_the_owner_adds_a_participant_removes_themself_strangers_see_404(
     bb: AsyncBlackbird,
@@ -394,7 +374,7 @@ async def test_http_user_keys_the_owner_adds_a_participant_removes_themself_stra
     s = await bb.session_manager.create_session("alice", tier="pro")
     path = f"/v1/sessions/{s.session_id}/participants"
     keys = StaticKeys("alice", "bob", "carol", "mallory")
-    async with serving_with_keys(bb, keys) as url, httpx.AsyncClient(base_url=url) as http:
+    async with serving_http(bb, {TOKEN: "acme"}, keys=keys) as url, httpx.AsyncClient(base_url=url) as http:
 
         def as_(user: str) -> dict[str, str]:
             return {"Authorization": f"Bearer bbk_{user}"}
