@@ -16,6 +16,7 @@ from blackbird.audit.replay import Auditor, AuditReport
 from blackbird.config import Settings
 from blackbird.errors import (
     AccessDeniedError,
+    AgentError,
     AggregateFaultError,
     ApiKeyNotFoundError,
     BlackbirdError,
@@ -52,6 +53,7 @@ from blackbird.types import Admission, Memory, Session, SessionStatus, UsageReco
 __all__ = [
     "AccessDeniedError",
     "Admission",
+    "AgentError",
     "AggregateFaultError",
     "ApiKey",
     "ApiKeyNotFoundError",

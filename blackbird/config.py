@@ -44,6 +44,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     memory_cache_rows: Annotated[int, msgspec.Meta(ge=0)] = 200_000
     detect_abuse: bool = True  # hosts run the abuse detector and raise its alerts
     abuse: dict[str, Any] = {}  # thresholds: see projections.abuse.AbuseConfig
+    learn: bool = True  # hosts learn users' stated facts into user-scope memories (blackbird.agents.learning)
     log_level: str | None = None  # when Blackbird configures structlog: debug, info, warning, ...
     # operator-mode (JWT) NATS: tenant accounts' public keys -> tenant, for the hosts to know
     # whose requests arrive through the shared service imports (the embedded server needs none)
@@ -64,10 +65,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    # The OpenAI-compatible chat-completions agent and extractor (blackbird.agents.openai); no
+    # agent_base_url: none is configured (e.g. "https://api.openai.com/v1", "http://localhost:11434/v1")
+    agent_base_url: str | None = None
+    agent_model: str = "gpt-4o-mini"
+    agent_api_key: str | None = None  # secret: shown as *** by repr
+    agent_max_tokens: Annotated[int, msgspec.Meta(ge=1)] = 512  # at most this many reply tokens a call
+    agent_timeout: Annotated[float, msgspec.Meta(gt=0)] = 60.0  # seconds of silence from the model API
 
     def __repr__(self) -> str:
         """The fields as msgspec shows them, with the secrets (``nats_token``, ``nats_password``,
-        ``http_tokens``, credentials in ``nats_url``) replaced by ``***``: settings may be logged."""
+        ``http_tokens``, ``master_key``, ``agent_api_key``, credentials in ``nats_url``) replaced
+        by ``***``: settings may be logged."""
         shown = []
         for name in self.__struct_fields__:
             value = getattr(self, name)
@@ -84,7 +93,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         return [] if self.nats_url is None else self.nats_url.split(",")
 
 
-_SECRET_FIELDS = frozenset({"nats_token", "nats_password", "http_tokens", "master_key"})
+_SECRET_FIELDS = frozenset({"nats_token", "nats_password", "http_tokens", "master_key", "agent_api_key"})
 _PATH_SETTINGS = ("nats_creds", "nats_nkey_seed", "tls_ca", "tls_cert", "tls_key")
 
 

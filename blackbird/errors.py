@@ -28,7 +28,8 @@ The tree (a second base, in brackets, lets ``except ValueError`` and the like ca
     ├── EmbeddingModelMismatchError
     ├── MemoryIndexBusyError
     ├── CommandIdReusedError
-    └── AggregateFaultError
+    ├── AggregateFaultError
+    └── AgentError
 
 Each error declares its structured fields as attributes (``e.field``, ``e.used``,
 ``e.retry_after``, ...) and keeps a message that says what happened, which input, and what was
@@ -619,6 +620,25 @@ class AggregateFaultError(BlackbirdError):
         self.error = error
 
 
+class AgentError(BlackbirdError):
+    """A call to an agent's model failed or its answer was unusable: the model API answered
+    with an HTTP error, did not answer within the agent's timeout, or sent a malformed stream.
+
+    Fields: ``agent_id`` (the agent whose call failed) and ``status`` (the HTTP status the
+    model API answered with; None for a timeout, a refused connection or a malformed answer).
+    The message names the URL and what went wrong, never the API key.
+    """
+
+    code = "agent_error"
+    agent_id: str
+    status: int | None
+
+    def __init__(self, message: str, *, agent_id: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.agent_id = agent_id
+        self.status = status
+
+
 _BY_CODE: dict[str, type[BlackbirdError]] = {
     cls.code: cls
     for cls in (
@@ -649,6 +669,7 @@ _BY_CODE: dict[str, type[BlackbirdError]] = {
         AccessDeniedError,
         EmbeddingModelMismatchError,
         MemoryIndexBusyError,
+        AgentError,
     )
 }
 
