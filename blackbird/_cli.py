@@ -4,6 +4,7 @@
 ``bbcmd.<tenant>.<session_id>`` (NATS request/reply, queue group ``blackbird-hosts``) until
 SIGINT or SIGTERM. ``blackbird session create|get|terminate`` drive a running host over NATS.
 ``blackbird audit`` replays a session, user or tenant from the log up to a point (read-only).
+``blackbird chat`` is a conversation with an agent on the terminal; ``blackbird demo`` a scripted tour.
 
 Exit codes: 0 success, 1 an error (unknown session, nothing listening, ...), 2 bad input
 (a :class:`~blackbird.errors.ValidationError` or a usage error). Typed errors are printed as
@@ -722,6 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.set_defaults(func=_cmd_audit)
     _add_access_commands(commands)
     _add_keys_command(commands, common)
+    _add_agent_commands(commands)
     return parser
 
 
@@ -819,6 +821,131 @@ def _cmd_keys(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     return _run(lambda: _with_client(args, action))
+
+
+# --------------------------------------------------------------------------- chat, demo
+
+
+def _add_agent_commands(commands: Any) -> None:
+    """``chat`` (a conversation with an agent, replies streamed) and ``demo`` (the scripted tour)."""
+    chat = commands.add_parser(
+        "chat", help="an interactive conversation with the configured agent, replies streamed",
+        description="Create a session for --user and talk to its agent: each line read from stdin is "
+        "sent with send_message and the reply is printed as it is generated. /quit or end of input "
+        "ends the conversation (and terminates the session). Runs on the data folder's embedded "
+        "server (shared with a `blackbird serve` using the folder) or on --nats-url.",
+    )
+    _add_location(chat, serve=True)
+    chat.add_argument("--user", required=True, metavar="USER_ID", help="the user who is chatting")
+    chat.add_argument("--tier", default="free", help="policy tier of the session (default: free)")
+    chat.add_argument("--agent", metavar="ID", help="the agent to talk to (default: the configured one)")
+    chat.add_argument("--tenant", help="tenant of the session (default: BLACKBIRD_TENANT or default)")
+    chat.add_argument(
+        "--log-level", choices=LOG_LEVELS, type=str.lower,
+        help="log level on stderr (default: BLACKBIRD_LOG_LEVEL or warning)",
+    )
+    chat.set_defaults(func=_cmd_chat)
+
+    demo = commands.add_parser(
+        "demo", help="a scripted tour: sessions, quotas, rate limits, an agent that learns, streams, audit",
+        description="Run a scripted tour of Blackbird on an embedded nats-server in an empty folder: "
+        "sessions, usage, a quota refusal, rate limiting, concurrency, a conversation with the offline "
+        "development agent that learns a fact, a second session that recalls it, a live stream and an "
+        "audit of what happened.",
+    )
+    demo.add_argument("--data-dir", metavar="DIR", help="an empty folder for its data (default: a new temporary one)")
+    demo.add_argument(
+        "--log-level", choices=LOG_LEVELS, type=str.lower,
+        help="log level on stderr (default: BLACKBIRD_LOG_LEVEL or warning)",
+    )
+    demo.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from rich.console import Console
+
+    from blackbird.demo import run_demo
+
+    _configure_logging(args.log_level, "warning")
+    console = Console(highlight=False)
+    if not console.is_terminal:  # a log or a pipe: wide enough that the tables do not wrap
+        console = Console(highlight=False, width=120)
+    if args.data_dir is None:
+        with tempfile.TemporaryDirectory(prefix="blackbird-demo-") as temporary:
+            return _run(lambda: _demo(Path(temporary), console, run_demo))
+    folder = Path(args.data_dir).resolve()
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise CliError(f"--data-dir {folder}: expected an empty folder (the demo creates its own data)", EXIT_USAGE)
+    folder.mkdir(parents=True, exist_ok=True)
+    return _run(lambda: _demo(folder, console, run_demo))
+
+
+async def _demo(folder: Path, console: Any, run_demo: Callable[[Path, Any], Awaitable[None]]) -> int:
+    await run_demo(folder, console)
+    return EXIT_OK
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    _configure_logging(args.log_level, "warning")
+    validate_token(args.user, "user_id")
+    return _run(lambda: _chat(args))
+
+
+async def _chat(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    fancy = console.is_terminal
+    if args.nats_url is not None:
+        client = AsyncBlackbird(nats_url=args.nats_url, tenant=args.tenant, **_auth_options(args))
+    else:
+        client = AsyncBlackbird(data_dir=_data_dir(args.data_dir), tenant=args.tenant, **_auth_options(args))
+    async with client as bb:
+        session = await bb.session_manager.create_session(args.user, args.tier)
+        sid = session.session_id
+        _out(f"session {sid} for user {args.user!r} (tier {session.tier}); /quit or end of input ends it")
+        try:
+            while True:
+                if fancy:
+                    console.print("[bold]you>[/] ", end="")
+                line = await anyio.to_thread.run_sync(sys.stdin.readline)
+                if not line:  # end of input
+                    break
+                text = line.strip()
+                if not text:
+                    continue
+                if text == "/quit":
+                    break
+                await _chat_turn(bb, sid, text, args.agent, console, fancy)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await bb.session_manager.terminate_session(sid, "chat_ended")
+    return EXIT_OK
+
+
+async def _chat_turn(bb: AsyncBlackbird, sid: str, text: str, agent: str | None, console: Any, fancy: bool) -> None:
+    """Send one line and print the reply as it streams; a refused admission is printed, not raised."""
+    if fancy:
+        console.print("[bold cyan]agent>[/] ", end="")
+    else:
+        sys.stdout.write("agent> ")
+    try:
+        async for piece in bb.stream_message(text, sid, agent=agent):
+            if fancy:
+                console.print(piece, end="", markup=False)
+            else:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+    except BlackbirdError as exc:
+        (console.print if fancy else _out)("")
+        _err(f"error: {type(exc).__name__}: {exc.message}")
+        return
+    if fancy:
+        console.print()
+    else:
+        _out("")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
