@@ -80,6 +80,7 @@ class SessionCreated(_Event, frozen=True):
     idle_timeout: float
     max_age: float
     policy_version: int
+    agent_id: str | None = None  # the agent it starts with; None: the client's default agent
 
 
 class SessionTouched(_Event, frozen=True):
@@ -216,6 +217,14 @@ class ParticipantLeft(_Event, frozen=True):
     user_id: str
 
 
+class AgentAssigned(_Event, frozen=True):
+    """The session is handed over to agent ``agent_id``: its replies come from that agent from
+    here on. ``previous`` is the agent it had (None: the client's default agent)."""
+
+    agent_id: str
+    previous: str | None
+
+
 SessionEvent = (
     SessionCreated
     | SessionTouched
@@ -237,6 +246,7 @@ SessionEvent = (
     | MessagePosted
     | ParticipantJoined
     | ParticipantLeft
+    | AgentAssigned
 )
 
 
@@ -458,6 +468,7 @@ class CreateSession(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields
     user_id: Token
     tier: Name = "free"
     metadata: Metadata = {}
+    agent_id: Token | None = None  # None: the client's default agent
 
 
 class TouchSession(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
@@ -556,6 +567,12 @@ class LeaveSession(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=
     user_id: Token
 
 
+class AssignAgent(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    """Hand the session over to agent ``agent_id`` (assigning the agent it has: no change)."""
+
+    agent_id: Token
+
+
 SessionCommand = (
     CreateSession
     | TouchSession
@@ -572,6 +589,7 @@ SessionCommand = (
     | PostMessage
     | JoinSession
     | LeaveSession
+    | AssignAgent
 )
 
 
@@ -738,6 +756,7 @@ class SessionView(msgspec.Struct, frozen=True, gc=False):
     reservations: dict[str, tuple[str, dict[str, float], float]] = {}
     boosts: dict[str, tuple[float, float | None]] = {}
     participants: dict[str, str] = {}  # user_id -> role ("owner", "participant", "observer")
+    agent_id: str | None = None  # the agent that answers; None: the client's default agent
 
 
 class CommandReply(msgspec.Struct, frozen=True, gc=False):

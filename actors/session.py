@@ -14,7 +14,9 @@ from actors.events import (
     AcquireSlot,
     AdjustQuota,
     Admit,
+    AgentAssigned,
     Applied,
+    AssignAgent,
     ChangeTier,
     CheckRate,
     Commit,
@@ -94,6 +96,7 @@ class SessionState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     recent_refusals: dict[str, Rejection] = {}  # answers to recent refused commands
     # user_id -> ParticipantRole value of those who joined; the owner (user_id) is implicit
     participants: dict[str, str] = {}
+    agent_id: str | None = None  # the agent that answers; None: the client's default agent
 
     def view(self, sequence: int = 0) -> SessionView:
         return SessionView(
@@ -116,6 +119,7 @@ class SessionState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
             reservations=self.reservations,
             boosts=self.boosts,
             participants={self.user_id: OWNER, **self.participants} if self.exists else {},
+            agent_id=self.agent_id,
         )
 
 
@@ -187,6 +191,7 @@ def decide(
                     idle_timeout=tier.idle_timeout,
                     max_age=tier.max_age,
                     policy_version=policy.version,
+                    agent_id=command.agent_id,
                 ),
             )
         )
@@ -252,6 +257,10 @@ def decide(
         return _decide_participants(state, command, now)
     if isinstance(command, TerminateSession):
         return Decision(events=(SessionTerminated(at=now, reason=command.reason),))
+    if isinstance(command, AssignAgent):
+        if command.agent_id == state.agent_id:
+            return Decision(events=(SessionTouched(at=now, operation="assign_agent"),))
+        return Decision(events=(AgentAssigned(at=now, agent_id=command.agent_id, previous=state.agent_id),))
     if isinstance(command, ChangeTier):
         tier = policy.tier(command.tier)
         if tier is None:
@@ -323,7 +332,7 @@ def _decide_metered(
 #: Events that count as activity (they move ``last_activity``, resetting the idle timer).
 ACTIVITY_EVENTS = (
     SessionTouched, MessagePosted, TierChanged, SessionTerminated, UsageTracked, RateAllowed,
-    SlotAcquired, Reserved,
+    SlotAcquired, Reserved, AgentAssigned,
 )
 
 
@@ -352,6 +361,7 @@ def evolve(state: SessionState, event: Event) -> SessionState:
             idle_timeout=event.idle_timeout,
             max_age=event.max_age,
             policy_version=event.policy_version,
+            agent_id=event.agent_id,
         )
     if isinstance(event, (SessionTouched, MessagePosted)):
         return replace(state, last_activity=event.at)
@@ -393,6 +403,8 @@ def evolve(state: SessionState, event: Event) -> SessionState:
         return replace(state, participants={**state.participants, event.user_id: event.role})
     if isinstance(event, ParticipantLeft):
         return replace(state, participants={k: v for k, v in state.participants.items() if k != event.user_id})
+    if isinstance(event, AgentAssigned):
+        return replace(state, agent_id=event.agent_id, last_activity=event.at)
     if isinstance(event, QuotaAdjusted):
         boosts = {k: v for k, v in state.boosts.items() if k != event.resource_type}
         if event.limit is not None:

@@ -27,7 +27,7 @@ import msgspec
 
 # --------------------------------------------------------------------------- the table
 
-#: tenant, session, user and command ids, channel names: one subject token each
+#: tenant, session, user, agent and command ids, channel names: one subject token each
 MAX_ID_LENGTH = 128
 #: operation, tier, reason, kind, key, lease, reservation and memory ids
 MAX_NAME_LENGTH = 256

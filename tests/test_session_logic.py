@@ -247,6 +247,7 @@ def test_activity_events_are_exactly_those_that_move_last_activity() -> None:
     from actors.events import (
         AcquireSlot,
         Admit,
+        AssignAgent,
         CheckRate,
         PostMessage,
         QuotaAdjusted,
@@ -262,7 +263,7 @@ def test_activity_events_are_exactly_those_that_move_last_activity() -> None:
         TrackUsage(operation="x", resource_type=QuotaType.TOKENS, amount=1),
         CheckRate(operation="x"), AcquireSlot(operation="x"),
         Admit(operation="y", costs={QuotaType.TOKENS: 1.0}, reserve=True, slot=False, rate=False),
-        TerminateSession(),
+        AssignAgent(agent_id="planner"), TerminateSession(),
     ]
     seen = set()
     for command in commands:

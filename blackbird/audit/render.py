@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 from actors.events import (
+    AgentAssigned,
     AlertRaised,
     ApiKeyIssued,
     ApiKeyRevoked,
@@ -60,6 +61,8 @@ def describe(event: Event) -> str:
     match event:
         case SessionCreated():
             detail = f"user {event.user_id} tier {event.tier}"
+            if event.agent_id is not None:
+                detail += f" agent {event.agent_id}"
         case SessionTouched():
             detail = event.operation
         case TierChanged():
@@ -99,6 +102,8 @@ def describe(event: Event) -> str:
             detail = f"{event.user_id} as {event.role}"
         case ParticipantLeft():
             detail = event.user_id
+        case AgentAssigned():
+            detail = f"{event.previous or 'default agent'} -> {event.agent_id}"
         case TenantPolicyChanged():
             detail = f"version {event.policy.version} ({', '.join(_paths(event.overrides)) or 'no change'})"
         case UserQuotaAdjusted():

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 import msgspec
 
-from actors.events import AdjustQuota, ChangeTier, CreateSession, SessionCommand
+from actors.events import AdjustQuota, AssignAgent, ChangeTier, CreateSession, SessionCommand
 from blackbird.errors import AccessDeniedError
 from blackbird.server.access import bound_user, tenant_of_account
 
@@ -29,7 +29,7 @@ __all__ = ["REQUEST_INFO", "Identity", "authorize_command", "identity_of"]
 #: The header a shared service import carries: the requester's account and user, set by the server.
 REQUEST_INFO = "Nats-Request-Info"
 
-OPERATOR_COMMANDS: tuple[type, ...] = (AdjustQuota, ChangeTier)
+OPERATOR_COMMANDS: tuple[type, ...] = (AdjustQuota, ChangeTier, AssignAgent)
 
 
 class Identity(msgspec.Struct, frozen=True):

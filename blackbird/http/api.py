@@ -32,6 +32,7 @@ import msgspec
 from actors.events import Duration, FiniteAmount, Fraction, Instant, Name, SessionStatus, Token
 from actors.policy import QuotaType, RateLimitType
 from actors.validation import MAX_MEMORY_TEXT, MAX_MESSAGE_LENGTH
+from blackbird.agents.base import AgentReply
 from blackbird.audit.report import AuditReport
 from blackbird.errors import AccessDeniedError, SessionNotFoundError
 from blackbird.http.auth import TENANT_WIDE, Caller
@@ -63,6 +64,7 @@ class CreateSessionBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     tier: Name = "free"
     metadata: Metadata = {}
     session_id: Token | None = None  # default: a new id
+    agent_id: Token | None = None  # default: the client's default agent
 
 
 class ListSessionsQuery(msgspec.Struct, frozen=True):
@@ -164,6 +166,15 @@ class MessageBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     metadata: Metadata = {}
 
 
+class AgentBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    agent_id: Token
+
+
+class ReplyBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    message: MessageText
+    agent: Token | None = None  # default: the session's agent
+
+
 class AuditQuery(msgspec.Struct, frozen=True):
     until_seq: StreamSequence | None = None
     until: str | None = None  # seconds since the epoch or an ISO-8601 instant (UTC without offset)
@@ -196,6 +207,7 @@ class SessionInfo(msgspec.Struct, frozen=True, kw_only=True):
     reservations: dict[str, tuple[str, dict[str, float], float]] = {}  # id -> (operation, amounts, expires at)
     boosts: dict[str, tuple[float, float | None]] = {}  # quota -> (limit, until)
     participants: dict[str, str] = {}
+    agent_id: str | None = None  # the agent that answers; null: the client's default agent
 
 
 class SessionList(msgspec.Struct, frozen=True):
@@ -362,7 +374,7 @@ def endpoints(ctx: HttpContext) -> list[Endpoint]:
             )
         session = await sm.create_session(
             body.user_id, body.tier, body.metadata, tenant=caller.tenant, session_id=body.session_id,
-            command_id=command_id(call),
+            command_id=command_id(call), agent_id=body.agent_id,
         )
         return info(session)
 
@@ -402,6 +414,13 @@ def endpoints(ctx: HttpContext) -> list[Endpoint]:
         body: TerminateBody = call.body
         return info(await sm.terminate_session(
             session.session_id, body.reason, tenant=session.tenant, command_id=command_id(call)
+        ))
+
+    async def hand_over(call: Call) -> SessionInfo:
+        session = await session_of(call)
+        body: AgentBody = call.body
+        return info(await sm.hand_over(
+            session.session_id, body.agent_id, tenant=session.tenant, command_id=command_id(call)
         ))
 
     # ------------------------------------------------------------------ usage and limits
@@ -547,6 +566,14 @@ def endpoints(ctx: HttpContext) -> list[Endpoint]:
         )
         return msgspec.convert(posted, Posted)
 
+    async def reply(call: Call) -> AgentReply:
+        session = await session_of(call, own=True)  # a user key: its own session's agent only
+        body: ReplyBody = call.body
+        answer: AgentReply = await bb.send_message(
+            body.message, session_id=session.session_id, agent=body.agent, tenant=session.tenant
+        )
+        return answer
+
     async def audit(call: Call) -> dict[str, Any]:
         session = await session_of(call, own=True)
         query: AuditQuery = call.query
@@ -579,6 +606,8 @@ def endpoints(ctx: HttpContext) -> list[Endpoint]:
          {"body": TierBody, "response": SessionInfo, "roles": TENANT_WIDE}),
         ("POST", at("/terminate"), terminate, "terminate a session",
          {"body": TerminateBody, "response": SessionInfo}),
+        ("POST", at("/agent"), hand_over, "hand a session over to another agent",
+         {"body": AgentBody, "response": SessionInfo, "roles": TENANT_WIDE}),
         ("POST", at("/usage"), usage, "count usage against a quota",
          {"body": UsageBody, "response": Ok, "tag": "usage"}),
         ("GET", at("/quota"), quota, "quota usage now", {"response": dict[str, QuotaInfo], "tag": "usage"}),
@@ -608,6 +637,8 @@ def endpoints(ctx: HttpContext) -> list[Endpoint]:
          {"query": CacheScopeQuery, "response": CacheEntry, "tag": "memory"}),
         ("POST", at("/messages"), post_message, "post a message on a session channel",
          {"body": MessageBody, "response": Posted, "status": 201, "tag": "streams"}),
+        ("POST", at("/reply"), reply, "send a message to the session's agent and get its reply",
+         {"body": ReplyBody, "response": AgentReply, "tag": "streams"}),
         ("GET", at("/audit"), audit, "replay a session's log: its timeline and state",
          {"query": AuditQuery, "response": AuditReport, "tag": "audit"}),
         ("GET", "/v1/tenant/stats", tenant_stats, "the tenant's figures for the console",

@@ -16,6 +16,7 @@ from typing import Any
 import structlog
 
 from actors.events import (
+    AssignAgent,
     ChangeTier,
     CreateSession,
     JoinSession,
@@ -59,20 +60,27 @@ class AsyncSessionManager:
         tenant: str | None = None,
         session_id: str | None = None,
         command_id: str | None = None,
+        agent_id: str | None = None,
     ) -> Session:
         """Create a session for ``user_id`` under ``tier`` and return it once it is durable.
+
+        ``agent_id`` is the agent that answers in it (None: the client's default agent); hand
+        the session to another agent later with :meth:`hand_over`.
 
         ``session_id`` defaults to a new random id (with a ``command_id``: an id derived from it and
         ``user_id``). Passing the same ``command_id`` again (a retry) returns the session without
         creating a second one; a different creation under that ``command_id`` raises
         CommandIdReusedError. Raises ValidationError
-        (naming the field) for a bad user_id, tier, metadata or id; SessionExistsError if
+        (naming the field) for a bad user_id, tier, metadata, agent_id or id; SessionExistsError if
         ``session_id`` is taken; SessionLimitError if the user already holds the tier's
         ``max_sessions_per_user`` open sessions (terminated and lapsed ones do not count).
         """
         user_id = validate_token(user_id, "user_id")
         tier = self._gateway.tier_name(tier, tenant)
-        command = CreateSession(user_id=user_id, tier=tier, metadata=check_metadata(metadata))
+        command = CreateSession(
+            user_id=user_id, tier=tier, metadata=check_metadata(metadata),
+            agent_id=None if agent_id is None else validate_token(agent_id, "agent_id"),
+        )
         if session_id is None:
             # a retry (same command id) must reach the session its first try created
             session_id = new_id() if command_id is None else derived_id("session", user_id, command_id)
@@ -191,6 +199,20 @@ class AsyncSessionManager:
         or a user who is not a participant; SessionInactiveError on a terminated or lapsed
         session."""
         command = LeaveSession(user_id=validate_token(user_id, "user_id"))
+        return await self._gateway.send(tenant, session_id, command, command_id)
+
+    async def hand_over(
+        self, session_id: str, agent_id: str, *, tenant: str | None = None, command_id: str | None = None
+    ) -> Session:
+        """Hand a session over to agent ``agent_id``: its replies come from that agent from now
+        on (recorded as AgentAssigned, with the agent it had); returns the session, whose
+        ``agent_id`` is the new agent. Handing it to the agent it has changes nothing but counts
+        as activity.
+
+        An operator's action: over NATS it needs the service identity. Raises ValidationError
+        naming ``agent_id`` for a bad id; SessionInactiveError on a terminated or lapsed
+        session."""
+        command = AssignAgent(agent_id=validate_token(agent_id, "agent_id"))
         return await self._gateway.send(tenant, session_id, command, command_id)
 
     # ------------------------------------------------------------------ limits (Quotas)
