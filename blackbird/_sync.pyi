@@ -37,7 +37,6 @@ from blackbird import (
     StreamEvent,
     UsageRecord,
 )
-from blackbird.agents.learning import Extractor
 
 T = TypeVar("T")
 
@@ -103,14 +102,18 @@ class SessionManager(_SyncMirror):
         tenant: str | None = None,
         session_id: str | None = None,
         command_id: str | None = None,
+        agent_id: str | None = None,
     ) -> Session:
         """Create a session for ``user_id`` under ``tier`` and return it once it is durable.
+
+        ``agent_id`` is the agent that answers in it (None: the client's default agent); hand
+        the session to another agent later with :meth:`hand_over`.
 
         ``session_id`` defaults to a new random id (with a ``command_id``: an id derived from it and
         ``user_id``). Passing the same ``command_id`` again (a retry) returns the session without
         creating a second one; a different creation under that ``command_id`` raises
         CommandIdReusedError. Raises ValidationError
-        (naming the field) for a bad user_id, tier, metadata or id; SessionExistsError if
+        (naming the field) for a bad user_id, tier, metadata, agent_id or id; SessionExistsError if
         ``session_id`` is taken; SessionLimitError if the user already holds the tier's
         ``max_sessions_per_user`` open sessions (terminated and lapsed ones do not count).
         """
@@ -209,6 +212,24 @@ class SessionManager(_SyncMirror):
         """``user_id`` no longer takes part in the session (recorded as ParticipantLeft); returns
         the session. Raises ValidationError naming ``user_id`` for the owner (who cannot leave)
         or a user who is not a participant; SessionInactiveError on a terminated or lapsed
+        session.
+        """
+
+    def hand_over(
+        self,
+        session_id: str,
+        agent_id: str,
+        *,
+        tenant: str | None = None,
+        command_id: str | None = None,
+    ) -> Session:
+        """Hand a session over to agent ``agent_id``: its replies come from that agent from now
+        on (recorded as AgentAssigned, with the agent it had); returns the session, whose
+        ``agent_id`` is the new agent. Handing it to the agent it has changes nothing but counts
+        as activity.
+
+        An operator's action: over NATS it needs the service identity. Raises ValidationError
+        naming ``agent_id`` for a bad id; SessionInactiveError on a terminated or lapsed
         session.
         """
 
@@ -724,7 +745,6 @@ class BlackbirdSDK:
         remote: bool = False,
         clock: Callable[[], float] = ...,
         embedder: Any = None,
-        extractor: Extractor | None = None,
         **options: Any,
     ) -> None: ...
 
