@@ -18,9 +18,10 @@ connects ``AsyncBlackbird(**service_settings(server), tenant="bench")`` with a z
    (``session_manager.send_message``, a channel message: the least a persisted exchange costs),
    ``alternate``: 3 runs each with ``--quick``, 5 without; medians reported;
 3. extraction's time-until-recallable: a user message stating a fact ("My name is ... and I live
-   in ...") is posted to a fresh session's chat; the time until ``bb.learning.caught_up(sequence)``
-   returns and until ``memory.recall`` finds the fact (the learner runs off the reply path, as a
-   projection of the conversation, with the real local embedding model).
+   in ...") is posted by the session's user to a fresh session's chat; the time until
+   ``bb.learning.caught_up(sequence)`` returns and until ``memory.recall`` finds the fact (the
+   learner runs off the reply path, as a projection of the conversation, with the real local
+   embedding model).
 
 Rate limits and concurrency of the sessions' tier are lifted by a tenant policy (they are what
 is measured elsewhere, bench/ratelimit.py), so every call is admitted. A human-readable table
@@ -166,13 +167,13 @@ async def create_sessions(bb: AsyncBlackbird, n: int, label: str) -> list[str]:
 
 async def time_until_recallable(bb: AsyncBlackbird, i: int, timeout: float = 30.0) -> tuple[float, float]:
     """Post a fact to a fresh session's chat; ms until the learner caught up, and until recall finds it."""
-    city = f"Zorbleton{i}x{uuid.uuid4().hex[:4]}"
+    city = "Zor" + "".join(chr(ord("a") + int(c, 16)) for c in uuid.uuid4().hex[:8])  # a new word each time
     user = f"learner-{i}-{uuid.uuid4().hex[:6]}"
     session = await bb.session_manager.create_session(user, TIER)
     clock = time.perf_counter
     t0 = clock()
     posted = await bb.session_manager.send_message(
-        f"My name is Person{i} and I live in {city}", session_id=session.session_id, channel="chat"
+        f"My name is Person{i} and I live in {city}", session_id=session.session_id, channel="chat", author=user
     )
     await bb.learning.caught_up(posted["sequence"], timeout)
     caught_up = clock() - t0
