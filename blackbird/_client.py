@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Self
 
@@ -27,6 +27,7 @@ from actors.user import UserBehaviour
 from blackbird._logging import configure_default_logging
 from blackbird._projections import MemoryCheckpoints, NatsCheckpoints, Projections, alert_raiser
 from blackbird._retry import keep_running
+from blackbird.agents.learning import Extractor, Learner, RuleExtractor
 from blackbird.audit.replay import Auditor
 from blackbird.commands.dispatch import Dispatcher, LocalDispatcher, ask_or_raise
 from blackbird.commands.logs import LogService, Reconnects, RemoteLog
@@ -34,7 +35,14 @@ from blackbird.commands.remote import RemoteDispatcher
 from blackbird.commands.service import CommandService
 from blackbird.config import Settings, build_settings, nats_servers, redact_url
 from blackbird.connection import connect_options, identity_name
-from blackbird.errors import AccessDeniedError, ClosedError, EmbeddedServerError, ValidationError, field_of
+from blackbird.errors import (
+    AccessDeniedError,
+    BlackbirdError,
+    ClosedError,
+    EmbeddedServerError,
+    ValidationError,
+    field_of,
+)
 from blackbird.journal import Journal
 from blackbird.memory.index import MemoryIndex
 from blackbird.memory.keys import UserKeys
@@ -68,6 +76,26 @@ def _load_policy(settings: Settings) -> Policy:
         raise ValidationError(
             f"policy_file: {exc}", field="policy_file", expected="a readable tier policy TOML file"
         ) from None
+
+
+def _default_extractor(settings: Settings) -> Extractor:
+    """The OpenAI-compatible extractor when an agent endpoint is configured, else the rules."""
+    if settings.agent_base_url:
+        # imported on use: only hosts configured for a model API load the HTTP agent's module
+        from blackbird.agents.openai import OpenAIExtractor
+
+        extractor = OpenAIExtractor.from_settings(settings)
+        if extractor is not None:
+            return extractor
+    return RuleExtractor()
+
+
+def _owner_lookup(gateway: SessionGateway) -> Callable[[str, str], Awaitable[str | None]]:
+    async def owner_of(session_id: str, tenant: str) -> str | None:
+        session = await gateway.find(session_id, tenant)
+        return None if session is None else session.user_id
+
+    return owner_of
 
 
 def _abuse_config(settings: Settings) -> AbuseConfig:
@@ -123,11 +151,13 @@ class AsyncBlackbird:
         remote: bool = False,
         clock: Callable[[], float] = time.time,
         embedder: Any = None,
+        extractor: Extractor | None = None,
         **options: Any,
     ) -> None:
         self.settings = build_settings(data_dir=data_dir, nats_url=nats_url, tenant=tenant, **options)
         configure_default_logging(self.settings.log_level)  # only if the application configured none
         self._embedder = embedder  # None: the local all-MiniLM-L6-v2, loaded on first use
+        self._extractor = extractor  # None: chosen from the settings when a host opens
         validate_token(self.settings.tenant, "tenant")
         self.development_mode = development_mode
         self.remote = remote
@@ -142,6 +172,7 @@ class AsyncBlackbird:
         self._auditor: Auditor | None = None
         self._projections: Projections | None = None
         self._memory: AsyncMemory | None = None
+        self._learner: Learner | None = None
         self._streams: AsyncStreams | None = None
         self._api_keys: ApiKeys | None = None
         self.data_dir: Path | None = None
@@ -200,6 +231,20 @@ class AsyncBlackbird:
         if self._memory is None:
             raise ClosedError("AsyncBlackbird is not open; use `async with AsyncBlackbird(...)`")
         return self._memory
+
+    @property
+    def learning(self) -> Learner:
+        """The learner this host runs: users' stated facts become user-scope memories, off the
+        reply path (``await bb.learning.caught_up(seq)`` waits until a message is learned).
+        ClosedError before opening; BlackbirdError on a remote client or with ``learn=False``
+        (no learner runs in this process)."""
+        if self._learner is None:
+            if self._stack is None:
+                raise ClosedError("AsyncBlackbird is not open; use `async with AsyncBlackbird(...)`")
+            raise BlackbirdError(
+                "this client runs no learner: hosts (not remote=True) with learn=True do"
+            )
+        return self._learner
 
     @property
     def api_keys(self) -> ApiKeys:
@@ -351,6 +396,13 @@ class AsyncBlackbird:
             journal, keys, self._embedder, tasks=tasks, principal=s.principal, timeout=s.command_timeout,
             clock=self._clock,
         )
+        if not self.remote and s.learn:  # hosts learn what users state, off the reply path
+            learner = Learner(
+                journal, self._memory, _owner_lookup(gateway), checkpoints or MemoryCheckpoints(),
+                self._extractor or _default_extractor(s), timeout=s.command_timeout,
+            )
+            await tasks.start(keep_running, "learner", learner.run)
+            self._learner = learner
         log.info("blackbird_opened", nats_url=url, data_dir=str(self.data_dir), remote=self.remote)
 
     async def _open_on_tenant_credentials(self, stack: contextlib.AsyncExitStack, nc: NATS) -> None:

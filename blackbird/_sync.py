@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Self, TypeVar
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from blackbird._client import AsyncBlackbird
+from blackbird.agents.learning import Extractor
 from blackbird.audit.replay import Auditor
 from blackbird.config import Settings
 from blackbird.errors import ClosedError
@@ -231,11 +232,12 @@ class BlackbirdSDK:
         remote: bool = False,
         clock: Callable[[], float] = time.time,
         embedder: Any = None,
+        extractor: Extractor | None = None,
         **options: Any,
     ) -> None:
         client = AsyncBlackbird(
             development_mode=development_mode, data_dir=data_dir, nats_url=nats_url,
-            tenant=tenant, remote=remote, clock=clock, embedder=embedder, **options,
+            tenant=tenant, remote=remote, clock=clock, embedder=embedder, extractor=extractor, **options,
         )
         self._stack = contextlib.ExitStack()
         try:

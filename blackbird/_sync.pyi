@@ -37,6 +37,7 @@ from blackbird import (
     StreamEvent,
     UsageRecord,
 )
+from blackbird.agents.learning import Extractor
 
 T = TypeVar("T")
 
@@ -745,6 +746,7 @@ class BlackbirdSDK:
         remote: bool = False,
         clock: Callable[[], float] = ...,
         embedder: Any = None,
+        extractor: Extractor | None = None,
         **options: Any,
     ) -> None: ...
 

@@ -29,6 +29,7 @@ MIRRORS: list[tuple[type, type, dict[str, str]]] = [
         "aclose": "close() instead",
         "journal": "an event-loop object: reach it through async_client and run()",
         "projections": "an event-loop object: reach it through async_client and run()",
+        "learning": "an event-loop object: reach it through async_client and run()",
         "host": "an event-loop object: reach it through async_client and run()",
     }),
     (blackbird.AsyncSessionManager, _sync.SessionManager, {}),
