@@ -249,12 +249,12 @@ async def fanout_level(
     try:
         with anyio.fail_after(300):
             # the clients resume after last_seq: each gets the warm-up, however late it connects
-            await bb.send_message("warm-up 0", session_id=sid)
+            await bb.session_manager.send_message("warm-up 0", session_id=sid)
             assert await next_line() == "ready"
             connected = rss_bytes()
             started = time.time()
             for i in range(messages):
-                await bb.send_message(f"fan {i} {time.time():.6f}", session_id=sid)
+                await bb.session_manager.send_message(f"fan {i} {time.time():.6f}", session_id=sid)
             posted = time.time()
             result = json.loads(await next_line())
             await proc.wait()
@@ -316,7 +316,7 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
                 sid = s.session_id
                 started = time.perf_counter()
                 for i in range(cfg.messages):
-                    await bb.send_message(f"message number {i} of the benchmark", session_id=sid)
+                    await bb.session_manager.send_message(f"message number {i} of the benchmark", session_id=sid)
                 post_s = time.perf_counter() - started
                 row(f"post {cfg.messages:,} messages", f"{cfg.messages / post_s:,.0f} msg/s",
                     "send_message one after the other: a durable commit each")
@@ -374,7 +374,7 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
                 async with bb.streams.subscribe(sid, after=f"{await bb.journal.last_seq_of(subject)}-0") as stream:
                     for i in range(cfg.live):
                         sent = time.perf_counter()
-                        await bb.send_message(f"live {i}", session_id=sid)
+                        await bb.session_manager.send_message(f"live {i}", session_id=sid)
                         acked = time.perf_counter()
                         await stream.__anext__()
                         received = time.perf_counter()

@@ -27,6 +27,9 @@ from actors.user import UserBehaviour
 from blackbird._logging import configure_default_logging
 from blackbird._projections import MemoryCheckpoints, NatsCheckpoints, Projections, alert_raiser
 from blackbird._retry import keep_running
+from blackbird.agents.base import Agent, AgentReply
+from blackbird.agents.conversation import Agents, Conversation, ReplyStream
+from blackbird.agents.development import DevelopmentAgent
 from blackbird.agents.learning import Extractor, Learner, RuleExtractor
 from blackbird.audit.replay import Auditor
 from blackbird.commands.dispatch import Dispatcher, LocalDispatcher, ask_or_raise
@@ -96,6 +99,20 @@ def _owner_lookup(gateway: SessionGateway) -> Callable[[str, str], Awaitable[str
         return None if session is None else session.user_id
 
     return owner_of
+
+
+def _agents(settings: Settings) -> Agents:
+    """The development agent, and the OpenAI-compatible one (the default) when the settings
+    name a model API (``agent_base_url``)."""
+    agents = Agents(DevelopmentAgent())
+    if settings.agent_base_url:
+        # imported on use: only clients configured for a model API load the HTTP agent's module
+        from blackbird.agents.openai import OpenAIAgent
+
+        made = OpenAIAgent.from_settings(settings)
+        if made is not None:
+            agents.register(made, default=True)
+    return agents
 
 
 def _abuse_config(settings: Settings) -> AbuseConfig:
@@ -175,6 +192,10 @@ class AsyncBlackbird:
         self._learner: Learner | None = None
         self._streams: AsyncStreams | None = None
         self._api_keys: ApiKeys | None = None
+        self._conversation: Conversation | None = None
+        self._tasks: anyio.abc.TaskGroup | None = None
+        self.agents: Agents = _agents(self.settings)
+        """The agents replies come from: ``register(agent)``, ``get(agent_id)``, ``default``."""
         self.data_dir: Path | None = None
         self.nats_url: str | None = self.settings.nats_url
         """The server URLs connected to (comma-separated; the embedded server's once open)."""
@@ -189,9 +210,58 @@ class AsyncBlackbird:
             raise ClosedError("AsyncBlackbird is not open; use `async with AsyncBlackbird(...)`")
         return self._session_manager
 
-    async def send_message(self, message: str, **options: Any) -> dict[str, Any]:
-        """Post a message on a session's channel; see :meth:`AsyncSessionManager.send_message`."""
-        return await self.session_manager.send_message(message, **options)
+    def _conversing(self) -> Conversation:
+        if self._conversation is None:
+            raise ClosedError("AsyncBlackbird is not open; use `async with AsyncBlackbird(...)`")
+        return self._conversation
+
+    async def send_message(
+        self, message: str, session_id: str | None = None, *, agent: str | Agent | None = None,
+        tenant: str | None = None,
+    ) -> AgentReply:
+        """Send ``message`` to the session's agent and return its reply, once persisted.
+
+        ``session_id`` None: the session this client created last (else ValidationError naming
+        ``session_id``). ``agent``: a registered agent's id or an Agent; None: the session's
+        agent, else ``agents.default``. The message is posted on ``chat`` (role "user"); the agent
+        gets the session, the chat's last messages, memories recalled for the message (user,
+        tenant and ``agent:<id>`` scopes) and the user's preferences, within a token budget; one
+        admission (the ``send_message`` rate limit, a concurrency slot, a token reservation of
+        the prompt plus the reply's maximum) comes before any model call and raises
+        RateLimitError or QuotaExceededError when refused; the reply is posted on ``chat``
+        (role "assistant", with its usage and the message and memory ids it was given) and
+        the reservation settled with the real usage. While it is generated, its text so far is
+        posted on ``draft``. To only post a message on a channel, use
+        :meth:`AsyncSessionManager.send_message`."""
+        return await self._conversing().reply(message, session_id, agent=agent, tenant=tenant)
+
+    def stream_message(
+        self, message: str, session_id: str | None = None, *, agent: str | Agent | None = None,
+        tenant: str | None = None,
+    ) -> ReplyStream:
+        """As :meth:`send_message`, as an async iterator of the reply's text pieces as they are
+        generated (``async for piece in bb.stream_message(...)``); the persisted reply is then
+        the iterator's ``reply``. Leaving the loop early cancels the reply (its reservation is
+        released)."""
+        if self._tasks is None:
+            raise ClosedError("AsyncBlackbird is not open; use `async with AsyncBlackbird(...)`")
+        return self._conversing().stream(self._tasks, message, session_id, agent=agent, tenant=tenant)
+
+    async def stop_reply(self, session_id: str, *, tenant: str | None = None) -> dict[str, Any]:
+        """Stop the reply being generated in ``session_id`` (in any process): a ``stop`` message
+        on its ``control`` channel, in the log; the reply so far is persisted with
+        ``stopped=True``. A stop with no reply being generated changes nothing. Returns where
+        the request landed (``sequence``)."""
+        return await self._conversing().stop(session_id, tenant=tenant)
+
+    def _converse(self, tasks: anyio.abc.TaskGroup) -> None:
+        s = self.settings
+        self._tasks = tasks
+        self._conversation = Conversation(
+            self.session_manager, self.streams, lambda: None if self.tenant_credentials else self._memory,
+            self.agents, max_reply_tokens=s.agent_max_tokens, timeout=s.command_timeout,
+        )
+
 
     @property
     def journal(self) -> Journal:
@@ -403,6 +473,7 @@ class AsyncBlackbird:
             )
             await tasks.start(keep_running, "learner", learner.run)
             self._learner = learner
+        self._converse(tasks)
         log.info("blackbird_opened", nats_url=url, data_dir=str(self.data_dir), remote=self.remote)
 
     async def _open_on_tenant_credentials(self, stack: contextlib.AsyncExitStack, nc: NATS) -> None:
@@ -433,6 +504,7 @@ class AsyncBlackbird:
         self._session_manager = AsyncSessionManager(gateway, quotas, Analytics(gateway, quotas, None, s.analytics_k))
         self._auditor = Auditor(reader, book, s.tenant)
         self._streams = AsyncStreams(gateway, reader, timeout=s.command_timeout)
+        self._converse(tasks)
         log.info("blackbird_opened", nats_url=self.nats_url, tenant=s.tenant, tenant_credentials=True)
 
     def _actor_host(self, behaviour: Behaviour[Any], journal: Journal, *, snapshots: bool = False) -> ActorHost:
@@ -569,6 +641,8 @@ class AsyncBlackbird:
         self._session_manager = None
         self._streams = None
         self._api_keys = None
+        self._conversation = None
+        self._tasks = None
         if stack is not None:
             await stack.aclose()
             log.info("blackbird_closed")

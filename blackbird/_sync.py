@@ -26,6 +26,8 @@ from typing import Any, ClassVar, Self, TypeVar
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from blackbird._client import AsyncBlackbird
+from blackbird.agents.base import Agent, AgentReply
+from blackbird.agents.conversation import Agents, ReplyStream
 from blackbird.agents.learning import Extractor
 from blackbird.audit.replay import Auditor
 from blackbird.config import Settings
@@ -81,6 +83,11 @@ class SessionManager(_SyncMirror, mirrors=AsyncSessionManager):
     ``sdk.session_manager``; every call waits for the event loop's answer. Safe to call from
     several threads.
     """
+
+    @property
+    def current_session(self) -> tuple[str, str] | None:
+        """``(tenant, session_id)`` of the session this client created last (None before any)."""
+        return self._target.current_session  # type: ignore[no-any-return]
 
     def add_usage_callback(self, callback: Callable[[UsageRecord], Any]) -> None:
         """Call ``callback(record)`` once per usage charged through this client (track_usage,
@@ -211,6 +218,32 @@ class Streams(_SyncMirror, mirrors=AsyncStreams):
             yield SyncSubscription(subscription, self._portal)
 
 
+class SyncReplyStream:
+    """The reply's text as it is generated, blocking: ``for piece in sdk.stream_message(...)``;
+    then ``reply`` is the persisted AgentReply. Leaving the loop early cancels the reply."""
+
+    def __init__(self, stream: ReplyStream, portal: BlockingPortal) -> None:
+        self._stream = stream
+        self._portal = portal
+
+    @property
+    def reply(self) -> AgentReply:
+        """The persisted reply; ClosedError before the stream was iterated to its end."""
+        return self._stream.reply
+
+    def __iter__(self) -> Iterator[str]:
+        """The reply's text pieces, waiting for each."""
+        pieces = self._stream.__aiter__()
+        try:
+            while True:
+                try:
+                    yield self._portal.call(pieces.__anext__)
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._portal.call(pieces.aclose)
+
+
 class BlackbirdSDK:
     """Synchronous Blackbird client: :class:`AsyncBlackbird` run on an event loop in a
     background thread, with the same constructor.
@@ -321,10 +354,33 @@ class BlackbirdSDK:
         """The AsyncBlackbird this facade runs (use only from its portal's event loop)."""
         return self._client
 
-    def send_message(self, message: str, **options: Any) -> dict[str, Any]:
-        """Post a message on a session's channel (default: the last session this SDK created);
-        see :meth:`AsyncSessionManager.send_message`."""
-        return self.run(self._client.send_message, message, **options)
+    @property
+    def agents(self) -> Agents:
+        """The agents replies come from: ``register(agent)``, ``get(agent_id)``, ``default``."""
+        return self._client.agents
+
+    def send_message(
+        self, message: str, session_id: str | None = None, *, agent: str | Agent | None = None,
+        tenant: str | None = None,
+    ) -> AgentReply:
+        """Send ``message`` to the session's agent (default session: the last this SDK created)
+        and return its reply; see :meth:`AsyncBlackbird.send_message`. To only post a message
+        on a channel, use ``session_manager.send_message``."""
+        return self.run(self._client.send_message, message, session_id, agent=agent, tenant=tenant)
+
+    def stream_message(
+        self, message: str, session_id: str | None = None, *, agent: str | Agent | None = None,
+        tenant: str | None = None,
+    ) -> SyncReplyStream:
+        """As :meth:`send_message`, as an iterator of the reply's text pieces as generated
+        (``for piece in sdk.stream_message(...)``); then the reply is the iterator's ``reply``."""
+        stream = self._client.stream_message(message, session_id, agent=agent, tenant=tenant)
+        return SyncReplyStream(stream, self._open_portal())
+
+    def stop_reply(self, session_id: str, *, tenant: str | None = None) -> dict[str, Any]:
+        """Stop the reply being generated in ``session_id`` (in any process); see
+        :meth:`AsyncBlackbird.stop_reply`."""
+        return self.run(self._client.stop_reply, session_id, tenant=tenant)
 
     def run(self, func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """Run ``await func(*args, **kwargs)`` on this SDK's event loop and return its result.

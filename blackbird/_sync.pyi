@@ -37,6 +37,8 @@ from blackbird import (
     StreamEvent,
     UsageRecord,
 )
+from blackbird.agents.base import Agent, AgentReply
+from blackbird.agents.conversation import Agents, ReplyStream
 from blackbird.agents.learning import Extractor
 
 T = TypeVar("T")
@@ -56,6 +58,10 @@ class SessionManager(_SyncMirror):
     ``sdk.session_manager``; every call waits for the event loop's answer. Safe to call from
     several threads.
     """
+
+    @property
+    def current_session(self) -> tuple[str, str] | None:
+        """``(tenant, session_id)`` of the session this client created last (None before any)."""
 
     def add_usage_callback(self, callback: Callable[[UsageRecord], Any]) -> None:
         """Call ``callback(record)`` once per usage charged through this client (track_usage,
@@ -713,7 +719,7 @@ class Streams(_SyncMirror):
         after: str | int | None = None,
         tenant: str | None = None,
         max_pending: int = 1000,
-        coalesce: Sequence[str] = ("progress",),
+        coalesce: Sequence[str] = ("progress", "draft"),
         critical: Sequence[str] = ("notification",),
     ) -> AbstractContextManager[SyncSubscription]:
         """``with sdk.streams.subscribe(session_id) as messages: for m in messages``.
@@ -723,6 +729,21 @@ class Streams(_SyncMirror):
         ones; ``critical`` channels first, ``coalesce`` channels keep only their latest. Raises
         SessionNotFoundError, or ValidationError for a malformed argument.
         """
+
+
+class SyncReplyStream:
+    """The reply's text as it is generated, blocking: ``for piece in sdk.stream_message(...)``;
+    then ``reply`` is the persisted AgentReply. Leaving the loop early cancels the reply.
+    """
+
+    def __init__(self, stream: ReplyStream, portal: BlockingPortal) -> None: ...
+
+    @property
+    def reply(self) -> AgentReply:
+        """The persisted reply; ClosedError before the stream was iterated to its end."""
+
+    def __iter__(self) -> Iterator[str]:
+        """The reply's text pieces, waiting for each."""
 
 
 class BlackbirdSDK:
@@ -800,9 +821,38 @@ class BlackbirdSDK:
     def async_client(self) -> AsyncBlackbird:
         """The AsyncBlackbird this facade runs (use only from its portal's event loop)."""
 
-    def send_message(self, message: str, **options: Any) -> dict[str, Any]:
-        """Post a message on a session's channel (default: the last session this SDK created);
-        see :meth:`AsyncSessionManager.send_message`.
+    @property
+    def agents(self) -> Agents:
+        """The agents replies come from: ``register(agent)``, ``get(agent_id)``, ``default``."""
+
+    def send_message(
+        self,
+        message: str,
+        session_id: str | None = None,
+        *,
+        agent: str | Agent | None = None,
+        tenant: str | None = None,
+    ) -> AgentReply:
+        """Send ``message`` to the session's agent (default session: the last this SDK created)
+        and return its reply; see :meth:`AsyncBlackbird.send_message`. To only post a message
+        on a channel, use ``session_manager.send_message``.
+        """
+
+    def stream_message(
+        self,
+        message: str,
+        session_id: str | None = None,
+        *,
+        agent: str | Agent | None = None,
+        tenant: str | None = None,
+    ) -> SyncReplyStream:
+        """As :meth:`send_message`, as an iterator of the reply's text pieces as generated
+        (``for piece in sdk.stream_message(...)``); then the reply is the iterator's ``reply``.
+        """
+
+    def stop_reply(self, session_id: str, *, tenant: str | None = None) -> dict[str, Any]:
+        """Stop the reply being generated in ``session_id`` (in any process); see
+        :meth:`AsyncBlackbird.stop_reply`.
         """
 
     def run(self, func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:

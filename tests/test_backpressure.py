@@ -32,7 +32,7 @@ async def _until(condition: Callable[[], bool], what: str) -> None:
 
 async def _post(bb: AsyncBlackbird, session_id: str, texts: list[str]) -> None:
     for text in texts:
-        await bb.send_message(text, session_id=session_id)
+        await bb.session_manager.send_message(text, session_id=session_id)
 
 
 async def test_a_subscriber_that_does_not_read_holds_at_most_max_pending_and_then_gets_every_message_once(
@@ -57,10 +57,10 @@ async def test_a_subscriber_that_does_not_read_holds_at_most_max_pending_and_the
         async with anyio.create_task_group() as tg:
             tg.start_soon(watch, stream)
             for text in live:
-                await bb.send_message(text, session_id=s.session_id)
+                await bb.session_manager.send_message(text, session_id=s.session_id)
                 highest = max(highest, stream.backlog)
                 assert stream.backlog <= MAX_PENDING
-            await bb.send_message("sentinel", session_id=s.session_id)
+            await bb.session_manager.send_message("sentinel", session_id=s.session_id)
             tg.cancel_scope.cancel()
         assert highest == MAX_PENDING and stream.backlog == MAX_PENDING
         got: list[StreamEvent] = []

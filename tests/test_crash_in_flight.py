@@ -170,7 +170,7 @@ class MixedLoad:
 
     async def _post(self, poster: Poster, command_id: str, text: str) -> bool:
         async def send() -> None:
-            await self.bb.send_message(text, session_id=poster.session_id, command_id=command_id)
+            await self.bb.session_manager.send_message(text, session_id=poster.session_id, command_id=command_id)
 
         if await self.usage.attempt(send, command_id) is None:
             poster.lost.append(command_id)

@@ -159,7 +159,7 @@ async def test_a_resume_point_older_than_the_log_gives_a_gap_then_what_is_still_
     bb: AsyncBlackbird, url: str
 ) -> None:
     s = await bb.session_manager.create_session("u1")
-    sent = [await bb.send_message(t, session_id=s.session_id) for t in ("m0", "m1", "m2", "m3", "m4")]
+    sent = [await bb.session_manager.send_message(t, session_id=s.session_id) for t in ("m0", "m1", "m2", "m3", "m4")]
     async with bb.streams.subscribe(s.session_id) as stream:
         had = (await take(stream, 2))[-1]  # the reader had m0 and m1
     js = bb.journal.jetstream
@@ -184,7 +184,7 @@ async def test_a_resume_point_older_than_the_log_gives_a_gap_then_what_is_still_
 
 async def test_commits_deleted_inside_the_history_are_a_gap_too(bb: AsyncBlackbird) -> None:
     s = await bb.session_manager.create_session("u1")
-    sent = [await bb.send_message(t, session_id=s.session_id) for t in ("m0", "m1", "m2", "m3")]
+    sent = [await bb.session_manager.send_message(t, session_id=s.session_id) for t in ("m0", "m1", "m2", "m3")]
     js = bb.journal.jetstream
     await js.delete_msg(bb.journal.stream, sent[1]["sequence"])
     await js.delete_msg(bb.journal.stream, sent[2]["sequence"])

@@ -142,7 +142,7 @@ def test_seed_rate_limit_example_runs_on_the_sync_facade(capsys: pytest.CaptureF
                 raise
 
         def send_message_with_limits(session_id, message):  # type: ignore[no-untyped-def]
-            return safe_api_call(session_id, lambda: sdk.send_message(message))
+            return safe_api_call(session_id, lambda: sdk.session_manager.send_message(message))
 
         sent = 0
         try:

@@ -21,7 +21,7 @@ SENTINEL = "end-of-test-data"
 
 async def post(bb: AsyncBlackbird, sid: str, texts: list[str]) -> None:
     for text in texts:
-        await bb.send_message(text, session_id=sid)
+        await bb.session_manager.send_message(text, session_id=sid)
 
 
 async def until_sentinel(stream: Subscription, sentinel: str = SENTINEL) -> list[StreamEvent]:

@@ -36,7 +36,7 @@ async def take(stream: Subscription, n: int) -> list[StreamEvent]:
 
 async def post(bb: AsyncBlackbird, sid: str, texts: list[str], channel: str = "chat") -> None:
     for text in texts:
-        await bb.send_message(text, session_id=sid, channel=channel)
+        await bb.session_manager.send_message(text, session_id=sid, channel=channel)
 
 
 # "Nothing more came" is checked by a sentinel appended after the data: reading up to it shows
@@ -147,8 +147,8 @@ async def test_tenants_are_walls_for_streams(nats_server: NatsServer) -> None:
             async with bb.streams.subscribe(s.session_id, tenant="globex"):
                 pass
         other = await bb.session_manager.create_session("u1", tenant="globex")
-        await bb.send_message("globex news", session_id=other.session_id, tenant="globex")
-        await bb.send_message(SENTINEL, session_id=other.session_id, tenant="globex")
+        await bb.session_manager.send_message("globex news", session_id=other.session_id, tenant="globex")
+        await bb.session_manager.send_message(SENTINEL, session_id=other.session_id, tenant="globex")
         await post(bb, s.session_id, [SENTINEL])
         async with bb.streams.subscribe(other.session_id, tenant="globex") as stream:
             assert [e.text for e in await until_sentinel(stream)] == ["globex news"]
@@ -335,14 +335,14 @@ def test_streams_work_through_the_sync_facade() -> None:
     with BlackbirdSDK(development_mode=True) as sdk:
         s = sdk.session_manager.create_session("u1")
         for text in ("a", "b"):
-            sdk.send_message(text, session_id=s.session_id)
+            sdk.session_manager.send_message(text, session_id=s.session_id)
         with sdk.streams.subscribe(s.session_id) as stream:
             stream.caught_up()
             assert stream.backlog == 2
             first = stream.get(timeout=10)
             assert first is not None and first.text == "a"
             assert next(iter(stream)).text == "b"
-            sdk.send_message(SENTINEL, session_id=s.session_id)
+            sdk.session_manager.send_message(SENTINEL, session_id=s.session_id)
             after = stream.get(timeout=10)  # nothing came between "b" and the sentinel
             assert after is not None and after.text == SENTINEL
 

@@ -18,6 +18,7 @@ import pytest
 
 import blackbird
 from blackbird import _sync, errors
+from blackbird.agents.conversation import ReplyStream
 from blackbird.errors import BlackbirdError, error_from_code
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +39,7 @@ MIRRORS: list[tuple[type, type, dict[str, str]]] = [
     (blackbird.Subscription, _sync.SyncSubscription, {}),
     (blackbird.Auditor, _sync.SyncAuditor, {}),
     (blackbird.ApiKeys, _sync.SyncApiKeys, {}),
+    (ReplyStream, _sync.SyncReplyStream, {}),
 ]
 SYNC_OF: dict[Any, Any] = {a: s for a, s, _ in MIRRORS}
 RENAMED = {(blackbird.AsyncBlackbird, "aclose"): "close"}
@@ -211,7 +213,7 @@ def test_sync_facade_has_every_async_member_with_the_same_signature(
         assert _yielded(sync_member) == SYNC_OF.get(yielded, yielded)
     else:
         assert not inspect.iscoroutinefunction(sync_member)
-        assert sync_return == async_return
+        assert sync_return == SYNC_OF.get(async_return, async_return)
 
 
 def test_committed_sync_stub_is_what_the_generator_writes(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ __all__ = [
     "ContextMemory",
     "ContextMessage",
     "Usage",
+    "estimate_prompt_tokens",
     "estimate_tokens",
 ]
 
@@ -109,3 +110,14 @@ class Agent(Protocol):
 def estimate_tokens(text: str) -> int:
     """A conservative token estimate (about four characters a token, at least one for any text)."""
     return 0 if not text else max(1, (len(text) + 3) // 4)
+
+
+def estimate_prompt_tokens(context: AgentContext) -> int:
+    """The estimated tokens of everything ``context`` gives the agent: the message, the history,
+    the memories and the preferences (what a reply's admission reserves besides the reply)."""
+    return (
+        estimate_tokens(context.message)
+        + sum(estimate_tokens(m.text) for m in context.history)
+        + sum(estimate_tokens(m.text) for m in context.memories)
+        + sum(estimate_tokens(f"{k}: {v}") for k, v in context.preferences.items())
+    )

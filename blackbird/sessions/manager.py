@@ -51,6 +51,12 @@ class AsyncSessionManager:
         self._analytics = analytics
         self._current: tuple[str, str] | None = None  # the last session this client created
 
+    @property
+    def current_session(self) -> tuple[str, str] | None:
+        """``(tenant, session_id)`` of the session this client created last (None before any):
+        the session ``send_message`` uses when it is given none."""
+        return self._current
+
     async def create_session(
         self,
         user_id: str,

@@ -11,7 +11,7 @@ token is what an SSE client sends back as ``Last-Event-ID`` (see :mod:`blackbird
 Backpressure: a slow reader holds at most ``max_pending`` messages in memory; beyond that the
 log waits on the server (JetStream flow control), nothing is dropped. Among the messages
 waiting, critical ones (``notification`` by default) go first; a message of a coalescing channel
-(``progress`` by default) replaces the earlier one of its channel still waiting, so a reader that
+(``progress`` and ``draft`` by default) replaces the earlier one of its channel still waiting, so a reader that
 falls behind gets the latest progress instead of every step. The token accounts for both (see
 :mod:`blackbird.streams.backlog`); a reader that keeps up gets every message in log order.
 
@@ -48,7 +48,7 @@ from blackbird.subjects import validate_token
 
 log = structlog.get_logger("blackbird.streams")
 
-COALESCE = ("progress",)
+COALESCE = ("progress", "draft")  # "draft": an agent's reply so far (blackbird.agents)
 CRITICAL = ("notification",)
 GAP = "gap"  # the channel of the message that says part of the history is gone
 

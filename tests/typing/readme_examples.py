@@ -44,7 +44,7 @@ def sync_sessions() -> None:
     data: dict[str, Any] | None = sdk.session_manager.get_session_data(session.session_id)
     touched: Session = sdk.session_manager.touch_session(session.session_id, "chat")
     moved: Session = sdk.session_manager.change_tier(session.session_id, "enterprise")
-    posted: dict[str, Any] = sdk.send_message("hello", session_id=session.session_id)
+    posted: dict[str, Any] = sdk.session_manager.send_message("hello", session_id=session.session_id)
     posted = sdk.session_manager.send_message("hi", session_id=session.session_id, channel="progress")
     ended: Session = sdk.session_manager.terminate_session(session.session_id)
     print(found, data, touched, moved, posted, ended, sdk.settings.tenant, sdk.nats_url, sdk.data_dir)
