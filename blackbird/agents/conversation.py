@@ -422,22 +422,25 @@ class Conversation:
                 text, session_id=context.session_id, tenant=context.tenant, channel=DRAFT, metadata=draft_meta,
             )
 
-        async def watch_stop(task_status: anyio.abc.TaskStatus[None]) -> None:
+        async def watch_stop() -> None:
             nonlocal stopped
-            async with self._streams.subscribe(
-                context.session_id, channels=[CONTROL], after=user_seq, tenant=context.tenant,
-            ) as requests:
-                task_status.started()
-                async for request in requests:
-                    if request.text == STOP:
-                        stopped = True
-                        generating.cancel()
-                        return
+            # from the user's message on: a stop posted before this subscription is ready counts too
+            try:
+                async with self._streams.subscribe(
+                    context.session_id, channels=[CONTROL], after=user_seq, tenant=context.tenant,
+                ) as requests:
+                    async for request in requests:
+                        if request.text == STOP:
+                            stopped = True
+                            generating.cancel()
+                            return
+            except Exception as exc:  # the reply goes on; only a stop from elsewhere is missed
+                log.warning("stop_watch_failed", session_id=context.session_id, error=repr(exc))
 
         drafts = _Drafts(post_draft)
         with single_error():  # the agent's own error leaves as itself
             async with anyio.create_task_group() as tg:
-                await tg.start(watch_stop)
+                tg.start_soon(watch_stop)
                 tg.start_soon(drafts.run)
                 with generating:
                     async with contextlib.aclosing(_chunks(agent, context)) as chunks:
