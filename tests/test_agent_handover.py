@@ -233,7 +233,7 @@ def test_a_hand_over_over_nats_is_an_operators_action() -> None:
 #
 # Memory access is decided by the acting session's *user*: ``agent:<id>`` and ``group:<id>``
 # scopes admit their members (user ids, :meth:`AsyncMemory.add_members`), ``tenant`` every user
-# of the tenant. The session's agent plays no part in it yet (see the xfail test below).
+# of the tenant; a session also reaches a scope its assigned agent is a member of (or owns).
 
 
 @pytest.mark.anyio
@@ -274,12 +274,6 @@ async def test_an_agent_scope_is_read_through_membership_and_group_and_tenant_sc
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(
-    strict=True, raises=ScopeAccessError,
-    reason="memory access checks the acting session's user, not its agent: add_members('agent:A', "
-           "['B']) does not let a session answered by agent B read agent:A (AsyncMemory._scope "
-           "compares session.user_id with the scope's members)",
-)
 async def test_an_agent_that_is_a_member_of_another_agents_scope_reads_it(bb: AsyncBlackbird) -> None:
     sm, memory = bb.session_manager, bb.memory
     with_a = await sm.create_session("alice", tier="pro", agent_id="A")

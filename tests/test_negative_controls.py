@@ -142,7 +142,10 @@ async def every_bucket(js: JetStreamContext) -> dict[str, bytes]:
             except nats.js.errors.NotFoundError:
                 objects = []
             for obj in objects:
-                found[f"{name[4:]}/{obj.name}"] = (await store.get(obj.name)).data or b""
+                try:
+                    found[f"{name[4:]}/{obj.name}"] = (await store.get(obj.name)).data or b""
+                except nats.js.errors.ObjectNotFoundError:  # replaced between list and get (a checkpoint)
+                    continue
     return found
 
 

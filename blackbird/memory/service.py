@@ -7,7 +7,9 @@ appended. The LanceDB tables are a projection of those events (:mod:`blackbird.m
 Every call names the acting session (``session_id=``): it tells the tenant, the user and the
 tier (capacity, retention, redaction, storage quota), and every scope read or written is checked
 against it: ``session`` (that session), ``user`` (its user), ``tenant`` (any user of the
-tenant), ``group:<id>`` and ``agent:<id>`` (members only, see :meth:`AsyncMemory.add_members`).
+tenant), ``group:<id>`` and ``agent:<id>`` (members only, see :meth:`AsyncMemory.add_members`; a
+member is a user or an agent: a session reaches such a scope if its user or its assigned agent is
+a member, and an agent always reaches its own ``agent:<id>``).
 """
 
 from __future__ import annotations
@@ -167,8 +169,11 @@ class AsyncMemory:
                 )
             return scope_id(kind, mine)
         owner = validate_token(owner, "scope")
+        agent = getattr(session, "agent_id", None)  # the agent answering the session, if assigned
+        if kind == "agent" and agent is not None and owner == agent:
+            return scope_id(kind, owner)  # an agent's own scope
         state: MemoryState = (await self._ask(session.tenant, scope_id(kind, owner), GetSession())).state
-        if session.user_id not in state.members:
+        if session.user_id not in state.members and (agent is None or agent not in state.members):
             raise ScopeAccessError(
                 f"user {session.user_id!r} is not a member of {spec!r}"
                 + ("" if write else " and cannot read it"),
