@@ -260,6 +260,7 @@ class AsyncBlackbird:
         self._conversation = Conversation(
             self.session_manager, self.streams, lambda: None if self.tenant_credentials else self._memory,
             self.agents, max_reply_tokens=s.agent_max_tokens, timeout=s.command_timeout,
+            journal=None if self.tenant_credentials else self._journal,
         )
 
 

@@ -784,6 +784,25 @@ class Journal:
             raise failure[0]
         return last
 
+    @contextlib.asynccontextmanager
+    async def published(self, subject: str) -> AsyncIterator[AsyncIterator[Commit]]:
+        """Commits as they are published on ``subject`` from now on, over core NATS: no consumer,
+        so cheap to open per request. Best effort: one JetStream then refused (a lost append race)
+        shows up too, and none published while disconnected does; read the log for certainty."""
+        sub = await self._nc.subscribe(subject)
+
+        async def commits() -> AsyncIterator[Commit]:
+            async for msg in sub.messages:
+                try:
+                    yield upcast(self._decode(msg.data))
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    continue
+
+        try:
+            yield commits()
+        finally:
+            await _unsubscribe(sub)
+
     async def page(
         self, subject_filter: str, after_seq: int, *, until_seq: int | None, limit: int, max_bytes: int, wait: float
     ) -> tuple[list[tuple[int, str, bytes]], int]:

@@ -34,6 +34,8 @@ import anyio
 import anyio.abc
 import structlog
 
+from actors.events import MessagePosted
+from actors.ports import AggregateKey
 from actors.validation import MAX_MEMORY_TEXT, MAX_MESSAGE_LENGTH
 from blackbird._errors_group import single_error
 from blackbird.agents.base import (
@@ -55,6 +57,7 @@ from blackbird.errors import (
     SessionNotFoundError,
     ValidationError,
 )
+from blackbird.journal import Journal
 from blackbird.memory.service import AsyncMemory
 from blackbird.sessions.manager import AsyncSessionManager
 from blackbird.streams.subscription import AsyncStreams
@@ -197,9 +200,13 @@ class Conversation:
         budget_tokens: int = 4096,
         max_reply_tokens: int = 512,
         timeout: float = 10.0,
+        journal: Journal | None = None,
     ) -> None:
+        """``journal``: history is read from it directly (a few direct gets per turn); without one
+        (a client on tenant credentials) through a stream subscription."""
         self._sessions = sessions
         self._streams = streams
+        self._journal = journal
         self._memory = memory
         self.agents = agents
         self.history = history
@@ -367,16 +374,30 @@ class Conversation:
         if after >= user_seq - 1:  # another turn of this session read as far or further already
             after, kept = 0, collections.deque(maxlen=self.history)
         with anyio.fail_after(self._timeout):
-            async with self._streams.subscribe(
-                session.session_id, channels=[CHAT], after=after or None, tenant=session.tenant,
-                critical=(), coalesce=(),
-            ) as messages:
-                async for event in messages:
-                    if event.sequence >= user_seq:
-                        break
-                    kept.append(ContextMessage(
-                        id=event.id, role=str(event.metadata.get("role", "user")), text=event.text, at=event.at,
-                    ))
+            if self._journal is not None and user_seq > after + 1:
+                key_ = AggregateKey(session.tenant, "session", session.session_id)
+                for seq, commit in await self._journal.read(key_, after, until_seq=user_seq - 1):
+                    index = 0
+                    for posted in commit.events:
+                        if not isinstance(posted, MessagePosted):
+                            continue
+                        if posted.channel == CHAT:
+                            kept.append(ContextMessage(
+                                id=f"{seq}-{index}", role=str(posted.metadata.get("role", "user")), text=posted.text,
+                                author=posted.author, at=posted.at,
+                            ))
+                        index += 1
+            elif self._journal is None:
+                async with self._streams.subscribe(
+                    session.session_id, channels=[CHAT], after=after or None, tenant=session.tenant,
+                    critical=(), coalesce=(),
+                ) as messages:
+                    async for event in messages:
+                        if event.sequence >= user_seq:
+                            break
+                        kept.append(ContextMessage(
+                            id=event.id, role=str(event.metadata.get("role", "user")), text=event.text, at=event.at,
+                        ))
         self._histories[key] = (user_seq - 1, kept)  # the user's message is read next turn
         while len(self._histories) > _HISTORY_CACHE:
             self._histories.popitem(last=False)
@@ -422,18 +443,31 @@ class Conversation:
                 text, session_id=context.session_id, tenant=context.tenant, channel=DRAFT, metadata=draft_meta,
             )
 
-        async def watch_stop() -> None:
+        def stop_now() -> None:
             nonlocal stopped
-            # from the user's message on: a stop posted before this subscription is ready counts too
+            stopped = True
+            generating.cancel()
+
+        async def watch_stop() -> None:
+            # from the user's message on: a stop posted before this watch is ready counts too
             try:
-                async with self._streams.subscribe(
-                    context.session_id, channels=[CONTROL], after=user_seq, tenant=context.tenant,
-                ) as requests:
-                    async for request in requests:
-                        if request.text == STOP:
-                            stopped = True
-                            generating.cancel()
-                            return
+                if self._journal is None:
+                    async with self._streams.subscribe(
+                        context.session_id, channels=[CONTROL], after=user_seq, tenant=context.tenant,
+                    ) as requests:
+                        async for request in requests:
+                            if request.text == STOP:
+                                return stop_now()
+                    return
+                # no consumer per turn: the session's publishes, after a read of what is logged already
+                journal = self._journal
+                async with journal.published(journal.subjects.session(context.tenant, context.session_id)) as live:
+                    key = AggregateKey(context.tenant, "session", context.session_id)
+                    if any(_asks_stop(commit) for _, commit in await journal.read(key, user_seq)):
+                        return stop_now()
+                    async for commit in live:
+                        if _asks_stop(commit):
+                            return stop_now()
             except Exception as exc:  # the reply goes on; only a stop from elsewhere is missed
                 log.warning("stop_watch_failed", session_id=context.session_id, error=repr(exc))
 
@@ -482,6 +516,11 @@ class Conversation:
                 await step()
             except Exception as exc:  # the reply (or the error being raised) matters more
                 bound.warning("agent_release_failed", step=step.__name__, error=repr(exc))
+
+
+def _asks_stop(commit: Any) -> bool:
+    """Whether a commit holds a stop request (``stop`` on the ``control`` channel)."""
+    return any(isinstance(e, MessagePosted) and e.channel == CONTROL and e.text == STOP for e in commit.events)
 
 
 async def _chunks(agent: Agent, context: AgentContext) -> AsyncGenerator[AgentChunk, None]:

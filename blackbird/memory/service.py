@@ -19,6 +19,7 @@ import json
 import math
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -106,6 +107,7 @@ class AsyncMemory:
         self.index = index
         self._keys = keys
         self._embedder = embedder
+        self._query_vectors: OrderedDict[tuple[str, str], _PendingVector] = OrderedDict()
         self._tasks = tasks
         self._index_started = False
         self._index_starting = anyio.Lock()
@@ -180,6 +182,31 @@ class AsyncMemory:
                 scope=spec, user_id=session.user_id,
             )
         return scope_id(kind, owner)
+
+    async def _embed_query(self, query: str) -> np.ndarray:
+        """The query's vector: embedded once for recalls of the same text close together (an
+        agent's turn recalls its message from several scopes at once), the last few kept."""
+        key = (str(getattr(self.embedder, "model_id", "")), query)
+        pending = self._query_vectors.get(key)
+        if pending is None:
+            pending = self._query_vectors[key] = _PendingVector()
+            while len(self._query_vectors) > _QUERY_CACHE:
+                self._query_vectors.popitem(last=False)
+            try:
+                pending.vector = (await anyio.to_thread.run_sync(self.embedder.embed, [query]))[0]
+            except BaseException:
+                self._query_vectors.pop(key, None)  # not kept: the next recall tries again
+                pending.failed = True
+                raise
+            finally:
+                pending.done.set()
+        else:
+            self._query_vectors.move_to_end(key)
+            await pending.done.wait()
+            if pending.failed:
+                return await self._embed_query(query)
+        assert pending.vector is not None
+        return pending.vector
 
     def _vector(self, text: str, vector: Any) -> np.ndarray:
         if vector is None:
@@ -410,7 +437,7 @@ class AsyncMemory:
         embedded: list[np.ndarray] = []
 
         async def embed() -> None:
-            embedded.append((await anyio.to_thread.run_sync(self.embedder.embed, [query]))[0])
+            embedded.append(await self._embed_query(query))
 
         # The query is embedded (the bulk of a recall's time) while the session is looked up,
         # the scopes are checked and the keyword side is searched.
@@ -736,3 +763,13 @@ def _check_memory_text(text: Any, field: str = "text") -> str:
     return check_str(text, field)
 
 
+_QUERY_CACHE = 64  # query vectors kept (recent recall texts)
+
+
+class _PendingVector:
+    """A query's vector being computed (or computed): waiters share one embedding."""
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.vector: np.ndarray | None = None
+        self.failed = False
