@@ -157,10 +157,11 @@ async def test_stop_reply_from_another_task_ends_generation_and_is_recorded(bb: 
     async def ask() -> None:
         replies.append(await bb.send_message("tell me a story", session.session_id, agent=agent))
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(ask)
-        await agent.waiting.wait()
-        await bb.stop_reply(session.session_id)
+    with anyio.fail_after(15):  # a stop that is not heard would leave the agent waiting for ever
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ask)
+            await agent.waiting.wait()
+            await bb.stop_reply(session.session_id)
     (reply,) = replies
     assert reply.stopped and reply.text == "Once upon"
     tokens, slots = await _quota_and_slots(bb, session.session_id)
