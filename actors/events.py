@@ -12,7 +12,7 @@ on the wire and in the log so an operator can read them with the ``nats`` CLI.
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import msgspec
 
@@ -674,6 +674,11 @@ class Remember(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True
     sealed: bytes
     expires_at: Instant | None
     duplicate_of: Name | None  # an existing memory this one is a near-duplicate of (shell's search)
+    text_mac: Name | None = None  # a keyed fingerprint of what is sealed: equal on a retry
+
+    # drawn anew on every try (a fresh nonce, the clock, the index's search): left out of the
+    # command's idempotency digest, which ``text_mac`` stands in for (see actors.idempotency)
+    volatile: ClassVar[tuple[str, ...]] = ("memory_id", "sealed", "expires_at", "duplicate_of")
 
 
 class ForgetMemory(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):

@@ -58,7 +58,11 @@ def digest(command: object) -> str:
     """A digest of ``command`` (hex): equal for equal commands, different (but for a 2^-64
     chance) for different ones. Pure and deterministic: blake2b of the command's JSON encoding
     with dict keys and fields in sorted order. Raises what the encoder raises for a value JSON
-    cannot hold (a lone surrogate, a type it does not know)."""
+    cannot hold (a lone surrogate, a type it does not know). Fields a command type names in
+    ``volatile`` (drawn anew on every try, such as a sealing nonce) are left out."""
+    volatile = getattr(type(command), "volatile", ())
+    if volatile and isinstance(command, msgspec.Struct):
+        command = msgspec.structs.replace(command, **dict.fromkeys(volatile))
     return hashlib.blake2b(_command_codec.encode(command), digest_size=_WIDTH).hexdigest()
 
 

@@ -296,3 +296,21 @@ def test_the_session_state_keeps_ids_and_digests_aligned_through_commits(
         assert idempotency.recall(state.recent_commands, state.recent_digests, cid, probe) == _model(
             commands, cid, probe
         )
+
+
+def test_a_remember_retried_digests_alike_though_its_nonce_clock_and_id_differ() -> None:
+    from actors.events import Remember
+
+    def remember(**changes: Any) -> Remember:
+        fields: dict[str, Any] = dict(
+            memory_id="m1", scope="user", owner="u1", author="u1", key=None, kind="fact", importance=0.5,
+            model_id="test/hash-64", size=11, sealed=b"nonce-1|ct", expires_at=100.0, duplicate_of=None,
+            text_mac="a" * 32,
+        )
+        return Remember(**{**fields, **changes})
+
+    first = remember()
+    retried = remember(memory_id="m2", sealed=b"nonce-2|ct", expires_at=105.0, duplicate_of="m1")
+    assert idempotency.digest(first) == idempotency.digest(retried)  # the same write, tried again
+    assert idempotency.digest(first) != idempotency.digest(remember(text_mac="b" * 32))  # another text
+    assert idempotency.digest(first) != idempotency.digest(remember(importance=0.9))

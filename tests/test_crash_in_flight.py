@@ -510,11 +510,6 @@ async def test_a_serve_host_killed_with_commands_memory_writes_and_subscribers_i
             host.close()
 
 
-@pytest.mark.xfail(
-    strict=True, raises=CommandIdReusedError,
-    reason="known bug: remember draws a new memory id, sealing nonce and expiry on every call, so a retry "
-    "under the same command_id is a different command and is refused once the first try was stored",
-)
 async def test_a_memory_write_stored_but_unacknowledged_is_recognised_when_retried_with_its_command_id(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
@@ -555,5 +550,9 @@ async def test_a_memory_write_stored_but_unacknowledged_is_recognised_when_retri
                 log = await log_of(bb, "memory")
                 written = [a.command_id for entries in log.values() for _, c in entries for a in c.commands]
                 assert written.count("in-flight:0") == 1
+                stored = [e.memory_id for entries in log.values() for _, c in entries for a in c.commands
+                          if a.command_id == "in-flight:0" for e in a.events if hasattr(e, "sealed")]
+                # the retry answers with the memory the first try stored
+                assert refused is not None or stored == [memory.memory_id], (stored, memory)
     if refused is not None:
         raise refused

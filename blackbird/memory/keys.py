@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
+import hmac
 import os
 import time
 from collections import OrderedDict
@@ -205,6 +207,14 @@ class UserKeys:
         header = bytes([_BLOB_VERSION]) + data_key.kid
         nonce = os.urandom(_NONCE_SIZE)
         return header + nonce + data_key.aead.encrypt(nonce, plaintext, header + aad)
+
+    async def mac(self, tenant: str, user_id: str, data: bytes) -> str:
+        """A keyed fingerprint of ``data`` under the user's key (HMAC-SHA256 with a key derived
+        from it, hex): equal for equal data, meaningless without the key, so it may travel with
+        a command (a retry of a sealed write is recognised by it) and dies with an erasure."""
+        data_key = await self._sealing_key(tenant, user_id)
+        mac_key = hashlib.sha256(b"blackbird memory fingerprint v1\x00" + data_key.key).digest()
+        return hmac.new(mac_key, data, hashlib.sha256).hexdigest()[:32]
 
     async def decrypt(
         self, tenant: str, user_id: str, blob: bytes, *, aad: bytes = b""

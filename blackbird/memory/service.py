@@ -66,7 +66,7 @@ from blackbird.errors import (
     ScopeAccessError,
     SessionInactiveError,
 )
-from blackbird.ids import new_id
+from blackbird.ids import derived_id, new_id
 from blackbird.journal import Journal
 from blackbird.memory.index import MemoryIndex, Sealed, quote
 from blackbird.memory.keys import UserKeys
@@ -330,7 +330,9 @@ class AsyncMemory:
         memories: list[Memory] = [None] * len(cleaned)  # type: ignore[list-item]
 
         async def write(i: int) -> None:
-            memory_id = new_id(12)
+            # a retry under the same command id writes the same memory (its id, and a fingerprint
+            # of its content, are the same; the nonce and the clock are not, see Remember.volatile)
+            memory_id = new_id(12) if command_id is None else derived_id(session.tenant, sid, command_id, str(i))[:24]
             sealed_plain = msgspec.msgpack.encode(
                 Sealed(text=cleaned[i], vector=matrix[i].astype("<f4").tobytes(), metadata=meta)
             )
@@ -343,6 +345,9 @@ class AsyncMemory:
                 kind=kind, importance=float(importance), model_id=self.embedder.model_id,
                 size=sizes[i], sealed=sealed, expires_at=None if retention is None else now + retention,
                 duplicate_of=duplicates[i],
+                text_mac=None if command_id is None else await self._keys.mac(
+                    session.tenant, session.user_id, sid.encode() + b"\x00" + sealed_plain
+                ),
             )
             cid = None if command_id is None else f"{command_id}:{i}"
             outcome = await self._ask(session.tenant, sid, command, cid)
