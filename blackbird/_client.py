@@ -125,6 +125,20 @@ def _abuse_config(settings: Settings) -> AbuseConfig:
         ) from None
 
 
+class _NoReadModels:
+    """The read models of a client on tenant credentials: none (they fold every tenant's log)."""
+
+    def __init__(self, principal: str, tenant: str) -> None:
+        self._principal = principal
+        self._tenant = tenant
+
+    async def verify(self) -> dict[str, list[str]]:
+        raise AccessDeniedError(
+            "audit verify rebuilds the read models from the whole log: it needs the service identity, "
+            "not tenant credentials", principal=self._principal, action="audit verify", tenant=self._tenant,
+        )
+
+
 async def _has_jetstream(nc: NATS, timeout: float) -> bool:
     """Whether this connection's account has JetStream (a tenant's account has none)."""
     try:
@@ -503,7 +517,7 @@ class AsyncBlackbird:
         )
         quotas = Quotas(gateway)
         self._session_manager = AsyncSessionManager(gateway, quotas, Analytics(gateway, quotas, None, s.analytics_k))
-        self._auditor = Auditor(reader, book, s.tenant)
+        self._auditor = Auditor(reader, book, s.tenant, projections=_NoReadModels(s.nats_user or "tenant", s.tenant))
         self._streams = AsyncStreams(gateway, reader, timeout=s.command_timeout)
         self._converse(tasks)
         log.info("blackbird_opened", nats_url=self.nats_url, tenant=s.tenant, tenant_credentials=True)

@@ -225,6 +225,8 @@ async def test_tenant_credentials_reach_commands_streams_and_audits_of_their_ten
             acme.memory  # noqa: B018  memory needs the service identity
         with pytest.raises(AccessDeniedError):
             await acme.session_manager.get_user_sessions("u1")
+        with pytest.raises(AccessDeniedError):
+            await acme.audit.verify()
     # the service's view and the tenant's agree
     assert (await walls.host.audit.replay(session_id=session.session_id)).rows == report.rows
 
