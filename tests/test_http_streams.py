@@ -70,6 +70,12 @@ async def test_a_stream_token_reads_its_session_like_an_event_source_and_resumes
         async with http.stream("GET", url + issued["url"], headers={"Last-Event-ID": first[-1]["id"]}) as response:
             rest = await sse_until_sentinel(response.aiter_lines())
         assert [e["data"]["text"] for e in rest] == ["three"]
+        # ?events=message: every event unnamed for EventSource's onmessage, the channel in the data
+        async with http.stream("GET", url + issued["url"] + "&events=message") as response:
+            unnamed = await sse_events(response.aiter_lines(), 2)
+        assert [(e["event"], e["data"]["channel"], e["data"]["text"]) for e in unnamed] == [
+            ("message", "chat", "one"), ("message", "chat", "two")
+        ]
         # a stream token is for reading that one stream: no other endpoint takes it
         monitor = await http.get(f"{url}/v1/events?token={issued['token']}")
         assert monitor.status_code == 403

@@ -72,6 +72,9 @@ class StreamQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
     after: str | None = None  # a resume token (Last-Event-ID takes precedence)
     channels: str | None = None  # comma-separated channel names
     token: str | None = None  # a stream token (for EventSource, which cannot send headers)
+    # "message": every event unnamed (EventSource's onmessage gets them all; the channel is in
+    # the data) instead of ``event: <channel>``, which a page must listen for by name
+    events: Literal["channel", "message"] = "channel"
 
 
 class MonitorQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
@@ -216,7 +219,8 @@ def endpoints(ctx: HttpContext) -> list[Endpoint]:
                             if message is None:
                                 yield KEEP_ALIVE
                                 continue
-                            yield sse(message.resume, message.channel, encode(message))
+                            name = message.channel if call.query.events == "channel" else "message"
+                            yield sse(message.resume, name, encode(message))
                     finally:
                         if present:
                             await presence.left(caller, session_id)

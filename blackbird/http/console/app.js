@@ -10,8 +10,6 @@ const RETRY_MS = [500, 1000, 2000, 4000];
 const KNOWN_CHANNELS = ["chat", "progress", "notification"];
 const KEEP_MESSAGES = 1000; // shown per session; older ones leave the page
 const KEEP_IDS = 10000; // event ids remembered to drop repeats
-// SSE events carry the channel as their name and EventSource only reports names it listens to.
-const LISTENED = [...KNOWN_CHANNELS, "presence", "notifications", "system", "status", "tool", "agent", "message"];
 
 const $ = (id) => document.getElementById(id);
 
@@ -250,7 +248,7 @@ export function followSession(sessionId, { onEvent, onGap, onState }) {
     if (message.lastEventId) lastId = message.lastEventId;
     let data;
     try { data = JSON.parse(message.data); } catch { return; }
-    if (message.type === "gap") return onGap(data);
+    if (message.type === "gap" || data.channel === "gap") return onGap(data);
     const id = data.id ?? message.lastEventId;
     if (id && seen.has(id)) return;
     if (id) seen.add(id);
@@ -273,11 +271,11 @@ export function followSession(sessionId, { onEvent, onGap, onState }) {
       return retry();
     }
     if (lastId) url.searchParams.set("after", lastId);
+    url.searchParams.set("events", "message");  // every channel reaches onmessage (the channel is in the data)
     if (closed) return;
     source = new EventSource(url);
     source.onopen = () => { attempt = 0; onState("live"); };
     source.onmessage = handle;
-    for (const name of [...LISTENED, "gap"]) source.addEventListener(name, handle);
     source.onerror = () => {
       // A fresh token for every reconnect: the old one may have expired, and a restarted server
       // may answer 401 to it, which would close the EventSource for good.
