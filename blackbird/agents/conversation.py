@@ -27,7 +27,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import math
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -236,12 +236,16 @@ class Conversation:
         return the reply. ``on_text`` is called with each piece of text as it is generated."""
         session = await self._session(session_id, tenant)
         chosen = self._agent(agent, session)
-        posted = await self._sessions.send_message(
-            message, session_id=session.session_id, tenant=session.tenant, author=session.user_id,
-            metadata={"role": "user"},
-        )
-        user_seq: int = posted["sequence"]
-        context, memory_ids = await self._context(message, session, chosen.agent_id, user_seq)
+
+        async def post() -> int:
+            posted = await self._sessions.send_message(
+                message, session_id=session.session_id, tenant=session.tenant, author=session.user_id,
+                metadata={"role": "user"},
+            )
+            return int(posted["sequence"])
+
+        # the recalls need not wait for the user's message to be in the log: they run meanwhile
+        context, memory_ids, user_seq = await self._context(message, session, chosen.agent_id, post)
         prompt = estimate_prompt_tokens(context)
         admission = await self._sessions.admit(
             session.session_id, OPERATION, costs={"tokens": prompt + context.max_reply_tokens},
@@ -325,14 +329,18 @@ class Conversation:
         return agent
 
     async def _context(
-        self, message: str, session: Session, agent_id: str, user_seq: int
-    ) -> tuple[AgentContext, list[str]]:
-        """The agent's context and the ids of the memories in it (the recalled, then the preferences)."""
+        self, message: str, session: Session, agent_id: str, post: Callable[[], Awaitable[int]]
+    ) -> tuple[AgentContext, list[str], int]:
+        """The agent's context, the ids of the memories in it (the recalled, then the preferences)
+        and the sequence of the user's message, which ``post`` appends while memories are recalled."""
         history: list[ContextMessage] = []
         recalled: list[Memory] = []
         preferences: list[Memory] = []
+        user_seq = 0
 
         async def read_history() -> None:
+            nonlocal user_seq
+            user_seq = await post()
             history.extend(await self._history(session, user_seq))
 
         async def recall() -> None:
@@ -362,7 +370,7 @@ class Conversation:
             preferences=prefs, session_metadata=dict(session.metadata), max_reply_tokens=self.max_reply_tokens,
             budget_tokens=self.budget_tokens,
         )
-        return context, [m.memory_id for m in memories] + [m.memory_id for m in preferences]
+        return context, [m.memory_id for m in memories] + [m.memory_id for m in preferences], user_seq
 
     async def _history(self, session: Session, user_seq: int) -> list[ContextMessage]:
         """The chat's last ``history`` messages before the user's (sequence ``user_seq``), read
@@ -511,11 +519,16 @@ class Conversation:
             if lease_id is not None:
                 await self._sessions.release_slot(session.session_id, OPERATION, lease_id, tenant=session.tenant)
 
-        for step in (settle, release):
+        async def guarded(step: Callable[[], Awaitable[None]]) -> None:
             try:
                 await step()
             except Exception as exc:  # the reply (or the error being raised) matters more
                 bound.warning("agent_release_failed", step=step.__name__, error=repr(exc))
+
+        # together: the session's actor takes both in one commit
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(guarded, settle)
+            tg.start_soon(guarded, release)
 
 
 def _asks_stop(commit: Any) -> bool:
