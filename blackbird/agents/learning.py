@@ -248,6 +248,9 @@ class _Position(msgspec.Struct):
     seq: int
 
 
+_RESTORE_WAIT = 3.0  # seconds opening a client waits for the learner's checkpoint before going on
+
+
 class Learner:
     """Follows every tenant's sessions and remembers what their users state (see the module
     docstring). ``bb.learning`` on a host; started by the client, stopped with it.
@@ -317,12 +320,18 @@ class Learner:
     # ------------------------------------------------------------------ running
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Restore the position (once), then follow the log until cancelled; ready once the
-        position is known. Run it under :func:`blackbird._retry.keep_running`: a failure to
-        read the log or write a memory ends this call, and the next one resumes after the last
-        message finished."""
+        """Restore the position (once), then follow the log until cancelled. Run it under
+        :func:`blackbird._retry.keep_running`: a failure to read the log or write a memory ends
+        this call, and the next one resumes after the last message finished. Ready once the
+        position is restored, or once restoring failed (a cluster still electing the checkpoint
+        store's leader must not fail opening a client: the next call restores it)."""
         if not self._restored:
-            stored = await self._checkpoints.load(self.name)
+            try:
+                with anyio.fail_after(_RESTORE_WAIT):
+                    stored = await self._checkpoints.load(self.name)
+            except Exception:
+                task_status.started()
+                raise
             if stored is not None:
                 self.seq = self._saved = msgspec.json.decode(stored.data, type=_Position).seq
                 self._token = stored.token
