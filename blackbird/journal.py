@@ -643,12 +643,25 @@ class Journal:
     def _entry(self, msg: Msg) -> Entry | None:
         """A delivered message as an Entry; None (logged) for one that is not a commit: someone
         published junk on a stream subject, which must not stop a reader."""
-        seq = msg.metadata.sequence.stream
+        return self._entry_of(msg.metadata.sequence.stream, msg.subject, msg.data or b"")
+
+    def _entry_of(self, seq: int, subject: str, data: bytes) -> Entry | None:
         try:
-            return Entry(seq, msg.subject, upcast(self._decode(msg.data)))
+            return Entry(seq, subject, upcast(self._decode(data)))
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            log.error("commit_undecodable", subject=msg.subject, seq=seq, error=str(exc))
+            log.error("commit_undecodable", subject=subject, seq=seq, error=str(exc))
             return None
+
+    async def next_entry(self, subject: str, start: int) -> tuple[int, Entry | None] | None:
+        """The first message on ``subject`` at or after sequence ``start``, one round trip: its
+        sequence and its commit (None, logged, for a message that is not a commit); None if
+        there is none."""
+        try:
+            msg = await self._next_on(subject, start)
+        except nats.js.errors.NotFoundError:
+            return None
+        seq = int(msg.seq or 0)
+        return seq, self._entry_of(seq, subject, msg.data or b"")
 
     # ------------------------------------------------------------------ reading
 

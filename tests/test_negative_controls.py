@@ -6,8 +6,6 @@ there. A corrupted read model makes ``verify()`` name the projection and the fie
 from __future__ import annotations
 
 import base64
-import os
-import sys
 from pathlib import Path
 
 import anyio
@@ -23,20 +21,10 @@ from blackbird.memory.index import Sealed
 from blackbird.memory.keys import UserKeys
 
 from .conftest import TEST_MASTER_KEY, NatsServer
+from .test_audit import run_cli
 
 pytestmark = pytest.mark.anyio
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-async def run_cli(*args: str) -> tuple[int, str, str]:
-    """``blackbird ARGS`` as a subprocess, as a shell runs it."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BLACKBIRD_")}
-    env["BLACKBIRD_LOG_LEVEL"] = "warning"
-    done = await anyio.run_process(
-        [sys.executable, "-m", "blackbird._cli", *args], check=False, env=env, cwd=REPO_ROOT
-    )
-    return done.returncode, done.stdout.decode(), done.stderr.decode()
 
 
 # --------------------------------------------------------------------------- verify

@@ -13,17 +13,13 @@ readers never hold up the others, and nobody loses or repeats a commit.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import anyio
 import anyio.abc
-import msgspec
-import nats.js.errors
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from structlog.typing import FilteringBoundLogger
 
-from actors.events import Commit, upcast
 from blackbird.journal import Entry, Journal
 
 log = structlog.get_logger("blackbird.streams")
@@ -172,11 +168,10 @@ class LiveFeeds:
             # joining at once would otherwise make a thousand consumers, which the server keeps
             # a while after they are dropped and refuses past its limit.
             while last < until:
-                msg = await self._next_on(subject, last + 1)
-                if msg is None or int(msg.seq or 0) > until:  # ``until`` itself is gone: the feed has the rest
+                found = await self._journal.next_entry(subject, last + 1)
+                if found is None or found[0] > until:  # ``until`` itself is gone: the feed has the rest
                     return last
-                last = int(msg.seq or 0)
-                entry = _entry(last, subject, msg.data or b"")
+                last, entry = found
                 if entry is not None:
                     await on_entry(entry)
             return last
@@ -195,29 +190,3 @@ class LiveFeeds:
         except _CaughtUp:
             pass
         return last
-
-    async def _next_on(self, subject: str, start: int) -> Any:
-        """The first message on ``subject`` at or after sequence ``start`` (None if none), from
-        the stream's leader: it holds every commit a feed has handed on."""
-        journal = self._journal
-        try:
-            return await journal.retrying(
-                f"read {subject}",
-                lambda js: js.get_msg(journal.stream, seq=start, subject=subject, next=True),
-                expected=(nats.js.errors.NotFoundError,),
-            )
-        except nats.js.errors.NotFoundError:
-            return None
-
-
-_decode = msgspec.json.Decoder(Commit).decode
-
-
-def _entry(seq: int, subject: str, data: bytes) -> Entry | None:
-    """A stored message as an Entry; None (logged) for one that is not a commit, which a reader
-    skips as :meth:`Journal.follow_with` does."""
-    try:
-        return Entry(seq, subject, upcast(_decode(data)))
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        log.error("commit_undecodable", subject=subject, seq=seq, error=str(exc))
-        return None
