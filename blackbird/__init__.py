@@ -48,7 +48,7 @@ from blackbird.memory.service import AsyncMemory
 from blackbird.sessions.api_keys import ApiKey, ApiKeys, IssuedApiKey
 from blackbird.sessions.manager import AsyncSessionManager
 from blackbird.streams.subscription import AsyncStreams, StreamEvent, Subscription
-from blackbird.types import Admission, Memory, Session, SessionStatus, UsageRecord
+from blackbird.types import Admission, Entity, Memory, Neighbor, Relation, Session, SessionStatus, UsageRecord
 
 __all__ = [
     "AccessDeniedError",
@@ -78,7 +78,10 @@ __all__ = [
     "EmbeddingModelMismatchError",
     "IssuedApiKey",
     "LogError",
+    "Entity",
     "Memory",
+    "Neighbor",
+    "Relation",
     "MemoryIndexBusyError",
     "NatsAuthError",
     "PayloadTooLargeError",

@@ -10,7 +10,7 @@ import msgspec
 from actors.events import SessionStatus, SessionView
 from actors.policy import QuotaType
 
-__all__ = ["Admission", "Memory", "Session", "SessionStatus", "UsageRecord"]
+__all__ = ["Admission", "Entity", "Memory", "Neighbor", "Relation", "Session", "SessionStatus", "UsageRecord"]
 
 
 class UsageRecord(msgspec.Struct, frozen=True):
@@ -70,6 +70,68 @@ class Memory(msgspec.Struct, frozen=True, kw_only=True):
     scores: dict[str, float] = {}
     updated: bool = False  # remember(): a near-duplicate was updated instead of a new memory
     superseded: str | None = None  # remember(): the memory with the same key it replaced
+    # recall(expand=1): the facts one hop from the entities this memory is linked to
+    facts: tuple[Relation, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return msgspec.to_builtins(self)  # type: ignore[no-any-return]
+
+
+class Entity(msgspec.Struct, frozen=True, kw_only=True):
+    """A node of the knowledge graph: one person, place, organisation or thing, whatever it was
+    called (``aliases``). ``recorded_at``/``sequence``: when the log first recorded it."""
+
+    entity_id: str
+    name: str
+    entity_type: str = "thing"
+    aliases: tuple[str, ...] = ()
+    scope: str = "user"
+    owner: str = ""
+    author: str = ""
+    recorded_at: float = 0.0
+    sequence: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return msgspec.to_builtins(self)  # type: ignore[no-any-return]
+
+
+class Relation(msgspec.Struct, frozen=True, kw_only=True):
+    """A fact of the knowledge graph, ``subject predicate object``, bi-temporal.
+
+    Valid time: it holds from ``valid_from`` until ``valid_to`` (None: still holds, as far as is
+    known). Recorded time: the log recorded it at ``recorded_at`` (``sequence``) and, if it has
+    ended, recorded its end at ``ended_at`` (``ended_by``: the fact that contradicted it)."""
+
+    relation_id: str
+    subject: str
+    predicate: str
+    object: str
+    subject_id: str = ""
+    object_id: str = ""
+    valid_from: float = 0.0
+    valid_to: float | None = None
+    recorded_at: float = 0.0
+    sequence: int = 0
+    ended_at: float | None = None
+    ended_by: str | None = None
+    scope: str = "user"
+    owner: str = ""
+    author: str = ""
+    evidence: str | None = None
+    source: str | None = None  # the memory (or message) it was extracted from
+    metadata: dict[str, Any] = {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return msgspec.to_builtins(self)  # type: ignore[no-any-return]
+
+
+class Neighbor(msgspec.Struct, frozen=True, kw_only=True):
+    """An entity reached from another by ``neighbors``: how many hops away, and the fact that
+    reached it (from the entity one hop nearer)."""
+
+    entity: Entity
+    depth: int
+    via: Relation
 
     def to_dict(self) -> dict[str, Any]:
         return msgspec.to_builtins(self)  # type: ignore[no-any-return]
