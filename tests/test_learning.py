@@ -52,6 +52,11 @@ def facts(text: str) -> dict[str, str]:
     ("my favorite book is Dune.", {"favourite:book": "The user's favourite book is Dune"}),
     ("I prefer tea over coffee", {"prefers:coffee vs tea": "The user prefers tea over coffee"}),
     ("I’m from Lyon and I’m a nurse", {"from": "The user is from Lyon", "role": "The user is a nurse"}),
+    ("I live in Paris and work at Acme", {"lives_in": "The user lives in Paris", "works_at": "The user works at Acme"}),
+    ("My friend's name is Bob", {"friend_of:bob": "The user's friend is Bob"}),
+    ("My wife is Eve.", {"married_to": "The user's wife is Eve"}),
+    ("My manager is Priya Raman", {"reports_to": "The user's manager is Priya Raman"}),
+    ("My sister Eve lives in Rome", {"sibling_of:eve": "The user's sister is Eve"}),
 ])
 def test_rules_turn_first_person_statements_into_keyed_facts(text: str, expected: dict[str, str]) -> None:
     assert facts(text) == expected
@@ -74,7 +79,8 @@ def test_rules_turn_first_person_statements_into_keyed_facts(text: str, expected
     "I like it",
     "I love you",
     "My sister lives in Rome",
-    "My friend's name is Bob",
+    "My boss is annoying",
+    "my wife is lovely",
     "Call me tomorrow",
     "You live in Paris",
     "",

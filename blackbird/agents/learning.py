@@ -1,17 +1,21 @@
 """Learning across sessions: what users state about themselves becomes user-scope memories.
 
 An :class:`Extractor` turns one of the user's messages into :class:`ExtractedFact` s (a key, a
-standalone statement, a kind). Two ship: :class:`RuleExtractor` (offline, deterministic, English
-first-person statements) and ``blackbird.agents.openai.OpenAIExtractor`` (a model's structured
-JSON output).
+standalone statement, a kind); a :class:`GraphExtractor` also turns it into
+:class:`ExtractedRelation` s (subject, predicate, object) for the knowledge graph. Two ship, both
+graph extractors: :class:`RuleExtractor` (offline, deterministic, English first-person
+statements) and ``blackbird.agents.openai.OpenAIExtractor`` (a model's structured JSON output).
 
 The :class:`Learner` runs on hosts, off the reply path: it follows every tenant's session
 commits in the log and, for each message its session's own user posted on the ``chat``
 channel, writes the extracted facts with ``memory.remember(..., scope="user", key=...)``. The
 memory service does the rest: a near-duplicate updates the memory it repeats, a newer fact
-with the same key supersedes the older one (``recall(as_of=...)`` still finds it). Its
-position in the log is checkpointed in the projections' checkpoint store, so a restart resumes
-where it stopped instead of learning everything again.
+with the same key supersedes the older one (``recall(as_of=...)`` still finds it). Then, with a
+graph extractor, it writes the message's relations with ``memory.relate(...)`` (each pointing at
+the memory of the fact it restates, its ``source``): the facts are remembered first, so what was
+said is recallable before the graph has it. Its position in the log is checkpointed in the
+projections' checkpoint store, so a restart resumes where it stopped instead of learning
+everything again.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ from __future__ import annotations
 import collections
 import re
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast, runtime_checkable
 
 import anyio
 import anyio.abc
@@ -41,8 +45,18 @@ from projections.runner import Checkpoints, Waiters
 if TYPE_CHECKING:
     from blackbird.journal import Entry, Journal
     from blackbird.memory.service import AsyncMemory
+    from blackbird.types import Entity, Relation
 
-__all__ = ["ExtractedFact", "Extractor", "Learner", "RuleExtractor"]
+__all__ = [
+    "USER",
+    "ExtractedFact",
+    "ExtractedRelation",
+    "Extractor",
+    "GraphExtractor",
+    "Learner",
+    "RuleExtractor",
+    "normal_predicate",
+]
 
 log = structlog.get_logger("blackbird.learning")
 
@@ -59,12 +73,61 @@ class ExtractedFact(msgspec.Struct, frozen=True):
     kind: Literal["fact", "preference"]
 
 
+#: The subject (or object) of an :class:`ExtractedRelation` that stands for the message's author.
+USER = "@user"
+#: The predicate that gives a name to its subject: ``ExtractedRelation(USER, NAMED, "Ada")`` makes
+#: "Ada" an alias of the author's node (``note_entity``), not a relation to a node called "Ada".
+NAMED = "named"
+
+_PREDICATE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_NOT_SNAKE = re.compile(r"[^a-z0-9]+")
+
+
+def normal_predicate(predicate: str) -> str | None:
+    """``predicate`` as a knowledge-graph predicate (lower snake_case, ``^[a-z][a-z0-9_]{0,63}$``):
+    ``"Lives In"`` -> ``lives_in``; None when nothing of it is left or it does not start with a
+    letter."""
+    snake = _NOT_SNAKE.sub("_", predicate.strip().lower()).strip("_")
+    return snake if _PREDICATE.match(snake) else None
+
+
+class ExtractedRelation(msgspec.Struct, frozen=True):
+    """One fact for the knowledge graph that a message states: ``subject predicate object``.
+
+    ``subject`` and ``object`` are names; :data:`USER` (``"@user"``) stands for the message's
+    author, whose node is the entity named by their user id (a person). ``predicate`` is lower
+    snake_case (:func:`normal_predicate`); the predicate :data:`NAMED` (``"named"``) is special:
+    its object is a name of the subject, added as an alias, not a node of its own. Types are
+    lower-case tokens: person, place, organization, role, thing. ``fact_key``: the key of the
+    :class:`ExtractedFact` of the same message that states the same thing (its memory becomes the
+    relation's ``source``); ``evidence``: the words of the message that state it."""
+
+    subject: str
+    predicate: str
+    object: str
+    subject_type: str = "person"
+    object_type: str = "thing"
+    fact_key: str | None = None
+    evidence: str = ""
+
+
 @runtime_checkable
 class Extractor(Protocol):
     """Turns one message a user wrote into the facts and preferences it states."""
 
     async def extract(self, text: str, *, user_id: str) -> list[ExtractedFact]:
         """The facts ``text`` states about its author ``user_id`` (empty: none)."""
+        ...
+
+
+@runtime_checkable
+class GraphExtractor(Extractor, Protocol):
+    """An :class:`Extractor` that also finds the relations a message states, for the knowledge
+    graph. The learner calls :meth:`extract` then :meth:`extract_relations` on the same message;
+    an implementation that asks a model answers both from one call."""
+
+    async def extract_relations(self, text: str, *, user_id: str) -> list[ExtractedRelation]:
+        """The relations ``text`` states (empty: none); see :class:`ExtractedRelation`."""
         ...
 
 
@@ -88,9 +151,15 @@ _VALUE_END = re.compile(
 )
 # Sentences: up to and including their end mark (a "?" marks a question, which states nothing).
 _SENTENCE = re.compile(r"[^.!?;\n]+[.!?;\n]*")
+# Verbs that go on with the clause's subject left out: "I live in Paris and work at Acme".
+_SAME_SUBJECT = (
+    r"(?:live|work|moved|relocated|come|love|like|enjoy|adore|hate|dislike|detest|prefer|don't|do not|am)"
+)
+_LEFT_OUT_I = re.compile(_SAME_SUBJECT + r"\b", re.IGNORECASE)
 # Clauses of one sentence: "My name is Ada and I live in Paris" is two statements.
 _CLAUSE_SPLIT = re.compile(
-    r"\s*(?:,\s*)?\b(?:and|but|also|plus)\s+(?=(?:i|i'm|i am|my|call me)\b)", re.IGNORECASE
+    r"\s*(?:,\s*)?\b(?:and|but|also|plus)\s+(?=(?:i|i'm|i am|my|call me|" + _SAME_SUBJECT + r")\b)",
+    re.IGNORECASE,
 )
 # Values that are not things: pronouns, fillers, quantities ("I like it", "I'm a bit tired").
 _NOT_A_THING = frozenset(
@@ -102,7 +171,15 @@ _PLACE_TAIL = re.compile(r"\s*[A-Z][\w.'-]*(?:\s+[A-Z][\w.'-]*)*\s*[.!]*\s*")
 _RATHER = re.compile(r"\s+(?:over|to|rather than|instead of)\s+", re.IGNORECASE)
 _ARTICLES = re.compile(r"^(?:the|a|an|my|some|to)\s+", re.IGNORECASE)
 
-_Build = Callable[[str, "re.Match[str]"], "ExtractedFact | None"]
+
+class _Found(msgspec.Struct, frozen=True):
+    """What one clause states: the fact to remember (if any) and the relations for the graph."""
+
+    fact: ExtractedFact | None
+    relations: tuple[ExtractedRelation, ...] = ()
+
+
+_Build = Callable[[str, "re.Match[str]"], "_Found | None"]
 
 
 def _thing(value: str) -> str:
@@ -115,45 +192,105 @@ def _fact(key: str, text: str, kind: Literal["fact", "preference"] = "fact") -> 
     return ExtractedFact(key=key, text=text, kind=kind)
 
 
+def _stated(fact: ExtractedFact, predicate: str, value: str, object_type: str) -> _Found:
+    """A statement about the author: its fact, and the same as the author's relation."""
+    relation = ExtractedRelation(USER, predicate, value, "person", object_type, fact.key)
+    return _Found(fact, (relation,))
+
+
+def _person(value: str) -> str | None:
+    """``value`` when it reads as a person's name (capitalised, at most four words), else None:
+    "my boss is Priya Raman", not "my boss is annoying"."""
+    words = value.split()
+    if not words or len(words) > 4 or not words[0][:1].isupper() or words[0].lower() in _NOT_A_THING:
+        return None
+    return value
+
+
+#: Kin and colleagues: the word, the author's predicate, and how the fact's key is made.
+_KIN = {
+    "wife": "married_to", "husband": "married_to", "partner": "married_to", "spouse": "married_to",
+    "manager": "reports_to", "boss": "reports_to",
+    "sister": "sibling_of", "brother": "sibling_of", "sibling": "sibling_of",
+    "friend": "friend_of", "best friend": "friend_of",
+}
+_FUNCTIONAL_KIN = frozenset({"married_to", "reports_to"})  # one at a time: the key has no name in it
+_KIN_WORDS = "|".join(sorted(_KIN, key=len, reverse=True))
+
+
+def _kin(word: str, name: str) -> _Found:
+    predicate = _KIN[word.lower()]
+    key = predicate if predicate in _FUNCTIONAL_KIN else f"{predicate}:{_thing(name)}"
+    fact = _fact(key, f"The user's {word.lower()} is {name}")
+    return _Found(fact, (ExtractedRelation(USER, predicate, name, "person", "person", key),))
+
+
 def _rules() -> list[tuple[re.Pattern[str], _Build]]:
     """The statements understood, each a pattern anchored at the clause's start and how its
-    fact is built from the value it captured (``v``, and ``x`` where there are two)."""
+    fact and relations are built from the value it captured (``v``, and ``x`` where there are
+    two)."""
 
-    def name(v: str, m: re.Match[str]) -> ExtractedFact:
-        return _fact("name", f"The user's name is {v.title() if v.islower() else v}")
+    def name(v: str, m: re.Match[str]) -> _Found:
+        named = v.title() if v.islower() else v
+        return _stated(_fact("name", f"The user's name is {named}"), NAMED, named, "person")
 
-    def lives(v: str, m: re.Match[str]) -> ExtractedFact:
-        return _fact("lives_in", f"The user lives in {v}")
+    def lives(v: str, m: re.Match[str]) -> _Found:
+        return _stated(_fact("lives_in", f"The user lives in {v}"), "lives_in", v, "place")
 
-    def origin(v: str, m: re.Match[str]) -> ExtractedFact:
-        return _fact("from", f"The user is from {v}")
+    def origin(v: str, m: re.Match[str]) -> _Found:
+        return _stated(_fact("from", f"The user is from {v}"), "comes_from", v, "place")
 
-    def works(v: str, m: re.Match[str]) -> ExtractedFact:
-        return _fact("works_at", f"The user works at {v}")
+    def works(v: str, m: re.Match[str]) -> _Found:
+        return _stated(_fact("works_at", f"The user works at {v}"), "works_at", v, "organization")
 
-    def role(v: str, m: re.Match[str]) -> ExtractedFact | None:
+    def role(v: str, m: re.Match[str]) -> _Found:
         article = "an" if v[:1].lower() in "aeiou" else "a"
-        return _fact("role", f"The user is {article} {v}")
+        return _stated(_fact("role", f"The user is {article} {v}"), "works_as", v, "role")
 
-    def likes(v: str, m: re.Match[str]) -> ExtractedFact:
+    def likes(v: str, m: re.Match[str]) -> _Found:
         # one key per thing for both liking and disliking it: what the user says last stands
-        return _fact(f"likes:{_thing(v)}", f"The user likes {v}", "preference")
+        return _stated(_fact(f"likes:{_thing(v)}", f"The user likes {v}", "preference"), "likes", v, "thing")
 
-    def dislikes(v: str, m: re.Match[str]) -> ExtractedFact:
-        return _fact(f"likes:{_thing(v)}", f"The user does not like {v}", "preference")
+    def dislikes(v: str, m: re.Match[str]) -> _Found:
+        fact = _fact(f"likes:{_thing(v)}", f"The user does not like {v}", "preference")
+        return _stated(fact, "dislikes", v, "thing")
 
-    def prefers(v: str, m: re.Match[str]) -> ExtractedFact:
+    def prefers(v: str, m: re.Match[str]) -> _Found | None:
         # "X over Y" and "Y over X" share a key: the later choice stands
-        things = sorted(_thing(part) for part in _RATHER.split(v, maxsplit=1))
-        return _fact(f"prefers:{' vs '.join(things)}", f"The user prefers {v}", "preference")
+        parts = _RATHER.split(v, maxsplit=1)
+        things = sorted(_thing(part) for part in parts)
+        fact = _fact(f"prefers:{' vs '.join(things)}", f"The user prefers {v}", "preference")
+        chosen = _value(parts[0])
+        return _stated(fact, "prefers", chosen, "thing") if chosen else _Found(fact)
 
-    def favourite(v: str, m: re.Match[str]) -> ExtractedFact | None:
+    def favourite(v: str, m: re.Match[str]) -> _Found | None:
         what = _value(m.group("x"))
-        if what is None:
+        predicate = None if what is None else normal_predicate(f"favourite_{_thing(what)}")
+        if what is None or predicate is None:
             return None
-        return _fact(f"favourite:{_thing(what)}", f"The user's favourite {what} is {v}", "preference")
+        fact = _fact(f"favourite:{_thing(what)}", f"The user's favourite {what} is {v}", "preference")
+        return _stated(fact, predicate, v, "thing")
+
+    def kin(v: str, m: re.Match[str]) -> _Found | None:
+        named = _person(v)
+        return None if named is None else _kin(m.group("k"), named)
+
+    def kin_who(v: str, m: re.Match[str]) -> _Found | None:
+        # "my sister Eve lives in Rome": who she is to the author, and the fact about her
+        named = _person(m.group("n"))
+        if named is None:
+            return None
+        found = _kin(m.group("k"), named)
+        verb = m.group("verb").lower()
+        predicate, object_type = (
+            ("lives_in", "place") if verb.startswith("live") else
+            ("works_at", "organization") if verb.startswith("work") else ("comes_from", "place")
+        )
+        about = ExtractedRelation(named, predicate, v, "person", object_type, None, m.group(0))
+        return _Found(found.fact, (*found.relations, about))
 
     adverb = r"(?:(?:really|truly|also|still|currently|now|actually|absolutely|just|quite)\s+)?"
+    kin_word = rf"(?:my|our) (?P<k>{_KIN_WORDS})"
     return [
         (re.compile(r"^(?:my name is|my name's|call me|i am called|i'm called)\s+(?P<v>.+)", re.I), name),
         (re.compile(rf"^i {adverb}(?:live|reside|stay) in\s+(?P<v>.+)", re.I), lives),
@@ -170,6 +307,11 @@ def _rules() -> list[tuple[re.Pattern[str], _Build]]:
         (re.compile(rf"^i {adverb}(?:like|love|enjoy|adore)\s+(?P<v>.+)", re.I), likes),
         (re.compile(rf"^i {adverb}prefer\s+(?P<v>.+)", re.I), prefers),
         (re.compile(r"^my (?:favourite|favorite|fave) (?P<x>[\w' -]+?) (?:is|are)\s+(?P<v>.+)", re.I), favourite),
+        (re.compile(rf"^{kin_word}(?:'s name)? is (?:called |named )?(?P<v>.+)", re.I), kin),
+        (re.compile(
+            rf"^{kin_word},? (?P<n>[^\W\d_][\w'-]*),? (?P<verb>lives in|works (?:at|for)|is from|comes from)"
+            r"\s+(?P<v>.+)", re.I,
+        ), kin_who),
     ]
 
 
@@ -191,14 +333,23 @@ def _value(raw: str) -> str | None:
 class RuleExtractor:
     """Offline, deterministic extraction of first-person statements in English.
 
-    Understood (case-insensitive, after fillers such as "well," or "actually"): "my name is X" /
-    "call me X" (``name``), "I live in X" / "I moved to X" (``lives_in``), "I'm from X"
-    (``from``), "I work at/for X" (``works_at``), "I am a/an X" / "I work as a X" (``role``),
-    "I like/love/enjoy X" and "I don't like / hate X" (``likes:<x>``, one key for both so the
-    latest opinion stands), "I prefer X" (``prefers:<x>``), "my favourite X is Y"
-    (``favourite:<x>``). Questions, negated statements ("I don't live in Paris", "I'm not a
-    doctor"), hypotheticals ("if I lived in ...") and requests ("I'd like a coffee") state
-    nothing and give nothing. Never raises on any text."""
+    Understood (case-insensitive, after fillers such as "well," or "actually"; a clause may
+    leave out its "I": "I live in Paris and work at Acme"): "my name is X" / "call me X"
+    (``name``), "I live in X" / "I moved to X" (``lives_in``), "I'm from X" (``from``), "I work
+    at/for X" (``works_at``), "I am a/an X" / "I work as a X" (``role``), "I like/love/enjoy X"
+    and "I don't like / hate X" (``likes:<x>``, one key for both so the latest opinion stands),
+    "I prefer X" (``prefers:<x>``), "my favourite X is Y" (``favourite:<x>``), "my
+    wife/husband/partner is X" (``married_to``), "my manager/boss is X" (``reports_to``), "my
+    sister/brother/friend is X" (``sibling_of:<x>``, ``friend_of:<x>``) where X is a capitalised
+    name, also as "my sister Eve lives in/works at/is from Y". Questions, negated statements ("I
+    don't live in Paris", "I'm not a doctor"), hypotheticals ("if I lived in ...") and requests
+    ("I'd like a coffee") state nothing and give nothing. Never raises on any text.
+
+    As a :class:`GraphExtractor`, each statement is also a relation of the author (:data:`USER`):
+    ``named`` (the name: an alias of the author), ``lives_in`` and ``comes_from`` (a place),
+    ``works_at`` (an organization), ``works_as`` (a role), ``likes`` / ``dislikes`` /
+    ``prefers`` / ``favourite_<x>`` (a thing), ``married_to``, ``reports_to``, ``sibling_of``,
+    ``friend_of`` (a person); "my sister Eve lives in Rome" adds ``Eve lives_in Rome``."""
 
     def __init__(self) -> None:
         self._rules = _rules()
@@ -207,29 +358,61 @@ class RuleExtractor:
         """The facts ``text`` states about its author (see the class docstring)."""
         return self.extract_now(text)
 
+    async def extract_relations(self, text: str, *, user_id: str) -> list[ExtractedRelation]:
+        """The relations ``text`` states (see the class docstring)."""
+        return self.extract_relations_now(text)
+
     def extract_now(self, text: str) -> list[ExtractedFact]:
         """:meth:`extract`, synchronously (it does no I/O)."""
         found: dict[str, ExtractedFact] = {}  # by key: within one message the last word stands
+        for clause in self._found(text):
+            if clause.fact is not None:
+                found.pop(clause.fact.key, None)
+                found[clause.fact.key] = clause.fact
+        return list(found.values())
+
+    def extract_relations_now(self, text: str) -> list[ExtractedRelation]:
+        """:meth:`extract_relations`, synchronously (it does no I/O)."""
+        # as for facts, the last word stands: by the fact a relation restates, else by its triple
+        found: dict[tuple[str, ...], ExtractedRelation] = {}
+        for clause in self._found(text):
+            for relation in clause.relations:
+                key = (relation.fact_key,) if relation.fact_key else (
+                    relation.subject, relation.predicate, relation.object.lower()
+                )
+                found.pop(key, None)
+                found[key] = relation
+        return list(found.values())
+
+    def _found(self, text: str) -> list[_Found]:
+        found: list[_Found] = []
         normal = text.replace("\u2019", "'").replace("\u2018", "'")
         for sentence in _SENTENCE.findall(normal):
             if "?" in sentence:
                 continue  # a question states nothing
             for clause in _CLAUSE_SPLIT.split(sentence):
-                fact = self._clause(clause)
-                if fact is not None:
-                    found.pop(fact.key, None)
-                    found[fact.key] = fact
-        return list(found.values())
+                stated = self._clause(clause)
+                if stated is not None:
+                    found.append(stated)
+        return found
 
-    def _clause(self, clause: str) -> ExtractedFact | None:
+    def _clause(self, clause: str) -> _Found | None:
         clause = _FILLER.sub("", " ".join(clause.split())).strip()
+        if _LEFT_OUT_I.match(clause):
+            clause = "I " + clause
         for pattern, build in self._rules:
             match = pattern.match(clause)
             if match is None:
                 continue
             groups = match.groupdict()
             value = _value(groups.get("v") or groups.get("v2") or "")
-            return None if value is None else build(value, match)
+            stated = None if value is None else build(value, match)
+            if stated is None:
+                return None
+            evidence = clause.rstrip(".!;\n ")
+            return _Found(stated.fact, tuple(
+                r if r.evidence else msgspec.structs.replace(r, evidence=evidence) for r in stated.relations
+            ))
         return None
 
 
@@ -242,6 +425,58 @@ class RuleExtractor:
 _TRANSIENT = (LogError, CommandTimeoutError, ProjectionTimeoutError, ClosedError, TimeoutError, OSError)
 _OWNERS_KEPT = 10_000  # session owners cached (an owner never changes)
 _FINAL_CHECKPOINT = 5.0  # seconds the checkpoint taken when the learner stops may take
+
+
+_EVIDENCE_CHARS = 500  # of the message, as a relation's evidence when no fact or clause restates it
+_OPPOSITES = {"likes": "dislikes", "dislikes": "likes"}
+
+
+def _fact_key_of(relation: ExtractedRelation) -> str | None:
+    """The key of the fact that states the same as ``relation``: its own ``fact_key``, else
+    the key the rule extractor would give the author's relation (a model's relations name no
+    fact)."""
+    if relation.fact_key or relation.subject != USER:
+        return relation.fact_key
+    predicate, thing = relation.predicate, _thing(relation.object)
+    if predicate in _SAME_KEY:
+        return _SAME_KEY[predicate]
+    if predicate in ("likes", "dislikes"):
+        return f"likes:{thing}"
+    if predicate in ("sibling_of", "friend_of"):
+        return f"{predicate}:{thing}"
+    if predicate.startswith("favourite_"):
+        return "favourite:" + predicate.removeprefix("favourite_").replace("_", " ")
+    return None
+
+
+_SAME_KEY = {
+    NAMED: "name", "lives_in": "lives_in", "comes_from": "from", "works_at": "works_at",
+    "works_as": "role", "married_to": "married_to", "reports_to": "reports_to",
+}
+
+
+class _GraphMemory(Protocol):
+    """What the learner writes the graph with (``AsyncMemory``'s knowledge-graph calls)."""
+
+    async def relate(
+        self, subject: str, predicate: str, object: str, *, session_id: str, scope: str = ...,
+        subject_type: str = ..., object_type: str = ..., evidence: str | None = ...,
+        metadata: dict[str, Any] | None = ..., source: str | None = ..., tenant: str | None = ...,
+    ) -> Relation: ...
+
+    async def note_entity(
+        self, name: str, *, session_id: str, scope: str = ..., entity_type: str = ...,
+        aliases: Sequence[str] = ..., tenant: str | None = ...,
+    ) -> Entity: ...
+
+    async def facts_about(
+        self, entity: str, *, session_id: str, predicates: Sequence[str] | None = ...,
+        scopes: Sequence[str] = ..., tenant: str | None = ...,
+    ) -> list[Relation]: ...
+
+    async def end_fact(
+        self, relation_id: str, *, session_id: str, scope: str = ..., tenant: str | None = ...
+    ) -> bool: ...
 
 
 class _Position(msgspec.Struct):
@@ -287,6 +522,8 @@ class Learner:
         """The last stream sequence the learner has finished with."""
         self.learned = 0
         """Facts written since this client opened."""
+        self.related = 0
+        """Relations (and names) written into the graph since this client opened."""
         self._restored = False
         self._token: Any = None
         self._saved = 0
@@ -364,26 +601,102 @@ class Learner:
         except Exception as exc:
             log.warning("learning_extract_failed", tenant=tenant, session_id=session_id, seq=seq, error=repr(exc))
             return
-        if not facts:
+        graph = isinstance(self.extractor, GraphExtractor)
+        if not facts and not graph:
             return
         principal = acting_principal.set(self._principal)
         try:
-            for fact in facts:
-                try:
-                    await self._memory.remember(
-                        fact.text, session_id=session_id, scope="user", key=fact.key, kind=fact.kind,
-                        tenant=tenant, metadata={"learned_from": seq},
-                    )
-                except _TRANSIENT:
-                    raise
-                except Exception as exc:
-                    log.info("learning_skipped", tenant=tenant, session_id=session_id, seq=seq,
-                             key=fact.key, error=repr(exc))
-                else:
-                    self.learned += 1
+            # the facts first: what was said is recallable before the graph has it
+            remembered = await self._remember(facts, seq, tenant, session_id)
+            if isinstance(self.extractor, GraphExtractor):
+                await self._relate(self.extractor, facts, remembered, seq, tenant, session_id, author, text)
         finally:
             acting_principal.reset(principal)
         log.debug("learned", tenant=tenant, session_id=session_id, seq=seq, facts=len(facts))
+
+    async def _remember(
+        self, facts: list[ExtractedFact], seq: int, tenant: str, session_id: str
+    ) -> dict[str, str]:
+        """Remember ``facts``; returns the memory id of each fact written, by key."""
+        remembered: dict[str, str] = {}
+        for fact in facts:
+            try:
+                memory = await self._memory.remember(
+                    fact.text, session_id=session_id, scope="user", key=fact.key, kind=fact.kind,
+                    tenant=tenant, metadata={"learned_from": seq},
+                )
+            except _TRANSIENT:
+                raise
+            except Exception as exc:
+                log.info("learning_skipped", tenant=tenant, session_id=session_id, seq=seq,
+                         key=fact.key, error=repr(exc))
+            else:
+                remembered[fact.key] = memory.memory_id
+                self.learned += 1
+        return remembered
+
+    async def _relate(
+        self, extractor: GraphExtractor, facts: list[ExtractedFact], remembered: dict[str, str],
+        seq: int, tenant: str, session_id: str, author: str, text: str,
+    ) -> None:
+        """Write the relations ``text`` states into the graph, each pointing at the memory of
+        the fact it restates. Errors: as for facts (transient ones raise, so the message is
+        learned again; others are logged and the next relation goes on)."""
+        try:
+            relations = await extractor.extract_relations(text, user_id=author)
+        except Exception as exc:
+            log.warning("learning_extract_relations_failed", tenant=tenant, session_id=session_id, seq=seq,
+                        error=repr(exc))
+            return
+        said = {fact.key: fact.text for fact in facts}
+        # names first: the author's node then answers to them when the other facts are written
+        for relation in sorted(relations, key=lambda r: r.predicate != NAMED):
+            try:
+                await self._relate_one(relation, said, remembered, seq, tenant, session_id, author, text)
+            except _TRANSIENT:
+                raise
+            except Exception as exc:
+                log.info("learning_relation_skipped", tenant=tenant, session_id=session_id, seq=seq,
+                         predicate=relation.predicate, error=repr(exc))
+            else:
+                self.related += 1
+
+    async def _relate_one(
+        self, relation: ExtractedRelation, said: dict[str, str], remembered: dict[str, str],
+        seq: int, tenant: str, session_id: str, author: str, text: str,
+    ) -> None:
+        graph = cast("_GraphMemory", self._memory)
+        subject, subject_type = (author, "person") if relation.subject == USER else (
+            relation.subject, relation.subject_type
+        )
+        if relation.predicate == NAMED:
+            await graph.note_entity(
+                subject, session_id=session_id, scope="user", entity_type=subject_type,
+                aliases=(relation.object,), tenant=tenant,
+            )
+            return
+        obj, object_type = (author, "person") if relation.object == USER else (
+            relation.object, relation.object_type
+        )
+        key = _fact_key_of(relation)
+        written = await graph.relate(
+            subject, relation.predicate, obj, session_id=session_id, scope="user",
+            subject_type=subject_type, object_type=object_type,
+            evidence=said.get(key or "") or relation.evidence or text[:_EVIDENCE_CHARS],
+            metadata={"learned_from": seq}, source=remembered.get(key or ""), tenant=tenant,
+        )
+        opposite = _OPPOSITES.get(relation.predicate)
+        if opposite is None:
+            return
+        # "I don't like X" after "I like X": the old opinion ends (and the other way round)
+        for old in await graph.facts_about(
+            subject, session_id=session_id, predicates=[opposite], scopes=("user",), tenant=tenant
+        ):
+            same = old.object_id == written.object_id if old.object_id and written.object_id else (
+                _thing(old.object) == _thing(obj)
+            )
+            if same and old.valid_to is None and old.ended_at is None:
+                await graph.end_fact(old.relation_id, session_id=session_id, scope="user", tenant=tenant)
 
     async def _owner(self, tenant: str, session_id: str) -> str | None:
         key = (tenant, session_id)
