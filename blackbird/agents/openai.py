@@ -3,13 +3,15 @@
 Both speak OpenAI's ``POST {base_url}/chat/completions``, so they work with any server that does
 (OpenAI, vLLM, Ollama's ``/v1``, llama.cpp's server, LM Studio, proxies). :class:`OpenAIAgent`
 streams a reply (Server-Sent Events) and takes its usage from the model's own figures;
-:class:`OpenAIExtractor` asks for structured JSON listing what a user stated about themself.
+:class:`OpenAIExtractor` asks for structured JSON listing what a user stated about themself and
+the relations the message states, for the knowledge graph.
 Every failure of the model API is an :class:`~blackbird.errors.AgentError`; the API key is
 never part of a message.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
@@ -20,7 +22,7 @@ import msgspec
 import structlog
 
 from blackbird.agents.base import AgentChunk, AgentContext, Usage, estimate_tokens
-from blackbird.agents.learning import ExtractedFact
+from blackbird.agents.learning import NAMED, USER, ExtractedFact, ExtractedRelation, normal_predicate
 from blackbird.config import Settings, redact_url
 from blackbird.errors import AgentError
 
@@ -330,10 +332,21 @@ class OpenAIAgent:
 # the extractor
 
 
+_ENTITY_TYPES = ("person", "place", "organization", "role", "thing")
+
+
 class _Statement(msgspec.Struct):
     key: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
     text: Annotated[str, msgspec.Meta(min_length=1, max_length=2_000)]
     kind: Literal["fact", "preference"] = "fact"
+
+
+class _Related(msgspec.Struct):
+    subject: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    predicate: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    object: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    subject_type: str = "thing"
+    object_type: str = "thing"
 
 
 _EXTRACTION_SCHEMA = {
@@ -351,9 +364,24 @@ _EXTRACTION_SCHEMA = {
                 "required": ["key", "text", "kind"],
                 "additionalProperties": False,
             },
-        }
+        },
+        "relations": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "subject": {"type": "string"},
+                    "predicate": {"type": "string"},
+                    "object": {"type": "string"},
+                    "subject_type": {"type": "string", "enum": list(_ENTITY_TYPES)},
+                    "object_type": {"type": "string", "enum": list(_ENTITY_TYPES)},
+                },
+                "required": ["subject", "predicate", "object", "subject_type", "object_type"],
+                "additionalProperties": False,
+            },
+        },
     },
-    "required": ["facts"],
+    "required": ["facts", "relations"],
     "additionalProperties": False,
 }
 
@@ -367,7 +395,8 @@ _EXTRACTION_PROMPT = """\
 You read one chat message a user wrote and list what the user states about themself, to be \
 remembered in later conversations.
 
-Answer with a JSON object: {"facts": [{"key": "...", "text": "...", "kind": "fact" or "preference"}]}.
+Answer with a JSON object: {"facts": [{"key": "...", "text": "...", "kind": "fact" or "preference"}], \
+"relations": [{"subject": "...", "predicate": "...", "object": "...", "subject_type": "...", "object_type": "..."}]}.
 - Only what the user says about themself: their name, work, home, family, plans, what they have \
 or do, what they like or dislike, how they want to be answered. Not questions, requests, guesses, \
 or statements about other people or the world.
@@ -377,7 +406,14 @@ or statements about other people or the world.
 - text: the statement on its own, about "the user", as it should read when recalled in another \
 conversation ("The user's name is Ada", "The user does not like coffee").
 - kind: "preference" for likes, dislikes and wishes about answers; "fact" for everything else.
-- Nothing stated about themself: {"facts": []}."""
+- relations: the same statements, and what the message states about the people, places and \
+organisations around the user, as subject-predicate-object triples for a knowledge graph. The \
+user is the subject "@user". Predicates in snake_case: "named" (object: a name the user goes by), \
+"lives_in", "comes_from", "works_at", "works_as", "likes", "dislikes", "prefers", \
+"favourite_<what>", "married_to", "reports_to", "sibling_of", "friend_of", or another short one. \
+Other people by their name: "my sister Eve lives in Rome" is (@user, sibling_of, Eve) and \
+(Eve, lives_in, Rome). Types: person, place, organization, role or thing.
+- Nothing stated: {"facts": [], "relations": []}."""
 
 _KEY_CHARACTERS = re.compile(r"[^a-z0-9]+")
 
@@ -389,6 +425,8 @@ def _normal_key(key: str) -> str:
     kind = _KEY_CHARACTERS.sub("_", kind).strip("_")
     thing = " ".join(thing.split())
     return f"{kind}:{thing}" if colon and kind and thing else kind
+
+
 _CODE_FENCE = re.compile(r"^```[a-zA-Z]*\s*|\s*```$")
 
 
@@ -407,6 +445,14 @@ class OpenAIExtractor:
     :class:`~blackbird.errors.AgentError` (retrying is the caller's choice; the
     :class:`~blackbird.agents.learning.Learner` logs it and moves on). ``timeout``, ``client``
     and ``api_key`` are as for :class:`OpenAIAgent`.
+
+    It is a :class:`~blackbird.agents.learning.GraphExtractor`: the same answer lists the
+    message's relations (:meth:`extract_relations`), so :meth:`extract` and
+    :meth:`extract_relations` of one message (one ``user_id`` and ``text``) cost one model call:
+    the answer waits in a small cache (the last ``cached`` messages) until both have taken their
+    part; asking for a part already taken asks the model again. Relations are validated like
+    facts: predicates made snake_case (dropped when nothing is left), "the user"/"I" as subject
+    made ``@user``, unknown entity types made ``thing``, malformed items left out.
     """
 
     def __init__(
@@ -419,11 +465,15 @@ class OpenAIExtractor:
         timeout: float = 60.0,
         agent_id: str = "openai-extractor",
         client: httpx.AsyncClient | None = None,
+        cached: int = 256,
     ) -> None:
         self.model = model
         self.max_tokens = max_tokens
         self._api = _ChatCompletions(base_url, api_key, timeout=timeout, agent_id=agent_id, client=client)
         self._format: Mapping[str, Any] = _JSON_SCHEMA_FORMAT
+        self._cached = cached
+        # answers one part of which is still to be taken, by (user id, text)
+        self._answers: collections.OrderedDict[tuple[str, str], _Answer] = collections.OrderedDict()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OpenAIExtractor | None:
@@ -452,8 +502,29 @@ class OpenAIExtractor:
     async def extract(self, text: str, *, user_id: str) -> list[ExtractedFact]:
         """The facts and preferences ``user_id`` stated about themself in ``text`` (the user id
         is for the log only: it is not sent to the model)."""
+        return (await self._answer(text, user_id, "facts")).facts
+
+    async def extract_relations(self, text: str, *, user_id: str) -> list[ExtractedRelation]:
+        """The relations ``text`` states, for the knowledge graph (from the same model call as
+        :meth:`extract` of the same message)."""
+        return (await self._answer(text, user_id, "relations")).relations
+
+    async def _answer(self, text: str, user_id: str, part: Literal["facts", "relations"]) -> _Answer:
+        """The model's answer for ``text``: the cached one when ``part`` of it was not taken yet."""
         if not text.strip():
-            return []
+            return _Answer()
+        key = (user_id, text)
+        answer = self._answers.pop(key, None)
+        if answer is None or part in answer.taken:
+            answer = await self._ask(text, user_id)
+        answer.taken.add(part)
+        if len(answer.taken) < 2 and self._cached > 0:
+            self._answers[key] = answer  # the other part is yet to be taken
+            while len(self._answers) > self._cached:
+                self._answers.popitem(last=False)
+        return answer
+
+    async def _ask(self, text: str, user_id: str) -> _Answer:
         messages = [{"role": "system", "content": _EXTRACTION_PROMPT}, {"role": "user", "content": text}]
         body: dict[str, Any] = {
             "model": self.model, "messages": messages, "max_tokens": self.max_tokens, "temperature": 0,
@@ -467,7 +538,7 @@ class OpenAIExtractor:
             # that worked where json_schema did not: the server does not take json_schema
             log.info("extractor_json_schema_refused", url=self._api.url, now="json_object")
             self._format = _JSON_OBJECT_FORMAT
-        return _statements(content, user_id=user_id, url=self._api.url)
+        return _parse(content, user_id=user_id, url=self._api.url)
 
     async def _complete(self, body: Mapping[str, Any]) -> str | None:
         """The model's answer to ``body`` (None when it gave no usable one, logged)."""
@@ -487,11 +558,19 @@ class OpenAIExtractor:
         return message.content
 
 
-def _statements(content: str | None, *, user_id: str, url: str) -> list[ExtractedFact]:
-    """The valid statements of the model's JSON ``content``, keys normalised, the last one of
-    each key."""
+class _Answer(msgspec.Struct):
+    """What the model answered for one message, and which parts of it were taken."""
+
+    facts: list[ExtractedFact] = []
+    relations: list[ExtractedRelation] = []
+    taken: set[str] = set()
+
+
+def _parse(content: str | None, *, user_id: str, url: str) -> _Answer:
+    """The valid facts and relations of the model's JSON ``content`` (empty when it is not the
+    JSON asked for: logged)."""
     if not content:
-        return []
+        return _Answer()
     # models asked for a json_object sometimes wrap it in a Markdown code fence anyway
     stripped = _CODE_FENCE.sub("", content.strip())
     try:
@@ -499,12 +578,20 @@ def _statements(content: str | None, *, user_id: str, url: str) -> list[Extracte
     except msgspec.DecodeError as exc:
         log.warning("extractor_answer_not_json", url=url, user_id=user_id, error=str(exc),
                     answer=content[:200])
-        return []
+        return _Answer()
     items = decoded.get("facts") if isinstance(decoded, dict) else decoded
-    if not isinstance(items, list):
+    related = decoded.get("relations") if isinstance(decoded, dict) else None
+    if not isinstance(items, list) and not isinstance(related, list):
         log.warning("extractor_answer_without_facts", url=url, user_id=user_id,
                     answer=content[:200])
-        return []
+        return _Answer()
+    facts = _statements(items if isinstance(items, list) else [], user_id=user_id, url=url)
+    relations = _relations(related if isinstance(related, list) else [], user_id=user_id, url=url)
+    return _Answer(facts=facts, relations=relations)
+
+
+def _statements(items: list[Any], *, user_id: str, url: str) -> list[ExtractedFact]:
+    """The valid statements of ``items``, keys normalised, the last one of each key."""
     found: dict[str, ExtractedFact] = {}
     for i, item in enumerate(items):
         try:
@@ -518,3 +605,37 @@ def _statements(content: str | None, *, user_id: str, url: str) -> list[Extracte
             found.pop(key, None)  # as the rule extractor does: within one message the last word stands
             found[key] = ExtractedFact(key=key, text=text, kind=statement.kind)
     return list(found.values())
+
+
+#: How models name the user, and the name predicate, besides the forms asked for.
+_THE_USER = frozenset({"@user", "user", "the user", "i", "me", "myself", "the author"})
+_NAME_PREDICATES = frozenset({"named", "name", "is_named", "called", "is_called", "has_name", "goes_by"})
+
+
+def _relations(items: list[Any], *, user_id: str, url: str) -> list[ExtractedRelation]:
+    """The valid relations of ``items``, normalised (see :class:`OpenAIExtractor`), each once."""
+    found: dict[tuple[str, str, str], ExtractedRelation] = {}
+    for i, item in enumerate(items):
+        try:
+            related = msgspec.convert(item, _Related)
+        except msgspec.ValidationError as exc:
+            log.warning("extractor_relation_malformed", url=url, user_id=user_id, item=i, error=str(exc))
+            continue
+        predicate = normal_predicate(related.predicate)
+        subject, obj = (" ".join(related.subject.split()), " ".join(related.object.split()))
+        if predicate is None or not subject or not obj:
+            log.info("extractor_relation_dropped", url=url, user_id=user_id, item=i, predicate=related.predicate)
+            continue
+        predicate = NAMED if predicate in _NAME_PREDICATES else predicate
+        subject = USER if subject.lower() in _THE_USER else subject
+        obj = USER if obj.lower() in _THE_USER and predicate != NAMED else obj
+        relation = ExtractedRelation(
+            subject, predicate, obj, _entity_type(related.subject_type), _entity_type(related.object_type)
+        )
+        found[(subject, predicate, obj.lower())] = relation
+    return list(found.values())
+
+
+def _entity_type(value: str) -> str:
+    token = _KEY_CHARACTERS.sub("_", value.strip().lower()).strip("_")
+    return token if token in _ENTITY_TYPES else "thing"
