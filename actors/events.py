@@ -26,6 +26,7 @@ from actors.validation import (
     MAX_MESSAGE_LENGTH,
     MAX_NAME_LENGTH,
     MAX_SAFE_INT,
+    PREDICATE_PATTERN,
     SECRET_HASH_PATTERN,
     TOKEN_PATTERN,
 )
@@ -396,9 +397,75 @@ class MembersChanged(_Event, frozen=True):
     removed: tuple[str, ...]
 
 
+# ---- the knowledge graph, on the same memory aggregates -----------------------------------
+#
+# Entity and relation ids, predicates and entity types travel in the clear (the aggregate
+# decides with them); names, aliases, their vectors and a fact's evidence are sealed with the
+# author's key like memories, so erasing the key leaves ids and predicates that say nothing.
+
+
+class EntityNoted(_Event, frozen=True):
+    """A new node: one person, place, organisation or thing."""
+
+    entity_id: str
+    author: str
+    entity_type: str
+    name_mac: str  # keyed fingerprint of the normalised name (the author's key): exact dedupe
+    model_id: str
+    sealed: bytes  # encrypted msgpack of SealedName {name, aliases, vector}
+
+
+class EntityAliased(_Event, frozen=True):
+    """Another name for a node (a mention resolved to it, or an alias given)."""
+
+    entity_id: str
+    author: str
+    name_mac: str
+    model_id: str
+    sealed: bytes  # SealedName {name: the alias, aliases: [], vector}
+
+
+class RelationStated(_Event, frozen=True):
+    """A fact ``subject predicate object`` holding from ``valid_from`` (until ``valid_to`` if
+    stated, else until it is ended); its recorded time is its commit's."""
+
+    relation_id: str
+    author: str
+    subject: str  # entity ids
+    predicate: str
+    object: str
+    valid_from: float
+    valid_to: float | None
+    source: str | None  # the memory (or message) it was extracted from
+    sealed: bytes  # SealedFact {evidence, metadata}
+
+
+class RelationEnded(_Event, frozen=True):
+    """A fact stopped holding at ``valid_to`` (it is kept: ``as_of`` and ``valid_at`` see it)."""
+
+    relation_id: str
+    subject: str
+    valid_to: float
+    reason: str  # "contradicted" (by ``by``, of a functional predicate) | "ended"
+    by: str | None = None
+
+
+class EntityForgotten(_Event, frozen=True):
+    entity_id: str
+    reason: str  # "deleted" | "erased"
+
+
+class RelationForgotten(_Event, frozen=True):
+    relation_id: str
+    subject: str
+    reason: str  # "deleted" (its entity was forgotten) | "erased"
+
+
+GraphEvent = EntityNoted | EntityAliased | RelationStated | RelationEnded | EntityForgotten | RelationForgotten
+
 MemoryEvent = (
     MemoryRemembered | MemorySuperseded | MemoryForgotten | CacheSet | CacheHit | CacheRemoved
-    | MembersChanged
+    | MembersChanged | GraphEvent
 )
 Event = SessionEvent | TenantEvent | UserEvent | MemoryEvent
 
@@ -714,7 +781,67 @@ class ChangeMembers(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields
     remove: tuple[Token, ...] = ()
 
 
-MemoryCommand = Remember | ForgetMemory | ForgetAuthor | SetCache | GetCache | DeleteCache | ChangeMembers | GetSession
+Predicate = Annotated[str, msgspec.Meta(pattern=PREDICATE_PATTERN)]
+
+
+class EntitySpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A mention of an entity in a command: the node the shell resolved it to (``resolved``,
+    by name, alias, string and embedding similarity over the graph projection), or a new one
+    (``entity_id``). The aggregate also merges by ``name_mac`` (exact name, same author), which
+    holds under concurrency. ``alias``: the mention is a name the resolved node lacks."""
+
+    entity_id: Name
+    entity_type: Predicate
+    name_mac: Name
+    sealed: bytes  # SealedName of this mention
+    resolved: Name | None = None
+    alias: bool = False
+
+
+class NoteEntity(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    author: Token
+    model_id: Name
+    entity: EntitySpec
+    aliases: tuple[EntitySpec, ...] = ()  # more names of it, each sealed on its own
+
+    volatile: ClassVar[tuple[str, ...]] = ("entity", "aliases")
+
+
+class Relate(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    relation_id: Name
+    author: Token
+    model_id: Name
+    subject: EntitySpec
+    predicate: Predicate
+    object: EntitySpec
+    valid_from: Instant
+    valid_to: Instant | None
+    functional: bool  # a predicate with one value at a time (configuration): a new object ends the old
+    sealed: bytes  # SealedFact
+    source: Name | None = None
+    content_mac: Name | None = None  # keyed fingerprint of names and evidence: equal on a retry
+
+    volatile: ClassVar[tuple[str, ...]] = ("relation_id", "subject", "object", "sealed", "valid_from")
+
+
+class EndRelation(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    relation_id: Name
+    subject: Name  # its subject's entity id (from the projection): the aggregate files facts by subject
+    valid_to: Instant
+
+
+class ForgetEntity(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    """Remove a node and every fact about it."""
+
+    entity_id: Name
+
+
+GraphCommand = NoteEntity | Relate | EndRelation | ForgetEntity
+
+MemoryCommand = (
+    Remember | ForgetMemory | ForgetAuthor | SetCache | GetCache | DeleteCache | ChangeMembers | GetSession
+    | GraphCommand
+)
 
 
 class Decision(msgspec.Struct, frozen=True, gc=False):

@@ -15,7 +15,7 @@ import math
 
 import msgspec
 
-from actors import aggregate
+from actors import aggregate, graph
 from actors.events import (
     CacheHit,
     CacheRemoved,
@@ -28,6 +28,8 @@ from actors.events import (
     ForgetMemory,
     GetCache,
     GetSession,
+    GraphCommand,
+    GraphEvent,
     MembersChanged,
     MemoryCommand,
     MemoryForgotten,
@@ -76,6 +78,7 @@ class MemoryState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     recent_commands: bytes = b""
     recent_digests: bytes = b""
     recent_refusals: dict[str, Rejection] = {}
+    graph: graph.GraphState = graph.GraphState()  # the scope's knowledge graph (actors.graph)
 
 
 def retention_score(entry: CacheEntry, now: float) -> float:
@@ -132,6 +135,8 @@ def decide(state: MemoryState, command: MemoryCommand, now: float) -> Decision:
 def _decide(state: MemoryState, command: MemoryCommand, now: float) -> Decision:
     if isinstance(command, GetSession):
         return Decision()
+    if isinstance(command, GraphCommand):
+        return graph.decide(state.graph, command, now)
     if isinstance(command, Remember):
         target = command.memory_id
         events: list[Event] = []
@@ -163,6 +168,7 @@ def _decide(state: MemoryState, command: MemoryCommand, now: float) -> Decision:
             CacheRemoved(at=now, key=key, reason="erased")
             for key, entry in state.cache.items() if entry.author == command.author
         ]
+        gone += graph.forget(state.graph, set(), (command.author,), "erased", now)
         return Decision(events=tuple(gone))
     if isinstance(command, SetCache):
         events = []
@@ -207,6 +213,8 @@ def evolve(state: MemoryState, event: Event) -> MemoryState:
 def _evolve(state: MemoryState, event: Event) -> tuple[MemoryState, float | None, float | None]:
     """The new state, and the expiry of an entry that left and of one that came (if any)."""
     replace = msgspec.structs.replace
+    if isinstance(event, GraphEvent):
+        return replace(state, graph=graph.evolve(state.graph, event)), None, None
     if isinstance(event, MemoryRemembered):
         memories = dict(state.memories)
         previous = memories.get(event.memory_id)

@@ -62,6 +62,9 @@ TOKEN = re.compile(TOKEN_PATTERN)
 API_KEY_ID_PATTERN = r"^[0-9a-f]{16}\Z"
 #: an API key's secret as stored: its SHA-256, 64 lowercase hex characters
 SECRET_HASH_PATTERN = r"^[0-9a-f]{64}\Z"
+#: a knowledge-graph predicate or entity type: lower snake_case ("lives_in", "person")
+PREDICATE_PATTERN = r"^[a-z][a-z0-9_]{0,63}\Z"
+PREDICATE_EXPECTED = "lower snake_case: a letter, then up to 63 letters, digits or '_'"
 TOKEN_EXPECTED = (
     f"a non-empty string of at most {MAX_ID_LENGTH} characters without '.', '*', '>' or whitespace"
 )
@@ -243,6 +246,9 @@ def _check_field(value: Any, field: str) -> None:
                     _check_field(item, field)
     elif isinstance(value, enum.Enum):
         pass  # a member of the field's enum, or not: the decoding below tells
+    elif isinstance(value, msgspec.Struct):  # a nested command part (a mention of an entity)
+        for name in type(value).__struct_fields__:
+            _check_field(getattr(value, name), f"{field}.{name}" if field else name)
     elif isinstance(value, str | float | int | dict | list | tuple):  # subclasses
         _check_field(kind.__mro__[kind.__mro__.index(object) - 1](value), field)
     else:
@@ -298,6 +304,8 @@ def invalid_from(
         expected = expected[len("Expected "):]
     if "matching regex" in expected and "(?![.*>" in expected:  # TOKEN_PATTERN, as msgspec shows it
         expected = TOKEN_EXPECTED
+    elif "matching regex" in expected and "[a-z0-9_]{0,63}" in expected:  # PREDICATE_PATTERN
+        expected = PREDICATE_EXPECTED
     elif "matching regex" in expected and "[0-9a-f]{16}" in expected:  # API_KEY_ID_PATTERN
         expected = "an API key id: 16 lowercase hex characters"
     elif "matching regex" in expected and "[0-9a-f]{64}" in expected:  # SECRET_HASH_PATTERN

@@ -64,6 +64,7 @@ from blackbird.streams.subscription import AsyncStreams
 from blackbird.subjects import Subjects, validate_token
 from projections.abuse import AbuseConfig, AbuseProjection
 from projections.activity import ActivityProjection
+from projections.graph import GraphProjection
 
 log = structlog.get_logger("blackbird")
 
@@ -446,6 +447,7 @@ class AsyncBlackbird:
         checkpoints = await NatsCheckpoints.open(journal, s.replicas, create=not self.remote)
         projections = Projections(journal, checkpoints or MemoryCheckpoints(), tasks, s.command_timeout)
         projections.register(ActivityProjection(s.usage_history_limit))
+        projections.register(GraphProjection())
         if not self.remote and s.detect_abuse:  # hosts watch for abuse from the start
             projections.register(AbuseProjection(self._abuse_config), alert_raiser(user_commands, dispatcher))
             await projections.runner(AbuseProjection.name)
@@ -479,7 +481,7 @@ class AsyncBlackbird:
                 cache_rows=s.memory_cache_rows,
             ),
             journal, keys, self._embedder, tasks=tasks, principal=s.principal, timeout=s.command_timeout,
-            clock=self._clock,
+            clock=self._clock, projections=projections, functional_predicates=s.functional_predicates,
         )
         if not self.remote and s.learn:  # hosts learn what users state, off the reply path
             learner = Learner(

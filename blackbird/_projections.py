@@ -191,6 +191,10 @@ class Projections:
     ) -> None:
         self._specs[projection.name] = (projection, on_effects)
 
+    def _filter(self, projection: Projection[Any]) -> str:
+        """The subjects a projection folds: ``<prefix>.<its subjects>`` (default every one)."""
+        return f"{self._journal.subjects.prefix}.{getattr(projection, 'subjects', '>')}"
+
     @property
     def names(self) -> list[str]:
         return sorted(self._specs)
@@ -208,8 +212,7 @@ class Projections:
         try:
             projection, on_effects = self._specs[name]
             runner = ProjectionRunner(
-                projection, self._journal, self._checkpoints,
-                f"{self._journal.subjects.prefix}.>", on_effects=on_effects,
+                projection, self._journal, self._checkpoints, self._filter(projection), on_effects=on_effects,
             )
             await self._tg.start(keep_running, f"projection {name}", runner.run)
             self._runners[name] = runner
@@ -239,7 +242,8 @@ class Projections:
         have applied) and compare: ``{name: [difference, ...]}``, empty lists when identical."""
         report: dict[str, list[str]] = {}
         for name in self.names:
-            runner = await self.caught_up(name, await self._journal.stream_last_seq())
+            projection, _ = self._specs[name]
+            runner = await self.caught_up(name, await self._journal.last_seq_of(self._filter(projection)))
             seq = runner.seq
             scratch = await runner.scratch(seq)
             live = msgspec.to_builtins(runner.model)

@@ -42,6 +42,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     memory_dir: str | None = None  # the LanceDB memory index (default: <data_dir>/memory)
     # memories of recently used scopes kept in memory for recall (~1.5 KB each plus the text)
     memory_cache_rows: Annotated[int, msgspec.Meta(ge=0)] = 200_000
+    # knowledge-graph predicates with one value at a time: stating a new object ends the current
+    # fact's validity (kept for as_of/valid_at queries). "<prefix>*" matches every predicate so starting.
+    functional_predicates: tuple[str, ...] = (
+        "lives_in", "works_at", "comes_from", "born_in", "works_as", "married_to", "reports_to", "favourite_*",
+    )
     detect_abuse: bool = True  # hosts run the abuse detector and raise its alerts
     abuse: dict[str, Any] = {}  # thresholds: see projections.abuse.AbuseConfig
     learn: bool = True  # hosts learn users' stated facts into user-scope memories (blackbird.agents.learning)

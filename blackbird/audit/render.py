@@ -16,7 +16,13 @@ from actors.events import (
     ApiKeyIssued,
     ApiKeyRevoked,
     ApiKeyUsed,
+    EntityAliased,
+    EntityForgotten,
+    EntityNoted,
     Event,
+    MemoryForgotten,
+    MemoryRemembered,
+    MemorySuperseded,
     MessagePosted,
     ParticipantJoined,
     ParticipantLeft,
@@ -24,6 +30,9 @@ from actors.events import (
     QuotaDenied,
     RateAllowed,
     RateDenied,
+    RelationEnded,
+    RelationForgotten,
+    RelationStated,
     ReservationReleased,
     ReservationSettled,
     Reserved,
@@ -126,6 +135,30 @@ def describe(event: Event) -> str:
             detail = f"{event.session_id} {event.active}/{event.limit} open"
         case AlertRaised():
             detail = f"{event.kind} value {_n(event.value)} threshold {_n(event.threshold)}"
+        # memory and the knowledge graph: ids, kinds and predicates (names and texts are sealed)
+        case MemoryRemembered():
+            detail = f"{event.memory_id} {event.kind} ({event.size} bytes)" + (" updated" if event.updated else "")
+        case MemorySuperseded():
+            detail = f"{event.memory_id} by {event.by}"
+        case MemoryForgotten():
+            detail = f"{event.memory_id} {event.reason}"
+        case EntityForgotten():
+            detail = f"{event.entity_id} {event.reason}"
+        case RelationForgotten():
+            detail = f"{event.relation_id} {event.reason}"
+        case EntityNoted():
+            detail = f"{event.entity_id} {event.entity_type}"
+        case EntityAliased():
+            detail = f"{event.entity_id} +alias"
+        case RelationStated():
+            detail = f"{event.relation_id}: {event.subject} {event.predicate} {event.object}"
+            detail += f" from {iso(event.valid_from)}"
+            if event.valid_to is not None:
+                detail += f" to {iso(event.valid_to)}"
+        case RelationEnded():
+            detail = f"{event.relation_id} at {iso(event.valid_to)} {event.reason}" + (
+                "" if event.by is None else f" by {event.by}"
+            )
         case _:
             return name
     return f"{name} {detail}"

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import msgspec
 
+from actors import graph as graph_logic
 from actors import quota, ratelog
 from actors import session as session_logic
 from actors import tenant as tenant_logic
@@ -24,11 +25,13 @@ from actors.events import (
     Applied,
     Commit,
     Event,
+    GraphEvent,
     SessionCreated,
     SessionStatus,
     TenantPolicyChanged,
     UserQuotaAdjusted,
 )
+from actors.graph import GraphState
 from actors.policy import RateLimitType
 from actors.ports import AggregateKey
 from actors.session import SessionState
@@ -150,6 +153,8 @@ class Auditor:
         subjects = self._journal.subjects
         user_subject = subjects.aggregate(AggregateKey(tenant, "user", user_id))
         tenant_subject = subjects.aggregate(AggregateKey(tenant, "tenant", tenant))
+        memory_subject = subjects.aggregate(AggregateKey(tenant, "memory", f"user:{user_id}"))
+        graph = GraphState()
         mine: dict[str, bool] = {}  # session subject -> created for this user
         sessions: dict[str, tuple[SessionState, int]] = {}
         user = user_logic.UserState(tenant=tenant, user_id=user_id)
@@ -158,6 +163,11 @@ class Auditor:
         for entry in await self._read(subjects.tenant_filter(tenant), cut):
             if entry.subject == user_subject:
                 user = user_logic.apply_commit(user, entry.commit)
+                timeline.append(entry)
+            elif entry.subject == memory_subject:  # the user's own memories and knowledge graph
+                for event in entry.commit.events:
+                    if isinstance(event, GraphEvent):
+                        graph = graph_logic.evolve(graph, event)
                 timeline.append(entry)
             elif entry.subject == tenant_subject:
                 tenant_entries.append(entry)
@@ -186,6 +196,7 @@ class Auditor:
             "sessions": {
                 sid: self._session_summary(s, seq, at, tenant_state) for sid, (s, seq) in sessions.items()
             },
+            "graph": _graph_summary(graph),
         }
         return AuditReport(
             scope="user", id=user_id, tenant=tenant, until_seq=cut.seq, until=cut.until,
@@ -381,6 +392,16 @@ def _policy_version(events: Iterable[Event]) -> int | None:
         if version is not None:
             return int(version)
     return None
+
+
+def _graph_summary(graph: GraphState) -> dict[str, int]:
+    """The user scope's knowledge graph at the cut, in figures (names are sealed)."""
+    edges = [edge for facts in graph.facts.values() for edge in facts.values()]
+    return {
+        "entities": len(graph.entities),
+        "facts_open": sum(1 for edge in edges if edge.open),  # holding, as far as is known
+        "facts_closed": sum(1 for edge in edges if not edge.open),  # ended, or stated with an end
+    }
 
 
 def _rows(

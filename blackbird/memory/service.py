@@ -21,7 +21,7 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import anyio
 import anyio.abc
@@ -68,12 +68,16 @@ from blackbird.errors import (
 )
 from blackbird.ids import derived_id, new_id
 from blackbird.journal import Journal
+from blackbird.memory.graph import FunctionalPredicates, GraphMemory, GraphReader
 from blackbird.memory.index import MemoryIndex, Sealed, quote
 from blackbird.memory.keys import UserKeys
 from blackbird.sessions.gateway import SessionGateway, acting_principal
 from blackbird.sessions.quotas import Quotas
 from blackbird.subjects import validate_token
 from blackbird.types import Memory
+
+if TYPE_CHECKING:
+    from blackbird._projections import Projections
 
 log = structlog.get_logger("blackbird.memory")
 
@@ -82,8 +86,9 @@ RECENCY_HALF_LIFE = 7 * 86400.0
 _REDACT_ALL = RedactionPolicy()  # every kind: what any tier's policy could redact
 
 
-class AsyncMemory:
-    """``.memory`` on AsyncBlackbird: remember/recall, the key-value cache, sharing, erasure."""
+class AsyncMemory(GraphMemory):
+    """``.memory`` on AsyncBlackbird: remember/recall, the knowledge graph (relate, entity,
+    neighbors, facts_about, ...), the key-value cache, sharing, erasure."""
 
     def __init__(
         self,
@@ -99,6 +104,8 @@ class AsyncMemory:
         principal: str,
         timeout: float,
         clock: Callable[[], float] = time.time,
+        projections: Projections | None = None,
+        functional_predicates: Sequence[str] = (),
     ) -> None:
         self._gateway = gateway
         self._quotas = quotas
@@ -114,6 +121,9 @@ class AsyncMemory:
         self._principal = principal
         self._timeout = timeout
         self._clock = clock
+        self._projections = projections  # the graph's read model among them
+        self._functional = FunctionalPredicates(functional_predicates)
+        self._graph_reader = GraphReader(keys)
         self._written = 0  # the last memory sequence this client wrote (read-your-writes)
         # this client's writes the index may not hold yet: (seq, tenant, scope id, id, vector)
         self._pending: list[tuple[int, str, str, str, np.ndarray]] = []
