@@ -5,6 +5,7 @@
 SIGINT or SIGTERM. ``blackbird session create|get|terminate`` drive a running host over NATS.
 ``blackbird audit`` replays a session, user or tenant from the log up to a point (read-only).
 ``blackbird chat`` is a conversation with an agent on the terminal; ``blackbird demo`` a scripted tour.
+``blackbird mcp`` serves one session's memory and session tools to an MCP client on stdio.
 
 Exit codes: 0 success, 1 an error (unknown session, nothing listening, ...), 2 bad input
 (a :class:`~blackbird.errors.ValidationError` or a usage error). Typed errors are printed as
@@ -724,6 +725,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_access_commands(commands)
     _add_keys_command(commands, common)
     _add_agent_commands(commands)
+    _add_mcp_command(commands)
     return parser
 
 
@@ -946,6 +948,65 @@ async def _chat_turn(bb: AsyncBlackbird, sid: str, text: str, agent: str | None,
         console.print()
     else:
         _out("")
+
+
+# --------------------------------------------------------------------------- mcp
+
+
+def _add_mcp_command(commands: Any) -> None:
+    """``mcp``: the MCP server of one session on stdin/stdout."""
+    mcp = commands.add_parser(
+        "mcp", help="serve one session's memory and session tools to an MCP client on stdio",
+        description="Run the MCP server (blackbird.mcp_server) of one session on stdin/stdout, for an MCP "
+        "client that starts it (Claude Desktop, an IDE, the mcp SDK's stdio_client). Every tool call is "
+        "admitted under the session's quotas and rate limits and recorded in its log. Logs go to stderr. "
+        "--user creates a session for that user and terminates it when the client disconnects.",
+    )
+    _add_location(mcp, serve=True)
+    which = mcp.add_mutually_exclusive_group(required=True)
+    which.add_argument("--session-id", metavar="ID", help="the session the tools act for")
+    which.add_argument("--user", metavar="USER_ID", help="create a session for this user (ended on exit)")
+    mcp.add_argument("--tier", default="free", help="tier of a session made with --user (default: free)")
+    mcp.add_argument("--tenant", help="tenant of the session (default: BLACKBIRD_TENANT or default)")
+    mcp.add_argument(
+        "--log-level", choices=LOG_LEVELS, type=str.lower,
+        help="log level on stderr (default: BLACKBIRD_LOG_LEVEL or warning)",
+    )
+    mcp.set_defaults(func=_cmd_mcp)
+
+
+def _cmd_mcp(args: argparse.Namespace) -> int:
+    _configure_logging(args.log_level, "warning")
+    if args.session_id is not None:
+        validate_token(args.session_id, "session_id")
+    else:
+        validate_token(args.user, "user_id")
+    return _run(lambda: _mcp(args))
+
+
+async def _mcp(args: argparse.Namespace) -> int:
+    from blackbird.mcp_server import mcp_server
+
+    if args.nats_url is not None:
+        client = AsyncBlackbird(nats_url=args.nats_url, tenant=args.tenant, **_auth_options(args))
+    else:
+        client = AsyncBlackbird(data_dir=_data_dir(args.data_dir), tenant=args.tenant, **_auth_options(args))
+    async with client as bb:
+        sm = bb.session_manager
+        if args.session_id is not None:
+            sid = args.session_id
+            if await sm.get_session(sid) is None:
+                raise CliError(f"--session-id: no session {sid!r} in tenant {bb.settings.tenant!r}")
+        else:
+            sid = (await sm.create_session(args.user, args.tier)).session_id
+        log.info("mcp_serving", transport="stdio", session_id=sid, tenant=bb.settings.tenant)
+        try:
+            await mcp_server(bb, sid).run_stdio_async()
+        finally:
+            if args.session_id is None:
+                with anyio.CancelScope(shield=True):
+                    await sm.terminate_session(sid, "mcp_ended")
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:

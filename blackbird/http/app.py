@@ -136,6 +136,12 @@ def http_app(
         return HTMLResponse((console / "docs.html").read_text())
 
     routes: list[Any] = [route(e) for e in endpoints]
+    mcp = _mcp_mount(ctx, failure)
+    if mcp is not None:  # the MCP server: its own protocol, authenticated the same way
+        from blackbird.http.mcp_api import MCP_PATH, openapi_path
+
+        routes.append(Route(MCP_PATH, mcp, methods=["GET", "POST", "DELETE"]))
+        document["paths"][MCP_PATH] = openapi_path()
     routes += [Route("/openapi.json", openapi_json), Route("/docs", docs)]
     if console.is_dir():
         routes.append(Mount("/", app=StaticFiles(directory=str(console), html=True), name="console"))
@@ -145,7 +151,17 @@ def http_app(
             CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "PUT", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "Last-Event-ID"], max_age=600,
         ))
-    return Starlette(routes=routes, middleware=middleware)
+    return Starlette(routes=routes, middleware=middleware, lifespan=mcp.lifespan if mcp is not None else None)
+
+
+def _mcp_mount(ctx: HttpContext, failure: Any) -> Any:
+    """The MCP endpoint (:mod:`blackbird.http.mcp_api`), or None for a client without the service
+    identity (its tools need memory, which only the service identity reaches)."""
+    if getattr(ctx.bb, "tenant_credentials", False) or not hasattr(ctx.bb, "memory"):
+        return None
+    from blackbird.http.mcp_api import McpMount
+
+    return McpMount(ctx, failure)
 
 
 def sse_app(bb: Any, tokens: Mapping[str, str], *, heartbeat: float = HEARTBEAT) -> Any:
@@ -185,7 +201,8 @@ def load_tokens(raw: str, where: str) -> dict[str, str]:
 
 def http_server(app: Any, host: str, port: int) -> Any:
     """A uvicorn server for ``app`` that leaves SIGINT/SIGTERM to its owner (``blackbird serve``
-    stops it by setting ``should_exit``); open streams get a second to end on shutdown."""
+    stops it by setting ``should_exit``); open streams get a second to end on shutdown. It runs
+    the app's lifespan (the MCP session manager's task group) around serving."""
     import uvicorn
 
     class _Server(uvicorn.Server):
@@ -201,7 +218,7 @@ def http_server(app: Any, host: str, port: int) -> Any:
             await super().serve(sockets=sockets)
 
     config = uvicorn.Config(
-        app, host=host, port=port, log_level="warning", lifespan="off",
+        app, host=host, port=port, log_level="warning", lifespan="on",
         timeout_graceful_shutdown=1, access_log=False,
     )
     return _Server(config)
