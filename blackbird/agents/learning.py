@@ -353,6 +353,8 @@ class RuleExtractor:
 
     def __init__(self) -> None:
         self._rules = _rules()
+        # the last message read: the learner asks for its facts, then for its relations
+        self._last: tuple[str, list[_Found]] = ("", [])
 
     async def extract(self, text: str, *, user_id: str) -> list[ExtractedFact]:
         """The facts ``text`` states about its author (see the class docstring)."""
@@ -385,6 +387,9 @@ class RuleExtractor:
         return list(found.values())
 
     def _found(self, text: str) -> list[_Found]:
+        last_text, last_found = self._last
+        if text == last_text:
+            return last_found
         found: list[_Found] = []
         normal = text.replace("\u2019", "'").replace("\u2018", "'")
         for sentence in _SENTENCE.findall(normal):
@@ -394,6 +399,7 @@ class RuleExtractor:
                 stated = self._clause(clause)
                 if stated is not None:
                     found.append(stated)
+        self._last = (text, found)
         return found
 
     def _clause(self, clause: str) -> _Found | None:
