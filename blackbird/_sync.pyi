@@ -29,9 +29,12 @@ from blackbird import (
     ApiKeyRole,
     AsyncBlackbird,
     AuditReport,
+    Entity,
     IssuedApiKey,
+    Neighbor,
     QuotaType,
     RateLimitType,
+    Relation,
     Session,
     Settings,
     StreamEvent,
@@ -511,13 +514,18 @@ class Memory(_SyncMirror):
         as_of: float | None = None,
         weights: dict[str, float] | None = None,
         tenant: str | None = None,
+        expand: int = 0,
     ) -> list[blackbird.Memory]:
         """The ``k`` memories most relevant to ``query`` in ``scopes`` (each checked against the
         acting session), best first. Hybrid: vector search and LanceDB full-text search fused by
-        reciprocal rank, then re-ranked by ``weights`` of similarity, keyword rank, recency and
-        importance. ``filters``: exact matches on kind, key, author or ``metadata.<field>``.
-        ``as_of``: what was known at that instant (superseded memories included, later ones
-        not). Includes everything this client wrote before the call.
+        reciprocal rank, then re-ranked by ``weights`` of similarity, keyword rank, recency,
+        importance and graph (1 for a memory a fact about an entity named in the query was
+        extracted from: "where does Ada live?" finds "The user lives in Berlin" once the graph
+        knows the user is Ada). ``filters``: exact matches on kind, key, author or
+        ``metadata.<field>``. ``as_of``: what was known at that instant (superseded memories
+        included, later ones not). ``expand=1``: each memory also carries ``facts``, the facts
+        one hop from the entities of the facts extracted from it. Includes everything this
+        client wrote before the call.
         """
 
     def forget(
@@ -600,6 +608,125 @@ class Memory(_SyncMirror):
     def rebuild_index(self, *, reembed: bool = False) -> int:
         """Drop the LanceDB tables and rebuild them from the log; with ``reembed``, every text
         is embedded again with this client's embedder (moving the memories to its model).
+        """
+
+    def relate(
+        self,
+        subject: str,
+        predicate: str,
+        object: str,
+        *,
+        session_id: str,
+        scope: str = "user",
+        subject_type: str = "thing",
+        object_type: str = "thing",
+        valid_from: float | None = None,
+        valid_to: float | None = None,
+        evidence: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        source: str | None = None,
+        tenant: str | None = None,
+        command_id: str | None = None,
+    ) -> Relation:
+        """Record the fact ``subject predicate object`` in ``scope``; durable when it returns.
+
+        ``subject`` and ``object`` are names: each is resolved to the node it names in the scope
+        (exact name or alias, then near-duplicate spelling or embedding) or becomes a new node
+        of ``subject_type``/``object_type``. The fact holds from ``valid_from`` (default now)
+        until ``valid_to`` (default: until it is ended). A fact of a functional predicate
+        (setting ``functional_predicates``, e.g. ``lives_in``) with a new object ends the
+        current one's validity at this one's ``valid_from`` (both stay queryable with
+        ``valid_at``/``as_of``). Restating a fact that holds records nothing new. Names and
+        ``evidence`` are redacted per the tier and sealed; their bytes count against storage.
+        """
+
+    def note_entity(
+        self,
+        name: str,
+        *,
+        session_id: str,
+        scope: str = "user",
+        entity_type: str = "thing",
+        aliases: Sequence[str] = (),
+        tenant: str | None = None,
+        command_id: str | None = None,
+    ) -> Entity:
+        """The node ``name`` resolves to in ``scope`` (created if none), with ``aliases`` added
+        as more of its names (each resolving to it from then on).
+        """
+
+    def end_fact(
+        self,
+        relation_id: str,
+        *,
+        session_id: str,
+        scope: str = "user",
+        valid_to: float | None = None,
+        tenant: str | None = None,
+    ) -> bool:
+        """End a fact's validity at ``valid_to`` (default now); it stays queryable with
+        ``valid_at``/``as_of``. False if it is unknown here or ended already.
+        """
+
+    def forget_entity(
+        self,
+        entity: str,
+        *,
+        session_id: str,
+        scope: str = "user",
+        tenant: str | None = None,
+    ) -> bool:
+        """Delete a node (by id or name) and every fact about it from ``scope``: they leave the
+        graph and its queries, ``as_of`` included. False if there is no such node.
+        """
+
+    def entity(
+        self,
+        name: str,
+        *,
+        session_id: str,
+        scopes: Sequence[str] = ("session", "user"),
+        as_of: float | None = None,
+        tenant: str | None = None,
+    ) -> Entity | None:
+        """The node ``name`` (an id, a name or an alias; near-duplicates resolve too) in
+        ``scopes``, as known ``as_of`` (default now); None if there is none.
+        """
+
+    def facts_about(
+        self,
+        entity: str,
+        *,
+        session_id: str,
+        predicates: Sequence[str] | None = None,
+        as_of: float | None = None,
+        valid_at: float | None = None,
+        history: bool = False,
+        scopes: Sequence[str] = ("session", "user"),
+        tenant: str | None = None,
+    ) -> list[Relation]:
+        """The facts with ``entity`` as subject or object, in recorded order. By default those
+        that hold now; ``valid_at``: those that held then (as known now); ``as_of``: as known
+        then (facts and ends recorded later are not seen); ``history``: every fact known,
+        ended ones too.
+        """
+
+    def neighbors(
+        self,
+        entity: str,
+        *,
+        session_id: str,
+        depth: int = 1,
+        predicates: Sequence[str] | None = None,
+        as_of: float | None = None,
+        valid_at: float | None = None,
+        scopes: Sequence[str] = ("session", "user"),
+        limit: int = 100,
+        tenant: str | None = None,
+    ) -> list[Neighbor]:
+        """The entities within ``depth`` hops of ``entity`` (1 to 3) over facts that hold now
+        (or at ``valid_at``, as known ``as_of``), nearest first: each with its distance and the
+        fact that reached it.
         """
 
 

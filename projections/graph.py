@@ -80,8 +80,9 @@ class TenantGraph(msgspec.Struct, kw_only=True):
     relations: dict[str, RelationRecord] = {}
     edges: dict[str, list[str]] = {}  # entity id -> ids of the relations touching it, recorded order
     sources: dict[str, list[str]] = {}  # memory id -> ids of the relations extracted from it
-    # scope id -> a counter bumped by every change of its nodes' names: caches of opened names
-    # and name indexes built from this model are keyed by it
+    scope_entities: dict[str, list[str]] = {}  # scope id -> its entity ids, recorded order
+    # scope id -> a counter bumped when a node of it gets an alias or is forgotten: name indexes
+    # built from this model follow new nodes as they come and are rebuilt when it moves
     versions: dict[str, int] = {}
 
 
@@ -119,7 +120,7 @@ def _fold(graph: TenantGraph, scope_id: str, seq: int, at: float, event: object)
             scope_id=scope_id, entity_type=event.entity_type, author=event.author, model_id=event.model_id,
             sealed=event.sealed, seq=seq, at=at,
         )
-        _bump(graph, scope_id)
+        graph.scope_entities.setdefault(scope_id, []).append(event.entity_id)
     elif isinstance(event, EntityAliased):
         entity = graph.entities.get(event.entity_id)
         if entity is not None:
@@ -148,6 +149,7 @@ def _fold(graph: TenantGraph, scope_id: str, seq: int, at: float, event: object)
                 _unlink(graph.sources, gone.source, event.relation_id)
     elif isinstance(event, EntityForgotten):
         if graph.entities.pop(event.entity_id, None) is not None:
+            _unlink(graph.scope_entities, scope_id, event.entity_id)
             _bump(graph, scope_id)
         for relation_id in graph.edges.pop(event.entity_id, []):  # none left if the aggregate did its part
             gone = graph.relations.pop(relation_id, None)
@@ -157,12 +159,12 @@ def _fold(graph: TenantGraph, scope_id: str, seq: int, at: float, event: object)
                     _unlink(graph.sources, gone.source, relation_id)
 
 
-def _unlink(index: dict[str, list[str]], key: str, relation_id: str) -> None:
+def _unlink(index: dict[str, list[str]], key: str, item: str) -> None:
     ids = index.get(key)
     if ids is None:
         return
-    if relation_id in ids:
-        ids.remove(relation_id)
+    if item in ids:
+        ids.remove(item)
     if not ids:
         del index[key]
 

@@ -242,3 +242,65 @@ async def test_tenants_and_users_are_walled(gb: AsyncBlackbird) -> None:
     await gb.memory.relate("Acme", "located_in", "Lisbon", session_id=alice, scope="tenant")
     assert len(await gb.memory.facts_about("Acme", session_id=bob, scopes=["tenant"])) == 1
     assert await gb.memory.facts_about("Acme", session_id=other, scopes=["tenant"], tenant="globex") == []
+
+
+async def test_recall_ranks_memories_linked_to_entities_named_in_the_query(gb: AsyncBlackbird) -> None:
+    sid = await _session(gb)
+    distractors = [f"Note number {i} about the weather and trains" for i in range(12)]
+    await gb.memory.remember_many(distractors, session_id=sid)
+    berlin = await gb.memory.remember("The user lives in Berlin", session_id=sid, key="lives_in")
+    await gb.memory.note_entity("alice", session_id=sid, entity_type="person", aliases=["Ada"])
+    await gb.memory.relate("alice", "lives_in", "Berlin", session_id=sid, subject_type="person",
+                           object_type="place", source=berlin.memory_id)
+    await gb.memory.relate("alice", "works_at", "Acme", session_id=sid, subject_type="person")
+
+    (top,) = await gb.memory.recall("Tell me about Ada", session_id=sid, k=1)
+    assert top.memory_id == berlin.memory_id and top.scores["graph"] == 1.0 and top.facts == ()
+    without = await gb.memory.recall("Tell me about Ada", session_id=sid, k=1, weights={"graph": 0})
+    assert without[0].memory_id != berlin.memory_id  # no words or vector in common: only the graph finds it
+
+    (expanded,) = await gb.memory.recall("Tell me about Ada", session_id=sid, k=1, expand=1)
+    assert sorted((f.subject, f.predicate, f.object) for f in expanded.facts) == [
+        ("alice", "lives_in", "Berlin"), ("alice", "works_at", "Acme"),
+    ]
+    with pytest.raises(ValidationError) as caught:
+        await gb.memory.recall("Ada", session_id=sid, expand=2)
+    assert caught.value.field == "expand"
+
+
+async def test_forget_user_erases_the_graph_from_queries_the_projection_and_the_disk(
+    nats_server: NatsServer, tmp_path: Path, gb: AsyncBlackbird
+) -> None:
+    alice = await _session(gb, "alice")
+    bob = await _session(gb, "bob")
+    secret = "Zanzibarovich"
+    await gb.memory.relate(secret, "lives_in", "Quixotic Heights", session_id=alice,
+                           evidence=f"{secret} told me about Quixotic Heights")
+    await gb.memory.relate(secret, "works_at", "Initech", session_id=alice, scope="tenant")
+    await gb.memory.relate("Bob", "likes", "tea", session_id=bob, scope="tenant")
+
+    report = await gb.memory.forget_user("alice")
+    assert "tenant:acme" in report["scopes"]
+    assert await gb.memory.entity(secret, session_id=bob, scopes=["tenant"]) is None
+    assert [f.subject for f in await gb.memory.facts_about("Bob", session_id=bob, scopes=["tenant"])] == ["Bob"]
+    graph = (await gb.projections.caught_up("graph", 0)).model.tenants["acme"]  # type: ignore[attr-defined]
+    assert {r.author for r in graph.relations.values()} == {"bob"}
+    assert {e.author for e in graph.entities.values()} == {"bob"}
+    assert (await gb.audit.verify())["graph"] == []
+    # what the log holds of alice's names no longer opens: her data key is gone
+    sealed: list[bytes] = []
+
+    def collect(seq: int, subject: str, commit: object) -> None:
+        sealed.extend(e.sealed for e in commit.events if isinstance(e, EntityNoted) and e.author == "alice")  # type: ignore[attr-defined]
+
+    await gb.journal.replay("bb.acme.memory.>", 0, collect)
+    assert len(sealed) == 4
+    for blob in sealed:
+        assert await gb.memory._keys.decrypt("acme", "alice", blob, aad=b"user:alice") is None
+
+    # nothing readable on disk: the JetStream store and the memory folder
+    for root in (Path(nats_server.store), tmp_path / "memory"):
+        for path in root.rglob("*"):
+            if path.is_file():
+                data = path.read_bytes()
+                assert secret.encode() not in data and b"Quixotic" not in data, path

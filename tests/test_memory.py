@@ -101,7 +101,7 @@ async def test_the_right_memory_is_in_the_top_three_for_paraphrased_questions(bb
     assert hits / len(FACTS) >= 0.9, f"{hits}/{len(FACTS)} in the top 3"
     top = (await bb.memory.recall("Who is my boss?", session_id=s.session_id, k=1))[0]
     assert top.text == FACTS[7][0]
-    assert set(top.scores) == {"similarity", "keyword", "recency", "importance"}
+    assert set(top.scores) == {"similarity", "keyword", "recency", "importance", "graph"}
     assert top.sequence > 0 and top.score is not None
 
 

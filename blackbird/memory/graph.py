@@ -38,15 +38,13 @@ from actors.graph import Candidate, normalise, resolve
 from actors.policy import QuotaType
 from actors.redaction import RedactionPolicy, redact
 from actors.validation import MAX_INSTANT, MAX_MEMORY_TEXT, PREDICATE_EXPECTED, PREDICATE_PATTERN
+from blackbird._projections import Projections
 from blackbird._validate import check_metadata, check_text, invalid
 from blackbird.errors import ValidationError
 from blackbird.ids import derived_id, new_id
 from blackbird.types import Entity, Neighbor, Relation
 from projections import graph as model
 from projections.graph import Graph, TenantGraph, When
-
-if TYPE_CHECKING:
-    from blackbird._projections import Projections
 
 log = structlog.get_logger("blackbird.memory")
 
@@ -80,12 +78,57 @@ class _Names(NamedTuple):
     alias_times: tuple[float, ...]  # when the log recorded each alias
 
 
-class _ScopeIndex(NamedTuple):
-    version: int
-    by_name: dict[str, list[str]]  # normalised name or alias -> entity ids, oldest first
-    ids: list[str]  # oldest first
-    matrix: np.ndarray | None  # rows: ids' name vectors (unit), for similarity
-    longest: int  # words in the longest name
+class _ScopeIndex:
+    """A scope's names, kept in step with the model: new nodes are added as they come (the
+    model lists a scope's nodes in recorded order), and the whole index is rebuilt when a node
+    got an alias or was forgotten (the scope's version moved)."""
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+        self.count = 0  # how many of the scope's nodes (in recorded order) are indexed
+        self.by_name: dict[str, list[str]] = {}  # normalised name or alias -> entity ids, oldest first
+        self.by_word: dict[str, set[str]] = {}  # word -> normalised names holding it
+        self.names: list[str] = []  # normalised names, for spelling similarity
+        self.ids: list[str] = []  # rows of ``matrix``
+        self._vectors: np.ndarray | None = None  # grown by doubling
+        self.longest = 0  # words in the longest name
+
+    @property
+    def matrix(self) -> np.ndarray | None:
+        return None if self._vectors is None else self._vectors[: len(self.ids)]
+
+    def add(self, entity_id: str, names: _Names) -> None:
+        for name in (names.name, *names.aliases):
+            normal = normalise(name)
+            if not normal:
+                continue
+            ids = self.by_name.get(normal)
+            if ids is None:
+                ids = self.by_name[normal] = []
+                self.names.append(normal)
+                for word in normal.split():
+                    self.by_word.setdefault(word, set()).add(normal)
+                self.longest = max(self.longest, len(normal.split()))
+            ids.append(entity_id)
+        vector = names.vector
+        if vector is None or (self._vectors is not None and self._vectors.shape[1] != len(vector)):
+            return
+        if self._vectors is None:
+            self._vectors = np.empty((16, len(vector)), dtype=np.float32)
+        elif len(self.ids) == len(self._vectors):
+            grown = np.empty((2 * len(self._vectors), self._vectors.shape[1]), dtype=np.float32)
+            grown[: len(self.ids)] = self._vectors
+            self._vectors = grown
+        self._vectors[len(self.ids)] = vector
+        self.ids.append(entity_id)
+
+    def containing(self, words: set[str]) -> set[str]:
+        """The names holding every word of ``words`` and more."""
+        sets = [self.by_word.get(w, set()) for w in words]
+        if not sets:
+            return set()
+        found = set.intersection(*sets)
+        return {n for n in found if len(n.split()) > len(words)}
 
 
 class FunctionalPredicates:
@@ -155,38 +198,18 @@ class GraphReader:
         return SealedFact() if plain is None else msgspec.msgpack.decode(plain, type=SealedFact)
 
     async def index(self, tenant: str, graph: TenantGraph, scope_id: str) -> _ScopeIndex:
-        """The scope's name index, rebuilt when its nodes' names changed."""
+        """The scope's name index, brought up to date with the model."""
         version = graph.versions.get(scope_id, 0)
-        held = self._indexes.get((tenant, scope_id))
-        if held is not None and held.version == version:
-            return held
-        entries = sorted(
-            ((eid, rec) for eid, rec in graph.entities.items() if rec.scope_id == scope_id),
-            key=lambda item: item[1].seq,
-        )
-        by_name: dict[str, list[str]] = {}
-        ids: list[str] = []
-        vectors: list[np.ndarray] = []
-        longest = 0
-        for entity_id, record in entries:
-            names = await self.names(tenant, entity_id, record)
-            if names is None:
-                continue
-            for name in (names.name, *names.aliases):
-                normal = normalise(name)
-                if normal:
-                    by_name.setdefault(normal, []).append(entity_id)
-                    longest = max(longest, len(normal.split()))
-            if names.vector is not None:
-                ids.append(entity_id)
-                vectors.append(names.vector)
-        matrix = None
-        if vectors and len({len(v) for v in vectors}) == 1:
-            matrix = np.stack(vectors)
-        else:
-            ids = []
-        index = _ScopeIndex(version, by_name, ids, matrix, longest)
-        self._indexes[(tenant, scope_id)] = index
+        index = self._indexes.get((tenant, scope_id))
+        if index is None or index.version != version:
+            index = self._indexes[(tenant, scope_id)] = _ScopeIndex(version)
+        listed = graph.scope_entities.get(scope_id, [])
+        for entity_id in listed[index.count :]:
+            record = graph.entities.get(entity_id)
+            names = None if record is None else await self.names(tenant, entity_id, record)
+            if names is not None:
+                index.add(entity_id, names)
+        index.count = len(listed)
         return index
 
 
@@ -536,14 +559,12 @@ class GraphMemory:
             top = np.argsort(-similarity)[:many]
             chosen.update((index.ids[i], None) for i in top)
         normal = normalise(name)
-        spelled = process.extract(normal, list(index.by_name), scorer=JaroWinkler.normalized_similarity,
+        spelled = process.extract(normal, index.names, scorer=JaroWinkler.normalized_similarity,
                                   limit=many, score_cutoff=0.8)
         for known, _, _ in spelled:
             chosen.update((eid, None) for eid in index.by_name[known])
-        words = set(normal.split())
-        chosen.update(
-            (eid, None) for known, ids in index.by_name.items() if words < set(known.split()) for eid in ids
-        )
+        for known in index.containing(set(normal.split())):
+            chosen.update((eid, None) for eid in index.by_name[known])
         out: list[Candidate] = []
         for eid in sorted(chosen, key=lambda e: graph.entities[e].seq if e in graph.entities else math.inf):
             record = graph.entities.get(eid)

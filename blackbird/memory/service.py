@@ -20,8 +20,8 @@ import math
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import Any, NamedTuple
 
 import anyio
 import anyio.abc
@@ -49,6 +49,7 @@ from actors.ports import AggregateKey
 from actors.redaction import RedactionPolicy, redact
 from actors.validation import CACHE_VALUE, MAX_INSTANT, MAX_MEMORY_TEXT
 from blackbird._errors_group import single_error
+from blackbird._projections import Projections
 from blackbird._validate import (
     check_document,
     check_fraction,
@@ -76,12 +77,9 @@ from blackbird.sessions.quotas import Quotas
 from blackbird.subjects import validate_token
 from blackbird.types import Memory
 
-if TYPE_CHECKING:
-    from blackbird._projections import Projections
-
 log = structlog.get_logger("blackbird.memory")
 
-DEFAULT_WEIGHTS = {"similarity": 0.6, "keyword": 0.15, "recency": 0.1, "importance": 0.15}
+DEFAULT_WEIGHTS = {"similarity": 0.6, "keyword": 0.15, "recency": 0.1, "importance": 0.15, "graph": 0.25}
 RECENCY_HALF_LIFE = 7 * 86400.0
 _REDACT_ALL = RedactionPolicy()  # every kind: what any tier's policy could redact
 
@@ -429,14 +427,21 @@ class AsyncMemory(GraphMemory):
         as_of: float | None = None,
         weights: dict[str, float] | None = None,
         tenant: str | None = None,
+        expand: int = 0,
     ) -> list[Memory]:
         """The ``k`` memories most relevant to ``query`` in ``scopes`` (each checked against the
         acting session), best first. Hybrid: vector search and LanceDB full-text search fused by
-        reciprocal rank, then re-ranked by ``weights`` of similarity, keyword rank, recency and
-        importance. ``filters``: exact matches on kind, key, author or ``metadata.<field>``.
-        ``as_of``: what was known at that instant (superseded memories included, later ones
-        not). Includes everything this client wrote before the call."""
+        reciprocal rank, then re-ranked by ``weights`` of similarity, keyword rank, recency,
+        importance and graph (1 for a memory a fact about an entity named in the query was
+        extracted from: "where does Ada live?" finds "The user lives in Berlin" once the graph
+        knows the user is Ada). ``filters``: exact matches on kind, key, author or
+        ``metadata.<field>``. ``as_of``: what was known at that instant (superseded memories
+        included, later ones not). ``expand=1``: each memory also carries ``facts``, the facts
+        one hop from the entities of the facts extracted from it. Includes everything this
+        client wrote before the call."""
         query = _check_memory_text(query, "query")
+        if isinstance(expand, bool) or expand not in (0, 1):
+            raise invalid("expand", "0 or 1 (hops of facts to add to each memory)", repr(expand))
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 1000:
             raise invalid("k", "an int from 1 to 1000", repr(k))
         if isinstance(scopes, str) or not isinstance(scopes, Sequence) or not scopes:
@@ -464,7 +469,16 @@ class AsyncMemory(GraphMemory):
             return []
         vector = embedded[0]
         by_vector = await plan.candidates.by_vector(vector, plan.pool)
-        return _rank(by_vector, plan.by_text, vector, wanted, mix, plan.now, k)
+        linked: builtins.set[str] = builtins.set()
+        by_graph: list[dict[str, Any]] = []
+        if mix["graph"]:
+            _, linked = await self._graph_links(plan.tenant, plan.sids, query, as_of)
+            by_graph = plan.candidates.by_ids(linked)
+        found = _rank(by_vector, plan.by_text, vector, wanted, mix, plan.now, k, linked, by_graph)
+        if expand and found:
+            facts = await self._facts_of_memories(plan.tenant, [m.memory_id for m in found], plan.sids, as_of)
+            found = [msgspec.structs.replace(m, facts=facts.get(m.memory_id, ())) for m in found]
+        return found
 
     async def _plan_recall(
         self, query: str, session_id: str, tenant: str | None, scopes: Sequence[str], k: int,
@@ -486,7 +500,7 @@ class AsyncMemory(GraphMemory):
             if as_of is None else _PastCandidates(table, sids, at)
         )
         by_text = await candidates.by_text(query, pool)
-        return _RecallPlan(candidates, by_text, pool, now)
+        return _RecallPlan(candidates, by_text, pool, now, session.tenant, sids)
 
     def _table_for(self, tenant: str) -> Any | None:
         """The tenant's table of this client's embedding model; None if it has no memories yet.
@@ -594,6 +608,7 @@ class AsyncMemory(GraphMemory):
             outcome = await self._ask(tenant, sid, ForgetAuthor(author=user_id))
             erased += len(outcome.events)
         await self._keys.forget(tenant, user_id)
+        self._graph_reader.forget_tenant(tenant)  # names it opened, the erased user's among them
         await self._caught_up()
         await self.index.erase_history()
         log.info("user_forgotten", tenant=tenant, user_id=user_id, scopes=len(scopes), removed=erased)
@@ -628,6 +643,8 @@ class _RecallPlan(NamedTuple):
     by_text: list[dict[str, Any]]
     pool: int
     now: float
+    tenant: str
+    sids: list[str]
 
 
 class _PresentCandidates:
@@ -643,6 +660,11 @@ class _PresentCandidates:
         self._scopes = await self._index.scopes(self._tenant, self._model, self._sids)
         # in memory from here on: no thread hop (the query is being embedded in one)
         rows = self._index.keyword_search(self._scopes, query, pool)
+        return [row for row in rows if row["valid_from"] <= self._at]
+
+    def by_ids(self, memory_ids: Iterable[str]) -> list[dict[str, Any]]:
+        """The current rows of these memories (those in the scopes and valid then)."""
+        rows = [row for scope in self._scopes for mid in memory_ids if (row := scope.scope.rows.get(mid))]
         return [row for row in rows if row["valid_from"] <= self._at]
 
     async def by_vector(self, vector: np.ndarray, pool: int) -> list[dict[str, Any]]:
@@ -665,6 +687,9 @@ class _PastCandidates:
             f"scope_id IN ({', '.join(quote(s) for s in sids)}) "
             f"AND valid_from <= {at!r} AND valid_to > {at!r}"
         )
+
+    def by_ids(self, memory_ids: Iterable[str]) -> list[dict[str, Any]]:
+        return []  # the past's rows come from the table's searches only: the graph signal re-ranks them
 
     async def by_text(self, query: str, pool: int) -> list[dict[str, Any]]:
         words = " ".join(re.findall(r"\w+", query))
@@ -691,10 +716,12 @@ class _PastCandidates:
 def _rank(
     by_vector: list[dict[str, Any]], by_text: list[dict[str, Any]], query: np.ndarray,
     wanted: dict[str, Any], weights: dict[str, float], now: float, k: int,
+    linked: Collection[str] = (), by_graph: Sequence[dict[str, Any]] = (),
 ) -> list[Memory]:
     fused: dict[str, float] = {}
     rows: dict[str, dict[str, Any]] = {}
-    for ranking in (by_vector, by_text):
+    # linked by the graph (whatever their words and vectors): a third ranking in the fusion
+    for ranking in (by_vector, by_text, by_graph):
         for rank, row in enumerate(ranking):
             rows.setdefault(row["memory_id"], row)
             fused[row["memory_id"]] = fused.get(row["memory_id"], 0.0) + 1.0 / (60 + rank + 1)
@@ -711,6 +738,7 @@ def _rank(
         parts = {
             "similarity": similarity, "keyword": fused[memory_id] / best,
             "recency": recency, "importance": float(row["importance"]),
+            "graph": 1.0 if memory_id in linked else 0.0,
         }
         scored.append((sum(weights[name] * value for name, value in parts.items()), memory_id, parts))
     scored.sort(key=lambda item: (-item[0], item[1]))
