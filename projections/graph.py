@@ -127,6 +127,8 @@ def _fold(graph: TenantGraph, scope_id: str, seq: int, at: float, event: object)
             entity.aliases.append(AliasRecord(author=event.author, sealed=event.sealed, at=at))
             _bump(graph, scope_id)
     elif isinstance(event, RelationStated):
+        if event.relation_id in graph.relations:
+            return  # ids are unique (random, or derived from a command id): the first one stands
         graph.relations[event.relation_id] = RelationRecord(
             scope_id=scope_id, subject=event.subject, predicate=event.predicate, object=event.object,
             author=event.author, valid_from=event.valid_from, valid_to=event.valid_to, source=event.source,
