@@ -60,8 +60,9 @@ async def mcp_http(url: str, token: str) -> AsyncIterator[ClientSession]:
 
 def data(result: CallToolResult) -> dict[str, Any]:
     assert not result.is_error, result.content
-    assert result.structured_content is not None
-    return result.structured_content
+    found: dict[str, Any] | None = result.structured_content
+    assert found is not None
+    return found
 
 
 def error_text(result: CallToolResult) -> str:
@@ -96,15 +97,17 @@ async def test_stdio_lists_the_tools_and_remembers_then_recalls(
             stored = data(await client.call_tool("remember", {"text": "My manager is Priya Raman.",
                                                               "importance": 0.8}))
             assert stored["text"] == "My manager is Priya Raman." and stored["memory_id"]
-            started = time.perf_counter()
-            found = data(await client.call_tool("recall", {"query": "Who is my manager?", "k": 3}))
-            took = time.perf_counter() - started
+            timings = []
+            for _ in range(5):
+                started = time.perf_counter()
+                found = data(await client.call_tool("recall", {"query": "Who is my manager?", "k": 3}))
+                timings.append(time.perf_counter() - started)
             assert [m["text"] for m in found["memories"]][:1] == ["My manager is Priya Raman."]
             info = data(await client.call_tool("session_info", {}))
             assert info["session_id"] == session.session_id and info["user_id"] == "alice"
         errlog.seek(0)
         assert "Traceback" not in errlog.read()
-    print(f"stdio recall round trip: {took * 1000:.1f} ms")  # measured, never asserted
+    print("stdio recall round trips (ms):", [round(t * 1000, 1) for t in timings])  # measured, never asserted
     report = await bb.audit.replay(session_id=session.session_id)
     operations = [json.dumps(row) for row in report.to_dict()["rows"]]
     assert any("mcp.remember" in r for r in operations) and any("mcp.recall" in r for r in operations)
@@ -149,6 +152,25 @@ async def test_http_lists_tools_and_calls_them_under_the_callers_principal(hbb: 
     report = (await hbb.audit.replay(session_id=sid)).to_dict()
     mcp_rows = [row for row in report["rows"] if "mcp." in json.dumps(row)]
     assert len(mcp_rows) >= 9 and {row["who"] for row in mcp_rows} == {"token:acme"}
+
+
+async def test_http_graph_tools_relate_walk_and_forget_an_entity(hbb: AsyncBlackbird) -> None:
+    sid = (await hbb.session_manager.create_session("alice", "pro")).session_id
+    async with serving_http(hbb, TOKENS) as url, mcp_http(f"{url}/v1/sessions/{sid}/mcp", ACME) as client:
+        works = data(await client.call_tool("relate", {
+            "subject": "Ada", "predicate": "works_at", "object": "Initech",
+            "subject_type": "person", "object_type": "organisation", "evidence": "Ada said so"}))
+        data(await client.call_tool("relate", {"subject": "Initech", "predicate": "located_in", "object": "Porto"}))
+        assert works["predicate"] == "works_at"
+        facts = data(await client.call_tool("facts_about", {"entity": "Ada"}))["facts"]
+        assert [f["predicate"] for f in facts] == ["works_at"]
+        near = data(await client.call_tool("neighbors", {"entity": "Ada", "depth": 2}))["neighbors"]
+        assert [(n["entity"]["name"], n["depth"]) for n in near] == [("Initech", 1), ("Porto", 2)]
+        bad = await client.call_tool("relate", {"subject": "Ada", "predicate": "Works At!", "object": "x"})
+        assert "predicate" in error_text(bad)
+        assert data(await client.call_tool("forget", {"entity": "Ada"})) == {"forgotten": True}
+        assert data(await client.call_tool("facts_about", {"entity": "Ada"}))["facts"] == []
+        assert data(await client.call_tool("forget", {"entity": "Ada"})) == {"forgotten": False}
 
 
 async def test_http_a_call_over_quota_is_refused_naming_it_and_the_log_has_both(hbb: AsyncBlackbird) -> None:
@@ -291,7 +313,8 @@ async def test_http_a_client_resuming_with_last_event_id_gets_the_events_it_miss
 
 def sse(response: httpx.Response) -> list[dict[str, str]]:
     assert response.status_code == 200, response.text
-    events, current = [], {}
+    events: list[dict[str, str]] = []
+    current: dict[str, str] = {}
     for line in response.text.splitlines():
         if not line.strip():
             if current:

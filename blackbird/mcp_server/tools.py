@@ -199,13 +199,15 @@ def mcp_server(bb: Any, session_id: str | None = None, *, tenant: str | None = N
         as_of: Annotated[Instant | None, Field(description="what was known at that instant")] = None,
         filters: Annotated[dict[str, Any] | None, Field(
             description="exact matches on kind, key, author or metadata.<field>")] = None,
+        expand: Annotated[int, Field(
+            ge=0, le=1, description="1: each memory also carries the graph facts one hop from its entities")] = 0,
     ) -> CallToolResult:
         """Recall the memories best matching a query (meaning and keywords), best first."""
 
         async def work(t: Target) -> dict[str, Any]:
             found = await memory().recall(
                 query, session_id=t.session_id, k=k, tenant=t.tenant,
-                **given(scopes=scopes, as_of=as_of, filters=filters),
+                **given(scopes=scopes, as_of=as_of, filters=filters, expand=expand or None),
             )
             return {"memories": [m.to_dict() for m in found]}
 
