@@ -304,3 +304,98 @@ async def test_forget_user_erases_the_graph_from_queries_the_projection_and_the_
             if path.is_file():
                 data = path.read_bytes()
                 assert secret.encode() not in data and b"Quixotic" not in data, path
+
+
+async def test_names_and_evidence_are_redacted_per_the_tier(gb: AsyncBlackbird) -> None:
+    sid = await _session(gb)
+    fact = await gb.memory.relate("ada@example.com", "works_at", "Acme", session_id=sid,
+                                  evidence="write to ada@example.com or call +1 415 555 0100")
+    assert "ada@example.com" not in fact.subject and "555" not in (fact.evidence or "")
+    (stored,) = await gb.memory.facts_about("Acme", session_id=sid)
+    assert stored.subject == fact.subject and stored.evidence == fact.evidence
+
+
+async def test_the_graph_is_the_same_after_a_restart_and_a_rebuild_from_the_log(
+    nats_server: NatsServer, tmp_path: Path, gb: AsyncBlackbird, clock: Clock
+) -> None:
+    sid = await _session(gb)
+    t0 = clock.now
+    await gb.memory.relate("Ada", "lives_in", "Paris", session_id=sid)
+    clock.now += 10
+    await gb.memory.relate("Ada", "lives_in", "Berlin", session_id=sid)
+    await gb.memory.relate("Berlin", "located_in", "Germany", session_id=sid)
+    await gb.memory.note_entity("Ada", session_id=sid, aliases=["Countess"])
+
+    async def answers(client: AsyncBlackbird) -> list[object]:
+        return [
+            [f.to_dict() for f in await client.memory.facts_about("Countess", session_id=sid, history=True)],
+            [f.to_dict() for f in await client.memory.facts_about("Ada", session_id=sid, as_of=t0 + 5)],
+            [n.to_dict() for n in await client.memory.neighbors("Ada", session_id=sid, depth=2)],
+        ]
+
+    before = await answers(gb)
+    async with AsyncBlackbird(nats_url=nats_server.url, tenant="acme", embedder=HashEmbedder(), clock=clock,
+                              learn=False, memory_dir=str(tmp_path / "other")) as fresh:
+        assert await answers(fresh) == before
+        await fresh.projections.rebuild("graph")
+        assert await answers(fresh) == before
+
+
+def test_the_blocking_facade_has_the_graph(nats_server: NatsServer, tmp_path: Path) -> None:
+    from blackbird import BlackbirdSDK
+
+    with BlackbirdSDK(nats_url=nats_server.url, tenant="acme", embedder=HashEmbedder(), learn=False,
+                      memory_dir=str(tmp_path / "memory")) as sdk:
+        sid = sdk.session_manager.create_session("alice", tier="pro").session_id
+        sdk.memory.relate("Ada", "works_at", "Acme", session_id=sid)
+        assert [n.entity.name for n in sdk.memory.neighbors("Ada", session_id=sid)] == ["Acme"]
+        assert sdk.memory.entity("ada", session_id=sid).name == "Ada"  # type: ignore[union-attr]
+        assert sdk.memory.forget_entity("Acme", session_id=sid) is True
+
+
+async def test_relate_under_load_through_a_kill_9_of_the_server_loses_and_doubles_nothing(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """Workers state facts in a loop, each call retried with its command id until acknowledged;
+    the server is killed with SIGKILL mid-load and started again. Every acknowledged fact is in
+    the graph once, and the graph equals a rebuild from the log."""
+    import anyio
+
+    from blackbird import BlackbirdError
+
+    acked: dict[str, list[str]] = {f"W{i}": [] for i in range(4)}
+    killed = anyio.Event()
+
+    async with AsyncBlackbird(nats_url=nats_server.url, tenant="acme", embedder=HashEmbedder(), learn=False,
+                              command_timeout=2.0, memory_dir=str(tmp_path / "memory")) as bb:
+        sid = await _session(bb)
+
+        async def work(worker: str) -> None:
+            for k in range(30):
+                place = f"{worker} place {k}"
+                with anyio.fail_after(60):
+                    while True:
+                        try:
+                            await bb.memory.relate(worker, "visited", place, session_id=sid,
+                                                   command_id=f"{worker}-{k}")
+                            break
+                        except BlackbirdError:
+                            await anyio.sleep(0.05)  # a pause between retries, not a synchronisation
+                acked[worker].append(place)
+                if k == 10 and worker == "W0":
+                    killed.set()
+
+        async def strike() -> None:
+            await killed.wait()
+            nats_server.kill()
+            await anyio.to_thread.run_sync(nats_server.start)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(strike)
+            for worker in acked:
+                tg.start_soon(work, worker)
+
+        for worker, places in acked.items():
+            facts = await bb.memory.facts_about(worker, session_id=sid, history=True)
+            assert sorted(f.object for f in facts) == sorted(places), worker
+        assert (await bb.audit.verify())["graph"] == []
