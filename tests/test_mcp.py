@@ -307,8 +307,23 @@ async def test_http_a_client_resuming_with_last_event_id_gets_the_events_it_miss
         async with http.stream("GET", path, headers={**headers, "Last-Event-ID": priming["id"]}) as replay:
             assert replay.status_code == 200
             got = await first_event_with_data(replay)
-        assert got["id"] == answer["id"] and got["data"] == answer["data"]
+        assert got is not None and got["id"] == answer["id"] and got["data"] == answer["data"]
         assert json.loads(got["data"])["result"]["structuredContent"]["text"] == "resumable"
+
+        # a second connection to the same session reuses request id 2: each resumes only its own
+        other = await open_raw(http, path)
+        call["params"]["arguments"] = {"text": "the other one"}  # type: ignore[index]
+        theirs = sse(await http.post(path, json=call, headers=other))
+        async with http.stream("GET", path, headers={**headers, "Last-Event-ID": priming["id"]}) as replay:
+            again = await first_event_with_data(replay)
+            assert again is not None and again["id"] == answer["id"]
+        async with http.stream("GET", path, headers={**other, "Last-Event-ID": theirs[0]["id"]}) as replay:
+            mine = await first_event_with_data(replay)
+        assert mine is not None and json.loads(mine["data"])["result"]["structuredContent"]["text"] == "the other one"
+        # nor another connection's events, though it names one of their ids: the replay is empty
+        async with http.stream("GET", path, headers={**other, "Last-Event-ID": priming["id"]}) as replay:
+            assert replay.status_code == 200
+            assert await first_event_with_data(replay, or_none=True) is None
 
 
 def sse(response: httpx.Response) -> list[dict[str, str]]:
@@ -329,7 +344,8 @@ def sse(response: httpx.Response) -> list[dict[str, str]]:
     return [e for e in events if "id" in e]
 
 
-async def first_event_with_data(response: httpx.Response) -> dict[str, str]:
+async def first_event_with_data(response: httpx.Response, *, or_none: bool = False) -> dict[str, str] | None:
+    """The first SSE event with data; at the stream's end None if ``or_none``, else a failure."""
     current: dict[str, str] = {}
     async for line in response.aiter_lines():
         if not line.strip():
@@ -340,7 +356,8 @@ async def first_event_with_data(response: httpx.Response) -> dict[str, str]:
         name, _, value = line.partition(":")
         if name in ("id", "data"):
             current[name] = value.removeprefix(" ")
-    raise AssertionError("the replay ended without an event")
+    assert or_none, "the replay ended without an event"
+    return None
 
 
 # --------------------------------------------------------------------------- the event store

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import json
+import logging
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -118,10 +119,15 @@ def mcp_server(bb: Any, session_id: str | None = None, *, tenant: str | None = N
     :class:`~blackbird.AsyncBlackbird` with the service identity (memory needs it)."""
     fixed = None if session_id is None else Target(tenant=tenant or bb.settings.tenant, session_id=session_id)
     sm: AsyncSessionManager = bb.session_manager
+    # MCPServer() calls logging.basicConfig (a handler on the root logger); logging is the
+    # application's choice, so the root logger is put back as it was.
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     server: MCPServer[Any] = MCPServer(
         "blackbird", instructions=INSTRUCTIONS, version=getattr(bb, "version", None) or "0",
-        log_level="WARNING",
     )
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
     def memory() -> AsyncMemory:
         found: AsyncMemory = bb.memory  # looked up per call: it needs the service identity
