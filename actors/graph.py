@@ -18,12 +18,13 @@ aggregate merges exact names of one author by ``name_mac``, which holds under co
 
 from __future__ import annotations
 
-import math
 import re
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
+from typing import Any
 
 import msgspec
+import numpy as np
 
 from actors.events import (
     Decision,
@@ -243,7 +244,7 @@ class Candidate(msgspec.Struct, frozen=True):
     entity_id: str
     entity_type: str
     names: tuple[str, ...]
-    vector: Sequence[float] | None = None
+    vector: Any = None  # a sequence of floats (a numpy vector from the shell), or None
 
 
 def normalise(name: str) -> str:
@@ -258,7 +259,7 @@ def compatible(a: str, b: str) -> bool:
 
 
 def resolve(
-    name: str, entity_type: str, vector: Sequence[float] | None, candidates: Iterable[Candidate],
+    name: str, entity_type: str, vector: Any, candidates: Iterable[Candidate],
     similarity: object = None,
 ) -> str | None:
     """The candidate a mention ``name`` (of ``entity_type``, embedded as ``vector``) is, or None.
@@ -295,12 +296,12 @@ def resolve(
     return containing[0].entity_id if len(containing) == 1 else None
 
 
-def _cosine(a: Sequence[float] | None, b: Sequence[float] | None) -> float:
+def _cosine(a: Any, b: Any) -> float:
     if a is None or b is None or len(a) != len(b):
         return 0.0
-    dot = sum(x * y for x, y in zip(a, b, strict=True))
-    norm = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
-    return dot / norm if norm else 0.0
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    norm = float(np.linalg.norm(x) * np.linalg.norm(y))
+    return float(x @ y) / norm if norm else 0.0
 
 
 def _jaro_winkler(a: str, b: str) -> float:

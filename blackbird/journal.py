@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import io
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NamedTuple, Protocol, TypeVar
@@ -72,6 +73,11 @@ WRONG_LAST_SEQUENCE = 10071  # JetStream err_code for a failed expected-last-sub
 STREAM_NAME_IN_USE = 10058  # stream exists with a different configuration
 _API = "$JS.API"
 _HEADROOM = 4096  # bytes of a message beyond the commit, in the max_msg_size of a stream we create
+# A snapshot larger than this goes to an object store (a KV value is one message, at most the
+# server's max_payload, 1 MiB by default); the KV entry then holds the marker and the object's name.
+_INLINE_SNAPSHOT = 512 * 1024
+_LARGE_SNAPSHOT = b"\xc1"  # a byte msgpack never writes: no snapshot starts with it
+_LARGE_SNAPSHOTS = "bb_snapshots_large"
 _HEADERS = 512  # bytes our headers take at most (message id, expected sequence), in a stream's limit
 _SWEEP = 0.1  # seconds between two looks at the appends waiting for their acknowledgement
 _BACKLOG = 256 * 1024  # bytes waiting in nats-py's outgoing buffer: the server is not reading
@@ -252,6 +258,7 @@ class Journal:
         self._decode = msgspec.json.Decoder(Commit).decode
         self._decode_ack = msgspec.json.Decoder(_PubAck).decode
         self._kv: Bucket | None = None
+        self._large: Callable[[JetStreamContext], ObjectStore] | None = None  # snapshots too big for a message
         self._acks = _AckInbox(nc)
 
     @classmethod
@@ -973,12 +980,45 @@ class Journal:
             )
         except nats.js.errors.KeyNotFoundError:
             return None
-        return entry.value
+        value: bytes | None = entry.value
+        if value and value[:1] == _LARGE_SNAPSHOT:  # the snapshot is an object; this, its name
+            return await self._large_snapshot(value[1:].decode())
+        return value
 
     async def save(self, key: AggregateKey, data: bytes) -> None:
         kv = self._snapshots()
         name = self._kv_key(key)
+        if len(data) > _INLINE_SNAPSHOT:  # beyond a message's size (a memory scope of ~10k facts)
+            objects = await self._snapshot_objects()
+            await self.retrying(
+                "write a large snapshot", lambda js: objects(js).put(name, data), per_try=self._timeout
+            )
+            data = _LARGE_SNAPSHOT + name.encode()
         await self.retrying("write a snapshot", lambda js: kv(js).put(name, data))
+
+    async def _snapshot_objects(self) -> Callable[[JetStreamContext], ObjectStore]:
+        if self._large is None:
+            made = await self.object_store(_LARGE_SNAPSHOTS, create=True)
+            assert made is not None  # created when missing
+            self._large = made
+        return self._large
+
+    async def _large_snapshot(self, name: str) -> bytes | None:
+        objects = await self._snapshot_objects()
+
+        async def get(js: JetStreamContext) -> bytes:
+            buffer = io.BytesIO()  # nats-py appends chunks to bytes otherwise (quadratic)
+            with anyio.fail_after(self._timeout):  # its ordered consumer has no timeout
+                await objects(js).get(name, writeinto=buffer)
+            return buffer.getvalue()
+
+        try:
+            return await self.retrying(
+                "read a large snapshot", get, per_try=self._timeout,
+                expected=(nats.js.errors.ObjectNotFoundError, nats.js.errors.ObjectDeletedError),
+            )
+        except (nats.js.errors.ObjectNotFoundError, nats.js.errors.ObjectDeletedError):
+            return None  # a snapshot is a shortcut: the log replays without it
 
     async def purge_snapshots(self) -> None:
         """Delete every snapshot (they are caches; the log is the truth)."""
@@ -993,6 +1033,15 @@ class Journal:
             keys = []
         for k in keys:
             await self._purge(kv, k)
+        objects = await self._snapshot_objects()
+
+        async def delete_large(js: JetStreamContext) -> None:
+            for info in await objects(js).list(ignore_deletes=True):
+                await objects(js).delete(info.name)
+
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await self.retrying("purge large snapshots", delete_large, per_try=long,
+                                expected=(nats.js.errors.NotFoundError,))
 
     async def _purge(self, kv: Bucket, key: str) -> None:
         await self.retrying("purge a snapshot", lambda js: kv(js).purge(key))

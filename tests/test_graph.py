@@ -399,3 +399,33 @@ async def test_relate_under_load_through_a_kill_9_of_the_server_loses_and_double
             facts = await bb.memory.facts_about(worker, session_id=sid, history=True)
             assert sorted(f.object for f in facts) == sorted(places), worker
         assert (await bb.audit.verify())["graph"] == []
+
+
+async def test_a_scope_too_large_for_one_message_is_snapshotted_as_an_object(
+    nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A memory scope's state (its memories and graph) outgrows a KV value (one message); the
+    snapshot then goes to an object store and activation reads it from there."""
+    from actors.ports import AggregateKey
+    from blackbird import journal as journal_module
+
+    monkeypatch.setattr(journal_module, "_INLINE_SNAPSHOT", 2048)  # a few facts' worth, not 10,000
+    async with AsyncBlackbird(nats_url=nats_server.url, tenant="acme", embedder=HashEmbedder(), learn=False,
+                              snapshot_every=5, memory_dir=str(tmp_path / "memory")) as bb:
+        sid = await _session(bb)
+        for i in range(12):
+            await bb.memory.relate("Ada", "visited", f"City {i}", session_id=sid)
+        key = AggregateKey("acme", "memory", "user:alice")
+        kv = bb.journal._snapshots()
+        raw = (await kv(bb.journal.jetstream).get(bb.journal._kv_key(key))).value
+        assert raw[:1] == b"\xc1"  # a pointer to the object
+        snapshot = await bb.journal.load(key)
+        assert snapshot is not None and len(snapshot) > 2048
+        before = await bb.memory.facts_about("Ada", session_id=sid)
+        bb.memory._host.passivate_idle(0)  # the next command activates the scope from the large snapshot
+        assert key not in bb.memory._host._actors
+        more = await bb.memory.relate("Ada", "visited", "City 0", session_id=sid)  # known: nothing new
+        assert more.relation_id == before[0].relation_id
+        assert await bb.memory.facts_about("Ada", session_id=sid) == before
+        await bb.journal.purge_snapshots()
+        assert await bb.journal.load(key) is None

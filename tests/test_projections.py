@@ -295,7 +295,7 @@ async def test_verify_passes_after_a_long_mixed_workload_and_a_restart(tmp_path:
                 await sm.settle(s.session_id, held.reservation_id, {"tokens": 3})
         await sm.change_tier(sessions[0].session_id, "enterprise")
         await sm.terminate_session(sessions[1].session_id)
-        assert await bb.projections.verify() == {"abuse": [], "activity": []}
+        assert await bb.projections.verify() == {"abuse": [], "activity": [], "graph": []}
         before = await sm.get_statistics()
         analytics = await sm.get_user_analytics("u0")
     async with AsyncBlackbird(data_dir=tmp_path / "d", tenant="acme") as bb:
@@ -305,7 +305,7 @@ async def test_verify_passes_after_a_long_mixed_workload_and_a_restart(tmp_path:
             k: v for k, v in before.items() if k != "projection_lag"
         }
         assert await sm.get_user_analytics("u0") == analytics
-        assert await bb.projections.verify() == {"abuse": [], "activity": []}
+        assert await bb.projections.verify() == {"abuse": [], "activity": [], "graph": []}
 
 
 def test_seed_analytics_monitor_and_prediction_examples_run_on_the_sync_facade() -> None:

@@ -151,12 +151,15 @@ class GraphReader:
     def __init__(self, keys: Any) -> None:
         self._keys = keys
         self._names: collections.OrderedDict[tuple[str, str], tuple[int, _Names]] = collections.OrderedDict()
+        self._facts: collections.OrderedDict[tuple[str, str], SealedFact] = collections.OrderedDict()
         self._indexes: dict[tuple[str, str], _ScopeIndex] = {}
 
     def forget_tenant(self, tenant: str) -> None:
         """Drop every opened name of ``tenant`` (an erasure ran)."""
         for key in [k for k in self._names if k[0] == tenant]:
             del self._names[key]
+        for key in [k for k in self._facts if k[0] == tenant]:
+            del self._facts[key]
         for key in [k for k in self._indexes if k[0] == tenant]:
             del self._indexes[key]
 
@@ -190,12 +193,22 @@ class GraphReader:
             return None
         return None if plain is None else msgspec.msgpack.decode(plain, type=SealedName)
 
-    async def fact(self, tenant: str, record: model.RelationRecord) -> SealedFact:
+    async def fact(self, tenant: str, relation_id: str, record: model.RelationRecord) -> SealedFact:
+        """A fact's evidence and metadata (empty if its author's key is gone)."""
+        key = (tenant, relation_id)
+        held = self._facts.get(key)
+        if held is not None:
+            return held
         try:
             plain = await self._keys.decrypt(tenant, record.author, record.sealed, aad=record.scope_id.encode())
         except ValidationError:
             plain = None
-        return SealedFact() if plain is None else msgspec.msgpack.decode(plain, type=SealedFact)
+        if plain is None:
+            return SealedFact()  # not kept: a key being read again later may open it
+        opened = self._facts[key] = msgspec.msgpack.decode(plain, type=SealedFact)
+        while len(self._facts) > _NAMES_KEPT:
+            self._facts.popitem(last=False)
+        return opened
 
     async def index(self, tenant: str, graph: TenantGraph, scope_id: str) -> _ScopeIndex:
         """The scope's name index, brought up to date with the model."""
@@ -393,6 +406,8 @@ class GraphMemory:
         for entity_id in ids:
             outcome = await self._ask(session.tenant, sid, ForgetEntity(entity_id=entity_id))
             removed = removed or bool(outcome.events)
+        if removed:
+            self._graph_reader.forget_tenant(session.tenant)  # what it opened of them goes too
         return removed
 
     # ------------------------------------------------------------------ reading
@@ -573,7 +588,7 @@ class GraphMemory:
                 continue
             out.append(Candidate(
                 entity_id=eid, entity_type=record.entity_type, names=(names.name, *names.aliases),
-                vector=None if names.vector is None else names.vector.tolist(),
+                vector=names.vector,
             ))
         return out
 
@@ -596,7 +611,7 @@ class GraphMemory:
             resolved = resolve_to or exact[i]
             if resolved is None:
                 candidates = await self._candidates(tenant, graph, index, name, vector)
-                resolved = resolve(name, entity_type, vector.tolist(), candidates)
+                resolved = resolve(name, entity_type, vector, candidates)
             display = name
             alias = False
             if resolved is not None and resolved in graph.entities:
@@ -659,7 +674,7 @@ class GraphMemory:
             obj = await self._graph_reader.names(tenant, record.object, ends[1])
             if subject is None or obj is None:
                 continue  # a name whose author's key is gone
-            fact = await self._graph_reader.fact(tenant, record)
+            fact = await self._graph_reader.fact(tenant, rid, record)
             end = record.end if record.end is not None and (when.as_of is None or record.end.at <= when.as_of) else None
             kind, owner = record.scope_id.split(":", 1)
             out.append(Relation(
