@@ -23,7 +23,6 @@ from blackbird.agents.learning import (
     normal_predicate,
 )
 from blackbird.agents.openai import OpenAIExtractor
-from blackbird.memory.service import AsyncMemory
 
 from .conftest import NatsServer
 from .embedders import HashEmbedder
@@ -247,11 +246,6 @@ async def test_fake_llm_garbage_gives_no_relations_and_never_raises(
 
 # ------------------------------------------------------------------ the learner and the graph
 
-graph_api = pytest.mark.skipif(
-    not hasattr(AsyncMemory, "relate"), reason="the knowledge-graph API (AsyncMemory.relate) has not landed yet"
-)
-
-
 async def said(bb: AsyncBlackbird, session_id: str, text: str, author: str = "u1") -> int:
     """Post ``text`` as the session's user and wait until the learner is done with it."""
     posted = await bb.session_manager.send_message(text, session_id=session_id, author=author)
@@ -267,7 +261,6 @@ def by_object(relations: list[Relation], predicate: str) -> dict[str, Relation]:
     return {r.object: r for r in relations if r.predicate == predicate}
 
 
-@graph_api
 async def test_the_graph_follows_what_the_user_states(nats_server: NatsServer) -> None:
     async with AsyncBlackbird(
         nats_url=nats_server.url, tenant="acme", embedder=HashEmbedder(), extractor=RuleExtractor()
@@ -292,7 +285,6 @@ async def test_the_graph_follows_what_the_user_states(nats_server: NatsServer) -
         assert bb.learning.related >= 4
 
 
-@graph_api
 async def test_a_changed_opinion_ends_the_old_one(nats_server: NatsServer) -> None:
     async with AsyncBlackbird(
         nats_url=nats_server.url, tenant="acme", embedder=HashEmbedder(), extractor=RuleExtractor()
@@ -310,7 +302,6 @@ async def test_a_changed_opinion_ends_the_old_one(nats_server: NatsServer) -> No
         assert [(r.predicate, r.object) for r in now] == [("likes", "jazz")]
 
 
-@graph_api
 async def test_the_raw_memory_is_remembered_before_the_graph_is_written(nats_server: NatsServer) -> None:
     async with AsyncBlackbird(
         nats_url=nats_server.url, tenant="acme", embedder=HashEmbedder(), extractor=RuleExtractor()
@@ -332,7 +323,6 @@ async def test_the_raw_memory_is_remembered_before_the_graph_is_written(nats_ser
         assert order == ["remember", "remember", "relate", "relate"]
 
 
-@graph_api
 async def test_fake_llm_third_person_relations_reach_the_graph_with_one_call_a_message(
     nats_server: NatsServer, fake_llm: FakeOpenAIServer
 ) -> None:
@@ -357,3 +347,34 @@ async def test_fake_llm_third_person_relations_reach_the_graph_with_one_call_a_m
         siblings = await bb.memory.facts_about("u1", session_id=session, predicates=["sibling_of"])
         assert [r.object for r in siblings] == ["Eve"] and siblings[0].evidence == "The user's sister is Eve"
     assert len(fake_llm.requests) == 1
+
+
+async def test_a_conversations_graph_is_queryable_as_of_any_time_and_erased_with_the_user(
+    nats_server: NatsServer,
+) -> None:
+    now = [1_800_000_000.0]
+    async with AsyncBlackbird(
+        nats_url=nats_server.url, tenant="acme", embedder=HashEmbedder(), extractor=RuleExtractor(),
+        clock=lambda: now[0],
+    ) as bb:
+        session = (await bb.session_manager.create_session("u1", tier="pro")).session_id
+        await said(bb, session, "My name is Ada. I live in Paris and I work at Acme.")
+        in_paris = now[0] + 30
+        now[0] += 60
+        await said(bb, session, "I moved to Berlin.")
+        now[0] += 60
+        assert [r.object for r in await bb.memory.facts_about("Ada", session_id=session, predicates=["lives_in"])] == [
+            "Berlin"
+        ]
+        then = await bb.memory.facts_about("Ada", session_id=session, predicates=["lives_in"], as_of=in_paris)
+        assert [r.object for r in then] == ["Paris"]
+        assert [n.entity.name for n in await bb.memory.neighbors("Ada", session_id=session, as_of=in_paris)] == [
+            "Paris", "Acme",
+        ]
+
+        await bb.memory.forget_user("u1")
+        other = (await bb.session_manager.create_session("u2", tier="pro")).session_id
+        assert await bb.memory.facts_about("Ada", session_id=other, scopes=["tenant"], history=True) == []
+        graph = (await bb.projections.caught_up("graph", 0)).model.tenants.get("acme")
+        assert graph is None or not any(r.author == "u1" for r in graph.relations.values())
+        assert graph is None or not any(e.author == "u1" for e in graph.entities.values())
