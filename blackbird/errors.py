@@ -295,6 +295,18 @@ class RateLimitError(BlackbirdError):
         self.scope = scope
 
 
+class EntityNotFoundError(BlackbirdError, LookupError):
+    """No entity of the knowledge graph by that id, name or alias in the scopes asked (the HTTP
+    API's 404; the SDK's ``memory.entity`` returns None instead). Fields: ``entity``."""
+
+    code = "entity_not_found"
+    entity: str
+
+    def __init__(self, message: str, *, entity: str) -> None:
+        super().__init__(message)
+        self.entity = entity
+
+
 class ReservationNotFoundError(BlackbirdError, LookupError):
     """``settle`` named a reservation that is not held: it expired, was already settled, or
     never existed (record the usage with ``track_usage`` instead). Fields: ``reservation_id``,

@@ -323,6 +323,32 @@ class TenantStats(msgspec.Struct, frozen=True, kw_only=True):
 # --------------------------------------------------------------------------- endpoints
 
 
+async def caller_session(sm: AsyncSessionManager, call: Call, *, own: bool = False) -> Session:
+    """The session of the path, or 404 when the caller may not read it. ``own``: a user key
+    must be the session's own user (403 otherwise)."""
+    caller = call.caller
+    if caller.role == "stream":  # app.py lets stream tokens only into streams; kept so here
+        raise AccessDeniedError("a stream token only reads its session's stream",
+                                principal=caller.principal, action="api", tenant=caller.tenant)
+    session_id = call.path["session_id"]
+    session: Session | None = await sm.get_session(session_id, tenant=caller.tenant)
+    if session is None or not caller.may_read(
+        session.user_id, getattr(session, "participants", {}), session.session_id
+    ):
+        raise SessionNotFoundError(f"session {session_id!r} not found", session_id=session_id)
+    if own and caller.role == "user" and caller.user_id != session.user_id:
+        raise AccessDeniedError(
+            f"session {session_id!r}: only the session's own user may do this with a user key",
+            principal=caller.principal, action="own session", tenant=caller.tenant,
+        )
+    return session
+
+
+def idempotency_key(call: Call) -> str | None:
+    """The request's ``Idempotency-Key`` (a write's command id), if it sent one."""
+    return call.headers.get("idempotency-key") or None
+
+
 def endpoints(ctx: HttpContext) -> list[Endpoint]:
     """Every JSON endpoint, served with ``ctx``."""
     from starlette.responses import Response
@@ -337,27 +363,9 @@ def endpoints(ctx: HttpContext) -> list[Endpoint]:
     sends_author = "author" in inspect.signature(sm.send_message).parameters
 
     async def session_of(call: Call, *, own: bool = False) -> Session:
-        """The session of the path, or 404 when the caller may not read it. ``own``: a user key
-        must be the session's own user (403 otherwise)."""
-        caller = call.caller
-        if caller.role == "stream":  # app.py lets stream tokens only into streams; kept so here
-            raise AccessDeniedError("a stream token only reads its session's stream",
-                                    principal=caller.principal, action="api", tenant=caller.tenant)
-        session_id = call.path["session_id"]
-        session: Session | None = await sm.get_session(session_id, tenant=caller.tenant)
-        if session is None or not caller.may_read(
-            session.user_id, getattr(session, "participants", {}), session.session_id
-        ):
-            raise SessionNotFoundError(f"session {session_id!r} not found", session_id=session_id)
-        if own and caller.role == "user" and caller.user_id != session.user_id:
-            raise AccessDeniedError(
-                f"session {session_id!r}: only the session's own user may do this with a user key",
-                principal=caller.principal, action="own session", tenant=caller.tenant,
-            )
-        return session
+        return await caller_session(sm, call, own=own)
 
-    def command_id(call: Call) -> str | None:
-        return call.headers.get("idempotency-key") or None
+    command_id = idempotency_key
 
     def info(session: Session) -> SessionInfo:
         return msgspec.convert(session.to_dict(), SessionInfo)

@@ -62,7 +62,7 @@ def http_app(
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
 
-    from blackbird.http import api, keys_api, participants_api, streams
+    from blackbird.http import api, graph_api, keys_api, participants_api, streams
     from blackbird.http.tokens import StreamTokens
 
     if keys is None:
@@ -70,7 +70,8 @@ def http_app(
     tokens_service = stream_tokens if stream_tokens is not None else StreamTokens.for_client(bb)
     ctx = HttpContext(bb=bb, bootstrap=dict(tokens), keys=keys, stream_tokens=tokens_service, heartbeat=heartbeat)
     endpoints: list[Endpoint] = [
-        *api.endpoints(ctx), *participants_api.endpoints(ctx), *keys_api.endpoints(ctx), *streams.endpoints(ctx)
+        *api.endpoints(ctx), *graph_api.endpoints(ctx), *participants_api.endpoints(ctx), *keys_api.endpoints(ctx),
+        *streams.endpoints(ctx),
     ]
 
     def failure(exc: BaseException) -> Response:

@@ -158,16 +158,6 @@ def mcp_server(bb: Any, session_id: str | None = None, *, tenant: str | None = N
             if token is not None:
                 acting_principal.reset(token)
 
-    def graph(name: str) -> Callable[..., Awaitable[Any]]:
-        """The memory service's graph method ``name`` (a ValidationError if this build lacks it)."""
-        method = getattr(memory(), name, None)
-        if method is None:
-            raise ValidationError(
-                f"{name}: the knowledge graph is not available in this build", field="tool",
-                expected="a build with graph memory", got=name,
-            )
-        found: Callable[..., Awaitable[Any]] = method
-        return found
 
     def given(**options: Any) -> dict[str, Any]:
         """The options the caller gave (None: the service's default)."""
@@ -235,7 +225,7 @@ def mcp_server(bb: Any, session_id: str | None = None, *, tenant: str | None = N
         """Record a relation (subject, predicate, object) in the session's knowledge graph."""
 
         async def work(t: Target) -> dict[str, Any]:
-            found = await graph("relate")(
+            found = await memory().relate(
                 subject, predicate, object, session_id=t.session_id, scope=scope, subject_type=subject_type,
                 object_type=object_type, tenant=t.tenant,
                 **given(valid_from=valid_from, valid_to=valid_to, evidence=evidence, metadata=metadata),
@@ -257,7 +247,7 @@ def mcp_server(bb: Any, session_id: str | None = None, *, tenant: str | None = N
         """The entities related to an entity, up to ``depth`` hops away."""
 
         async def work(t: Target) -> dict[str, Any]:
-            found = await graph("neighbors")(
+            found = await memory().neighbors(
                 entity, session_id=t.session_id, depth=depth, limit=limit, tenant=t.tenant,
                 **given(predicates=predicates, as_of=as_of, valid_at=valid_at, scopes=scopes),
             )
@@ -277,7 +267,7 @@ def mcp_server(bb: Any, session_id: str | None = None, *, tenant: str | None = N
         """The relations an entity takes part in."""
 
         async def work(t: Target) -> dict[str, Any]:
-            found = await graph("facts_about")(
+            found = await memory().facts_about(
                 entity, session_id=t.session_id, history=history, tenant=t.tenant,
                 **given(predicates=predicates, as_of=as_of, valid_at=valid_at, scopes=scopes),
             )
@@ -303,8 +293,8 @@ def mcp_server(bb: Any, session_id: str | None = None, *, tenant: str | None = N
                 )
             if memory_id is not None:
                 done = await memory().forget(memory_id, session_id=t.session_id, scope=scope, tenant=t.tenant)
-            else:
-                done = await graph("forget_entity")(entity, session_id=t.session_id, scope=scope, tenant=t.tenant)
+            elif entity is not None:
+                done = await memory().forget_entity(entity, session_id=t.session_id, scope=scope, tenant=t.tenant)
             return {"forgotten": bool(done)}
 
         return await run("forget", work)
