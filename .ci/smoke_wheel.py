@@ -69,6 +69,13 @@ def main() -> None:
             f"recall returned {hits[0].text!r} ({hits[0].memory_id}), "
             f"expected {text!r} ({written.memory_id})",
         )
+
+        sdk.memory.relate("Ada", "lives_in", "Paris", session_id=sid, subject_type="person")
+        sdk.memory.relate("Ada", "lives_in", "Porto", session_id=sid, subject_type="person")  # ends Paris
+        facts = sdk.memory.facts_about("ada", session_id=sid)
+        check([f.object for f in facts] == ["Porto"], f"facts_about gave {[f.object for f in facts]}")
+        history = sdk.memory.facts_about("Ada", session_id=sid, history=True)
+        check(len(history) == 2, f"the graph's history holds {len(history)} facts, expected 2")
     finally:
         sdk.close()
 
