@@ -62,7 +62,7 @@ async def test_cli_audit_verify_exits_1_naming_a_corrupted_checkpoint_and_0_once
         assert await runner.checkpoint()  # a clean checkpoint the command line starts from
 
         code, out, err = await run_cli("audit", "verify", "--tenant", "acme", "--nats-url", url)
-        assert (code, out) == (0, "activity: OK\n"), err
+        assert (code, out) == (0, "activity: OK\ngraph: OK\n"), err
 
         # A bad checkpoint: the model stored in bb_projections counts 7 events the log never held.
         runner.model.tenants["acme"].counters.events += 7
@@ -72,7 +72,7 @@ async def test_cli_audit_verify_exits_1_naming_a_corrupted_checkpoint_and_0_once
         lines = out.splitlines()
         assert lines[0] == "activity: 1 difference(s)", out
         assert lines[1].startswith("  activity.tenants.acme.counters.events: live "), out
-        assert len(lines) == 2, out
+        assert len(lines) == 3 and lines[2] == "graph: OK", out
 
         code, out, err = await run_cli("audit", "verify", "--json", "--tenant", "acme", "--nats-url", url)
         assert code == 1, (out, err)
@@ -80,7 +80,7 @@ async def test_cli_audit_verify_exits_1_naming_a_corrupted_checkpoint_and_0_once
 
         await runner.rebuild()  # folds the log again and checkpoints the good model
         code, out, err = await run_cli("audit", "verify", "--tenant", "acme", "--nats-url", url)
-        assert (code, out) == (0, "activity: OK\n"), err
+        assert (code, out) == (0, "activity: OK\ngraph: OK\n"), err
 
 
 # --------------------------------------------------------------------------- erasure
