@@ -29,7 +29,8 @@ The tree (a second base, in brackets, lets ``except ValueError`` and the like ca
     ├── MemoryIndexBusyError
     ├── CommandIdReusedError
     ├── AggregateFaultError
-    └── AgentError
+    ├── AgentError
+    └── EntityNotFoundError [LookupError]
 
 Each error declares its structured fields as attributes (``e.field``, ``e.used``,
 ``e.retry_after``, ...) and keeps a message that says what happened, which input, and what was
@@ -293,18 +294,6 @@ class RateLimitError(BlackbirdError):
         self.retry_after = retry_after
         self.operation = operation
         self.scope = scope
-
-
-class EntityNotFoundError(BlackbirdError, LookupError):
-    """No entity of the knowledge graph by that id, name or alias in the scopes asked (the HTTP
-    API's 404; the SDK's ``memory.entity`` returns None instead). Fields: ``entity``."""
-
-    code = "entity_not_found"
-    entity: str
-
-    def __init__(self, message: str, *, entity: str) -> None:
-        super().__init__(message)
-        self.entity = entity
 
 
 class ReservationNotFoundError(BlackbirdError, LookupError):
@@ -651,6 +640,18 @@ class AgentError(BlackbirdError):
         self.status = status
 
 
+class EntityNotFoundError(BlackbirdError, LookupError):
+    """No entity of the knowledge graph by that id, name or alias in the scopes asked (the HTTP
+    API's 404; the SDK's ``memory.entity`` returns None instead). Fields: ``entity``."""
+
+    code = "entity_not_found"
+    entity: str
+
+    def __init__(self, message: str, *, entity: str) -> None:
+        super().__init__(message)
+        self.entity = entity
+
+
 _BY_CODE: dict[str, type[BlackbirdError]] = {
     cls.code: cls
     for cls in (
@@ -682,6 +683,7 @@ _BY_CODE: dict[str, type[BlackbirdError]] = {
         EmbeddingModelMismatchError,
         MemoryIndexBusyError,
         AgentError,
+        EntityNotFoundError,
     )
 }
 

@@ -1,5 +1,7 @@
-"""The knowledge-graph endpoints of the HTTP API: state facts, note entities, query facts and
-neighbourhoods (now, ``valid_at``, ``as_of``), end facts, forget entities.
+"""The knowledge graph over HTTP: facts, neighbourhoods and entities of a session's memory.
+
+State facts, note entities, query facts and neighbourhoods (now, ``valid_at``, ``as_of``), end
+facts, forget entities.
 
 Like memory, they act in the session's own memory: a user key only for its own sessions, an
 admin or service key for any session of its tenant; another tenant's session is 404. List
