@@ -24,7 +24,7 @@ from blackbird import AsyncBlackbird
 from blackbird.http.app import http_app, http_server
 from blackbird.server.embedded import _free_port, find_nats_server_binary
 
-from .nats_cluster import NatsCluster, running_cluster
+from .nats_cluster import NatsCluster, running_cluster, stop_process
 
 os.environ.setdefault("BLACKBIRD_LOG_LEVEL", "warning")
 #: The master key (blackbird.memory.master_key) of every client on the tests' external servers.
@@ -52,6 +52,10 @@ class NatsServer:
     def start(self) -> None:
         """(Re)start the server on the same port and store."""
         self.process = _spawn(self.port, self.store)
+
+    def pause(self) -> None:
+        """SIGSTOP the server and return once it is stopped (it keeps its sockets, answers nothing)."""
+        stop_process(self.process.pid)
 
 
 def _spawn(port: int, store: Path) -> subprocess.Popen[bytes]:

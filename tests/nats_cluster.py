@@ -102,6 +102,25 @@ class Node:
         return "\n".join(text.splitlines()[-lines:])
 
 
+def stop_process(pid: int, within: float = 5.0) -> None:
+    """SIGSTOP ``pid`` and return once every thread of it is stopped. The signal is sent at once,
+    but a thread busy in user space stops only at its next tick: a server could answer a request
+    or two sent right after ``kill`` returned. Waits on the threads' states in /proc."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + within
+    tasks = Path(f"/proc/{pid}/task")
+    while True:
+        states = []
+        for task in tasks.iterdir():
+            with contextlib.suppress(OSError):  # a thread that just ended
+                states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+        if states and all(state in ("T", "t") for state in states):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"process {pid} not stopped after {within}s: thread states {states}")
+        time.sleep(0.0002)  # polling the condition, a fraction of a scheduler tick
+
+
 @dataclass
 class NatsCluster:
     """``size`` nats-server nodes with JetStream, routed to each other, on loopback.
@@ -257,11 +276,12 @@ class NatsCluster:
         return at
 
     def pause(self, i: int) -> float:
-        """SIGSTOP node ``i`` (it keeps its sockets open but answers nothing); the moment it was sent."""
+        """SIGSTOP node ``i`` (it keeps its sockets open but answers nothing) and return once it is
+        stopped; the moment the signal was sent."""
         node = self.nodes[i]
         assert node.process is not None and node.running, f"{node.name} is not running"
         at = time.monotonic()
-        os.kill(node.process.pid, signal.SIGSTOP)
+        stop_process(node.process.pid)
         node.paused = True
         return at
 

@@ -23,7 +23,6 @@ every session served again).
 
 from __future__ import annotations
 
-import signal
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -208,7 +207,7 @@ async def test_restarting_a_single_server_loses_nothing_and_commands_resume_when
             async with load.running():
                 await load.wait_progress(PROGRESS)
                 # stopped until a command is stuck on it, so one is surely in flight when it dies
-                nats_server.process.send_signal(signal.SIGSTOP)
+                nats_server.pause()
                 await load.wait_in_flight(since=time.monotonic())
                 killed = time.monotonic()
                 nats_server.kill()

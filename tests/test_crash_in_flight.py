@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import signal
 import time
 from collections import Counter
@@ -436,7 +435,7 @@ async def test_a_server_killed_with_commands_memory_writes_and_subscribers_in_fl
         async def strike(load: MixedLoad) -> tuple[list[str], float, float]:
             try:
                 if hold == "paused":
-                    os.kill(nats_server.process.pid, signal.SIGSTOP)
+                    nats_server.pause()
                 else:  # as a memory write's append goes by: a memory write is among the stored
                     relay.cut_after(f"HPUB bb.{TENANT}.memory.".encode())
                     with anyio.fail_after(10):

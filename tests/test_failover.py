@@ -170,7 +170,7 @@ async def test_a_server_paused_past_the_timeout_gives_typed_errors_in_time_then_
             load = UsageLoad(bb)
             async with load.running():
                 await load.wait_progress(20)
-                os.kill(nats_server.process.pid, signal.SIGSTOP)
+                nats_server.pause()
                 try:
                     paused = time.monotonic()
                     calls: dict[str, Callable[[], Awaitable[Any]]] = {
