@@ -226,6 +226,74 @@ async def test_near_duplicates_update_and_keys_supersede_with_as_of(nats_server:
         assert past.valid_to is not None
 
 
+async def test_recall_as_of_answers_from_memory_exactly_what_the_table_held_valid_then(
+    nats_server: NatsServer,
+) -> None:
+    """A scripted history (keys superseded twice, a memory forgotten, a user erased) recalled
+    as of every step: the rows in memory valid then are the table's rows valid then (what the
+    earlier LanceDB path searched), and the vector side ranks them as LanceDB's prefiltered
+    cosine search does."""
+    from blackbird.memory.index import quote
+    from blackbird.memory.service import _Candidates
+
+    clock = Clock()
+    async with AsyncBlackbird(nats_url=nats_server.url, tenant="acme", clock=clock) as bb:
+        sm, memory = bb.session_manager, bb.memory
+        s = await sm.create_session("u1", tier="pro")
+        leaver = await sm.create_session("u2", tier="pro")
+        instants: list[float] = []
+
+        async def step(text: str, session: Any = s, **kw: Any) -> str:
+            clock.now += 10
+            written = await memory.remember(text, session_id=session.session_id, **kw)
+            instants.append(clock.now + 5)
+            return written.memory_id
+
+        await step("I live in Lisbon.", key="home")
+        await step("My favourite tea is jasmine.", key="tea")
+        await step("The team meets on Mondays.", scope="tenant")
+        await step("I moved to Porto.", key="home")
+        forgotten = await step("My locker code is 4471.")
+        await step("The leaver prefers green tea at meetings.", session=leaver, scope="tenant")
+        await step("I moved again, to Braga.", key="home")
+        await step("My favourite tea is rooibos now.", key="tea")
+        clock.now += 10
+        assert await memory.forget(forgotten, session_id=s.session_id)
+        instants.append(clock.now + 5)
+        await memory.forget_user("u2")
+        instants.append(clock.now + 6)
+        await step("The team meets on Tuesdays now.", scope="tenant")
+
+        sids = sorted(["user:u1", f"session:{s.session_id}", "tenant:acme"])
+        model = memory.embedder.model_id
+        table = memory.index.table("acme", model)
+        query = "Where do I live and which tea and when does the team meet?"
+        vector = memory.embedder.embed([query])[0]
+        for at in [instants[0] - 10, *instants]:
+            where = (f"scope_id IN ({', '.join(quote(x) for x in sids)}) "
+                     f"AND valid_from <= {at!r} AND valid_to > {at!r}")
+            held = {r["memory_id"]: r for r in table.search().where(where, prefilter=True).limit(None).to_list()}
+            found = await memory.recall(query, session_id=s.session_id, scopes=["session", "user", "tenant"],
+                                        k=50, as_of=at)
+            assert {m.memory_id for m in found} == set(held), at
+            for m in found:  # the row as it was then (valid_to of a superseded one included)
+                assert (m.text, m.valid_from, m.valid_to) == (
+                    held[m.memory_id]["text"], held[m.memory_id]["valid_from"],
+                    None if held[m.memory_id]["valid_to"] == float("inf") else held[m.memory_id]["valid_to"])
+            past = _Candidates(memory.index, "acme", model, sids, at, past=True)
+            by_text = await past.by_text(query, 20)
+            assert {r["memory_id"] for r in by_text} <= set(held)
+            ours = [r["memory_id"] for r in await past.by_vector(vector, 20)]
+            theirs = [r["memory_id"] for r in table.search(vector).metric("cosine").where(
+                where, prefilter=True).limit(20).to_list()]
+            assert ours == theirs, at
+        assert forgotten not in {m.memory_id for m in await memory.recall(
+            "locker code", session_id=s.session_id, k=50, as_of=instants[4])}
+        texts = {m.text for m in await memory.recall(
+            "tea", session_id=s.session_id, scopes=["tenant"], k=50, as_of=instants[5])}
+        assert "The leaver prefers green tea at meetings." not in texts  # erased: from every instant
+
+
 async def test_full_text_side_finds_a_rare_token_and_never_a_superseded_row(bb: AsyncBlackbird) -> None:
     s = await bb.session_manager.create_session("u1", tier="enterprise")
     await bb.memory.remember_many([fact for fact, _ in FACTS], session_id=s.session_id)

@@ -71,3 +71,26 @@ def test_dead_rows_never_match_and_an_empty_scope_has_no_similarities() -> None:
     assert similarity[0] == -np.inf  # "a" left: even its own vector does not find it
     assert similarity[1] == np.float32(second["vector"] @ first["vector"])
     assert snapshot.similarity(np.stack([first["vector"]] * 2)).shape == (2, 2)
+
+
+def test_superseded_rows_are_kept_for_the_past_and_leave_with_a_forget() -> None:
+    scope = LiveScope({})
+    old, new, other = dict(row("a", 1), valid_from=10.0), dict(row("b", 2), valid_from=20.0), row("c", 3)
+    scope.put(old)
+    before = scope.snapshot()
+    scope.put(new)
+    scope.retire("a", 20.0)
+    snapshot = scope.snapshot()
+    assert "a" not in scope.rows and scope.past["a"]["valid_to"] == 20.0 and len(scope) == 2
+    assert len(before.past) == 0  # an earlier snapshot does not change
+    assert [r["memory_id"] for r in snapshot.past.rows] == ["a"]
+    assert snapshot.similarity(old["vector"])[0] == -np.inf  # not current any more
+    assert snapshot.past.similarity_at(old["vector"], 15.0)[0] == np.float32(old["vector"] @ old["vector"])
+    assert snapshot.past.similarity_at(old["vector"], 20.0)[0] == -np.inf  # valid_to excluded
+    assert snapshot.past.similarity_at(old["vector"], 5.0)[0] == -np.inf  # not valid yet
+    assert snapshot.similarity_at(new["vector"], 15.0)[-1] == -np.inf
+    assert len(scope.past_keywords) == 1 and len(scope.keywords) == 1
+    scope.supersede(dict(other, valid_from=1.0, valid_to=2.0))  # superseded in the batch it came in
+    scope.drop("a")
+    scope.drop("c")
+    assert scope.past == {} and len(scope.past_keywords) == 0 and len(scope.snapshot().past) == 0

@@ -109,11 +109,12 @@ class MemoryIndex:
         self._embedder = embedder  # re-embed with it when its model differs from the writer's
         self._db: Any = None
         self._unoptimized: dict[str, int] = {}  # table -> rows written since its last optimize
-        # The current (not superseded) rows of the scopes asked about, for the near-duplicate
-        # check of a write and the vector side of a recall: one matrix product instead of a
-        # LanceDB query (which costs 4-5 ms however small the scope). (table name, scope id) ->
-        # its rows; loaded from the table on first use, kept in step by every batch.
-        # The least recently used scopes leave once they hold more than cache_rows rows together.
+        # The rows of the scopes asked about, current and superseded, for the near-duplicate
+        # check of a write and both sides of a recall, of the present or as of an earlier
+        # instant: a matrix product and an in-memory BM25 instead of LanceDB queries (which cost
+        # 4-8 ms each however small the scope). (table name, scope id) -> its rows; loaded from
+        # the table on first use, kept in step by every batch. The least recently used scopes
+        # leave once they hold more than cache_rows rows together (superseded ones included).
         self._current: collections.OrderedDict[tuple[str, str], LiveScope] = collections.OrderedDict()
         self._current_lock = threading.Lock()
         self._cache_rows = cache_rows
@@ -247,23 +248,26 @@ class MemoryIndex:
                 for row in rows:
                     scope = self._current.get((name, row["scope_id"]))
                     if scope is not None:
-                        before = len(scope.rows)
+                        before = len(scope)
                         if math.isinf(row["valid_to"]):
                             scope.put(row)
-                        else:
-                            scope.drop(row["memory_id"])
-                        self._cached_rows += len(scope.rows) - before
+                        else:  # superseded in this very batch
+                            scope.supersede(row)
+                        self._cached_rows += len(scope) - before
                 self._evict()
             # every write adds a fragment: count rows, and small writes as a batch's worth each
             self._unoptimized[name] = self._unoptimized.get(name, 0) + max(len(rows), OPTIMIZE_EVERY // 64)
-        gone = {memory_id for _, memory_id in batch.valid_to} | {i for ids in batch.deletes.values() for i in ids}
-        if gone:
+        superseded = {memory_id: valid_to for (_, memory_id), valid_to in batch.valid_to.items()}
+        gone = {i for ids in batch.deletes.values() for i in ids}
+        if superseded or gone:
             with self._current_lock:
                 for scope in self._current.values():
-                    before = len(scope.rows)
+                    before = len(scope)
+                    for memory_id, valid_to in superseded.items():
+                        scope.retire(memory_id, valid_to)
                     for memory_id in gone:
                         scope.drop(memory_id)
-                    self._cached_rows += len(scope.rows) - before
+                    self._cached_rows += len(scope) - before
         for (tenant, memory_id), valid_to in batch.valid_to.items():
             for table in self._tenant_tables(tenant):
                 table.update(where=f"memory_id = {quote(memory_id)}", values={"valid_to": valid_to})
@@ -306,17 +310,16 @@ class MemoryIndex:
                 return scope
             table = self.table(tenant, model_id)
             loaded: dict[str, dict[str, Any]] = {}
+            past: dict[str, dict[str, Any]] = {}
             if table is not None:
-                found = table.search().where(
-                    f"scope_id = {quote(scope_id)} AND valid_to > 1e300", prefilter=True
-                ).limit(None).to_arrow()
+                found = table.search().where(f"scope_id = {quote(scope_id)}", prefilter=True).limit(None).to_arrow()
                 for row in found.to_pylist():
                     row["vector"] = np.asarray(row["vector"], dtype=np.float32)
-                    loaded[row["memory_id"]] = row
-            scope = LiveScope(loaded)
+                    (loaded if math.isinf(row["valid_to"]) else past)[row["memory_id"]] = row
+            scope = LiveScope(loaded, past)
             with self._current_lock:
                 self._current[key] = scope
-                self._cached_rows += len(scope.rows)
+                self._cached_rows += len(scope)
                 self._evict()
         return scope
 
@@ -325,10 +328,10 @@ class MemoryIndex:
         it again). Called with the current-rows lock held."""
         while self._cached_rows > self._cache_rows and len(self._current) > 1:
             _, scope = self._current.popitem(last=False)
-            self._cached_rows -= len(scope.rows)
+            self._cached_rows -= len(scope)
 
     def current(self, tenant: str, model_id: str, scope_id: str) -> ScopeRows:
-        """A scope's current memories (blocking on first use of a scope, when they are read from
+        """A scope's memories, current and superseded (blocking on first use of a scope, when they are read from
         the table: call it from a worker thread)."""
         scope = self._scope(table_name(tenant, model_id), tenant, model_id, scope_id)
         with self._current_lock:
@@ -347,14 +350,27 @@ class MemoryIndex:
             lambda: [self.current(tenant, model_id, sid) for sid in scope_ids]
         )
 
-    def keyword_search(self, scopes: Iterable[ScopeRows], query: str, limit: int) -> list[Row]:
+    def keyword_search(self, scopes: Iterable[ScopeRows], query: str, limit: int, at: float | None = None) -> list[Row]:
         """The rows of the ``limit`` current memories of ``scopes`` best matching ``query`` by
-        full-text BM25 (the scopes scored as one corpus), best first. In memory, never blocking
+        full-text BM25 (the scopes scored as one corpus), best first; with ``at``, of the
+        memories valid at that instant, current or superseded (scored against the scopes' whole
+        history, as LanceDB's index scores against its whole table). In memory, never blocking
         on I/O."""
         with self._current_lock:
             live = [snapshot.scope for snapshot in scopes]
-            found = search([scope.keywords for scope in live], query, limit)
-            return [row for memory_id in found for scope in live if (row := scope.rows.get(memory_id))]
+            if at is None:
+                found = search([scope.keywords for scope in live], query, limit)
+                return [row for memory_id in found for scope in live if (row := scope.rows.get(memory_id))]
+            indexes = [ix for scope in live for ix in (scope.keywords, scope.past_keywords)]
+            out: list[Row] = []
+            for memory_id in search(indexes, query, sum(len(ix) for ix in indexes)):
+                for scope in live:
+                    row = scope.rows.get(memory_id) or scope.past.get(memory_id)
+                    if row is not None and row["valid_from"] <= at < row["valid_to"]:
+                        out.append(row)
+                if len(out) >= limit:
+                    break
+            return out[:limit]
 
     async def apply(self, entries: list[tuple[int, str, Commit]]) -> None:
         fresh = [e for e in entries if e[0] > self.seq]

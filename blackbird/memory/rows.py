@@ -1,6 +1,8 @@
-"""The in-memory copy of a memory scope's current rows, read by recall and the duplicate check.
+"""The in-memory copy of a memory scope's rows, read by recall and the duplicate check.
 
-Their vectors are in one matrix, their texts in a keyword index.
+The current rows' vectors are in one matrix, their texts in a keyword index. The superseded rows
+(``valid_to`` set) are kept beside them, with their own keyword index and a matrix stacked when a
+recall ``as_of`` an earlier instant first needs it: the past is answered in memory too.
 
 :class:`LiveScope` changes in place as the index applies batches; :class:`ScopeRows` is an
 immutable snapshot of it for one search. A write costs O(1) amortised (a vector is appended to
@@ -30,16 +32,18 @@ class ScopeRows:
     dicts, None where the memory left before the snapshot) and ``alive`` (n booleans, False
     where ``rows`` is None). Later writes never change it."""
 
-    __slots__ = ("alive", "matrix", "rows", "scope")
+    __slots__ = ("_valid_from", "alive", "matrix", "past", "rows", "scope")
 
     def __init__(
         self, scope: LiveScope, rows: list[Row | None], matrix: npt.NDArray[np.float32] | None,
-        alive: npt.NDArray[np.bool_],
+        alive: npt.NDArray[np.bool_], past: PastRows,
     ) -> None:
-        self.scope = scope  # the live scope, for its keyword index (read under the index's lock)
+        self.scope = scope  # the live scope, for its keyword indexes (read under the index's lock)
         self.rows = rows
         self.matrix = matrix
         self.alive = alive
+        self.past = past  # the superseded rows when the snapshot was taken
+        self._valid_from: npt.NDArray[np.float64] | None = None
 
     def __len__(self) -> int:
         """Memories alive in the snapshot."""
@@ -54,17 +58,66 @@ class ScopeRows:
         out[~self.alive] = -np.inf
         return out
 
+    def similarity_at(self, vector: npt.NDArray[np.float32], at: float) -> npt.NDArray[np.float32]:
+        """:meth:`similarity` of one vector, -inf for the rows not valid yet at ``at``."""
+        out = self.similarity(vector)
+        if len(out):
+            if self._valid_from is None:  # computed once per snapshot, on the first recall as_of
+                self._valid_from = np.array([r["valid_from"] if r else np.inf for r in self.rows], np.float64)
+            out[self._valid_from > at] = -np.inf
+        return out
+
+
+class PastRows:
+    """The superseded rows of a scope at one moment (immutable): ``rows``, and their matrix and
+    validity intervals, stacked on first use."""
+
+    __slots__ = ("_matrix", "_valid_from", "_valid_to", "rows")
+
+    def __init__(self, rows: list[Row]) -> None:
+        self.rows = rows
+        self._matrix: npt.NDArray[np.float32] | None = None
+        self._valid_from: npt.NDArray[np.float64] | None = None
+        self._valid_to: npt.NDArray[np.float64] | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def similarity_at(self, vector: npt.NDArray[np.float32], at: float) -> npt.NDArray[np.float32]:
+        """Cosine similarity of every row to ``vector`` (a unit vector), -inf for the rows not
+        valid at ``at`` (valid from ``valid_from`` up to, not including, ``valid_to``)."""
+        if not self.rows:
+            return np.zeros(0, np.float32)
+        if self._matrix is None:  # two threads may both stack it: the same result
+            self._valid_from = np.array([r["valid_from"] for r in self.rows], np.float64)
+            self._valid_to = np.array([r["valid_to"] for r in self.rows], np.float64)
+            self._matrix = np.stack([r["vector"] for r in self.rows]).astype(np.float32, copy=False)
+        assert self._valid_from is not None and self._valid_to is not None
+        out = self._matrix @ vector
+        out[(self._valid_from > at) | (self._valid_to <= at)] = -np.inf
+        return out
+
 
 class LiveScope:
-    """A scope's current rows, kept in step with the log by the memory index."""
+    """A scope's rows, current and superseded, kept in step with the log by the memory index."""
 
-    __slots__ = ("_alive", "_matrix", "_n", "_order", "_slots", "_snapshot", "keywords", "rows")
+    __slots__ = (
+        "_alive", "_matrix", "_n", "_order", "_past_rows", "_slots", "_snapshot", "keywords", "past",
+        "past_keywords", "rows",
+    )
 
-    def __init__(self, rows: dict[str, Row]) -> None:
-        self.rows = rows  # memory id -> row (the live ones only)
+    def __init__(self, rows: dict[str, Row], past: dict[str, Row] | None = None) -> None:
+        self.rows = rows  # memory id -> row (the current ones only)
         self.keywords = KeywordIndex((memory_id, row["text"]) for memory_id, row in rows.items())
+        self.past = past or {}  # memory id -> row (superseded: valid_to set)
+        self.past_keywords = KeywordIndex((memory_id, row["text"]) for memory_id, row in self.past.items())
+        self._past_rows: PastRows | None = None
         self._snapshot: ScopeRows | None = None
         self._rebuild()
+
+    def __len__(self) -> int:
+        """Rows held, current and superseded (what counts against the index's row budget)."""
+        return len(self.rows) + len(self.past)
 
     def _rebuild(self) -> None:
         """Lay the live rows out afresh: no dead rows, spare capacity for appends."""
@@ -80,8 +133,9 @@ class LiveScope:
         self._snapshot = None
 
     def put(self, row: Row) -> None:
-        """Add a memory, or replace the one with its id."""
+        """Add a current memory, or replace the one with its id."""
         memory_id = row["memory_id"]
+        self._forget_past(memory_id)
         self._kill(memory_id)
         self.rows[memory_id] = row
         self.keywords.put(memory_id, row["text"])
@@ -103,12 +157,39 @@ class LiveScope:
         self._snapshot = None
 
     def drop(self, memory_id: str) -> None:
-        """Remove a memory (nothing happens if the scope does not hold it)."""
+        """Remove a memory, current or superseded (forgotten, expired, erased: gone from every
+        instant); nothing happens if the scope does not hold it."""
+        self._forget_past(memory_id)
         if self.rows.pop(memory_id, None) is None:
             return
         self.keywords.drop(memory_id)
         self._kill(memory_id)
         self._snapshot = None
+
+    def supersede(self, row: Row) -> None:
+        """Hold ``row`` (its ``valid_to`` set) as superseded, in place of the memory's current
+        or superseded row."""
+        memory_id = row["memory_id"]
+        if self.rows.pop(memory_id, None) is not None:
+            self.keywords.drop(memory_id)
+            self._kill(memory_id)
+        self.past[memory_id] = row
+        self.past_keywords.put(memory_id, row["text"])
+        self._past_rows = None
+        self._snapshot = None
+
+    def retire(self, memory_id: str, valid_to: float) -> None:
+        """The memory's current row becomes superseded at ``valid_to`` (nothing happens if the
+        scope does not hold it as current)."""
+        row = self.rows.get(memory_id)
+        if row is not None:
+            self.supersede(dict(row, valid_to=valid_to))
+
+    def _forget_past(self, memory_id: str) -> None:
+        if self.past.pop(memory_id, None) is not None:
+            self.past_keywords.drop(memory_id)
+            self._past_rows = None
+            self._snapshot = None
 
     def _kill(self, memory_id: str) -> None:
         slot = self._slots.pop(memory_id, None)
@@ -126,5 +207,7 @@ class LiveScope:
         if self._snapshot is None:
             n = self._n
             matrix = self._matrix[:n] if self._matrix is not None and n else None
-            self._snapshot = ScopeRows(self, self._order[:n], matrix, self._alive[:n])
+            if self._past_rows is None:
+                self._past_rows = PastRows(list(self.past.values()))
+            self._snapshot = ScopeRows(self, self._order[:n], matrix, self._alive[:n], self._past_rows)
         return self._snapshot

@@ -17,7 +17,6 @@ from __future__ import annotations
 import builtins
 import json
 import math
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -70,7 +69,7 @@ from blackbird.errors import (
 from blackbird.ids import derived_id, new_id
 from blackbird.journal import Journal
 from blackbird.memory.graph import FunctionalPredicates, GraphMemory, GraphReader
-from blackbird.memory.index import MemoryIndex, Sealed, quote
+from blackbird.memory.index import MemoryIndex, Sealed
 from blackbird.memory.keys import UserKeys
 from blackbird.sessions.gateway import SessionGateway, acting_principal
 from blackbird.sessions.quotas import Quotas
@@ -430,7 +429,7 @@ class AsyncMemory(GraphMemory):
         expand: int = 0,
     ) -> list[Memory]:
         """The ``k`` memories most relevant to ``query`` in ``scopes`` (each checked against the
-        acting session), best first. Hybrid: vector search and LanceDB full-text search fused by
+        acting session), best first. Hybrid: vector search and full-text (BM25) search fused by
         reciprocal rank, then re-ranked by ``weights`` of similarity, keyword rank, recency,
         importance and graph (1 for a memory a fact about an entity named in the query was
         extracted from: "where does Ada live?" finds "The user lives in Berlin" once the graph
@@ -495,10 +494,7 @@ class AsyncMemory(GraphMemory):
         now = self._clock()
         at = now if as_of is None else float(as_of)
         pool = max(k * (10 if filtered else 4), 20)
-        candidates: _PresentCandidates | _PastCandidates = (
-            _PresentCandidates(self.index, session.tenant, self.embedder.model_id, sids, at)
-            if as_of is None else _PastCandidates(table, sids, at)
-        )
+        candidates = _Candidates(self.index, session.tenant, self.embedder.model_id, sids, at, past=as_of is not None)
         by_text = await candidates.by_text(query, pool)
         return _RecallPlan(candidates, by_text, pool, now, session.tenant, sids)
 
@@ -639,7 +635,7 @@ class AsyncMemory(GraphMemory):
 
 
 class _RecallPlan(NamedTuple):
-    candidates: _PresentCandidates | _PastCandidates
+    candidates: _Candidates
     by_text: list[dict[str, Any]]
     pool: int
     now: float
@@ -647,67 +643,49 @@ class _RecallPlan(NamedTuple):
     sids: list[str]
 
 
-class _PresentCandidates:
-    """A recall of the present, from the scopes' current rows the index keeps in memory: BM25
-    over their inverted index for the words, one matrix product for the vector (no LanceDB
-    query: a recall then costs about one query embedding)."""
+class _Candidates:
+    """A recall's candidates, from the scopes' rows the index keeps in memory: BM25 over their
+    inverted indexes for the words, a matrix product for the vector (no LanceDB query: a recall
+    costs about one query embedding). Of the present: the current rows. ``past`` (a recall
+    ``as_of``): the rows valid at that instant, current or superseded."""
 
-    def __init__(self, index: MemoryIndex, tenant: str, model: str, sids: list[str], at: float) -> None:
+    def __init__(self, index: MemoryIndex, tenant: str, model: str, sids: list[str], at: float, *, past: bool) -> None:
         self._index, self._tenant, self._model, self._sids, self._at = index, tenant, model, sids, at
+        self._past = past
         self._scopes: list[Any] = []
 
     async def by_text(self, query: str, pool: int) -> list[dict[str, Any]]:
         self._scopes = await self._index.scopes(self._tenant, self._model, self._sids)
         # in memory from here on: no thread hop (the query is being embedded in one)
+        if self._past:
+            return self._index.keyword_search(self._scopes, query, pool, at=self._at)
         rows = self._index.keyword_search(self._scopes, query, pool)
         return [row for row in rows if row["valid_from"] <= self._at]
 
     def by_ids(self, memory_ids: Iterable[str]) -> list[dict[str, Any]]:
         """The current rows of these memories (those in the scopes and valid then)."""
+        if self._past:
+            return []  # as_of: the graph signal re-ranks the searches' rows only (as before)
         rows = [row for scope in self._scopes for mid in memory_ids if (row := scope.scope.rows.get(mid))]
         return [row for row in rows if row["valid_from"] <= self._at]
 
     async def by_vector(self, vector: np.ndarray, pool: int) -> list[dict[str, Any]]:
         best: list[tuple[float, int, dict[str, Any]]] = []
         for scope in self._scopes:
-            similarity = scope.similarity(vector)
-            top = np.argpartition(-similarity, pool)[:pool] if len(similarity) > pool else range(len(similarity))
-            best += [(-float(similarity[i]), len(best) + n, scope.rows[i]) for n, i in enumerate(top) if scope.alive[i]]
+            if not self._past:  # rows not valid yet (another host's clock ahead) go below
+                parts: list[tuple[Sequence[Any], np.ndarray]] = [(scope.rows, scope.similarity(vector))]
+            else:
+                parts = [(scope.rows, scope.similarity_at(vector, self._at))]
+                if len(scope.past):
+                    parts.append((scope.past.rows, scope.past.similarity_at(vector, self._at)))
+            for rows, similarity in parts:
+                top = np.argpartition(-similarity, pool)[:pool] if len(similarity) > pool else range(len(similarity))
+                best += [
+                    (-float(similarity[i]), len(best) + n, rows[i])
+                    for n, i in enumerate(top) if similarity[i] != -np.inf
+                ]
         best.sort(key=lambda item: item[:2])
         return [row for _, _, row in best if row["valid_from"] <= self._at][:pool]
-
-
-class _PastCandidates:
-    """A recall as of an earlier instant: superseded rows count, and only the table has them,
-    so LanceDB's full-text and vector searches, prefiltered to the rows valid then."""
-
-    def __init__(self, table: Any, sids: list[str], at: float) -> None:
-        self._table = table
-        self._where = (
-            f"scope_id IN ({', '.join(quote(s) for s in sids)}) "
-            f"AND valid_from <= {at!r} AND valid_to > {at!r}"
-        )
-
-    def by_ids(self, memory_ids: Iterable[str]) -> list[dict[str, Any]]:
-        return []  # the past's rows come from the table's searches only: the graph signal re-ranks them
-
-    async def by_text(self, query: str, pool: int) -> list[dict[str, Any]]:
-        words = " ".join(re.findall(r"\w+", query))
-        if not words:
-            return []
-
-        def search() -> list[dict[str, Any]]:
-            return self._table.search(words, query_type="fts").where(self._where, prefilter=True).limit(pool).to_list()  # type: ignore[no-any-return]
-
-        try:
-            return await anyio.to_thread.run_sync(search)
-        except Exception as exc:  # no FTS index yet, or an unparsable query: vectors only
-            log.debug("memory_fts_skipped", error=repr(exc))
-            return []
-
-    async def by_vector(self, vector: np.ndarray, pool: int) -> list[dict[str, Any]]:
-        search = self._table.search(vector).metric("cosine").where(self._where, prefilter=True).limit(pool)
-        return await anyio.to_thread.run_sync(search.to_list)
 
 
 # --------------------------------------------------------------------------- ranking (pure)
