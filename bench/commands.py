@@ -8,8 +8,10 @@ page cache), connects ``AsyncBlackbird(**service_settings(server), tenant="bench
 server is secured: every client, ours and the raw baselines', connects as the data folder's
 service identity, ``server.service_auth()``) and measures
 
-1. ``touch_session`` commands/s and per-command latency (p50/p99) with 1, 100 and 1,000
-   concurrent sessions, one worker per session; every call returns after the JetStream ack;
+1. ``touch_session`` commands/s and per-command latency (p50/p99) with 1, 100, 1,000 and
+   10,000 concurrent sessions, one worker per session; every call returns after the JetStream
+   ack. The 100- and 10,000-session levels alternate (ABBA, 3 runs each with ``--quick`` and 5
+   without): ``scaling`` = median commands/s at 10,000 ÷ median at 100 (target >= 0.8);
 2. a raw baseline on the same server: nats-py ``js.publish_async`` of payloads the size of one
    of our commits, pipelined in batches of 1,000, into a separate stream ("RAW"); a second
    variant carries the same headers our appends carry (``Nats-Msg-Id`` and
@@ -71,19 +73,27 @@ RAW_SUBJECTS = 1_000  # raw messages go round-robin to raw.0 .. raw.999, like 1,
 @dataclass(frozen=True)
 class Config:
     quick: bool
-    concurrency: tuple[int, ...] = (1, 100, 1_000)
+    concurrency: tuple[int, ...] = (1, 100, 1_000, 10_000)
+    ratio_level: int = 1_000  # the level alternated with the raw baseline (ratio_vs_raw)
+    scale_levels: tuple[int, int] = (100, 10_000)  # alternated with each other: the scaling ratio
     seconds: dict[int, float] = field(default_factory=dict)  # timed run per concurrency level
-    warmup: float = 0.5  # seconds of untimed load before each level
+    warmup: float = 0.5  # seconds of untimed load before each level (at least; see warmup_for)
     raw_seconds: float = 3.0
     activation_repeats: int = 5
     repetitions: int = 3  # the top level and raw, alternated
 
+    def warmup_for(self, sessions: int) -> float:
+        """Untimed load before a level: at least long enough for every worker's first command to
+        have come back twice at ~4,000 cmd/s (all of them start at once, and only the commands
+        started after the warm-up are timed: at 10,000 sessions, 0.5 s measured the first burst)."""
+        return max(self.warmup, sessions / 2_000)
+
 
 def make_config(quick: bool) -> Config:
     if quick:
-        return Config(quick=True, seconds={1: 3.0, 100: 3.0, 1_000: 3.0}, raw_seconds=2.5,
+        return Config(quick=True, seconds={1: 3.0, 100: 3.0, 1_000: 3.0, 10_000: 3.0}, raw_seconds=2.5,
                       activation_repeats=5, repetitions=3)
-    return Config(quick=False, seconds={1: 10.0, 100: 15.0, 1_000: 15.0}, raw_seconds=10.0,
+    return Config(quick=False, seconds={1: 10.0, 100: 15.0, 1_000: 15.0, 10_000: 15.0}, raw_seconds=10.0,
                   activation_repeats=11, repetitions=5)
 
 
@@ -116,7 +126,11 @@ def load_average() -> str:
 
 def run_context(quick: bool, load_start: str, load_end: str) -> dict[str, Any]:
     """What every benchmark's JSON line says about how it ran."""
-    return {"fsync": FSYNC, "gc": GC_MODE[0], "quick": quick, "load_average": {"start": load_start, "end": load_end}}
+    from blackbird._runtime import loop_options
+
+    loop = "uvloop" if loop_options() else "asyncio"
+    return {"fsync": FSYNC, "gc": GC_MODE[0], "loop": loop, "quick": quick,
+            "load_average": {"start": load_start, "end": load_end}}
 
 
 def median(values: list[float]) -> float:
@@ -464,17 +478,46 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
             row("-" * 44, "-" * 16, "-" * 40)
 
             # ---------------------------------------------------------------- 1. commands
-            # 1 and 100 sessions once; the top level alternated with the raw baseline (2.)
+            # 1 session once; 100 and 10,000 alternated with each other (the scaling ratio); the
+            # ratio level (1,000) alternated with the raw baseline (2.)
             phases: dict[int, PhaseResult] = {}
-            top = max(cfg.concurrency)
+            top = cfg.ratio_level
+            low, high = cfg.scale_levels
             async with AsyncBlackbird(**service_settings(server), tenant=TENANT) as bb:
+                t0 = time.perf_counter()
                 ids = {n: await create_sessions(bb, n, f"s{n}") for n in cfg.concurrency}
-                for n in cfg.concurrency[:-1]:
-                    res = await run_touch_phase(bb, ids[n], cfg.warmup, cfg.seconds[n], server.pid)
+                made = sum(cfg.concurrency)
+                row("create the sessions", f"{made / (time.perf_counter() - t0):,.0f} /s",
+                    f"{made:,} sessions, 200 at a time, {time.perf_counter() - t0:.1f} s")
+                for n in cfg.concurrency:
+                    if n in (top, low, high):
+                        continue
+                    res = await run_touch_phase(bb, ids[n], cfg.warmup_for(n), cfg.seconds[n], server.pid)
                     phases[n] = res
                     row(f"touch_session, {n} concurrent session(s)", f"{res.per_s:,.0f} cmd/s",
                         f"p50 {res.p50_ms:.2f} ms  p99 {res.p99_ms:.2f} ms  "
                         f"({res.commands:,} cmds in {res.seconds:.1f} s; {res.cpu})")
+                scale_phases: dict[int, list[PhaseResult]] = {low: [], high: []}
+
+                def scale_side(n: int) -> Callable[[], Awaitable[float]]:
+                    async def run() -> float:
+                        res = await run_touch_phase(bb, ids[n], cfg.warmup_for(n), cfg.seconds[n], server.pid)
+                        scale_phases[n].append(res)
+                        return res.per_s
+                    return run
+
+                scale_runs = await alternate({str(low): scale_side(low), str(high): scale_side(high)},
+                                             cfg.repetitions)
+                for n in (low, high):
+                    res = sorted(scale_phases[n], key=lambda p: p.per_s)[len(scale_phases[n]) // 2]
+                    phases[n] = res
+                    row(f"touch_session, {n:,} concurrent session(s)", f"{median(scale_runs[str(n)]):,.0f} cmd/s",
+                        f"{spread(scale_runs[str(n)])}, alternated {low} / {high:,}; the median run: "
+                        f"p50 {res.p50_ms:.2f} ms  p99 {res.p99_ms:.2f} ms  ({res.commands:,} cmds in "
+                        f"{res.seconds:.1f} s; {res.cpu})")
+                scaling = median(scale_runs[str(high)]) / median(scale_runs[str(low)])
+                row(f"scaling cmds/s @{high:,} ÷ @{low}", f"{scaling:.3f}",
+                    f"target >= 0.8; ratio of the medians of {cfg.repetitions} alternated runs (ABBA)")
                 settings = bb.settings
                 subject = bb.journal.subjects.session(TENANT, ids[1][0])
                 payload, built_size = await commit_payload(
@@ -490,12 +533,12 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
                 async def ours() -> PhaseResult:
                     profile_to, to_profile[0] = to_profile[0], None
                     return await run_touch_phase(
-                        bb, ids[top], cfg.warmup, cfg.seconds[top], server.pid, profile_to)
+                        bb, ids[top], cfg.warmup_for(top), cfg.seconds[top], server.pid, profile_to)
 
                 res, raw_rate, rawh_rate, runs = await alternate_with_raw(
                     ours, url, payload, cfg.raw_seconds, server.pid, cfg.repetitions, auth=auth)
                 phases[top] = res
-                row(f"touch_session, {top} concurrent session(s)", f"{median(runs['ours']):,.0f} cmd/s",
+                row(f"touch_session, {top:,} concurrent session(s)", f"{median(runs['ours']):,.0f} cmd/s",
                     f"{spread(runs['ours'])}, alternated with raw; the median run: p50 {res.p50_ms:.2f} ms  "
                     f"p99 {res.p99_ms:.2f} ms  ({res.commands:,} cmds in {res.seconds:.1f} s; {res.cpu}"
                     f"{', first run under cProfile' if profile_path else ''})")
@@ -547,10 +590,17 @@ async def main(cfg: Config, profile_path: str | None) -> dict[str, Any]:
         raw_msgs_per_s=round(raw_rate, 1),
         raw_with_headers_msgs_per_s=round(rawh_rate, 1),
         runs_per_s={k: [round(x, 1) for x in v] for k, v in runs.items()},
-        cmds_per_s={**{str(n): round(p.per_s, 1) for n, p in phases.items()},
-                    str(top): round(median(runs["ours"]), 1)},
-        p50_ms={str(n): round(p.p50_ms, 3) for n, p in phases.items()},
-        p99_ms={str(n): round(p.p99_ms, 3) for n, p in phases.items()},
+        cmds_per_s={**{str(n): round(p.per_s, 1) for n, p in sorted(phases.items())},
+                    str(top): round(median(runs["ours"]), 1),
+                    **{k: round(median(v), 1) for k, v in scale_runs.items()}},
+        p50_ms={str(n): round(p.p50_ms, 3) for n, p in sorted(phases.items())},
+        p99_ms={str(n): round(p.p99_ms, 3) for n, p in sorted(phases.items())},
+        scaling={
+            f"ratio_{high}_vs_{low}": round(scaling, 4),
+            "definition": f"median touch_session cmds/s at {high} sessions / median at {low}, "
+                          f"{cfg.repetitions} runs each, alternated (ABBA); target >= 0.8",
+            "runs_per_s": {k: [round(x, 1) for x in v] for k, v in scale_runs.items()},
+        },
         payload_bytes=len(payload),
         activation_ms={
             "no_snapshot": round(statistics.median(plain), 3),
@@ -569,7 +619,7 @@ def run_cli(doc: str, profile_help: str, make_config: Any, main: Any) -> None:
     """The command line the other benchmarks share: ``--quick``, ``--profile FILE``,
     ``--default-gc`` (else the process is tuned as `blackbird serve` tunes its own, for the raw
     baseline and the host alike); prints the result as the last line, one JSON object."""
-    from blackbird._runtime import tune_gc_for_serving
+    from blackbird._runtime import loop_options, tune_gc_for_serving
 
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small counts, under 60 s")
@@ -583,20 +633,12 @@ def run_cli(doc: str, profile_help: str, make_config: Any, main: Any) -> None:
     GC_MODE[0] = "default" if args.default_gc else "serve"
     if not args.default_gc:
         tune_gc_for_serving()
-    result = anyio.run(main, make_config(args.quick), args.profile)
+    result = anyio.run(main, make_config(args.quick), args.profile, backend_options=loop_options())
     print(json.dumps(result), flush=True)
 
 
 def cli() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small counts, under 60 s")
-    parser.add_argument(
-        "--profile", metavar="FILE", help="cProfile the 1,000-session phase into FILE"
-    )
-    args = parser.parse_args()
-    cfg = make_config(args.quick)
-    result = anyio.run(main, cfg, args.profile)
-    print(json.dumps(result), flush=True)
+    run_cli(__doc__ or "", "cProfile the first 1,000-session run into FILE", make_config, main)
 
 
 if __name__ == "__main__":

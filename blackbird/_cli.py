@@ -32,7 +32,7 @@ import structlog
 from blackbird._client import DEFAULT_DATA_DIR, AsyncBlackbird
 from blackbird._errors_group import single_error
 from blackbird._logging import configure_default_logging
-from blackbird._runtime import tune_gc_for_serving
+from blackbird._runtime import loop_options, tune_gc_for_serving
 from blackbird.audit.replay import parse_until
 from blackbird.config import Settings, build_settings
 from blackbird.errors import BlackbirdError, ValidationError
@@ -170,7 +170,7 @@ def _parse_metadata(raw: str | None) -> dict[str, Any] | None:
 
 def _run(func: Callable[[], Awaitable[int]]) -> int:
     with single_error():
-        return anyio.run(func, backend="asyncio")
+        return anyio.run(func, backend="asyncio", backend_options=loop_options())
 
 
 # --------------------------------------------------------------------------- serve

@@ -6,6 +6,7 @@ Not for a library import: the library never changes process-wide state on its ow
 from __future__ import annotations
 
 import gc
+import os
 
 #: Generation-0 threshold for a busy host. Each command in flight holds a few coroutines and
 #: futures that survive many young collections (which free nothing), so with CPython's default
@@ -22,3 +23,16 @@ def tune_gc_for_serving() -> tuple[int, int, int]:
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLD)
     return previous
+
+
+def loop_options() -> dict[str, object]:
+    """anyio's asyncio backend options for a command-line process: uvloop when it is installed
+    (a dependency on Linux and macOS) unless ``BLACKBIRD_LOOP=asyncio``. Measured here: a host
+    spends about 5% less CPU per durable command on it."""
+    if os.environ.get("BLACKBIRD_LOOP", "").strip().lower() == "asyncio":
+        return {}
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return {}
+    return {"use_uvloop": True}

@@ -143,7 +143,9 @@ class Session(SessionView, frozen=True):
 
     @classmethod
     def from_view(cls, view: SessionView) -> Session:
-        session = cls(*(getattr(view, f) for f in view.__struct_fields__))
+        session = cls(*msgspec.structs.astuple(view))  # every reply makes one: the C-speed copy
+        if not view.leases:
+            return session
         # A lease past its expiry no longer holds a slot, even before the actor records it.
         now = time.time()
         live = sum(1 for _, expires_at, _ in view.leases.values() if expires_at > now)
