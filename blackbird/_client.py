@@ -25,6 +25,7 @@ from actors.session import SessionBehaviour
 from actors.tenant import PolicyBook, TenantBehaviour
 from actors.user import UserBehaviour
 from blackbird._logging import configure_default_logging
+from blackbird._nats import Connection
 from blackbird._projections import MemoryCheckpoints, NatsCheckpoints, Projections, alert_raiser
 from blackbird._retry import keep_running
 from blackbird.agents.base import Agent, AgentReply
@@ -201,6 +202,7 @@ class AsyncBlackbird:
         self._nc: NATS | None = None
         self._journal: Journal | None = None
         self._host: ActorHost | None = None
+        self._hosts: list[ActorHost] = []  # every actor host of this process (passivate_idle)
         self._auditor: Auditor | None = None
         self._projections: Projections | None = None
         self._memory: AsyncMemory | None = None
@@ -351,6 +353,11 @@ class AsyncBlackbird:
     def host(self) -> ActorHost | None:
         """The session actor host of this process (None for a remote client or before opening)."""
         return self._host
+
+    def passivate_idle(self, idle_for: float = 0.0) -> int:
+        """Passivate the actors (sessions, users, tenants, memory scopes) idle for ``idle_for``
+        seconds now, as every host does on its own after ``passivate_after``; how many went."""
+        return sum(host.passivate_idle(idle_for) for host in self._hosts)
 
     async def __aenter__(self) -> Self:
         stack = contextlib.AsyncExitStack()
@@ -527,12 +534,14 @@ class AsyncBlackbird:
     def _actor_host(self, behaviour: Behaviour[Any], journal: Journal, *, snapshots: bool = False) -> ActorHost:
         """An actor host with this client's settings; ``snapshots`` in the journal's KV bucket."""
         s = self.settings
-        return ActorHost(
+        host = ActorHost(
             behaviour, journal, journal if snapshots else NoSnapshots(),
             snapshot_every=s.snapshot_every, passivate_after=s.passivate_after,
             max_retries=s.max_retries, retry_for=s.command_timeout / 2, timeout=s.command_timeout,
             clock=self._clock,
         )
+        self._hosts.append(host)
+        return host
 
     async def _connect(self, url: str, *, auth: dict[str, Any] | None = None) -> NATS:
         """Connect to any of the servers ``url`` lists within ``command_timeout``; once connected,
@@ -594,7 +603,7 @@ class AsyncBlackbird:
             log.warning("nats_reconnected", server=redact_url(nc.connected_url.geturl()) if nc.connected_url else None)
             self._reconnects.happened()
 
-        nc = NATS()
+        nc = Connection()
         try:
             with anyio.fail_after(timeout):
                 await nc.connect(
