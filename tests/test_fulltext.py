@@ -129,3 +129,20 @@ def test_the_same_documents_match_as_in_a_real_lancedb_full_text_index(tmp_path:
     for query in QUERIES:
         theirs = {row["id"] for row in table.search(query, query_type="fts").limit(50).to_list()}
         assert set(search([ours], query, 50)) == theirs, query
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.lists(st.sampled_from(["tea", "coffee", "green", "black", "milk", "sugar"]), min_size=1, max_size=6),
+             min_size=1, max_size=40),
+    st.integers(1, 45),
+    st.sets(st.integers(0, 39)),
+)
+def test_a_limit_or_a_filter_keeps_the_order_of_the_full_ranking(
+    docs: list[list[str]], limit: int, dropped: set[int]
+) -> None:
+    index = KeywordIndex((f"d{i:02}", " ".join(words)) for i, words in enumerate(docs))
+    everything = search([index], "green tea with milk", len(docs))
+    assert search([index], "green tea with milk", limit) == everything[:limit]
+    kept = [d for d in everything if int(d[1:]) not in dropped]
+    assert search([index], "green tea with milk", limit, keep=lambda d: int(d[1:]) not in dropped) == kept[:limit]

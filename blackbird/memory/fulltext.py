@@ -13,12 +13,13 @@ Scores use tantivy's BM25 (k1 = 1.2, b = 0.75, idf = ln(1 + (N - df + 0.5) / (df
 from __future__ import annotations
 
 import functools
+import heapq
 import math
 import re
 import threading
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 K1 = 1.2
@@ -143,9 +144,12 @@ class Corpus(NamedTuple):
         return Corpus(self.documents + other.documents, self.terms + other.terms, df)
 
 
-def search(indexes: Iterable[KeywordIndex], query: str, limit: int) -> list[str]:
+def search(
+    indexes: Iterable[KeywordIndex], query: str, limit: int, keep: Callable[[str], bool] | None = None
+) -> list[str]:
     """Ids of the ``limit`` best documents for ``query`` across ``indexes`` scored as one corpus,
-    best first (ties by id)."""
+    best first (ties by id); with ``keep``, of the documents it accepts (scored against the
+    whole corpus all the same)."""
     indexes = list(indexes)
     query_terms = set(terms(query))
     if not query_terms:
@@ -157,6 +161,13 @@ def search(indexes: Iterable[KeywordIndex], query: str, limit: int) -> list[str]
     for ix in indexes:
         for doc_id, score in ix.scores(query_terms, corpus).items():
             scored[doc_id] = scored.get(doc_id, 0.0) + score
+    if keep is not None:
+        scored = {doc_id: score for doc_id, score in scored.items() if keep(doc_id)}
+    if len(scored) > limit > 0:
+        # only the documents that can be among the best need the (slow, keyed) sort below: those
+        # scoring at least the limit-th best score, less the rounding the sort compares at
+        floor = heapq.nlargest(limit, scored.values())[-1] - 2e-9
+        scored = {doc_id: score for doc_id, score in scored.items() if score >= floor}
     # Scores equal in exact arithmetic can differ in the last bits with the order the terms were
     # added in: compare them to 1e-9 so such ties fall to the id, the same on every path.
     return sorted(scored, key=lambda d: (-round(scored[d], 9), d))[:limit]

@@ -342,10 +342,10 @@ class MemoryIndex:
         name = table_name(tenant, model_id)
         with self._current_lock:  # all in memory: answered here, nothing can block
             held = [self._current.get((name, sid)) for sid in scope_ids]
-            if all(held):
+            if all(scope is not None for scope in held):  # (an empty scope is held too)
                 for sid in scope_ids:
                     self._current.move_to_end((name, sid))
-                return [scope.snapshot() for scope in held if scope]
+                return [scope.snapshot() for scope in held if scope is not None]
         return await anyio.to_thread.run_sync(
             lambda: [self.current(tenant, model_id, sid) for sid in scope_ids]
         )
@@ -361,16 +361,18 @@ class MemoryIndex:
             if at is None:
                 found = search([scope.keywords for scope in live], query, limit)
                 return [row for memory_id in found for scope in live if (row := scope.rows.get(memory_id))]
-            indexes = [ix for scope in live for ix in (scope.keywords, scope.past_keywords)]
-            out: list[Row] = []
-            for memory_id in search(indexes, query, sum(len(ix) for ix in indexes)):
+            valid: dict[str, Row] = {}
+
+            def keep(memory_id: str) -> bool:
                 for scope in live:
                     row = scope.rows.get(memory_id) or scope.past.get(memory_id)
                     if row is not None and row["valid_from"] <= at < row["valid_to"]:
-                        out.append(row)
-                if len(out) >= limit:
-                    break
-            return out[:limit]
+                        valid[memory_id] = row
+                        return True
+                return False
+
+            indexes = [ix for scope in live for ix in (scope.keywords, scope.past_keywords)]
+            return [valid[memory_id] for memory_id in search(indexes, query, limit, keep)]
 
     async def apply(self, entries: list[tuple[int, str, Commit]]) -> None:
         fresh = [e for e in entries if e[0] > self.seq]

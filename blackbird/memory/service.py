@@ -458,21 +458,21 @@ class AsyncMemory(GraphMemory):
         async def embed() -> None:
             embedded.append(await self._embed_query(query))
 
+        linked: builtins.set[str] = builtins.set()
+        by_graph: list[dict[str, Any]] = []
         # The query is embedded (the bulk of a recall's time) while the session is looked up,
-        # the scopes are checked and the keyword side is searched.
+        # the scopes are checked, and the keyword and graph sides are searched.
         with single_error():
             async with anyio.create_task_group() as tg:
                 tg.start_soon(embed)
                 plan = await self._plan_recall(query, session_id, tenant, scopes, k, bool(wanted), as_of)
+                if plan is not None and mix["graph"]:
+                    _, linked = await self._graph_links(plan.tenant, plan.sids, query, as_of)
+                    by_graph = plan.candidates.by_ids(linked)
         if plan is None:
             return []
         vector = embedded[0]
         by_vector = await plan.candidates.by_vector(vector, plan.pool)
-        linked: builtins.set[str] = builtins.set()
-        by_graph: list[dict[str, Any]] = []
-        if mix["graph"]:
-            _, linked = await self._graph_links(plan.tenant, plan.sids, query, as_of)
-            by_graph = plan.candidates.by_ids(linked)
         found = _rank(by_vector, plan.by_text, vector, wanted, mix, plan.now, k, linked, by_graph)
         if expand and found:
             facts = await self._facts_of_memories(plan.tenant, [m.memory_id for m in found], plan.sids, as_of)
