@@ -60,7 +60,7 @@ from blackbird.sessions.gateway import SessionGateway, acting_principal
 from blackbird.sessions.manager import AsyncSessionManager
 from blackbird.sessions.quotas import Quotas
 from blackbird.sessions.tenants import TenantDirectory
-from blackbird.streams.feeds import LiveFeeds
+from blackbird.streams.feeds import LiveFeeds, SharedLog
 from blackbird.streams.subscription import AsyncStreams
 from blackbird.subjects import Subjects, validate_token
 from projections.abuse import AbuseConfig, AbuseProjection
@@ -452,7 +452,9 @@ class AsyncBlackbird:
         # Read models: started on first use (a command-line client that never asks pays
         # nothing), checkpointed in NATS when this client may create buckets.
         checkpoints = await NatsCheckpoints.open(journal, s.replicas, create=not self.remote)
-        projections = Projections(journal, checkpoints or MemoryCheckpoints(), tasks, s.command_timeout)
+        # The host's own followers (read models, the learner) share one feed of the log.
+        followers = SharedLog(journal, tasks)
+        projections = Projections(followers, checkpoints or MemoryCheckpoints(), tasks, s.command_timeout)
         projections.register(ActivityProjection(s.usage_history_limit))
         projections.register(GraphProjection())
         if not self.remote and s.detect_abuse:  # hosts watch for abuse from the start
@@ -492,7 +494,7 @@ class AsyncBlackbird:
         )
         if not self.remote and s.learn:  # hosts learn what users state, off the reply path
             learner = Learner(
-                journal, self._memory, _owner_lookup(gateway), checkpoints or MemoryCheckpoints(),
+                followers, self._memory, _owner_lookup(gateway), checkpoints or MemoryCheckpoints(),
                 self._extractor or _default_extractor(s), timeout=s.command_timeout,
             )
             await tasks.start(keep_running, "learner", learner.run)

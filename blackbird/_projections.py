@@ -26,6 +26,7 @@ from actors.events import PostMessage
 from blackbird._retry import Bucket, keep_running
 from blackbird.errors import ProjectionTimeoutError
 from blackbird.journal import Journal
+from blackbird.streams.feeds import SharedLog
 from projections.abuse import Alert
 from projections.runner import Checkpoint, Projection, ProjectionRunner, ProjectionTimeout
 
@@ -177,7 +178,9 @@ class MemoryCheckpoints:
 class Projections:
     """The runners one client owns; started on first use (or eagerly), stopped with the client."""
 
-    def __init__(self, journal: Journal, checkpoints: Any, tg: anyio.abc.TaskGroup, timeout: float) -> None:
+    def __init__(
+        self, journal: Journal | SharedLog, checkpoints: Any, tg: anyio.abc.TaskGroup, timeout: float
+    ) -> None:
         self._journal = journal
         self._checkpoints = checkpoints
         self._tg = tg

@@ -13,6 +13,7 @@ id that could change a subject's shape (``.``, ``*``, ``>``, whitespace) is refu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from actors.ports import AggregateKey
@@ -106,3 +107,23 @@ class Subjects:
                 got=subject,
             )
         return validate_token(parts[1], "tenant"), validate_token(parts[2], "session_id")
+
+
+def matcher(subject_filter: str) -> Callable[[str], bool]:
+    """Whether a subject matches ``subject_filter`` as NATS matches it (``*``: one token, a final
+    ``>``: one or more)."""
+    want = subject_filter.split(".")
+    if want[-1] == ">":
+        head = want[:-1]
+
+        def matches_tail(subject: str) -> bool:
+            got = subject.split(".")
+            return len(got) > len(head) and all(w in ("*", g) for w, g in zip(head, got, strict=False))
+
+        return matches_tail
+
+    def matches(subject: str) -> bool:
+        got = subject.split(".")
+        return len(got) == len(want) and all(w in ("*", g) for w, g in zip(want, got, strict=True))
+
+    return matches

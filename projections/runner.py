@@ -61,6 +61,13 @@ class Log(Protocol):
 
     def follow(self, subject_filter: str, after_seq: int = 0) -> AsyncIterator[Any]: ...
 
+    async def follow_with(
+        self, subject_filter: str, after_seq: int, on_entry: Callable[[Any], Awaitable[None]]
+    ) -> None:
+        """Hand every commit after ``after_seq`` to ``on_entry`` (awaited, in order) until
+        cancelled; an error it raises ends this with that error."""
+        ...
+
     async def last_seq_of(self, subject: str, *, direct: bool = False) -> int: ...
 
     async def stream_last_seq(self) -> int: ...
@@ -249,22 +256,27 @@ class ProjectionRunner(Generic[M]):
 
     async def _follow(self) -> None:
         """Apply live commits until the log's follower ends (it raises, or ends: resubscribe)."""
-        async for entry in self._log.follow(self._filter, self.seq):
+        await self._log.follow_with(self._filter, self.seq, self._on_entry)
+
+    async def _on_entry(self, entry: Any) -> None:
+        """Apply one live commit (awaited by the follower, in order)."""
+        if entry.seq <= self.seq:
+            return  # applied already (a checkpoint and the follower overlapped)
+        try:
+            effects = self._apply(entry.seq, entry.subject, entry.commit)
+        except Exception:
+            self._dirty = True  # the fold may have changed the model halfway
+            raise
+        self._wake()
+        if effects and self._on_effects is not None:
             try:
-                effects = self._apply(entry.seq, entry.subject, entry.commit)
-            except Exception:
-                self._dirty = True  # the fold may have changed the model halfway
-                raise
-            self._wake()
-            if effects and self._on_effects is not None:
-                try:
-                    await self._on_effects(effects)
-                except Exception as exc:  # an effect failing must not stop the read model
-                    self.log.warning("projection_effects_failed", seq=entry.seq, error=repr(exc))
-            if self.seq - self._saved_seq >= self._every and (
-                time.monotonic() - self._saved_at >= self._interval
-            ):
-                await self._checkpoint_quietly()
+                await self._on_effects(effects)
+            except Exception as exc:  # an effect failing must not stop the read model
+                self.log.warning("projection_effects_failed", seq=entry.seq, error=repr(exc))
+        if self.seq - self._saved_seq >= self._every and (
+            time.monotonic() - self._saved_at >= self._interval
+        ):
+            await self._checkpoint_quietly()
 
     async def _checkpoint_quietly(self) -> None:
         """Checkpoint; a failure is logged and the next one is tried after ``checkpoint_interval``

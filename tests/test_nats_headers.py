@@ -27,3 +27,17 @@ def test_same_headers_as_nats_py(raw: bytes) -> None:
 def test_a_commits_headers() -> None:
     raw = b"Nats-Msg-Id: s1:42\r\nNats-Expected-Last-Subject-Sequence: 7\r\n\r\n"
     assert Connection._parse_header_lines(raw) == {"Nats-Msg-Id": "s1:42", "Nats-Expected-Last-Subject-Sequence": "7"}
+
+
+def test_the_stream_sequence_is_read_from_the_reply_subject_as_nats_py_reads_it() -> None:
+    from nats.aio.msg import Msg
+
+    from blackbird.journal import stream_seq
+
+    for reply in (
+        "$JS.ACK.BB.cons1.1.4242.17.1732600000000000000.3",  # without a domain
+        "$JS.ACK.hub.ACCHASH.BB.cons1.1.4242.17.1732600000000000000.3.token",  # with one
+        "$JS.ACK._.ACCHASH.BB.cons1.2.77.9.1732600000000000000.0",
+    ):
+        msg = Msg(_client=None, subject="bb.t.session.s", reply=reply)  # type: ignore[arg-type]
+        assert stream_seq(msg) == msg.metadata.sequence.stream

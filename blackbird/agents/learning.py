@@ -45,6 +45,7 @@ from projections.runner import Checkpoints, Waiters
 if TYPE_CHECKING:
     from blackbird.journal import Entry, Journal
     from blackbird.memory.service import AsyncMemory
+    from blackbird.streams.feeds import SharedLog
     from blackbird.types import Entity, Relation
 
 __all__ = [
@@ -505,7 +506,7 @@ class Learner:
 
     def __init__(
         self,
-        journal: Journal,
+        journal: Journal | SharedLog,
         memory: AsyncMemory,
         owner_of: Callable[[str, str], Awaitable[str | None]],
         checkpoints: Checkpoints,

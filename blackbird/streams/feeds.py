@@ -12,19 +12,23 @@ readers never hold up the others, and nobody loses or repeats a commit.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from structlog.typing import FilteringBoundLogger
 
+from actors.events import Commit
 from blackbird.journal import Entry, Journal
+from blackbird.subjects import matcher
 
 log = structlog.get_logger("blackbird.streams")
 
 QUEUE = 256  # commits a follower may fall behind its feed before it is let go
+_YIELD_EVERY = 64  # queued commits a follower takes before it lets other tasks run
 _DIRECT_READS = 8  # stream sequences of a follower's history it may read one by one (else a consumer)
 
 
@@ -125,12 +129,15 @@ class LiveFeeds:
         on_entry: Callable[[Entry], Awaitable[None]],
         *,
         logger: FilteringBoundLogger | None = None,
+        alone: str | None = None,
     ) -> None:
-        """What :meth:`Journal.follow_with` does: every commit on ``subject`` (no wildcards) with
-        a sequence above ``after_seq``, in order, handed to ``on_entry`` (awaited) until
-        cancelled; an error ``on_entry`` raises ends it with that error. ``logger`` (context
-        bound) is what the feed and this follower report on."""
+        """What :meth:`Journal.follow_with` does: every commit on ``subject`` with a sequence
+        above ``after_seq``, in order, handed to ``on_entry`` (awaited) until cancelled; an
+        error ``on_entry`` raises ends it with that error. ``logger`` (context bound) is what
+        the feed and this follower report on. ``alone``: the narrower filter the follower reads
+        its history and, once let go, the log with (its ``on_entry`` wants no more than that)."""
         logger = logger or log
+        alone = alone or subject
         feed = self._feeds.get(subject)
         if feed is None:
             feed = self._feeds[subject] = _Feed(self._journal, subject, logger, self._over)
@@ -144,17 +151,38 @@ class LiveFeeds:
                 # the feed hands this listener every commit after ``joined``: read up to it alone
                 joined = feed.position
                 if last < joined:
-                    last = await self._catch_up(subject, last, joined, on_entry)
+                    last = await self._catch_up(alone, last, joined, on_entry)
                 with listener.receive:
-                    async for entry in listener.receive:
-                        if entry.seq > last:  # the history read may have handed it on already
-                            await on_entry(entry)
-                            last = entry.seq
+                    last = await self._take_queued(listener, last, on_entry)
             # let go by the feed: it failed, or this follower fell a whole queue behind
             logger.info("stream_feed_left", subject=subject, after=last, overflowed=listener.overflowed)
-            await self._journal.follow_with(subject, last, on_entry)
+            await self._journal.follow_with(alone, last, on_entry)
         finally:
             feed.detach(listener)
+
+    @staticmethod
+    async def _take_queued(listener: _Listener, last: int, on_entry: Callable[[Entry], Awaitable[None]]) -> int:
+        """Hand on what the feed queues for ``listener`` until it lets it go; the last sequence
+        handed on. Queued commits are taken without a trip through the event loop each (a
+        follower of a busy log would otherwise yield once per commit), a yield every few dozen."""
+        receive = listener.receive
+        taken = 0
+        while True:
+            try:
+                entry = receive.receive_nowait()
+                taken += 1
+                if taken % _YIELD_EVERY == 0:
+                    await anyio.lowlevel.checkpoint()
+            except anyio.WouldBlock:
+                try:
+                    entry = await receive.receive()
+                except anyio.EndOfStream:
+                    return last
+            except anyio.EndOfStream:
+                return last
+            if entry.seq > last:  # the history read may have handed it on already
+                await on_entry(entry)
+                last = entry.seq
 
     async def _catch_up(
         self, subject: str, after_seq: int, until: int, on_entry: Callable[[Entry], Awaitable[None]]
@@ -190,3 +218,49 @@ class LiveFeeds:
         except _CaughtUp:
             pass
         return last
+
+
+class SharedLog:
+    """The log as the host's own followers read it (read models, the learner): every live
+    follower of a filter within ``<prefix>.>`` rides one feed of the whole tenant log, so a
+    commit reaches this process once and is decoded once, however many follow it (each used to
+    have a consumer of its own: a delivery, a header parse and a decode per follower per
+    commit). Each follower gets only its filter's commits, in order, none lost or repeated;
+    one that falls a whole queue behind reads on alone (see :class:`LiveFeeds`). Everything else
+    is the journal's."""
+
+    def __init__(self, journal: Journal, tasks: anyio.abc.TaskGroup, *, queue: int = 16_384) -> None:
+        self._journal = journal
+        self._feeds = LiveFeeds(journal, tasks, queue=queue)
+        self.subjects = journal.subjects
+        self._all = f"{journal.subjects.prefix}.>"
+
+    async def follow_with(
+        self, subject_filter: str, after_seq: int, on_entry: Callable[[Entry], Awaitable[None]]
+    ) -> None:
+        """:meth:`Journal.follow_with`, on the shared feed."""
+        if subject_filter == self._all:
+            await self._feeds.follow_with(self._all, after_seq, on_entry)
+            return
+        matches = matcher(subject_filter)
+
+        async def take(entry: Entry) -> None:
+            if matches(entry.subject):
+                await on_entry(entry)
+
+        await self._feeds.follow_with(self._all, after_seq, take, alone=subject_filter)
+
+    def follow(self, subject_filter: str, after_seq: int = 0) -> AsyncIterator[Entry]:
+        return self._journal.follow(subject_filter, after_seq)
+
+    async def replay(
+        self, subject_filter: str, after_seq: int, on_entry: Callable[[int, str, Commit], None],
+        until_seq: int | None = None,
+    ) -> int:
+        return await self._journal.replay(subject_filter, after_seq, on_entry, until_seq)
+
+    async def last_seq_of(self, subject: str, *, direct: bool = False) -> int:
+        return await self._journal.last_seq_of(subject, direct=direct)
+
+    async def stream_last_seq(self) -> int:
+        return await self._journal.stream_last_seq()
