@@ -187,9 +187,13 @@ class LiveFeeds:
     async def _catch_up(
         self, subject: str, after_seq: int, until: int, on_entry: Callable[[Entry], Awaitable[None]]
     ) -> int:
-        """Hand on the commits in (after_seq, until]; the last sequence read (handed on, or not a
-        commit and skipped)."""
+        """Hand on the commits on ``subject`` in (after_seq, until]; the last sequence read
+        (handed on, or not a commit and skipped). ``subject`` may be narrower than the feed's,
+        so ``until`` need not be on it: the read stops at the subject's last commit up to it."""
         last = after_seq
+        stop = min(until, await self._journal.last_seq_of(subject))
+        if stop <= after_seq:
+            return last  # nothing of the subject's in between
         if until - after_seq <= _DIRECT_READS:
             # A few stream sequences behind, as a reconnecting reader usually is: get the commits
             # one by one, a round trip each, rather than make a consumer. A thousand readers
@@ -210,7 +214,7 @@ class LiveFeeds:
                 raise _CaughtUp
             await on_entry(entry)
             last = entry.seq
-            if entry.seq >= until:
+            if entry.seq >= stop:
                 raise _CaughtUp
 
         try:
