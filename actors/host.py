@@ -30,7 +30,6 @@ import hashlib
 import math
 import random
 import time
-from collections import deque
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Generic, Protocol, Self, TypeVar
@@ -207,18 +206,38 @@ class _Request:
         self.error: BaseException | None = None
 
 
+class _Mailbox(list[_Request]):
+    """An actor's queue of waiting requests: a list (56 bytes empty) rather than a deque (about
+    620 bytes: it allocates a block of 64 slots up front), since every active actor has one and
+    almost all of them stay empty; the batches taken from the front are small."""
+
+    __slots__ = ()
+
+    def popleft(self) -> _Request:
+        return self.pop(0)
+
+
 class _Actor:
-    __slots__ = ("busy", "key", "last_used", "log", "mailbox", "seq", "since_snapshot", "state")
+    """One active aggregate. Kept small (an active host holds one per session it serves): the
+    state, its sequence and the bookkeeping of the mailbox, passivation and snapshots; the
+    logger bound to the aggregate is made when something is logged (:attr:`log`)."""
+
+    __slots__ = ("busy", "key", "last_used", "mailbox", "seq", "since_snapshot", "state")
 
     def __init__(self, key: AggregateKey) -> None:
         self.key = key
         self.state: Any = None
         self.seq = 0
-        self.mailbox: deque[_Request] = deque()
+        self.mailbox = _Mailbox()
         self.busy = False
         self.last_used = 0.0
         self.since_snapshot = 0
-        self.log = log.bind(tenant=key.tenant, kind=key.kind, id=key.id)
+
+    @property
+    def log(self) -> Any:
+        """The host's logger bound to this aggregate (made on use: logging is the rare path)."""
+        key = self.key
+        return log.bind(tenant=key.tenant, kind=key.kind, id=key.id)
 
 
 class ActorHost:
@@ -571,6 +590,10 @@ class ActorHost:
         idle = [k for k, a in self._actors.items() if not a.busy and a.last_used <= cutoff]
         for key in idle:
             del self._actors[key]
+        if len(idle) > len(self._actors):
+            # A dict never gives back its table when keys are deleted (a host that served
+            # 200,000 sessions would keep a table for 200,000 after they all went idle): copy it.
+            self._actors = dict(self._actors)
         return len(idle)
 
     async def _passivation_loop(self) -> None:

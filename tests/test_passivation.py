@@ -4,7 +4,9 @@ snapshot plus the commits after it, with the same state it had and the same sequ
 
 from __future__ import annotations
 
+import gc
 import time
+import tracemalloc
 
 import anyio
 import msgspec
@@ -84,3 +86,55 @@ async def test_idle_session_actors_are_passivated_by_the_host_and_come_back_with
         touched = await sm.touch_session(first.session_id, "again")
         assert touched.sequence > before[0]["sequence"] and touched.version == before[0]["version"] + 1
         assert (await sm.get_quota(first.session_id))["tokens"]["used"] == quota_before["tokens"]["used"]
+
+
+MANY = 5_000  # sessions created, then passivated all at once
+# what one active session may cost the hosts themselves: two actors (the session's and its user's),
+# each an _Actor, its mailbox and its table slot, and the states the host allocated (measured:
+# about 750; a deque mailbox and a bound logger per actor made it about 3,000)
+SESSION_BYTES = 1_000
+LEFT_BEHIND = 64 * 1024  # bytes the host may keep in all once every one of them is passivated
+
+
+def _host_bytes(snapshot: tracemalloc.Snapshot) -> int:
+    """Bytes still allocated by actors/host.py (the host's tables and actors, not the states)."""
+    host_only = snapshot.filter_traces([tracemalloc.Filter(True, "*actors/host.py")])
+    return sum(s.size for s in host_only.statistics("filename"))
+
+
+async def test_passivated_sessions_leave_nothing_behind_in_the_host(nats_server: NatsServer) -> None:
+    """5,000 sessions, each touched once, then passivated: the host keeps no actor, no mailbox
+    and no table slot for any of them (its actor table is compacted), and while they were active
+    each cost the hosts at most SESSION_BYTES (counted with tracemalloc, not timed)."""
+    async with AsyncBlackbird(nats_url=nats_server.url, tenant="acme", passivate_after=float("inf")) as bb:
+        sm = bb.session_manager
+        host = bb.host
+        assert host is not None
+        limiter = anyio.CapacityLimiter(200)
+
+        async def one(n: int) -> None:
+            async with limiter:
+                session = await sm.create_session(f"u{n}", tier="pro")
+                await sm.touch_session(session.session_id)
+
+        tracemalloc.start(1)
+        try:
+            before = _host_bytes(tracemalloc.take_snapshot())
+            async with anyio.create_task_group() as tg:
+                for n in range(MANY):
+                    tg.start_soon(one, n)
+            gc.collect()
+            active = _host_bytes(tracemalloc.take_snapshot()) - before
+            assert host.active_actors == MANY
+            assert active / MANY <= SESSION_BYTES, f"{active / MANY:.0f} bytes per active session in the hosts"
+
+            assert bb.passivate_idle(0) >= 2 * MANY  # the sessions and their users
+            gc.collect()
+            assert host.active_actors == 0
+            left = _host_bytes(tracemalloc.take_snapshot()) - before
+            assert left <= LEFT_BEHIND, f"{left} bytes left in the host after passivating {MANY} sessions"
+        finally:
+            tracemalloc.stop()
+        # they come back on demand, as they were
+        session = await sm.touch_session((await sm.create_session("again", tier="pro")).session_id)
+        assert session.status.value == "active"
