@@ -115,15 +115,20 @@ class KeywordIndex:
             return {}
         average = corpus.terms / corpus.documents
         out: dict[str, float] = {}
+        lengths, get = self._lengths, out.get  # (the loop below runs once per posting)
         for term in query_terms:
             postings = self._postings.get(term)
             if not postings:
                 continue
             df = corpus.df[term]
             idf = math.log(1.0 + (corpus.documents - df + 0.5) / (df + 0.5))
-            for doc_id, tf in postings.items():
-                norm = K1 * (1.0 - B + B * self._lengths[doc_id] / average) if average else K1
-                out[doc_id] = out.get(doc_id, 0.0) + idf * tf * (K1 + 1.0) / (tf + norm)
+            if average:
+                for doc_id, tf in postings.items():
+                    out[doc_id] = get(doc_id, 0.0) + idf * tf * (K1 + 1.0) / (
+                        tf + K1 * (1.0 - B + B * lengths[doc_id] / average))
+            else:
+                for doc_id, tf in postings.items():
+                    out[doc_id] = get(doc_id, 0.0) + idf * tf * (K1 + 1.0) / (tf + K1)
         return out
 
 

@@ -706,12 +706,17 @@ def _rank(
     best = 2.0 / 61
     scored: list[tuple[float, str, dict[str, float]]] = []
     metadata: dict[str, dict[str, Any]] = {}
-    for memory_id, row in rows.items():
+    # one product for every candidate's similarity (not one dot product per row)
+    similarities = (
+        np.stack([row["vector"] for row in rows.values()]).astype(np.float32, copy=False) @ query
+        if rows else ()
+    )
+    for (memory_id, row), similarity in zip(rows.items(), similarities, strict=True):
         if wanted:
             metadata[memory_id] = json.loads(row["metadata"])
             if not _matches(row, metadata[memory_id], wanted):
                 continue
-        similarity = float(np.dot(np.asarray(row["vector"], dtype=np.float32), query))
+        similarity = float(similarity)
         recency = math.exp(-max(0.0, now - row["valid_from"]) * math.log(2) / RECENCY_HALF_LIFE)
         parts = {
             "similarity": similarity, "keyword": fused[memory_id] / best,
