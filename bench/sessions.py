@@ -14,7 +14,7 @@ and glibc ``malloc_trim(0)``):
    user, 200 at a time) and touched once: (RSS - base) / N per active session;
 3. *passivated*: every actor passivated: (RSS - base) / N is an upper bound (memory freed is
    not always given back to the OS);
-4. *passivated, traced*: another N/4 sessions created, touched and passivated with
+4. *passivated, traced*: another N/4 sessions (10,000 at most) created, touched and passivated with
    ``tracemalloc`` on (it counts only what was allocated while tracing and is still alive):
    the bytes still allocated / (N/4) is what each idle session keeps in this process, and the
    biggest allocation sites of it are listed. (RSS cannot tell this: the second round reuses
@@ -53,6 +53,7 @@ from blackbird.server.embedded import EmbeddedServer
 
 TENANT = "bench"
 WARMUP = 500
+TRACED = 10_000  # sessions of the traced round at most (tracemalloc makes creation ~10x slower)
 GB = 1e9
 
 
@@ -138,7 +139,7 @@ async def main(n: int, quick: bool, frames: int) -> dict[str, Any]:
                     f"{GB / per_idle_upper:,.0f} per GB; {dropped:,} actors passivated; RSS only "
                     "shrinks as far as the allocator gives memory back")
 
-                m = max(n // 4, 1)
+                m = max(min(n // 4, TRACED), 1)
                 gc.collect()
                 tracemalloc.start(frames)
                 took2 = await round_of(bb, m, "b")
