@@ -294,6 +294,30 @@ async def test_recall_as_of_answers_from_memory_exactly_what_the_table_held_vali
         assert "The leaver prefers green tea at meetings." not in texts  # erased: from every instant
 
 
+async def test_an_erased_users_superseded_memories_leave_the_table_and_every_instant(
+    nats_server: NatsServer,
+) -> None:
+    clock = Clock()
+    async with AsyncBlackbird(nats_url=nats_server.url, tenant="acme", clock=clock) as bb:
+        s = await bb.session_manager.create_session("leaver", tier="pro")
+        stays = await bb.session_manager.create_session("stayer", tier="pro")
+        await bb.memory.remember("Quokka-Old-Home is in Lisbon.", session_id=s.session_id, key="home")
+        await bb.memory.remember("The stayer used to drink Quokka-tea.", session_id=stays.session_id, key="tea")
+        then = clock.now + 5
+        clock.now += 10
+        await bb.memory.remember("Now I live in Porto.", session_id=s.session_id, key="home")
+        await bb.memory.remember("The stayer drinks coffee now.", session_id=stays.session_id, key="tea")
+        found = await bb.memory.recall("Quokka", session_id=s.session_id, k=5, as_of=then)
+        assert [m.text for m in found][:1] == ["Quokka-Old-Home is in Lisbon."]  # in memory before
+        await bb.memory.forget_user("leaver")
+        table = bb.memory.index.table("acme", bb.memory.embedder.model_id)
+        assert [r["text"] for r in table.to_arrow().to_pylist() if r["author"] == "leaver"] == []
+        back = await bb.session_manager.create_session("leaver", tier="pro")
+        assert await bb.memory.recall("Quokka", session_id=back.session_id, k=5, as_of=then) == []
+        kept = await bb.memory.recall("Quokka", session_id=stays.session_id, k=5, as_of=then)
+        assert "The stayer used to drink Quokka-tea." in [m.text for m in kept]  # others' history stays
+
+
 async def test_full_text_side_finds_a_rare_token_and_never_a_superseded_row(bb: AsyncBlackbird) -> None:
     s = await bb.session_manager.create_session("u1", tier="enterprise")
     await bb.memory.remember_many([fact for fact, _ in FACTS], session_id=s.session_id)

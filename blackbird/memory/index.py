@@ -89,6 +89,7 @@ class _Batch:
         self.valid_to: dict[tuple[str, str], float] = {}
         self.deletes: dict[str, set[str]] = {}  # tenant -> ids (from every model's table)
         self.erased: set[str] = set()  # tenants with a user erased: old table versions must go
+        self.erased_ids: dict[str, set[str]] = {}  # tenant -> ids forgotten by an erasure
 
 
 _RETRY_CAP = 5.0  # seconds at most between two attempts to follow the log again
@@ -183,6 +184,7 @@ class MemoryIndex:
                         batch.deletes.setdefault(tenant, set()).add(event.memory_id)
                         if event.reason == "erased":
                             batch.erased.add(tenant)
+                            batch.erased_ids.setdefault(tenant, set()).add(event.memory_id)
         return batch
 
     async def _row(self, tenant: str, seq: int, event: MemoryRemembered) -> dict[str, Any] | None:
@@ -268,6 +270,8 @@ class MemoryIndex:
                     for memory_id in gone:
                         scope.drop(memory_id)
                     self._cached_rows += len(scope) - before
+        for tenant, ids in batch.erased_ids.items():
+            self._erase_superseded(tenant, ids)
         for (tenant, memory_id), valid_to in batch.valid_to.items():
             for table in self._tenant_tables(tenant):
                 table.update(where=f"memory_id = {quote(memory_id)}", values={"valid_to": valid_to})
@@ -287,6 +291,31 @@ class MemoryIndex:
                 if table is not None:
                     table.optimize()
                 del self._unoptimized[name]
+
+    def _erase_superseded(self, tenant: str, erased_ids: set[str]) -> None:
+        """Remove the superseded rows of the authors whose memories ``erased_ids`` are (an
+        erasure's events name the author's current memories only: the scope's state no longer
+        knows the superseded ones, but the tables and the in-memory copies keep them for as_of).
+        Blocking; called before the erased rows themselves are deleted."""
+        listed = ", ".join(quote(i) for i in sorted(erased_ids))
+        authors: set[str] = set()
+        tables = list(self._tenant_tables(tenant))
+        for table in tables:
+            found = table.search().where(f"memory_id IN ({listed})", prefilter=True).select(["author"]).limit(None)
+            authors |= {row["author"] for row in found.to_list()}
+        if not authors:
+            return
+        who = ", ".join(quote(a) for a in sorted(authors))
+        for table in tables:
+            table.delete(f"author IN ({who}) AND valid_to < 1e300")
+        prefix = f"mem_{tenant.encode().hex()}_"
+        with self._current_lock:
+            for (name, _), scope in self._current.items():
+                if name.startswith(prefix):
+                    gone = [mid for mid, row in scope.past.items() if row["author"] in authors]
+                    for memory_id in gone:
+                        scope.drop(memory_id)
+                    self._cached_rows -= len(gone)
 
     def _tenant_tables(self, tenant: str) -> Iterable[Any]:
         prefix = f"mem_{tenant.encode().hex()}_"
