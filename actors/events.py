@@ -371,6 +371,13 @@ class MemoryForgotten(_Event, frozen=True):
     reason: str  # "deleted" | "expired" | "erased"
 
 
+class AuthorErased(_Event, frozen=True):
+    """ForgetAuthor in one scope: everything ``author`` wrote there is gone, superseded memories
+    included (the scope's state no longer lists those; the index removes every row of theirs)."""
+
+    author: str
+
+
 class CacheSet(_Event, frozen=True):
     key: str
     author: str
@@ -464,7 +471,7 @@ class RelationForgotten(_Event, frozen=True):
 GraphEvent = EntityNoted | EntityAliased | RelationStated | RelationEnded | EntityForgotten | RelationForgotten
 
 MemoryEvent = (
-    MemoryRemembered | MemorySuperseded | MemoryForgotten | CacheSet | CacheHit | CacheRemoved
+    MemoryRemembered | MemorySuperseded | MemoryForgotten | AuthorErased | CacheSet | CacheHit | CacheRemoved
     | MembersChanged | GraphEvent
 )
 Event = SessionEvent | TenantEvent | UserEvent | MemoryEvent

@@ -17,6 +17,7 @@ import msgspec
 
 from actors import aggregate, graph
 from actors.events import (
+    AuthorErased,
     CacheHit,
     CacheRemoved,
     CacheSet,
@@ -169,6 +170,8 @@ def _decide(state: MemoryState, command: MemoryCommand, now: float) -> Decision:
             for key, entry in state.cache.items() if entry.author == command.author
         ]
         gone += graph.forget(state.graph, set(), (command.author,), "erased", now)
+        # always, even with nothing of theirs current: their superseded memories are in the index
+        gone.append(AuthorErased(at=now, author=command.author))
         return Decision(events=tuple(gone))
     if isinstance(command, SetCache):
         events = []
@@ -215,6 +218,8 @@ def _evolve(state: MemoryState, event: Event) -> tuple[MemoryState, float | None
     replace = msgspec.structs.replace
     if isinstance(event, GraphEvent):
         return replace(state, graph=graph.evolve(state.graph, event)), None, None
+    if isinstance(event, AuthorErased):
+        return state, None, None  # the memories and entries it covers left with their own events
     if isinstance(event, MemoryRemembered):
         memories = dict(state.memories)
         previous = memories.get(event.memory_id)

@@ -318,6 +318,29 @@ async def test_an_erased_users_superseded_memories_leave_the_table_and_every_ins
         assert "The stayer used to drink Quokka-tea." in [m.text for m in kept]  # others' history stays
 
 
+async def test_an_erased_user_with_nothing_current_left_still_leaves_no_superseded_row(
+    nats_server: NatsServer,
+) -> None:
+    """All of the user's memories superseded and the last one forgotten: no memory of theirs is
+    current, so only the erasure's AuthorErased event names them to the index."""
+    clock = Clock()
+    async with AsyncBlackbird(nats_url=nats_server.url, tenant="acme", clock=clock) as bb:
+        s = await bb.session_manager.create_session("leaver", tier="pro")
+        await bb.memory.remember("Wombat-Old-Home is in Lisbon.", session_id=s.session_id, key="home")
+        then = clock.now + 5
+        clock.now += 10
+        newer = await bb.memory.remember("Now I live in Porto.", session_id=s.session_id, key="home")
+        assert await bb.memory.forget(newer.memory_id, session_id=s.session_id) is True
+        assert [m.text for m in await bb.memory.recall("Wombat", session_id=s.session_id, as_of=then)][:1] == [
+            "Wombat-Old-Home is in Lisbon."
+        ]
+        await bb.memory.forget_user("leaver")
+        table = bb.memory.index.table("acme", bb.memory.embedder.model_id)
+        assert [r["text"] for r in table.to_arrow().to_pylist() if r["author"] == "leaver"] == []
+        back = await bb.session_manager.create_session("leaver", tier="pro")
+        assert await bb.memory.recall("Wombat", session_id=back.session_id, k=5, as_of=then) == []
+
+
 async def test_full_text_side_finds_a_rare_token_and_never_a_superseded_row(bb: AsyncBlackbird) -> None:
     s = await bb.session_manager.create_session("u1", tier="enterprise")
     await bb.memory.remember_many([fact for fact, _ in FACTS], session_id=s.session_id)

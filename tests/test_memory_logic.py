@@ -8,6 +8,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from actors.events import (
+    AuthorErased,
     CacheHit,
     CacheRemoved,
     CacheSet,
@@ -97,7 +98,8 @@ def test_forgetting_an_author_removes_only_their_writes() -> None:
     s, _ = run(s, remember("b", author="u2"), T0)
     s, _ = run(s, SetCache(key="k", author="u1", sealed=b"v", size=1, importance=0.5, expires_at=None, capacity=5), T0)
     s, events = run(s, ForgetAuthor(author="u1"), T0 + 1)
-    assert {type(e) for e in events} == {MemoryForgotten, CacheRemoved}
+    assert {type(e) for e in events} == {MemoryForgotten, CacheRemoved, AuthorErased}
+    assert events[-1] == AuthorErased(at=T0 + 1, author="u1")  # named even with nothing current left
     assert set(s.memories) == {"b"} and s.cache == {}
 
 

@@ -16,6 +16,7 @@ from actors.events import (
     ApiKeyIssued,
     ApiKeyRevoked,
     ApiKeyUsed,
+    AuthorErased,
     EntityAliased,
     EntityForgotten,
     EntityNoted,
@@ -142,6 +143,8 @@ def describe(event: Event) -> str:
             detail = f"{event.memory_id} by {event.by}"
         case MemoryForgotten():
             detail = f"{event.memory_id} {event.reason}"
+        case AuthorErased():
+            detail = event.author
         case EntityForgotten():
             detail = f"{event.entity_id} {event.reason}"
         case RelationForgotten():

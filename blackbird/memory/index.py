@@ -34,7 +34,7 @@ import msgspec
 import numpy as np
 import structlog
 
-from actors.events import Commit, MemoryForgotten, MemoryRemembered, MemorySuperseded
+from actors.events import AuthorErased, Commit, MemoryForgotten, MemoryRemembered, MemorySuperseded
 from blackbird.errors import DecryptionError, MemoryIndexBusyError, ValidationError
 from blackbird.journal import Journal
 from blackbird.memory.fulltext import search
@@ -90,6 +90,7 @@ class _Batch:
         self.deletes: dict[str, set[str]] = {}  # tenant -> ids (from every model's table)
         self.erased: set[str] = set()  # tenants with a user erased: old table versions must go
         self.erased_ids: dict[str, set[str]] = {}  # tenant -> ids forgotten by an erasure
+        self.erased_authors: dict[str, set[str]] = {}  # tenant -> authors an erasure named
 
 
 _RETRY_CAP = 5.0  # seconds at most between two attempts to follow the log again
@@ -185,6 +186,9 @@ class MemoryIndex:
                         if event.reason == "erased":
                             batch.erased.add(tenant)
                             batch.erased_ids.setdefault(tenant, set()).add(event.memory_id)
+                    elif isinstance(event, AuthorErased):
+                        batch.erased.add(tenant)
+                        batch.erased_authors.setdefault(tenant, set()).add(event.author)
         return batch
 
     async def _row(self, tenant: str, seq: int, event: MemoryRemembered) -> dict[str, Any] | None:
@@ -270,8 +274,8 @@ class MemoryIndex:
                     for memory_id in gone:
                         scope.drop(memory_id)
                     self._cached_rows += len(scope) - before
-        for tenant, ids in batch.erased_ids.items():
-            self._erase_superseded(tenant, ids)
+        for tenant in sorted(set(batch.erased_ids) | set(batch.erased_authors)):
+            self._erase_superseded(tenant, batch.erased_ids.get(tenant, set()), batch.erased_authors.get(tenant, set()))
         for (tenant, memory_id), valid_to in batch.valid_to.items():
             for table in self._tenant_tables(tenant):
                 table.update(where=f"memory_id = {quote(memory_id)}", values={"valid_to": valid_to})
@@ -292,17 +296,19 @@ class MemoryIndex:
                     table.optimize()
                 del self._unoptimized[name]
 
-    def _erase_superseded(self, tenant: str, erased_ids: set[str]) -> None:
-        """Remove the superseded rows of the authors whose memories ``erased_ids`` are (an
-        erasure's events name the author's current memories only: the scope's state no longer
-        knows the superseded ones, but the tables and the in-memory copies keep them for as_of).
-        Blocking; called before the erased rows themselves are deleted."""
-        listed = ", ".join(quote(i) for i in sorted(erased_ids))
-        authors: set[str] = set()
+    def _erase_superseded(self, tenant: str, erased_ids: set[str], named: set[str]) -> None:
+        """Remove the superseded rows of erased authors: those ``named`` by AuthorErased events
+        and, for logs written before that event, the authors whose memories ``erased_ids`` are
+        (an erasure's MemoryForgotten events name the author's current memories only: the scope's
+        state no longer knows the superseded ones, but the tables and the in-memory copies keep
+        them for as_of). Blocking; called before the erased rows themselves are deleted."""
+        authors = set(named)
         tables = list(self._tenant_tables(tenant))
-        for table in tables:
-            found = table.search().where(f"memory_id IN ({listed})", prefilter=True).select(["author"]).limit(None)
-            authors |= {row["author"] for row in found.to_list()}
+        if erased_ids:
+            listed = ", ".join(quote(i) for i in sorted(erased_ids))
+            for table in tables:
+                found = table.search().where(f"memory_id IN ({listed})", prefilter=True).select(["author"]).limit(None)
+                authors |= {row["author"] for row in found.to_list()}
         if not authors:
             return
         who = ", ".join(quote(a) for a in sorted(authors))
