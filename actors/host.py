@@ -209,12 +209,9 @@ class _Request:
 class _Mailbox(list[_Request]):
     """An actor's queue of waiting requests: a list (56 bytes empty) rather than a deque (about
     620 bytes: it allocates a block of 64 slots up front), since every active actor has one and
-    almost all of them stay empty; the batches taken from the front are small."""
+    almost all of them stay empty; a batch is taken from the front in one slice."""
 
     __slots__ = ()
-
-    def popleft(self) -> _Request:
-        return self.pop(0)
 
 
 class _Actor:
@@ -347,7 +344,9 @@ class ActorHost:
             while actor.mailbox:
                 # Everything that queued up while the previous append was in flight goes into
                 # one commit: one round trip for the lot, each still answered individually.
-                batch = [actor.mailbox.popleft() for _ in range(min(len(actor.mailbox), self._max_batch))]
+                mailbox = actor.mailbox
+                batch = mailbox[: self._max_batch]  # the front at once (a list pops its front in O(n))
+                del mailbox[: self._max_batch]
                 try:
                     await self._run(actor, batch)
                 finally:

@@ -382,6 +382,12 @@ class BlackbirdSDK:
         :meth:`AsyncBlackbird.stop_reply`."""
         return self.run(self._client.stop_reply, session_id, tenant=tenant)
 
+    def passivate_idle(self, idle_for: float = 0.0) -> int:
+        """Passivate the actors idle for ``idle_for`` seconds now; see
+        :meth:`AsyncBlackbird.passivate_idle` (run on the client's event loop)."""
+        count: int = self._open_portal().call(self._client.passivate_idle, idle_for)
+        return count
+
     def run(self, func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """Run ``await func(*args, **kwargs)`` on this SDK's event loop and return its result.
         Raises ClosedError once closed."""

@@ -517,7 +517,7 @@ class Memory(_SyncMirror):
         expand: int = 0,
     ) -> list[blackbird.Memory]:
         """The ``k`` memories most relevant to ``query`` in ``scopes`` (each checked against the
-        acting session), best first. Hybrid: vector search and LanceDB full-text search fused by
+        acting session), best first. Hybrid: vector search and full-text (BM25) search fused by
         reciprocal rank, then re-ranked by ``weights`` of similarity, keyword rank, recency,
         importance and graph (1 for a memory a fact about an entity named in the query was
         extracted from: "where does Ada live?" finds "The user lives in Berlin" once the graph
@@ -980,6 +980,11 @@ class BlackbirdSDK:
     def stop_reply(self, session_id: str, *, tenant: str | None = None) -> dict[str, Any]:
         """Stop the reply being generated in ``session_id`` (in any process); see
         :meth:`AsyncBlackbird.stop_reply`.
+        """
+
+    def passivate_idle(self, idle_for: float = 0.0) -> int:
+        """Passivate the actors idle for ``idle_for`` seconds now; see
+        :meth:`AsyncBlackbird.passivate_idle` (run on the client's event loop).
         """
 
     def run(self, func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
