@@ -151,7 +151,7 @@ class LiveFeeds:
                 # the feed hands this listener every commit after ``joined``: read up to it alone
                 joined = feed.position
                 if last < joined:
-                    last = await self._catch_up(alone, last, joined, on_entry)
+                    last = await self._catch_up(alone, last, joined, on_entry, narrower=alone != subject)
                 with listener.receive:
                     last = await self._take_queued(listener, last, on_entry)
             # let go by the feed: it failed, or this follower fell a whole queue behind
@@ -185,15 +185,19 @@ class LiveFeeds:
                 last = entry.seq
 
     async def _catch_up(
-        self, subject: str, after_seq: int, until: int, on_entry: Callable[[Entry], Awaitable[None]]
+        self, subject: str, after_seq: int, until: int, on_entry: Callable[[Entry], Awaitable[None]],
+        *, narrower: bool = False,
     ) -> int:
         """Hand on the commits on ``subject`` in (after_seq, until]; the last sequence read
-        (handed on, or not a commit and skipped). ``subject`` may be narrower than the feed's,
-        so ``until`` need not be on it: the read stops at the subject's last commit up to it."""
+        (handed on, or not a commit and skipped). ``narrower``: ``subject`` is narrower than the
+        feed's, so ``until`` need not be on it: the read stops at the subject's last commit up
+        to it (one more round trip, only then)."""
         last = after_seq
-        stop = min(until, await self._journal.last_seq_of(subject))
-        if stop <= after_seq:
-            return last  # nothing of the subject's in between
+        stop = until
+        if narrower:
+            stop = min(until, await self._journal.last_seq_of(subject))
+            if stop <= after_seq:
+                return last  # nothing of the subject's in between
         if until - after_seq <= _DIRECT_READS:
             # A few stream sequences behind, as a reconnecting reader usually is: get the commits
             # one by one, a round trip each, rather than make a consumer. A thousand readers
