@@ -60,7 +60,18 @@ from nats.js.object_store import ObjectStore
 
 from actors.events import Commit, upcast
 from actors.ports import AggregateKey, AppendConflict, AppendResult, CommitUnencodable
-from blackbird._retry import Bucket, Contexts, backoff, describe, retrying, status_code, transient, try_timeout, typed
+from blackbird._retry import (
+    Bucket,
+    Contexts,
+    RoundTrips,
+    backoff,
+    describe,
+    retrying,
+    status_code,
+    transient,
+    try_timeout,
+    typed,
+)
 from blackbird.config import Settings
 from blackbird.errors import ClosedError, CommandTimeoutError, LogError, PayloadTooLargeError
 from blackbird.subjects import Subjects
@@ -80,8 +91,6 @@ _LARGE_SNAPSHOT = b"\xc1"  # a byte msgpack never writes: no snapshot starts wit
 _LARGE_SNAPSHOTS = "bb_snapshots_large"
 _HEADERS = 512  # bytes our headers take at most (message id, expected sequence), in a stream's limit
 _SWEEP = 0.1  # seconds between two looks at the appends waiting for their acknowledgement
-_RTT_TRIES = 4.0  # a try lasts at least this many times the recent answer time of an append
-_RTT_WEIGHT = 0.01  # weight of one answer in that running average
 _BACKLOG = 256 * 1024  # bytes waiting in nats-py's outgoing buffer: the server is not reading
 _HEARTBEAT = 1.0  # seconds: a consumer silent for two of these is recreated by nats-py
 _FIRST_TRY = try_timeout(0)
@@ -127,7 +136,7 @@ class _AckInbox:
         # how long an answered try took, from the call to its answer (an average of the recent
         # ones): in a saturated process the message waits for the flusher's turn and the answer
         # for the reader's, a full pass of the event loop's ready queue each
-        self._rtt = 0.0
+        self.trips = RoundTrips()
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
@@ -197,10 +206,8 @@ class _AckInbox:
             raise ClosedError("the journal is closed (its client was closed)")
         future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
         started = time.monotonic()
-        # a try is not given up before _RTT_TRIES times the recent answer time: at 10,000
-        # sessions in flight answers took over a second to come through our own queues, and a
-        # fixed 0.5 s try sent a third of all appends twice (which slowed the loop further)
-        try_deadline = min(max(try_deadline, started + _RTT_TRIES * self._rtt), deadline)
+        # a try is not given up before its answer could come through our own queues (RoundTrips)
+        try_deadline = min(max(try_deadline, started + self.trips.floor()), deadline)
         self._pending[token] = (future, try_deadline, deadline)
         if try_deadline < self._earliest:
             self._earliest = try_deadline
@@ -208,7 +215,7 @@ class _AckInbox:
             if send:
                 await self._nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
             msg = await future
-            self._rtt += (time.monotonic() - started - self._rtt) * _RTT_WEIGHT
+            self.trips.observe(time.monotonic() - started)
             return msg
         finally:
             self._pending.pop(token, None)
@@ -511,7 +518,10 @@ class Journal:
     ) -> T:
         """``op(js)`` retried through failovers for ``command_timeout`` seconds (see
         :func:`blackbird._retry.retrying`)."""
-        return await retrying(what, op, self.contexts, timeout=self._timeout, per_try=per_try, expected=expected)
+        return await retrying(
+            what, op, self.contexts, timeout=self._timeout, per_try=per_try, expected=expected,
+            trips=self._acks.trips,  # one average of the process's answer times, appends and reads
+        )
 
     # ------------------------------------------------------------------ Journal port
 

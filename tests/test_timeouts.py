@@ -93,3 +93,28 @@ async def test_a_read_model_that_cannot_reach_the_callers_write_raises_projectio
         await _set_paused(nats_server.url, "bb.>", paused=False)
         after = await sm.get_statistics()
         assert after["total_sessions"] == 1
+
+
+async def test_a_try_lasts_at_least_four_times_the_recent_answer_time() -> None:
+    """The tries of a read (and of an append) are not given up before their answer could come
+    through this process's own queues: the recent average answer time, four times over; an idle
+    process keeps the fixed first try of 0.5 s. (The request's timeout is what the JetStream
+    context is made with: recorded here, no server needed.)"""
+    from blackbird._retry import RoundTrips, retrying, try_timeout
+
+    given: list[float] = []
+
+    async def op(js: object) -> str:
+        given.append(float(js))  # type: ignore[arg-type]
+        return "answer"
+
+    trips = RoundTrips()
+    assert await retrying("read", op, lambda t: t, timeout=5.0, trips=trips) == "answer"  # type: ignore[arg-type,return-value]
+    assert given[-1] == try_timeout(0) == 0.5
+    for _ in range(1000):  # a loaded process: answers take 0.4 s
+        trips.observe(0.4)
+    assert 1.59 < trips.floor() < 1.61
+    await retrying("read", op, lambda t: t, timeout=5.0, trips=trips)  # type: ignore[arg-type]
+    assert 1.59 < given[-1] < 1.61
+    await retrying("read", op, lambda t: t, timeout=1.0, trips=trips)  # type: ignore[arg-type]
+    assert given[-1] <= 1.0  # never past the call's own deadline
