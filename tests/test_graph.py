@@ -429,3 +429,13 @@ async def test_a_scope_too_large_for_one_message_is_snapshotted_as_an_object(
         assert await bb.memory.facts_about("Ada", session_id=sid) == before
         await bb.journal.purge_snapshots()
         assert await bb.journal.load(key) is None
+
+
+async def test_a_fact_between_two_names_of_one_entity_is_refused_and_charges_nothing(gb: AsyncBlackbird) -> None:
+    sid = await _session(gb)
+    await gb.memory.note_entity("Ada Lovelace", session_id=sid, entity_type="person", aliases=["Countess"])
+    before = await gb.session_manager.get_quota(sid, "storage")
+    with pytest.raises(ValidationError) as caught:
+        await gb.memory.relate("Ada Lovelace", "knows", "countess", session_id=sid)
+    assert caught.value.field == "object"
+    assert await gb.session_manager.get_quota(sid, "storage") == before

@@ -299,9 +299,12 @@ class GraphMemory:
             raise invalid("valid_to", f"an instant after valid_from ({start})", repr(end))
         if names[0] == names[1]:
             raise invalid("object", "an entity other than the subject", repr(names[1]))
+        specs = await self._mentions(session, sid, list(zip(names, types, strict=True)), command_id)
+        if specs[0].resolved is not None and specs[0].resolved == specs[1].resolved:
+            raise invalid("object", "an entity other than the subject", f"{names[1]!r}, a name of the subject")
+        # charged once the fact can be stated (nothing is charged for a refused one)
         await self._charge(session, sum(len(n.encode()) for n in names) + len((evidence or "").encode()),
                            "memory.relate", command_id)
-        specs = await self._mentions(session, sid, list(zip(names, types, strict=True)), command_id)
         relation_id = new_id(12) if command_id is None else derived_id(session.tenant, sid, command_id, "fact")[:24]
         fact = msgspec.msgpack.encode(SealedFact(evidence=evidence, metadata=meta))
         sealed = await self._keys.encrypt(session.tenant, session.user_id, fact, aad=sid.encode())
