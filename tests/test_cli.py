@@ -99,9 +99,16 @@ class Serve:
             pytest.fail(f"serve did not exit within {timeout}s of SIGTERM; stderr={self.stderr}")
 
     def close(self) -> None:
+        """Stop it if it still runs: SIGTERM first, so that as the last user of its data folder
+        it stops the embedded nats-server too (SIGKILL left that server running after the test),
+        then SIGKILL if it does not exit in time."""
         if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
         self._stderr.close()
 
 
