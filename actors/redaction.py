@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Collection
 
 import msgspec
 
@@ -45,6 +46,11 @@ class RedactionPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     phones: bool = True
     cards: bool = True
     replacement: str = "[{kind}]"
+
+    @classmethod
+    def of(cls, kinds: Collection[str]) -> RedactionPolicy:
+        """Redacting just ``kinds`` ("email", "phone", "card"), as a tier's memory policy names them."""
+        return cls(emails="email" in kinds, phones="phone" in kinds, cards="card" in kinds)
 
 
 def redact(text: str, policy: RedactionPolicy) -> tuple[str, dict[str, int]]:

@@ -164,3 +164,14 @@ def check_instant(value: Any, field: str, now: float) -> float | None:
     if not now < value <= MAX_INSTANT:
         raise invalid(field, expected, repr(value) if isinstance(value, float) or value < 2**64 else "a huge int")
     return float(value)
+
+
+def check_epoch(value: Any, field: str) -> float:
+    """An instant past or future: seconds since the epoch, from 0 to 9999-12-31 (bool is not a
+    number here; NaN is refused)."""
+    expected = f"seconds since the epoch, from 0 to {MAX_INSTANT:.0f}"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise invalid(field, expected, type(value).__name__)
+    if not 0 <= value <= MAX_INSTANT:  # NaN fails every comparison
+        raise invalid(field, expected, repr(value) if isinstance(value, float) else "an int out of range")
+    return float(value)

@@ -27,6 +27,7 @@ from actors.events import (
     EntityAliased,
     EntityForgotten,
     EntityNoted,
+    GraphEvent,
     RelationEnded,
     RelationForgotten,
     RelationStated,
@@ -106,7 +107,7 @@ class GraphProjection:
         graph: TenantGraph | None = None
         for applied in commit.commands:
             for event in applied.events:
-                if not isinstance(event, _GRAPH_EVENTS):
+                if not isinstance(event, GraphEvent):
                     continue
                 if graph is None:
                     graph = model.tenants.get(tenant) or model.tenants.setdefault(tenant, TenantGraph())
@@ -173,9 +174,6 @@ def _unlink(index: dict[str, list[str]], key: str, item: str) -> None:
 
 def _bump(graph: TenantGraph, scope_id: str) -> None:
     graph.versions[scope_id] = graph.versions.get(scope_id, 0) + 1
-
-
-_GRAPH_EVENTS = (EntityNoted, EntityAliased, RelationStated, RelationEnded, RelationForgotten, EntityForgotten)
 
 
 # --------------------------------------------------------------------------- queries (pure)

@@ -263,7 +263,7 @@ class Recalled(msgspec.Struct, frozen=True):
 
 
 class Forgotten(msgspec.Struct, frozen=True):
-    forgotten: bool  # False: no such memory in the scope
+    forgotten: bool  # False: no such memory (or entity) in the scope
 
 
 class CacheEntry(msgspec.Struct, frozen=True):

@@ -14,18 +14,16 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 
-from actors.events import Metadata
-from actors.validation import MAX_INSTANT, MAX_MEMORY_TEXT, MAX_NAME_LENGTH
+from actors.events import Instant, Metadata, Name
+from actors.validation import MAX_MEMORY_TEXT
 from blackbird.errors import EntityNotFoundError
-from blackbird.http.api import caller_session, idempotency_key
+from blackbird.http.api import Forgotten, ScopeQuery, caller_session, idempotency_key
 from blackbird.http.routes import Call, Endpoint, HttpContext
 from blackbird.types import Entity, Neighbor, Relation
 
 if TYPE_CHECKING:
     from blackbird.memory.service import AsyncMemory
 
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_LENGTH)]
-Instant = Annotated[float, msgspec.Meta(ge=0, le=MAX_INSTANT)]
 Evidence = Annotated[str, msgspec.Meta(max_length=MAX_MEMORY_TEXT)]
 Csv = Annotated[str, msgspec.Meta(max_length=4096)]  # comma-separated names
 Depth = Annotated[int, msgspec.Meta(ge=1, le=3)]
@@ -82,10 +80,6 @@ class EntityQuery(msgspec.Struct, frozen=True):
     as_of: Instant | None = None
 
 
-class ScopeQuery(msgspec.Struct, frozen=True):
-    scope: Name = "user"
-
-
 class Facts(msgspec.Struct, frozen=True):
     facts: list[Relation]
 
@@ -96,10 +90,6 @@ class Neighbors(msgspec.Struct, frozen=True):
 
 class Ended(msgspec.Struct, frozen=True):
     ended: bool  # False: unknown in the scope, or ended already
-
-
-class EntityForgotten(msgspec.Struct, frozen=True):
-    forgotten: bool  # False: no such entity in the scope
 
 
 def _names(csv: str | None) -> list[str] | None:
@@ -172,10 +162,10 @@ def endpoints(ctx: HttpContext) -> list[Endpoint]:
             tenant=session.tenant,
         ))
 
-    async def forget_entity(call: Call) -> EntityForgotten:
+    async def forget_entity(call: Call) -> Forgotten:
         session = await own(call)
         query: ScopeQuery = call.query
-        return EntityForgotten(await memory().forget_entity(
+        return Forgotten(await memory().forget_entity(
             call.path["name"], session_id=session.session_id, scope=query.scope, tenant=session.tenant,
         ))
 
@@ -194,6 +184,6 @@ def endpoints(ctx: HttpContext) -> list[Endpoint]:
         ("GET", f"{at}/entities/{{name}}", entity, "an entity by id, name, alias or near-duplicate (404 if none)",
          {"query": EntityQuery, "response": Entity}),
         ("DELETE", f"{at}/entities/{{name}}", forget_entity, "forget an entity and every fact about it",
-         {"query": ScopeQuery, "response": EntityForgotten}),
+         {"query": ScopeQuery, "response": Forgotten}),
     ]
     return [Endpoint(method, path, fn, summary, tag="graph", **options) for method, path, fn, summary, options in rows]

@@ -37,9 +37,9 @@ from actors.events import (
 from actors.graph import Candidate, normalise, resolve
 from actors.policy import QuotaType
 from actors.redaction import RedactionPolicy, redact
-from actors.validation import MAX_INSTANT, MAX_MEMORY_TEXT, PREDICATE_EXPECTED, PREDICATE_PATTERN
+from actors.validation import MAX_MEMORY_TEXT, PREDICATE_EXPECTED, PREDICATE_PATTERN
 from blackbird._projections import Projections
-from blackbird._validate import check_metadata, check_text, invalid
+from blackbird._validate import check_epoch, check_metadata, check_text, invalid
 from blackbird.errors import ValidationError
 from blackbird.ids import derived_id, new_id
 from blackbird.types import Entity, Neighbor, Relation
@@ -280,8 +280,8 @@ class GraphMemory:
         names = (_check_name(subject, "subject"), _check_name(object, "object"))
         predicate = _check_predicate(predicate, "predicate")
         types = (_check_predicate(subject_type, "subject_type"), _check_predicate(object_type, "object_type"))
-        start = None if valid_from is None else _check_instant(valid_from, "valid_from")
-        end = None if valid_to is None else _check_instant(valid_to, "valid_to")
+        start = None if valid_from is None else check_epoch(valid_from, "valid_from")
+        end = None if valid_to is None else check_epoch(valid_to, "valid_to")
         if evidence is not None:
             evidence = check_text(evidence, "evidence", MAX_MEMORY_TEXT)
         meta = check_metadata(metadata)
@@ -289,7 +289,7 @@ class GraphMemory:
             source = check_text(source, "source")
         session, policy = await self._caller(session_id, tenant)
         sid = await self._scope(scope, session, write=True)
-        rules = _redaction(policy)
+        rules = RedactionPolicy.of(policy.redact)
         names = (redact(names[0], rules)[0], redact(names[1], rules)[0])
         if evidence is not None:
             evidence = redact(evidence, rules)[0]
@@ -355,7 +355,7 @@ class GraphMemory:
         more = [_check_name(a, "aliases") for a in aliases]
         session, policy = await self._caller(session_id, tenant)
         sid = await self._scope(scope, session, write=True)
-        rules = _redaction(policy)
+        rules = RedactionPolicy.of(policy.redact)
         name = redact(name, rules)[0]
         more = list(dict.fromkeys(a for a in (redact(a, rules)[0] for a in more) if normalise(a) != normalise(name)))
         await self._charge(session, sum(len(n.encode()) for n in (name, *more)), "memory.note_entity", command_id)
@@ -369,7 +369,9 @@ class GraphMemory:
             aliases=tuple(m.spec for m in extra),
         ), command_id)
         entity_id = main.entity_id(outcome.state.graph)
-        found = await self._entities(session.tenant, [entity_id], When.of(self._clock(), None, None), {sid})
+        graph = await self._graph(session.tenant)
+        now = When.of(self._clock(), None, None)
+        found = await self._entities(session.tenant, graph, [entity_id], now, {sid})
         if found:
             return found[0]
         kind, owner = sid.split(":", 1)
@@ -383,7 +385,7 @@ class GraphMemory:
         """End a fact's validity at ``valid_to`` (default now); it stays queryable with
         ``valid_at``/``as_of``. False if it is unknown here or ended already."""
         relation_id = check_text(relation_id, "relation_id")
-        end = None if valid_to is None else _check_instant(valid_to, "valid_to")
+        end = None if valid_to is None else check_epoch(valid_to, "valid_to")
         session, _ = await self._caller(session_id, tenant)
         sid = await self._scope(scope, session, write=True)
         graph = await self._graph(session.tenant)
@@ -424,7 +426,7 @@ class GraphMemory:
         name = _check_name(name, "name")
         session, sids, graph, when = await self._read(session_id, tenant, scopes, as_of, None)
         ids = await self._lookup(session.tenant, graph, name, sids, when)
-        found = await self._entities(session.tenant, ids[:1], when, set(sids))
+        found = await self._entities(session.tenant, graph, ids[:1], when, set(sids))
         return found[0] if found else None
 
     async def facts_about(
@@ -462,7 +464,7 @@ class GraphMemory:
         session, sids, graph, when = await self._read(session_id, tenant, scopes, as_of, valid_at)
         starts = await self._lookup(session.tenant, graph, entity, sids, when)
         reached = model.neighbors(graph, starts, depth, set(sids), when, wanted, limit)
-        found = await self._entities(session.tenant, [r[0] for r in reached], when, set(sids))
+        found = await self._entities(session.tenant, graph, [r[0] for r in reached], when, set(sids))
         entities = {e.entity_id: e for e in found}
         facts = {r.relation_id: r for r in await self._relations(session.tenant, graph, [r[2] for r in reached], when)}
         return [
@@ -533,8 +535,8 @@ class GraphMemory:
     ) -> tuple[Any, list[str], TenantGraph, When]:
         if isinstance(scopes, str) or not isinstance(scopes, Sequence) or not scopes:
             raise invalid("scopes", "a non-empty list of scopes", repr(scopes))
-        as_of = None if as_of is None else _check_instant(as_of, "as_of")
-        valid_at = None if valid_at is None else _check_instant(valid_at, "valid_at")
+        as_of = None if as_of is None else check_epoch(as_of, "as_of")
+        valid_at = None if valid_at is None else check_epoch(valid_at, "valid_at")
         session, _ = await self._caller(session_id, tenant)
         sids = sorted({await self._scope(s, session, write=False) for s in scopes})
         graph = await self._graph(session.tenant)
@@ -639,13 +641,16 @@ class GraphMemory:
         return out
 
     async def _charge(self, session: Any, size: int, operation: str, command_id: str | None) -> None:
+        """Count ``size`` bytes against the session's storage quota (QuotaExceededError), under an
+        id of its own: a retried write (same ``command_id``) is charged once."""
         await self._quotas.track_usage(
             session.session_id, operation, QuotaType.STORAGE, float(size), tenant=session.tenant,
             command_id=None if command_id is None else f"{command_id}:storage",
         )
 
-    async def _entities(self, tenant: str, ids: Sequence[str], when: When, sids: set[str]) -> list[Entity]:
-        graph = await self._graph(tenant)
+    async def _entities(
+        self, tenant: str, graph: TenantGraph, ids: Sequence[str], when: When, sids: set[str]
+    ) -> list[Entity]:
         out: list[Entity] = []
         for eid in ids:
             record = graph.entities.get(eid)
@@ -704,11 +709,6 @@ class _Mention(NamedTuple):
         return str(graph.entity_names.get(self.spec.name_mac, self.spec.entity_id))
 
 
-def _redaction(policy: Any) -> RedactionPolicy:
-    return RedactionPolicy(emails="email" in policy.redact, phones="phone" in policy.redact,
-                           cards="card" in policy.redact)
-
-
 def _check_name(value: Any, field: str) -> str:
     name = check_text(value, field)
     if not normalise(name):
@@ -729,12 +729,3 @@ def _check_predicates(value: Any) -> set[str] | None:
     if isinstance(value, str) or not isinstance(value, Sequence | set | frozenset) or not value or len(value) > 100:
         raise invalid("predicates", "a non-empty list of at most 100 predicates", repr(value)[:100])
     return {_check_predicate(p, "predicates") for p in value}
-
-
-def _check_instant(value: Any, field: str) -> float:
-    expected = f"seconds since the epoch, from 0 to {MAX_INSTANT:.0f}"
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise invalid(field, expected, type(value).__name__)
-    if not 0 <= value <= MAX_INSTANT:  # NaN fails every comparison
-        raise invalid(field, expected, repr(value) if isinstance(value, float) else "an int out of range")
-    return float(value)

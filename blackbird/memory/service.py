@@ -43,14 +43,15 @@ from actors.events import (
 )
 from actors.host import ActorHost
 from actors.memory import SCOPES, MemoryState, scope_id
-from actors.policy import MemoryPolicy, QuotaType
+from actors.policy import MemoryPolicy
 from actors.ports import AggregateKey
 from actors.redaction import RedactionPolicy, redact
-from actors.validation import CACHE_VALUE, MAX_INSTANT, MAX_MEMORY_TEXT
+from actors.validation import CACHE_VALUE, MAX_MEMORY_TEXT
 from blackbird._errors_group import single_error
 from blackbird._projections import Projections
 from blackbird._validate import (
     check_document,
+    check_epoch,
     check_fraction,
     check_metadata,
     check_seconds,
@@ -314,8 +315,7 @@ class AsyncMemory(GraphMemory):
                     tg.start_soon(embed)
                 session, policy = await self._caller(session_id, tenant)
                 sid = await self._scope(scope, session, write=True)
-        rules = RedactionPolicy(emails="email" in policy.redact, phones="phone" in policy.redact,
-                                cards="card" in policy.redact)
+        rules = RedactionPolicy.of(policy.redact)
         cleaned = [redact(t, rules)[0] for t in cleaned]
         if vectors is not None:
             matrix = np.stack([self._vector(t, v) for t, v in zip(cleaned, vectors, strict=True)])
@@ -324,11 +324,7 @@ class AsyncMemory(GraphMemory):
                 await embed()
             matrix = embedded[0]
         sizes = [len(t.encode()) for t in cleaned]
-        # under an id of its own, so a retried write (same command_id) is charged once
-        await self._quotas.track_usage(
-            session.session_id, "memory.remember", QuotaType.STORAGE, float(sum(sizes)),
-            tenant=session.tenant, command_id=None if command_id is None else f"{command_id}:storage",
-        )
+        await self._charge(session, sum(sizes), "memory.remember", command_id)
         retention = policy.retention_for(kind)
         now = self._clock()
         duplicates: list[str | None] = [None] * len(cleaned)
@@ -446,11 +442,7 @@ class AsyncMemory(GraphMemory):
         if isinstance(scopes, str) or not isinstance(scopes, Sequence) or not scopes:
             raise invalid("scopes", "a non-empty list of scopes", repr(scopes))
         if as_of is not None:
-            expected = f"seconds since the epoch, from 0 to {MAX_INSTANT:.0f}"
-            if isinstance(as_of, bool) or not isinstance(as_of, int | float):
-                raise invalid("as_of", expected, type(as_of).__name__)
-            if not 0 <= as_of <= MAX_INSTANT:  # NaN fails every comparison
-                raise invalid("as_of", expected, repr(as_of) if isinstance(as_of, float) else "an int out of range")
+            check_epoch(as_of, "as_of")
         mix = dict(DEFAULT_WEIGHTS, **_check_weights(weights))
         wanted = _check_filters(filters)
         embedded: list[np.ndarray] = []
