@@ -15,7 +15,7 @@ import collections
 import contextlib
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 import httpx
 import msgspec
@@ -197,7 +197,24 @@ def _estimated_prompt_tokens(messages: list[dict[str, str]]) -> int:
     return sum(estimate_tokens(m["content"]) + _MESSAGE_OVERHEAD_TOKENS for m in messages)
 
 
-class OpenAIAgent:
+class _OnTheApi:
+    """What an agent and an extractor on an OpenAI-compatible API share: the API client they
+    close (an ``async with`` closes it too)."""
+
+    _api: _ChatCompletions
+
+    async def aclose(self) -> None:
+        """Close the HTTP client this opened (not one it was given); it reopens if used again."""
+        await self._api.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+class OpenAIAgent(_OnTheApi):
     """An agent answering through an OpenAI-compatible ``POST {base_url}/chat/completions``.
 
     The reply is streamed (``stream: true``) and yielded piece by piece as the model writes it;
@@ -248,15 +265,6 @@ class OpenAIAgent:
     def __repr__(self) -> str:
         return f"OpenAIAgent(url={self._api.url!r}, model={self.model!r}, agent_id={self.agent_id!r})"
 
-    async def aclose(self) -> None:
-        """Close the HTTP client the agent opened (not one it was given); it reopens if used again."""
-        await self._api.aclose()
-
-    async def __aenter__(self) -> OpenAIAgent:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
 
     async def respond(self, context: AgentContext) -> AsyncGenerator[AgentChunk, None]:
         """The reply to ``context.message``, streamed; the last chunk carries the usage.
@@ -430,7 +438,7 @@ def _normal_key(key: str) -> str:
 _CODE_FENCE = re.compile(r"^```[a-zA-Z]*\s*|\s*```$")
 
 
-class OpenAIExtractor:
+class OpenAIExtractor(_OnTheApi):
     """Finds the facts and preferences a user stated about themself, asking an OpenAI-compatible
     chat-completions model for structured JSON.
 
@@ -489,15 +497,6 @@ class OpenAIExtractor:
     def __repr__(self) -> str:
         return f"OpenAIExtractor(url={self._api.url!r}, model={self.model!r})"
 
-    async def aclose(self) -> None:
-        """Close the HTTP client the extractor opened (not one it was given)."""
-        await self._api.aclose()
-
-    async def __aenter__(self) -> OpenAIExtractor:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
 
     async def extract(self, text: str, *, user_id: str) -> list[ExtractedFact]:
         """The facts and preferences ``user_id`` stated about themself in ``text`` (the user id
