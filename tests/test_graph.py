@@ -411,10 +411,13 @@ async def test_a_scope_too_large_for_one_message_is_snapshotted_as_an_object(
 
     monkeypatch.setattr(journal_module, "_INLINE_SNAPSHOT", 2048)  # a few facts' worth, not 10,000
     async with AsyncBlackbird(nats_url=nats_server.url, tenant="acme", embedder=HashEmbedder(), learn=False,
-                              snapshot_every=5, memory_dir=str(tmp_path / "memory")) as bb:
+                              snapshot_every=10_000, memory_dir=str(tmp_path / "memory")) as bb:
         sid = await _session(bb)
         for i in range(12):
             await bb.memory.relate("Ada", "visited", f"City {i}", session_id=sid)
+        # written here and awaited: a snapshot taken every N commits is saved in the background,
+        # and reading the bucket right after the last command raced it (an older, inline one)
+        await bb.memory._host.snapshot_all()
         key = AggregateKey("acme", "memory", "user:alice")
         kv = bb.journal._snapshots()
         raw = (await kv(bb.journal.jetstream).get(bb.journal._kv_key(key))).value
