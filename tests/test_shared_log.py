@@ -106,7 +106,9 @@ async def _any_session(bb: AsyncBlackbird) -> str:
     return found[-1].rsplit(".", 1)[1]
 
 
-async def test_a_follower_a_whole_queue_behind_reads_on_alone_and_loses_nothing(nats_server: NatsServer) -> None:
+async def test_a_follower_a_whole_queue_behind_catches_up_alone_and_rejoins_losing_nothing(
+    nats_server: NatsServer,
+) -> None:
     async with AsyncBlackbird(nats_url=nats_server.url, tenant="acme", learn=False, detect_abuse=False) as bb:
         await _load(bb, 1, 1)
         async with anyio.create_task_group() as tg:

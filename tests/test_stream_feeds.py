@@ -1,7 +1,8 @@
 """Live feeds on a real nats-server: every subscriber of a session shares one consumer of its live
 commits, yet each gets exactly the messages after its own resume point, once, in order; a reader
-too slow for the shared feed is let go and reads alone without losing or repeating anything, and
-without stalling the others; a feed stops with its last subscriber and a new one starts afresh."""
+too slow for the shared feed is let go, catches up alone and joins the feed again without losing
+or repeating anything, and without stalling the others; a feed stops with its last subscriber and
+a new one starts afresh."""
 
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ async def test_fifty_subscribers_from_different_resume_points_share_one_live_con
         assert texts == starts[i % 3][1], f"subscriber {i}"
 
 
-async def test_a_slow_subscriber_is_let_go_reads_everything_alone_and_stalls_nobody(bb: AsyncBlackbird) -> None:
+async def test_a_slow_subscriber_is_let_go_catches_up_alone_rejoins_and_stalls_nobody(bb: AsyncBlackbird) -> None:
     s = await bb.session_manager.create_session("u1")
     texts = [f"m{i}" for i in range(400)]  # more than a follower's queue (256) and its backlog
     with capture_logs() as lines:
@@ -103,7 +104,13 @@ async def test_a_slow_subscriber_is_let_go_reads_everything_alone_and_stalls_nob
                 await post(bb, s.session_id, [*texts, SENTINEL])
                 # the fast reader gets everything while the slow one has read nothing yet
                 assert [e.text for e in await until_sentinel(fast)] == texts
-            assert [e.text for e in await until_sentinel(slow)] == texts
+                assert [e.text for e in await until_sentinel(slow)] == texts
+                # caught up, the slow one is back on the shared feed: one consumer reads the
+                # session for both (its own catch-up consumer is gone), and both get what follows
+                await settles_at(bb, s.session_id, 1)
+                await post(bb, s.session_id, ["after", SENTINEL])
+                for stream in (fast, slow):
+                    assert [e.text for e in await until_sentinel(stream)] == ["after"]
     assert any(line["event"] == "stream_feed_overflow" for line in lines)
 
 

@@ -5,9 +5,10 @@ every commit; the server refuses consumers past its limit. Here a subject's live
 once, by its :class:`_Feed`, and handed to each follower's bounded queue without waiting for it.
 A follower reads its history (what the feed had passed before it joined) by itself, a few
 commits by direct gets, more with a consumer of its own that it drops once it reaches the feed,
-then goes on from its queue. A follower that falls behind by a whole queue, or whose feed fails,
-is let go by the feed and follows the log on its own from the last commit it handed on: slow
-readers never hold up the others, and nobody loses or repeats a commit.
+then goes on from its queue. A follower that falls behind by a whole queue is let go by the feed,
+reads alone up to the feed's position and joins it again; one whose feed fails follows the log on
+its own from the last commit it handed on. Slow readers never hold up the others, and nobody
+loses or repeats a commit.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from blackbird.subjects import matcher
 log = structlog.get_logger("blackbird.streams")
 
 QUEUE = 256  # commits a follower may fall behind its feed before it is let go
-_YIELD_EVERY = 64  # queued commits a follower takes before it lets other tasks run
+_YIELD_EVERY = 64  # queued commits a follower takes at least before it lets other tasks run
 _DIRECT_READS = 8  # stream sequences of a follower's history it may read one by one (else a consumer)
 
 
@@ -103,6 +104,11 @@ class _Feed:
                 listener.overflowed = True
                 self._let_go(listener)
                 self._log.warning("stream_feed_overflow", subject=self.subject, seq=entry.seq)
+                if not self._listeners and not self._scope.cancel_called:
+                    # nobody left to hand commits to: a feed kept running would read every
+                    # commit again beside the follower's own catch-up
+                    self._done(self)
+                    self._scope.cancel()
         self.position = entry.seq
 
 
@@ -138,41 +144,53 @@ class LiveFeeds:
         its history and, once let go, the log with (its ``on_entry`` wants no more than that)."""
         logger = logger or log
         alone = alone or subject
-        feed = self._feeds.get(subject)
-        if feed is None:
-            feed = self._feeds[subject] = _Feed(self._journal, subject, logger, self._over)
-            self._tasks.start_soon(feed.run, name=f"stream feed {subject}")
-        listener = _Listener(self._queue)
-        feed.attach(listener)
         last = after_seq  # the last sequence handed on
-        try:
-            await feed.ready.wait()
-            if listener.attached:
-                # the feed hands this listener every commit after ``joined``: read up to it alone
-                joined = feed.position
-                if last < joined:
-                    last = await self._catch_up(alone, last, joined, on_entry, narrower=alone != subject)
-                with listener.receive:
-                    last = await self._take_queued(listener, last, on_entry)
-            # let go by the feed: it failed, or this follower fell a whole queue behind
-            logger.info("stream_feed_left", subject=subject, after=last, overflowed=listener.overflowed)
-            await self._journal.follow_with(alone, last, on_entry)
-        finally:
-            feed.detach(listener)
+        while True:
+            feed = self._feeds.get(subject)
+            if feed is None:
+                feed = self._feeds[subject] = _Feed(self._journal, subject, logger, self._over)
+                self._tasks.start_soon(feed.run, name=f"stream feed {subject}")
+            listener = _Listener(self._queue)
+            feed.attach(listener)
+            try:
+                await feed.ready.wait()
+                if listener.attached:
+                    # the feed hands this listener every commit after ``joined``: read up to it alone
+                    joined = feed.position
+                    if last < joined:
+                        last = await self._catch_up(alone, last, joined, on_entry, narrower=alone != subject)
+                    with listener.receive:
+                        last = await self._take_queued(listener, last, on_entry)
+            finally:
+                feed.detach(listener)
+            if not listener.overflowed:
+                break
+            # It fell a whole queue behind: it reads alone up to where the feed is now and joins
+            # it again (reading alone for good would have every commit delivered twice).
+            logger.info("stream_feed_rejoining", subject=subject, after=last)
+        # the feed failed: follow the log alone from here
+        logger.info("stream_feed_left", subject=subject, after=last)
+        await self._journal.follow_with(alone, last, on_entry)
 
     @staticmethod
     async def _take_queued(listener: _Listener, last: int, on_entry: Callable[[Entry], Awaitable[None]]) -> int:
         """Hand on what the feed queues for ``listener`` until it lets it go; the last sequence
         handed on. Queued commits are taken without a trip through the event loop each (a
-        follower of a busy log would otherwise yield once per commit), a yield every few dozen."""
+        follower of a busy log would otherwise yield once per commit). Between two yields it
+        takes what was queued at the last one, at least a few dozen: what arrived during one
+        pass of the event loop is taken in the next, so it keeps pace however many writers the
+        loop runs (a fixed few dozen per pass fell behind 1,000 busy sessions and was let go)."""
         receive = listener.receive
         taken = 0
+        budget = _YIELD_EVERY
         while True:
             try:
                 entry = receive.receive_nowait()
                 taken += 1
-                if taken % _YIELD_EVERY == 0:
+                if taken >= budget:
                     await anyio.lowlevel.checkpoint()
+                    taken = 0
+                    budget = max(_YIELD_EVERY, receive.statistics().current_buffer_used)
             except anyio.WouldBlock:
                 try:
                     entry = await receive.receive()
@@ -234,8 +252,8 @@ class SharedLog:
     commit reaches this process once and is decoded once, however many follow it (each used to
     have a consumer of its own: a delivery, a header parse and a decode per follower per
     commit). Each follower gets only its filter's commits, in order, none lost or repeated;
-    one that falls a whole queue behind reads on alone (see :class:`LiveFeeds`). Everything else
-    is the journal's."""
+    one that falls a whole queue behind catches up alone and rejoins (see :class:`LiveFeeds`).
+    Everything else is the journal's."""
 
     def __init__(self, journal: Journal, tasks: anyio.abc.TaskGroup, *, queue: int = 16_384) -> None:
         self._journal = journal
