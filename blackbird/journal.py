@@ -60,6 +60,7 @@ from nats.js.object_store import ObjectStore
 
 from actors.events import Commit, upcast
 from actors.ports import AggregateKey, AppendConflict, AppendResult, CommitUnencodable
+from blackbird._nats import Connection
 from blackbird._retry import (
     Bucket,
     Contexts,
@@ -127,8 +128,10 @@ class _AckInbox:
     def __init__(self, nc: NATS) -> None:
         self._nc = nc
         self._prefix = nc.new_inbox() + "."
-        # token -> (the current try's future, the try's deadline, the append's deadline)
-        self._pending: dict[str, tuple[asyncio.Future[Msg], float, float]] = {}
+        self._prefix_length = len(self._prefix.encode())
+        # token -> (the current try's future: the answer's payload, the try's deadline, the
+        # append's deadline)
+        self._pending: dict[str, tuple[asyncio.Future[bytes], float, float]] = {}
         self._counter = 0
         self._connected = True
         self._earliest = float("inf")  # no try is due before this (a lower bound)
@@ -140,6 +143,8 @@ class _AckInbox:
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
+        if isinstance(self._nc, Connection):  # answers complete their futures from the reader
+            self._nc.deliver_directly(sub, self._on_answer)
         task_status.started()
         try:
             while True:
@@ -157,7 +162,12 @@ class _AckInbox:
     async def _on_reply(self, msg: Msg) -> None:
         entry = self._pending.pop(msg.subject[len(self._prefix) :], None)
         if entry is not None and not entry[0].done():
-            entry[0].set_result(msg)
+            entry[0].set_result(msg.data or b"")  # empty: a status (503 no responders)
+
+    def _on_answer(self, subject: bytes, data: bytes) -> None:
+        entry = self._pending.pop(subject[self._prefix_length :].decode(), None)
+        if entry is not None and not entry[0].done():
+            entry[0].set_result(data)
 
     def _sweep(self, now: float) -> None:
         connected = self._nc.is_connected
@@ -172,7 +182,7 @@ class _AckInbox:
             else:  # only appends whose own deadline has come: nothing can be re-sent now
                 self._expire(lambda entry: entry[2] <= now)
 
-    def _expire(self, due: Callable[[tuple[asyncio.Future[Msg], float, float]], bool]) -> None:
+    def _expire(self, due: Callable[[tuple[asyncio.Future[bytes], float, float]], bool]) -> None:
         overdue = []
         earliest = self._earliest
         for token, entry in self._pending.items():
@@ -199,12 +209,13 @@ class _AckInbox:
     async def request(
         self, token: str, subject: str, payload: bytes, headers: dict[str, str],
         try_deadline: float, deadline: float, *, send: bool = True,
-    ) -> Msg:
+    ) -> bytes:
         """Publish (unless ``send`` is False: wait on for an earlier try) and wait for the answer
-        to ``token``; TimeoutError at the try's deadline (see the class docstring)."""
+        to ``token``: its payload (empty for a status); TimeoutError at the try's deadline (see
+        the class docstring)."""
         if self._closed:
             raise ClosedError("the journal is closed (its client was closed)")
-        future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         started = time.monotonic()
         # a try is not given up before its answer could come through our own queues (RoundTrips)
         try_deadline = min(max(try_deadline, started + self.trips.floor()), deadline)
@@ -214,9 +225,9 @@ class _AckInbox:
         try:
             if send:
                 await self._nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
-            msg = await future
+            answer = await future
             self.trips.observe(time.monotonic() - started)
-            return msg
+            return answer
         finally:
             self._pending.pop(token, None)
 
@@ -557,7 +568,7 @@ class Journal:
         send = True
         while True:
             try:
-                msg = await acks.request(token, subject, payload, headers, try_deadline, deadline, send=send)
+                answer = await acks.request(token, subject, payload, headers, try_deadline, deadline, send=send)
             except TimeoutError:
                 uncertain, why = True, "no acknowledgement"
                 attempt += 1
@@ -577,10 +588,10 @@ class Journal:
                     raise typed(exc, f"append to {subject}") from None
                 why = describe(exc)
             else:
-                answer = await self._answer(msg, subject, expected_seq, payload, uncertain)
-                if isinstance(answer, AppendResult):
-                    return answer
-                why = answer
+                result = await self._answer(answer, subject, expected_seq, payload, uncertain)
+                if isinstance(result, AppendResult):
+                    return result
+                why = result
             # Refused at once (not connected, no responders, 5xx): send again after a short pause.
             send = True
             next_try = await _pause(attempt, deadline)
@@ -590,15 +601,15 @@ class Journal:
             try_deadline = next_try
 
     async def _answer(
-        self, msg: Msg, subject: str, expected_seq: int, payload: bytes, uncertain: bool
+        self, answer: bytes, subject: str, expected_seq: int, payload: bytes, uncertain: bool
     ) -> AppendResult | str:
-        """What an answer to an append says: its result, or why the stream refused it for now
-        (to be sent again). A conflict raises AppendConflict, any other refusal LogError.
-        ``uncertain``: an earlier try went unanswered, so a "duplicate" or "wrong last sequence"
-        may be that try, stored: the log tells."""
-        if not msg.data:  # a status: 503 no responders (no leader yet, or no stream)
+        """What an answer to an append (its payload) says: its result, or why the stream refused
+        it for now (to be sent again). A conflict raises AppendConflict, any other refusal
+        LogError. ``uncertain``: an earlier try went unanswered, so a "duplicate" or "wrong last
+        sequence" may be that try, stored: the log tells."""
+        if not answer:  # a status: 503 no responders (no leader yet, or no stream)
             return "no responders: the stream has no leader (an election?) or does not capture the subject"
-        ack = self._decode_ack(msg.data)
+        ack = self._decode_ack(answer)
         if ack.error is None:
             if ack.duplicate and uncertain and await self._stored_as(subject, expected_seq, payload) == ack.seq:
                 return AppendResult(ack.seq, False)  # our own earlier try: this call's success
