@@ -177,6 +177,8 @@ class ProjectionRunner(Generic[M]):
         self._saved_at = 0.0
         self._waiters = Waiters()
         self._dirty = False  # a fold failed halfway: the model must be restored before use
+        self._saver: anyio.abc.TaskGroup | None = None  # where checkpoints taken while following run
+        self._saving = False  # a checkpoint is being taken (in the background)
         self._encode = msgspec.msgpack.Encoder().encode
         # a type chosen at run time: mypy reads a subscript as a static type, and cannot here
         self._decode = msgspec.msgpack.Decoder(_Snapshot[projection.model_type]).decode  # type: ignore[name-defined]
@@ -231,24 +233,26 @@ class ProjectionRunner(Generic[M]):
         task_status.started()
         failures = 0
         try:
-            while True:
-                try:
-                    if self._dirty:
-                        await self.restore()
-                        await self.catch_up()
-                        self._dirty = False
-                    await self._follow()
-                except Exception as exc:
-                    delay = min(_RETRY_FIRST * (1 << min(failures, 8)), _RETRY_CAP)
-                    failures += 1
-                    self.log.warning(
-                        "projection_interrupted", seq=self.seq, error=repr(exc), retry_in=delay,
-                        restore=self._dirty,
-                    )
-                    await anyio.sleep(delay)
-                else:
-                    failures = 0
+            async with anyio.create_task_group() as self._saver:
+                while True:
+                    try:
+                        if self._dirty:
+                            await self.restore()
+                            await self.catch_up()
+                            self._dirty = False
+                        await self._follow()
+                    except Exception as exc:
+                        delay = min(_RETRY_FIRST * (1 << min(failures, 8)), _RETRY_CAP)
+                        failures += 1
+                        self.log.warning(
+                            "projection_interrupted", seq=self.seq, error=repr(exc), retry_in=delay,
+                            restore=self._dirty,
+                        )
+                        await anyio.sleep(delay)
+                    else:
+                        failures = 0
         finally:
+            self._saver = None
             # bounded: a client closing while NATS is unreachable must not hang here
             with anyio.move_on_after(_FINAL_CHECKPOINT, shield=True):
                 if self.seq > self._saved_seq and not self._dirty:
@@ -273,10 +277,26 @@ class ProjectionRunner(Generic[M]):
                 await self._on_effects(effects)
             except Exception as exc:  # an effect failing must not stop the read model
                 self.log.warning("projection_effects_failed", seq=entry.seq, error=repr(exc))
-        if self.seq - self._saved_seq >= self._every and (
-            time.monotonic() - self._saved_at >= self._interval
+        if (
+            not self._saving
+            and self.seq - self._saved_seq >= self._every
+            and time.monotonic() - self._saved_at >= self._interval
         ):
-            await self._checkpoint_quietly()
+            # Taken beside the follower, not in its way: a save waits a round trip (seconds
+            # when the process is saturated), and a follower waiting that long fell a whole
+            # queue behind its feed. The model is encoded as it stands when the save starts.
+            self._saving = True
+            if self._saver is None:
+                await self._checkpoint_in_turn()
+            else:
+                self._saver.start_soon(self._checkpoint_in_turn)
+
+    async def _checkpoint_in_turn(self) -> None:
+        try:
+            if not self._dirty:
+                await self._checkpoint_quietly()
+        finally:
+            self._saving = False
 
     async def _checkpoint_quietly(self) -> None:
         """Checkpoint; a failure is logged and the next one is tried after ``checkpoint_interval``

@@ -208,6 +208,56 @@ async def test_two_workers_of_one_projection_never_double_apply(bb: AsyncBlackbi
     assert restored.encode() == a.encode(scratch)
 
 
+class HeldSaves:
+    """The real checkpoint store, with saves held until ``release`` is set."""
+
+    def __init__(self, inner: NatsCheckpoints) -> None:
+        self._inner = inner
+        self.release = anyio.Event()
+        self.started: list[int] = []
+
+    async def load(self, name: str) -> Any:
+        return await self._inner.load(name)
+
+    async def peek(self, name: str) -> Any:
+        return await self._inner.peek(name)
+
+    async def save(self, name: str, seq: int, data: bytes, token: Any) -> Any:
+        self.started.append(seq)
+        await self.release.wait()
+        return await self._inner.save(name, seq, data, token)
+
+
+@pytest.mark.anyio
+async def test_a_checkpoint_being_saved_does_not_hold_up_the_follower(bb: AsyncBlackbird) -> None:
+    """A save waits a round trip (seconds in a saturated process); the follower goes on folding
+    meanwhile, and the checkpoint holds the model as of the sequence it was taken at."""
+    journal = bb.journal
+    inner = await NatsCheckpoints.open(journal, 1, create=True)
+    assert inner is not None
+    checkpoints = HeldSaves(inner)
+    runner = ProjectionRunner(ActivityProjection(), journal, checkpoints, "bb.>", checkpoint_every=1,
+                              checkpoint_interval=0)
+    async with anyio.create_task_group() as tg:
+        await tg.start(runner.run)
+        await workload(bb, 3)
+        first = await journal.stream_last_seq()
+        await runner.wait_for(first, 10)
+        await workload(bb, 20)  # while the first save is held
+        last = await journal.stream_last_seq()
+        await runner.wait_for(last, 10)
+        assert len(checkpoints.started) == 1 and checkpoints.started[0] < last  # one save at a time
+        checkpoints.release.set()
+        await workload(bb, 1)  # the next commit may start the next save
+        await runner.wait_for(await journal.stream_last_seq(), 10)
+        tg.cancel_scope.cancel()
+    stored = await inner.load("activity")
+    assert stored is not None and stored.seq == runner.seq  # the last save, when it stopped
+    restored = ProjectionRunner(ActivityProjection(), journal, inner, "bb.>")
+    await restored.restore()
+    assert restored.encode() == runner.encode()
+
+
 # --------------------------------------------------------------------------- the API
 
 
