@@ -14,9 +14,11 @@ a member, and an agent always reaches its own ``agent:<id>``).
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import json
 import math
+import operator
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -112,7 +114,7 @@ class AsyncMemory(GraphMemory):
         self.index = index
         self._keys = keys
         self._embedder = embedder
-        self._query_vectors: OrderedDict[tuple[str, str], _PendingVector] = OrderedDict()
+        self._query_vectors: OrderedDict[tuple[str, str], asyncio.Future[np.ndarray]] = OrderedDict()
         self._tasks = tasks
         self._index_started = False
         self._index_starting = anyio.Lock()
@@ -191,30 +193,31 @@ class AsyncMemory(GraphMemory):
             )
         return scope_id(kind, owner)
 
-    async def _embed_query(self, query: str) -> np.ndarray:
-        """The query's vector: embedded once for recalls of the same text close together (an
-        agent's turn recalls its message from several scopes at once), the last few kept."""
+    def _query_vector(self, query: str) -> asyncio.Future[np.ndarray]:
+        """The query's vector, its embedding started now in a worker thread unless a recall of
+        the same text close by started it already (an agent's turn recalls its message from
+        several scopes at once); the last few are kept, a failed one is not.
+
+        Handed to the thread here, before the caller's next await: ``anyio.to_thread.run_sync``
+        hands its job over only after two checkpoints, so a recall's embedding used to start
+        once the in-memory rest of the call was done (1.1 ms into a 5.6 ms recall)."""
         key = (str(getattr(self.embedder, "model_id", "")), query)
-        pending = self._query_vectors.get(key)
-        if pending is None:
-            pending = self._query_vectors[key] = _PendingVector()
-            while len(self._query_vectors) > _QUERY_CACHE:
-                self._query_vectors.popitem(last=False)
-            try:
-                pending.vector = (await anyio.to_thread.run_sync(self.embedder.embed, [query]))[0]
-            except BaseException:
-                self._query_vectors.pop(key, None)  # not kept: the next recall tries again
-                pending.failed = True
-                raise
-            finally:
-                pending.done.set()
-        else:
+        future = self._query_vectors.get(key)
+        if future is not None:
             self._query_vectors.move_to_end(key)
-            await pending.done.wait()
-            if pending.failed:
-                return await self._embed_query(query)
-        assert pending.vector is not None
-        return pending.vector
+            return future
+        future = asyncio.get_running_loop().run_in_executor(None, self.embedder.embed, [query])
+        self._query_vectors[key] = future
+        while len(self._query_vectors) > _QUERY_CACHE:
+            self._query_vectors.popitem(last=False)
+
+        def forget_failure(done: asyncio.Future[np.ndarray]) -> None:
+            # (reading the error also keeps asyncio from logging it when no recall awaits it)
+            if (done.cancelled() or done.exception() is not None) and self._query_vectors.get(key) is done:
+                del self._query_vectors[key]  # the next recall of this text embeds it again
+
+        future.add_done_callback(forget_failure)
+        return future
 
     def _vector(self, text: str, vector: Any) -> np.ndarray:
         if vector is None:
@@ -445,25 +448,19 @@ class AsyncMemory(GraphMemory):
             check_epoch(as_of, "as_of")
         mix = dict(DEFAULT_WEIGHTS, **_check_weights(weights))
         wanted = _check_filters(filters)
-        embedded: list[np.ndarray] = []
-
-        async def embed() -> None:
-            embedded.append(await self._embed_query(query))
-
-        linked: builtins.set[str] = builtins.set()
-        by_graph: list[dict[str, Any]] = []
-        # The query is embedded (the bulk of a recall's time) while the session is looked up,
-        # the scopes are checked, and the keyword and graph sides are searched.
-        with single_error():
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(embed)
-                plan = await self._plan_recall(query, session_id, tenant, scopes, k, bool(wanted), as_of)
-                if plan is not None and mix["graph"]:
-                    _, linked = await self._graph_links(plan.tenant, plan.sids, query, as_of)
-                    by_graph = plan.candidates.by_ids(linked)
+        # The query is embedded in a worker thread (the bulk of a recall's time) while this
+        # task looks up the session, checks the scopes and searches the keyword and graph sides.
+        vector_of_query = self._query_vector(query)
+        plan = await self._plan_recall(query, session_id, tenant, scopes, k, bool(wanted), as_of)
         if plan is None:
             return []
-        vector = embedded[0]
+        linked: builtins.set[str] = builtins.set()
+        by_graph: list[dict[str, Any]] = []
+        if mix["graph"]:
+            _, linked = await self._graph_links(plan.tenant, plan.sids, query, as_of)
+            by_graph = plan.candidates.by_ids(linked)
+        # shielded: a cancelled recall leaves the shared embedding to the others waiting for it
+        vector = (await asyncio.shield(vector_of_query))[0]
         by_vector = await plan.candidates.by_vector(vector, plan.pool)
         found = _rank(by_vector, plan.by_text, vector, wanted, mix, plan.now, k, linked, by_graph)
         if expand and found:
@@ -671,13 +668,20 @@ class _Candidates:
                 if len(scope.past):
                     parts.append((scope.past.rows, scope.past.similarity_at(vector, self._at)))
             for rows, similarity in parts:
-                top = np.argpartition(-similarity, pool)[:pool] if len(similarity) > pool else range(len(similarity))
+                n = len(similarity)
+                top = np.argpartition(-similarity, pool)[:pool] if n > pool else np.arange(n)
+                # plain floats and ints in one go (not a numpy scalar per row)
+                first = len(best)
                 best += [
-                    (-float(similarity[i]), len(best) + n, rows[i])
-                    for n, i in enumerate(top) if similarity[i] != -np.inf
+                    (-value, first + j, rows[i])
+                    for j, (i, value) in enumerate(zip(top.tolist(), similarity[top].tolist(), strict=True))
+                    if value != -math.inf
                 ]
-        best.sort(key=lambda item: item[:2])
+        best.sort(key=_by_similarity)
         return [row for _, _, row in best if row["valid_from"] <= self._at][:pool]
+
+
+_by_similarity = operator.itemgetter(0, 1)  # best first; ties in the order they were found
 
 
 # --------------------------------------------------------------------------- ranking (pure)
@@ -696,11 +700,12 @@ def _rank(
             rows.setdefault(row["memory_id"], row)
             fused[row["memory_id"]] = fused.get(row["memory_id"], 0.0) + 1.0 / (60 + rank + 1)
     best = 2.0 / 61
-    scored: list[tuple[float, str, dict[str, float]]] = []
+    w_similarity, w_keyword, w_recency, w_importance, w_graph = (weights[name] for name in _PARTS)
+    scored: list[tuple[float, str, float, float, float, float]] = []
     metadata: dict[str, dict[str, Any]] = {}
     # one product for every candidate's similarity (not one dot product per row)
     similarities = (
-        np.stack([row["vector"] for row in rows.values()]).astype(np.float32, copy=False) @ query
+        (np.stack([row["vector"] for row in rows.values()]).astype(np.float32, copy=False) @ query).tolist()
         if rows else ()
     )
     for (memory_id, row), similarity in zip(rows.items(), similarities, strict=True):
@@ -708,28 +713,35 @@ def _rank(
             metadata[memory_id] = json.loads(row["metadata"])
             if not _matches(row, metadata[memory_id], wanted):
                 continue
-        similarity = float(similarity)
+        keyword = fused[memory_id] / best
         recency = math.exp(-max(0.0, now - row["valid_from"]) * math.log(2) / RECENCY_HALF_LIFE)
-        parts = {
-            "similarity": similarity, "keyword": fused[memory_id] / best,
-            "recency": recency, "importance": float(row["importance"]),
-            "graph": 1.0 if memory_id in linked else 0.0,
-        }
-        scored.append((sum(weights[name] * value for name, value in parts.items()), memory_id, parts))
+        importance = float(row["importance"])
+        graph = 1.0 if memory_id in linked else 0.0
+        # the parts added in _PARTS order, as sum() over them would
+        score = (0 + w_similarity * similarity + w_keyword * keyword + w_recency * recency
+                 + w_importance * importance + w_graph * graph)
+        scored.append((score, memory_id, similarity, keyword, recency, importance))
     scored.sort(key=lambda item: (-item[0], item[1]))
     out = []
-    for score, memory_id, parts in scored[:k]:
+    for score, memory_id, similarity, keyword, recency, importance in scored[:k]:
         row = rows[memory_id]
+        parts = {
+            "similarity": similarity, "keyword": keyword, "recency": recency, "importance": importance,
+            "graph": 1.0 if memory_id in linked else 0.0,
+        }
         out.append(Memory(
             memory_id=memory_id, text=row["text"], scope=row["scope"], owner=row["owner"],
             author=row["author"], key=row["key"] or None, kind=row["kind"],
-            importance=float(row["importance"]),
+            importance=importance,
             metadata=metadata.get(memory_id) or json.loads(row["metadata"]),
             valid_from=row["valid_from"],
             valid_to=None if math.isinf(row["valid_to"]) else row["valid_to"], sequence=row["seq"],
             score=score, scores=parts,
         ))
     return out
+
+
+_PARTS = ("similarity", "keyword", "recency", "importance", "graph")  # a score's parts, in order
 
 
 def _matches(row: dict[str, Any], metadata: dict[str, Any], wanted: dict[str, Any]) -> bool:
@@ -783,11 +795,3 @@ def _check_memory_text(text: Any, field: str = "text") -> str:
 
 _QUERY_CACHE = 64  # query vectors kept (recent recall texts)
 
-
-class _PendingVector:
-    """A query's vector being computed (or computed): waiters share one embedding."""
-
-    def __init__(self) -> None:
-        self.done = anyio.Event()
-        self.vector: np.ndarray | None = None
-        self.failed = False
