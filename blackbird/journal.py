@@ -165,7 +165,8 @@ class _AckInbox:
             entry[0].set_result(msg.data or b"")  # empty: a status (503 no responders)
 
     def _on_answer(self, subject: bytes, data: bytes) -> None:
-        entry = self._pending.pop(subject[self._prefix_length :].decode(), None)
+        # runs in the client's reader: it must not raise (a token is ASCII; anything else matches none)
+        entry = self._pending.pop(subject[self._prefix_length :].decode("utf-8", "replace"), None)
         if entry is not None and not entry[0].done():
             entry[0].set_result(data)
 
