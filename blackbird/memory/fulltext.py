@@ -115,20 +115,30 @@ class KeywordIndex:
             return {}
         average = corpus.terms / corpus.documents
         out: dict[str, float] = {}
-        lengths, get = self._lengths, out.get  # (the loop below runs once per posting)
+        # The loop below runs once per posting: what does not change within it is computed
+        # once per term or per document, with the same operations in the same order as
+        # idf * tf * (K1 + 1) / (tf + K1 * (1 - B + B * length / average)), so the same floats.
+        lengths, get = self._lengths, out.get
+        k1, b, k1_plus_1 = K1, B, K1 + 1.0
+        norms: dict[str, float] = {}  # doc id -> K1 * (1 - B + B * length / average)
         for term in query_terms:
             postings = self._postings.get(term)
             if not postings:
                 continue
             df = corpus.df[term]
             idf = math.log(1.0 + (corpus.documents - df + 0.5) / (df + 0.5))
-            if average:
-                for doc_id, tf in postings.items():
-                    out[doc_id] = get(doc_id, 0.0) + idf * tf * (K1 + 1.0) / (
-                        tf + K1 * (1.0 - B + B * lengths[doc_id] / average))
-            else:
-                for doc_id, tf in postings.items():
-                    out[doc_id] = get(doc_id, 0.0) + idf * tf * (K1 + 1.0) / (tf + K1)
+            numerators: dict[int, float] = {}  # tf -> idf * tf * (K1 + 1)
+            for doc_id, tf in postings.items():
+                numerator = numerators.get(tf)
+                if numerator is None:
+                    numerator = numerators[tf] = idf * tf * k1_plus_1
+                if average:
+                    norm = norms.get(doc_id)
+                    if norm is None:
+                        norm = norms[doc_id] = k1 * (1.0 - b + b * lengths[doc_id] / average)
+                    out[doc_id] = get(doc_id, 0.0) + numerator / (tf + norm)
+                else:
+                    out[doc_id] = get(doc_id, 0.0) + numerator / (tf + k1)
         return out
 
 
@@ -162,9 +172,10 @@ def search(
     corpus = Corpus(0, 0, {})
     for ix in indexes:
         corpus = corpus + ix.stats(query_terms)
-    scored: dict[str, float] = {}
-    for ix in indexes:
-        for doc_id, score in ix.scores(query_terms, corpus).items():
+    found = [scores for ix in indexes if (scores := ix.scores(query_terms, corpus))]
+    scored: dict[str, float] = found[0] if len(found) == 1 else {}  # (0.0 + a score is that score)
+    for scores in found if len(found) > 1 else ():
+        for doc_id, score in scores.items():
             scored[doc_id] = scored.get(doc_id, 0.0) + score
     if keep is not None:
         scored = {doc_id: score for doc_id, score in scored.items() if keep(doc_id)}
