@@ -1,6 +1,6 @@
-"""Recall's query embedding, on a real nats-server and real LanceDB: started in a worker thread
-beside the rest of the call, shared by recalls of the same text (a cancelled one leaves it to
-the others), never started for bad input, and not kept when it fails."""
+"""Recall's query embedding, on a real nats-server and real LanceDB: done in a worker thread,
+shared by recalls of the same text (a cancelled one leaves it to the others), never started for
+bad input, and not kept when it fails."""
 
 from __future__ import annotations
 
@@ -39,6 +39,11 @@ class GatedEmbedder(HashEmbedder):
             raise EmbedderError("embedding request to test failed: refused", url="test", reason="refused")
         return super().embed(texts)
 
+    def hold(self) -> None:
+        """Hold the next embeddings until ``gate`` is set; ``started`` tells when one began."""
+        self.started.clear()
+        self.gate.clear()
+
     def queries(self, text: str) -> int:
         return sum(call == [text] for call in self.calls)
 
@@ -71,7 +76,7 @@ async def test_recalls_of_one_text_share_its_embedding(gated: tuple[AsyncBlackbi
     async def recall() -> None:
         found.append([m.text for m in await bb.memory.recall("When are the cello lessons?", session_id=sid)])
 
-    embedder.gate.clear()
+    embedder.hold()
     async with anyio.create_task_group() as tg:
         tg.start_soon(recall)
         await anyio.to_thread.run_sync(embedder.started.wait)  # the first one is embedding it
@@ -96,7 +101,7 @@ async def test_a_cancelled_recall_leaves_the_shared_embedding_to_the_others(
         with first:
             await recall()
 
-    embedder.gate.clear()
+    embedder.hold()
     async with anyio.create_task_group() as tg:
         tg.start_soon(cancelled_recall)
         await anyio.to_thread.run_sync(embedder.started.wait)  # it is embedding the query
