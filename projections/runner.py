@@ -19,7 +19,10 @@ commits always give the same model). The runner
   backoff, and the runner never ends by itself (its task group, the client's, lives on).
 
 Effects a fold returns (e.g. abuse alerts) are handed to ``on_effects`` only for commits that
-arrive live: catching up after a restart or rebuilding never repeats them.
+arrive live: catching up after a restart or rebuilding never repeats them. They run beside the
+follower (a few dozen commits' effects at once; one commit's in order), as checkpoints do: an
+effect that appends waits a round trip, and a follower waiting for a thousand of them in a row
+fell a whole queue behind its feed.
 """
 
 from __future__ import annotations
@@ -141,6 +144,7 @@ _RETRY_FIRST = 0.1  # seconds before the first retry after a failure to follow; 
 _RETRY_CAP = 5.0
 _FINAL_CHECKPOINT = 5.0  # seconds the checkpoint taken when the runner stops may take
 _CHECKPOINT_ROUNDS = 5  # compare-and-swap rounds lost to newer checkpoints before giving up
+_EFFECTS_AT_ONCE = 32  # commits whose effects may run at once; beyond that the follower waits
 
 
 class _Snapshot(msgspec.Struct, Generic[M]):
@@ -177,8 +181,10 @@ class ProjectionRunner(Generic[M]):
         self._saved_at = 0.0
         self._waiters = Waiters()
         self._dirty = False  # a fold failed halfway: the model must be restored before use
-        self._saver: anyio.abc.TaskGroup | None = None  # where checkpoints taken while following run
-        self._saving = False  # a checkpoint is being taken (in the background)
+        # where checkpoints taken and effects raised while following run (beside the follower)
+        self._beside: anyio.abc.TaskGroup | None = None
+        self._saving = False  # a checkpoint is being taken (beside the follower)
+        self._effect_slots = anyio.Semaphore(_EFFECTS_AT_ONCE)
         self._encode = msgspec.msgpack.Encoder().encode
         # a type chosen at run time: mypy reads a subscript as a static type, and cannot here
         self._decode = msgspec.msgpack.Decoder(_Snapshot[projection.model_type]).decode  # type: ignore[name-defined]
@@ -233,7 +239,7 @@ class ProjectionRunner(Generic[M]):
         task_status.started()
         failures = 0
         try:
-            async with anyio.create_task_group() as self._saver:
+            async with anyio.create_task_group() as self._beside:
                 while True:
                     try:
                         if self._dirty:
@@ -252,7 +258,7 @@ class ProjectionRunner(Generic[M]):
                     else:
                         failures = 0
         finally:
-            self._saver = None
+            self._beside = None
             # bounded: a client closing while NATS is unreachable must not hang here
             with anyio.move_on_after(_FINAL_CHECKPOINT, shield=True):
                 if self.seq > self._saved_seq and not self._dirty:
@@ -273,10 +279,11 @@ class ProjectionRunner(Generic[M]):
             raise
         self._wake()
         if effects and self._on_effects is not None:
-            try:
-                await self._on_effects(effects)
-            except Exception as exc:  # an effect failing must not stop the read model
-                self.log.warning("projection_effects_failed", seq=entry.seq, error=repr(exc))
+            if self._beside is None:
+                await self._effects(entry.seq, effects)
+            else:
+                await self._effect_slots.acquire()
+                self._beside.start_soon(self._effects, entry.seq, effects, self._effect_slots)
         if (
             not self._saving
             and self.seq - self._saved_seq >= self._every
@@ -286,10 +293,20 @@ class ProjectionRunner(Generic[M]):
             # when the process is saturated), and a follower waiting that long fell a whole
             # queue behind its feed. The model is encoded as it stands when the save starts.
             self._saving = True
-            if self._saver is None:
+            if self._beside is None:
                 await self._checkpoint_in_turn()
             else:
-                self._saver.start_soon(self._checkpoint_in_turn)
+                self._beside.start_soon(self._checkpoint_in_turn)
+
+    async def _effects(self, seq: int, effects: list[Any], slot: anyio.Semaphore | None = None) -> None:
+        assert self._on_effects is not None
+        try:
+            await self._on_effects(effects)
+        except Exception as exc:  # an effect failing must not stop the read model
+            self.log.warning("projection_effects_failed", seq=seq, error=repr(exc))
+        finally:
+            if slot is not None:
+                slot.release()
 
     async def _checkpoint_in_turn(self) -> None:
         try:

@@ -28,7 +28,7 @@ from actors.events import (
 from actors.policy import QuotaType, default_policy
 from actors.session import apply_commit, decide, initial_state
 from blackbird import AsyncBlackbird, BlackbirdSDK, QuotaExceededError, ValidationError
-from blackbird._projections import NatsCheckpoints
+from blackbird._projections import MemoryCheckpoints, NatsCheckpoints
 from projections.activity import Activity, ActivityProjection
 from projections.runner import ProjectionRunner
 
@@ -256,6 +256,54 @@ async def test_a_checkpoint_being_saved_does_not_hold_up_the_follower(bb: AsyncB
     restored = ProjectionRunner(ActivityProjection(), journal, inner, "bb.>")
     await restored.restore()
     assert restored.encode() == runner.encode()
+
+
+class EffectEveryCommit:
+    """The activity fold, with the commit's sequence as an effect of every commit."""
+
+    name = "activity"
+    model_type = Activity
+
+    def __init__(self) -> None:
+        self.inner = ActivityProjection()
+
+    def initial(self) -> Activity:
+        return self.inner.initial()
+
+    def apply(self, model: Activity, seq: int, subject: str, commit: Commit) -> list[Any]:
+        self.inner.apply(model, seq, subject, commit)
+        return [seq]
+
+
+@pytest.mark.anyio
+async def test_effects_being_raised_do_not_hold_up_the_follower(bb: AsyncBlackbird) -> None:
+    """An effect that appends waits a round trip; the follower goes on folding meanwhile, and
+    every live commit's effect is raised once."""
+    journal = bb.journal
+    release, all_raised = anyio.Event(), anyio.Event()
+    raised: list[int] = []
+    expected = [0]
+
+    async def on_effects(effects: list[Any]) -> None:
+        await release.wait()
+        raised.extend(effects)
+        if len(raised) >= expected[0]:
+            all_raised.set()
+
+    runner = ProjectionRunner(EffectEveryCommit(), journal, MemoryCheckpoints(), "bb.>", on_effects=on_effects)
+    async with anyio.create_task_group() as tg:
+        await tg.start(runner.run)
+        start = await journal.stream_last_seq()
+        await workload(bb, 10)  # fewer commits than effects may run at once: none is waited for
+        last = await journal.stream_last_seq()
+        await runner.wait_for(last, 10)
+        assert raised == []
+        expected[0] = last - start
+        release.set()
+        with anyio.fail_after(10):
+            await all_raised.wait()
+        tg.cancel_scope.cancel()
+    assert sorted(raised) == list(range(start + 1, last + 1))
 
 
 # --------------------------------------------------------------------------- the API
