@@ -20,9 +20,9 @@ commits always give the same model). The runner
 
 Effects a fold returns (e.g. abuse alerts) are handed to ``on_effects`` only for commits that
 arrive live: catching up after a restart or rebuilding never repeats them. They run beside the
-follower (a few dozen commits' effects at once; one commit's in order), as checkpoints do: an
+follower (up to 1,024 commits' effects at once; one commit's in order), as checkpoints do: an
 effect that appends waits a round trip, and a follower waiting for a thousand of them in a row
-fell a whole queue behind its feed.
+(an alert for each of a thousand denied sessions) fell a whole queue behind its feed.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ _RETRY_FIRST = 0.1  # seconds before the first retry after a failure to follow; 
 _RETRY_CAP = 5.0
 _FINAL_CHECKPOINT = 5.0  # seconds the checkpoint taken when the runner stops may take
 _CHECKPOINT_ROUNDS = 5  # compare-and-swap rounds lost to newer checkpoints before giving up
-_EFFECTS_AT_ONCE = 32  # commits whose effects may run at once; beyond that the follower waits
+_EFFECTS_AT_ONCE = 1_024  # commits whose effects may run at once; beyond that the follower waits
 
 
 class _Snapshot(msgspec.Struct, Generic[M]):
@@ -282,7 +282,10 @@ class ProjectionRunner(Generic[M]):
             if self._beside is None:
                 await self._effects(entry.seq, effects)
             else:
-                await self._effect_slots.acquire()
+                try:  # (acquire() yields to the loop even when a slot is free: a pass per alert)
+                    self._effect_slots.acquire_nowait()
+                except anyio.WouldBlock:
+                    await self._effect_slots.acquire()
                 self._beside.start_soon(self._effects, entry.seq, effects, self._effect_slots)
         if (
             not self._saving

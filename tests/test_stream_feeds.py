@@ -111,7 +111,7 @@ async def test_a_slow_subscriber_is_let_go_catches_up_alone_rejoins_and_stalls_n
                 await post(bb, s.session_id, ["after", SENTINEL])
                 for stream in (fast, slow):
                     assert [e.text for e in await until_sentinel(stream)] == ["after"]
-    assert any(line["event"] == "stream_feed_overflow" for line in lines)
+    assert any(line["event"] == "stream_feed_overflow" and line["follower"] for line in lines)  # named
 
 
 async def test_a_feed_stops_with_its_last_subscriber_and_a_new_subscriber_starts_another(bb: AsyncBlackbird) -> None:

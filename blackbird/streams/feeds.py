@@ -33,6 +33,11 @@ _YIELD_EVERY = 64  # queued commits a follower takes at least before it lets oth
 _DIRECT_READS = 8  # stream sequences of a follower's history it may read one by one (else a consumer)
 
 
+def _name(on_entry: Callable[..., object]) -> str:
+    """Who a follower is, for the log: its callback's qualified name."""
+    return getattr(on_entry, "__qualname__", type(on_entry).__name__)
+
+
 class _CaughtUp(Exception):
     """Ends a follower's history read: it has reached the feed."""
 
@@ -40,7 +45,8 @@ class _CaughtUp(Exception):
 class _Listener:
     """One follower's place on a feed: the commits handed to it and not yet taken."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, follower: str) -> None:
+        self.follower = follower  # who takes the commits (named in the log when let go)
         self.send: MemoryObjectSendStream[Entry]
         self.receive: MemoryObjectReceiveStream[Entry]
         self.send, self.receive = anyio.create_memory_object_stream[Entry](max_buffer_size=capacity)
@@ -103,7 +109,9 @@ class _Feed:
             except anyio.WouldBlock:
                 listener.overflowed = True
                 self._let_go(listener)
-                self._log.warning("stream_feed_overflow", subject=self.subject, seq=entry.seq)
+                self._log.warning(
+                    "stream_feed_overflow", subject=self.subject, seq=entry.seq, follower=listener.follower
+                )
                 if not self._listeners and not self._scope.cancel_called:
                     # nobody left to hand commits to: a feed kept running would read every
                     # commit again beside the follower's own catch-up
@@ -136,12 +144,14 @@ class LiveFeeds:
         *,
         logger: FilteringBoundLogger | None = None,
         alone: str | None = None,
+        follower: str | None = None,
     ) -> None:
         """What :meth:`Journal.follow_with` does: every commit on ``subject`` with a sequence
         above ``after_seq``, in order, handed to ``on_entry`` (awaited) until cancelled; an
         error ``on_entry`` raises ends it with that error. ``logger`` (context bound) is what
         the feed and this follower report on. ``alone``: the narrower filter the follower reads
-        its history and, once let go, the log with (its ``on_entry`` wants no more than that)."""
+        its history and, once let go, the log with (its ``on_entry`` wants no more than that).
+        ``follower``: its name in the log (by default ``on_entry``'s qualified name)."""
         logger = logger or log
         alone = alone or subject
         last = after_seq  # the last sequence handed on
@@ -150,7 +160,7 @@ class LiveFeeds:
             if feed is None:
                 feed = self._feeds[subject] = _Feed(self._journal, subject, logger, self._over)
                 self._tasks.start_soon(feed.run, name=f"stream feed {subject}")
-            listener = _Listener(self._queue)
+            listener = _Listener(self._queue, follower or _name(on_entry))
             feed.attach(listener)
             try:
                 await feed.ready.wait()
@@ -274,7 +284,7 @@ class SharedLog:
             if matches(entry.subject):
                 await on_entry(entry)
 
-        await self._feeds.follow_with(self._all, after_seq, take, alone=subject_filter)
+        await self._feeds.follow_with(self._all, after_seq, take, alone=subject_filter, follower=_name(on_entry))
 
     def follow(self, subject_filter: str, after_seq: int = 0) -> AsyncIterator[Entry]:
         return self._journal.follow(subject_filter, after_seq)
