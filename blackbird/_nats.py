@@ -12,6 +12,11 @@
   for the acknowledgement of an append, which only completes a future, that is an object, a
   queue and a trip through the event loop per command. A subscription delivered directly has
   its plain messages (no headers) handed to a function by the reader itself.
+* Ordered delivery (:meth:`Connection.deliver_ordered_directly`): the same for the commits an
+  ordered consumer pushes (a live feed of the log: one per host for its followers, one per
+  followed session for streams), with nats-py's ordered-consumer bookkeeping kept; heartbeats,
+  flow control and a gap (which makes nats-py make the consumer again) still take nats-py's way.
+  Measured here: about half of a follower's ~13 µs per commit was that object, queue and trip.
 """
 
 from __future__ import annotations
@@ -26,6 +31,18 @@ _CRLF = b"\r\n"
 DirectHandler = Callable[[bytes, bytes], None]
 """Takes a directly delivered message's subject and payload; must not block or raise."""
 
+OrderedHandler = Callable[[bytes, int, bytes], None]
+"""Takes a directly delivered commit's subject, stream sequence and payload; must not block or raise."""
+
+_ACK = (b"$JS", b"ACK")
+_ORDERED_STATE = ("_dseq", "_sseq", "_active", "_ordered", "track_sequences")  # nats-py's, kept up to date
+
+
+def _core(sub: Subscription) -> Subscription:
+    """The client's own subscription behind ``sub`` (JetStream's push subscription wraps one)."""
+    inner = getattr(sub, "_sub", None)
+    return inner if isinstance(inner, Subscription) else sub
+
 
 class Connection(Client):
     """nats-py's client; header parsing is faster (same result), and a subscription may be
@@ -34,6 +51,9 @@ class Connection(Client):
     def __init__(self) -> None:
         super().__init__()
         self._direct: dict[int, DirectHandler] = {}
+        # by subscription, not sid: nats-py gives an ordered consumer's subscription a new sid
+        # when it makes the consumer again
+        self._ordered: dict[Subscription, OrderedHandler] = {}
 
     def deliver_directly(self, sub: Subscription, handler: DirectHandler) -> None:
         """Hand ``sub``'s messages without headers to ``handler(subject, payload)`` as they are
@@ -41,7 +61,26 @@ class Connection(Client):
         responders") still go to the callback, as do all of them once ``sub`` is unsubscribed."""
         self._direct[sub._id] = handler
 
+    def deliver_ordered_directly(self, sub: Subscription, handler: OrderedHandler) -> bool:
+        """Hand the messages with a payload that ordered consumer ``sub`` delivers in order to
+        ``handler(subject, stream_sequence, payload)`` as they are read, doing the bookkeeping
+        nats-py's own path does (consumer and stream sequences, activity, flow-control count).
+        Heartbeats, flow-control requests, empty messages and one out of order (nats-py then
+        makes the consumer again) still reach ``sub``'s callback. False, and nothing changed,
+        if ``sub`` is not an ordered consumer of the kind this nats-py makes."""
+        core = _core(sub)
+        jsi = getattr(core, "_jsi", None)
+        if jsi is None or not all(hasattr(jsi, name) for name in _ORDERED_STATE) or not jsi._ordered:
+            return False
+        self._ordered[core] = handler
+        return True
+
+    def stop_ordered_delivery(self, sub: Subscription) -> None:
+        self._ordered.pop(_core(sub), None)
+
     async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
+        if self._ordered and data and self._ordered_directly(sid, subject, reply, data):
+            return
         handler = self._direct.get(sid)
         if handler is None or headers or sid not in self._subs:
             if handler is not None and sid not in self._subs:
@@ -52,6 +91,33 @@ class Connection(Client):
         stats["in_msgs"] += 1
         stats["in_bytes"] += len(data)
         handler(subject, data)
+
+    def _ordered_directly(self, sid: int, subject: bytes, reply: bytes, data: bytes) -> bool:
+        sub = self._subs.get(sid)
+        handler = self._ordered.get(sub) if sub is not None else None
+        if handler is None or sub is None:
+            return False
+        tokens = reply.split(b".")
+        if len(tokens) < 9 or (tokens[0], tokens[1]) != _ACK:
+            return False
+        jsi = sub._jsi
+        if jsi is None:  # registered as an ordered consumer's: never
+            return False
+        # nats-py reads the sequences at these places whatever the layout (and we with it)
+        dseq = int(tokens[6])
+        if dseq != jsi._dseq:
+            return False  # out of order: nats-py makes the consumer again
+        stats = self.stats
+        stats["in_msgs"] += 1
+        stats["in_bytes"] += len(data)
+        sub._received += 1
+        jsi._active = True
+        jsi._dseq = dseq + 1
+        jsi._sseq = int(tokens[5])
+        jsi.track_sequences(reply.decode())
+        # the stream sequence as stream_seq() reads it: with a domain, two tokens further on
+        handler(subject, int(tokens[5] if len(tokens) == 9 else tokens[7]), data)
+        return True
 
     @staticmethod
     def _parse_header_lines(raw: bytes) -> dict[str, str]:

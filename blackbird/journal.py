@@ -795,6 +795,49 @@ class Journal:
             await _unsubscribe(sub)
         raise failed[0]
 
+    async def follow_now(self, subject_filter: str, after_seq: int, on_entry: Callable[[Entry], None]) -> None:
+        """Like :meth:`follow_with`, for an ``on_entry`` that does not wait: each commit is
+        decoded and handed on by the client's reader as it is read (see
+        :meth:`blackbird._nats.Connection.deliver_ordered_directly`), with no message object,
+        queue or task hop; what the reader cannot take that way comes through
+        :meth:`follow_with`'s path, in the same order. ``on_entry`` runs in the reader: an
+        error it raises ends the follow with that error."""
+        failed: list[BaseException] = []
+        stop = anyio.Event()
+
+        def take(subject: bytes, seq: int, data: bytes) -> None:
+            if stop.is_set():
+                return
+            try:
+                entry = self._entry_of(seq, subject.decode(), data)
+                if entry is not None:
+                    on_entry(entry)
+            except Exception as exc:  # handed to the following task, not to the reader
+                failed.append(exc)
+                stop.set()
+
+        async def deliver(msg: Msg) -> None:  # nats-py's way: a commit after a new consumer, say
+            try:
+                seq = stream_seq(msg)
+            except Exception as exc:  # not a JetStream delivery: as follow_with, the end
+                failed.append(exc)
+                stop.set()
+                return
+            take(msg.subject.encode(), seq, msg.data or b"")
+
+        sub = await self._subscribe_ordered(subject_filter, after_seq, deliver)
+        nc = self._nc
+        direct = isinstance(nc, Connection) and nc.deliver_ordered_directly(sub, take)
+        try:
+            await stop.wait()
+        finally:
+            stop.set()
+            if direct:
+                assert isinstance(nc, Connection)
+                nc.stop_ordered_delivery(sub)
+            await _unsubscribe(sub)
+        raise failed[0]
+
     async def replay(
         self,
         subject_filter: str,

@@ -1,7 +1,8 @@
 """The host's followers share one feed of the log (blackbird.streams.feeds.SharedLog), on a real
 nats-server: each follower gets exactly the commits of its own filter, once and in order, whether
 it starts at the head, far behind (its history read alone, up to a feed position that is not on
-its filter), or falls a whole queue behind and reads on alone."""
+its filter), or falls a whole queue behind, catches up alone and rejoins; and a live follow taken
+by the client's reader goes on in order across a killed server."""
 
 from __future__ import annotations
 
@@ -124,3 +125,42 @@ async def test_a_follower_a_whole_queue_behind_catches_up_alone_and_rejoins_losi
             held.set()
             await slow.until(await _expected(bb, "bb.acme.session.*", start))
             tg.cancel_scope.cancel()
+
+
+async def test_a_live_follow_taken_by_the_reader_goes_on_in_order_across_a_killed_server(
+    nats_server: NatsServer,
+) -> None:
+    """Journal.follow_now: commits are handed on by the client's reader (the ordered consumer is
+    registered for direct delivery while it runs, and only then); after a SIGKILL and restart the
+    consumer is made again and the follow goes on with every commit once, in order."""
+    async with AsyncBlackbird(nats_url=nats_server.url, tenant="acme", learn=False, detect_abuse=False) as bb:
+        await _load(bb, 2, 2)
+        start = await bb.journal.stream_last_seq()
+        got: list[int] = []
+        grew = anyio.Event()
+
+        def take(entry: Entry) -> None:
+            nonlocal grew
+            got.append(entry.seq)
+            grew.set()
+
+        async def until(seqs: list[int]) -> None:
+            nonlocal grew
+            with anyio.fail_after(20):
+                while len(got) < len(seqs):
+                    grew = anyio.Event()
+                    await grew.wait()
+            assert got == seqs
+
+        nc = bb._nc
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(bb.journal.follow_now, "bb.acme.>", start, take)
+            await _load(bb, 2, 3)
+            await until(await _expected(bb, "bb.acme.>", start))
+            assert len(nc._ordered) == 1 and nc.stats["in_msgs"] > 0  # delivered directly
+            nats_server.kill()
+            nats_server.start()
+            await _load(bb, 2, 3)
+            await until(await _expected(bb, "bb.acme.>", start))
+            tg.cancel_scope.cancel()
+        assert nc._ordered == {}

@@ -91,7 +91,7 @@ class _Feed:
                 self.position = await self._journal.last_seq_of(self.subject)
                 self.ready.set()
                 self._log.debug("stream_feed_started", subject=self.subject, position=self.position)
-                await self._journal.follow_with(self.subject, self.position, self._dispatch)
+                await self._journal.follow_now(self.subject, self.position, self._dispatch)
             except Exception as exc:  # its followers go on by themselves
                 self._log.warning("stream_feed_failed", subject=self.subject, error=repr(exc))
                 self._done(self)
@@ -101,8 +101,8 @@ class _Feed:
                     self._let_go(listener)
                 self.ready.set()
 
-    async def _dispatch(self, entry: Entry) -> None:
-        # no await here: a commit goes to every queue at once, and a full one is let go
+    def _dispatch(self, entry: Entry) -> None:
+        # in the client's reader: a commit goes to every queue at once, and a full one is let go
         for listener in list(self._listeners):
             try:
                 listener.send.send_nowait(entry)
