@@ -104,7 +104,11 @@ class Connection(Client):
         if jsi is None:  # registered as an ordered consumer's: never
             return False
         # nats-py reads the sequences at these places whatever the layout (and we with it)
-        dseq = int(tokens[6])
+        try:
+            dseq, sseq = int(tokens[6]), int(tokens[5])
+            seq = sseq if len(tokens) == 9 else int(tokens[7])  # as stream_seq(): a domain shifts it
+        except ValueError:
+            return False  # not a delivery's reply: nats-py's way, as before
         if dseq != jsi._dseq:
             return False  # out of order: nats-py makes the consumer again
         stats = self.stats
@@ -113,10 +117,9 @@ class Connection(Client):
         sub._received += 1
         jsi._active = True
         jsi._dseq = dseq + 1
-        jsi._sseq = int(tokens[5])
+        jsi._sseq = sseq
         jsi.track_sequences(reply.decode())
-        # the stream sequence as stream_seq() reads it: with a domain, two tokens further on
-        handler(subject, int(tokens[5] if len(tokens) == 9 else tokens[7]), data)
+        handler(subject, seq, data)
         return True
 
     @staticmethod
