@@ -40,6 +40,7 @@ from blackbird.server.access import AccessFile, IssuedCredential
 from blackbird.server.embedded import EmbeddedServer
 from blackbird.sessions.api_keys import USE_RECORD_INTERVAL
 
+from .clock import Clock
 from .conftest import NatsServer, serving_http
 
 BASE = default_policy()
@@ -238,13 +239,6 @@ def test_the_book_indexes_keys_of_every_tenant_and_keeps_the_newest_state() -> N
 
 
 # --------------------------------------------------------------------------- on a real server
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

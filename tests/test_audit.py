@@ -31,22 +31,19 @@ from blackbird import (
 )
 from blackbird.audit.replay import Auditor, AuditReport
 
+from .clock import Clock
 from .conftest import NatsServer
+
+
+def whole_seconds() -> Clock:
+    """A clock at a whole second, so an instant survives the trip through a datetime or an ISO
+    string exactly."""
+    return Clock(float(int(time.time())))
+
 
 pytestmark = pytest.mark.anyio
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-class Clock:
-    """A clock the test moves by hand (actors decide with it; nothing sleeps). Whole seconds,
-    so an instant survives the trip through a datetime or an ISO string exactly."""
-
-    def __init__(self) -> None:
-        self.now = float(int(time.time()))
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Point(msgspec.Struct):
@@ -104,7 +101,7 @@ def remaining(state: dict[str, Any], operation: str, window: str, default: int) 
 async def test_session_replayed_to_each_sequence_equals_what_the_api_reported_then(
     nats_server: NatsServer,
 ) -> None:
-    clock = Clock()
+    clock = whole_seconds()
     async with AsyncBlackbird(nats_url=nats_server.url, tenant="acme", clock=clock) as bb:
         points = await build_history(bb, clock)
         middle = points[len(points) // 2]
@@ -135,7 +132,7 @@ async def test_session_replayed_to_each_sequence_equals_what_the_api_reported_th
 async def test_replay_up_to_an_instant_uses_the_tenant_policy_in_force_then(
     nats_server: NatsServer,
 ) -> None:
-    clock = Clock()
+    clock = whole_seconds()
     t0 = clock.now
     async with AsyncBlackbird(nats_url=nats_server.url, tenant="acme", clock=clock) as bb:
         sm = bb.session_manager
@@ -189,7 +186,7 @@ async def test_replay_up_to_an_instant_uses_the_tenant_policy_in_force_then(
 
 
 async def test_timeline_shows_refusals_with_their_numbers(nats_server: NatsServer) -> None:
-    clock = Clock()
+    clock = whole_seconds()
     async with AsyncBlackbird(nats_url=nats_server.url, tenant="acme", clock=clock) as bb:
         points = await build_history(bb, clock)
         report = await bb.audit.replay(session_id="s1")
@@ -386,7 +383,7 @@ async def run_cli(*args: str) -> tuple[int, str, str]:
 
 
 async def test_cli_audit_prints_the_timeline_as_json_and_text(nats_server: NatsServer) -> None:
-    clock = Clock()
+    clock = whole_seconds()
     url = nats_server.url
     async with AsyncBlackbird(nats_url=url, tenant="acme", clock=clock) as bb:
         points = await build_history(bb, clock)

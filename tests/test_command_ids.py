@@ -36,21 +36,12 @@ from actors.ports import AggregateKey
 from actors.session import SessionState, apply_commands
 from blackbird import AsyncBlackbird, CommandIdReusedError, RateLimitError
 
+from .clock import Clock
 from .conftest import NatsServer
 
 pytestmark = pytest.mark.anyio
 
 DEADLINE = 20.0  # only against hangs; the old behaviour failed with concurrency_conflict, not slowly
-
-
-class Clock:
-    """A clock the test moves by hand (actors decide with it; nothing sleeps)."""
-
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def command_ids(bb: AsyncBlackbird, tenant: str, session_id: str) -> list[str]:

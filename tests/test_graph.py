@@ -12,25 +12,16 @@ from actors.events import EntityNoted, RelationEnded, RelationStated
 from blackbird import AsyncBlackbird
 from blackbird.errors import ScopeAccessError, SessionNotFoundError, ValidationError
 
+from .clock import Clock
 from .conftest import NatsServer
 from .embedders import HashEmbedder
 
 pytestmark = pytest.mark.anyio
 
 
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, now: float = 1_800_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(1_800_000_000.0)
 
 
 @pytest.fixture

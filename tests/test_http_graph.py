@@ -13,6 +13,7 @@ import pytest
 
 from blackbird import AsyncBlackbird
 
+from .clock import Clock
 from .conftest import NatsServer, serving_http
 from .embedders import HashEmbedder
 
@@ -23,17 +24,9 @@ GLOBEX = "globex-bootstrap-token-01"
 TOKENS = {ACME: "acme", GLOBEX: "globex"}
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(1_800_000_000.0)
 
 
 @pytest.fixture

@@ -15,24 +15,13 @@ import pytest
 
 from blackbird import AsyncBlackbird, QuotaExceededError
 
+from .clock import Clock
 from .conftest import NatsServer, serving_http
 from .test_streams import SENTINEL, TOKENS, post, sse_events, sse_until_sentinel, take
 
 pytestmark = pytest.mark.anyio
 
 ADMIN = {"Authorization": f"Bearer {next(iter(TOKENS))}"}  # a bootstrap token: admin of acme
-
-
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        import time
-
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -42,6 +41,7 @@ from actors.events import (
 from actors.ports import AggregateKey
 from blackbird import AsyncBlackbird, QuotaExceededError, RateLimitError
 
+from .clock import Clock
 from .conftest import TEST_MASTER_KEY, NatsServer
 
 pytestmark = pytest.mark.anyio
@@ -351,16 +351,6 @@ async def test_two_hosts_admit_is_all_or_nothing(
 
 
 # --------------------------------------------------------------------------- crashes and retries
-
-
-class Clock:
-    """A clock the test sets; actors decide with it."""
-
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def test_a_killed_holders_slot_expires(

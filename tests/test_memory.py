@@ -4,7 +4,6 @@ retention, dedup, supersede and as_of, eviction, storage quota, rebuild, bad inp
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from blackbird.errors import PayloadTooLargeError
 from blackbird.memory.index import MemoryIndex
 from blackbird.memory.service import EmbeddingModelMismatchError, ScopeAccessError
 
+from .clock import Clock
 from .conftest import NatsServer
 
 pytestmark = pytest.mark.anyio
@@ -79,14 +79,6 @@ FACTS = [
     ("I am training for the Berlin marathon in September.", "Which race am I preparing for?"),
     ("The legal team requires two approvals for any contract.", "How many sign-offs does a contract need?"),
 ]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def test_the_right_memory_is_in_the_top_three_for_paraphrased_questions(bb: AsyncBlackbird) -> None:

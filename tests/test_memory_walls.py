@@ -10,7 +10,6 @@ of one tenant write into the other's group.
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from typing import NamedTuple
 
@@ -18,22 +17,13 @@ import pytest
 
 from blackbird import AsyncBlackbird, SessionNotFoundError
 
+from .clock import Clock
 from .conftest import NatsServer
 
 pytestmark = pytest.mark.anyio
 
 GROUP = "group:research"
 SCOPES = ["user", "tenant", GROUP]
-
-
-class Clock:
-    """The actors' clock, moved by hand between writes."""
-
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Walls(NamedTuple):

@@ -15,22 +15,13 @@ import pytest
 from actors.ports import AggregateKey
 from blackbird import AsyncBlackbird, QuotaType
 
+from .clock import Clock
 from .conftest import NatsServer
 
 pytestmark = pytest.mark.anyio
 
 PASSIVATE_AFTER = 0.3  # seconds idle before the host drops an actor (checked every quarter of it)
 DROPPED_WITHIN = 5.0  # seconds we wait for it at most
-
-
-class Clock:
-    """The actors' clock, moved by hand (so the state compared does not move with time)."""
-
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def _wait_for_active(bb: AsyncBlackbird, wanted: int) -> float:

@@ -28,19 +28,10 @@ from blackbird import (
 )
 from blackbird.errors import ReservationNotFoundError
 
+from .clock import Clock
 from .conftest import NatsServer
 
 pytestmark = pytest.mark.anyio
-
-
-class Clock:
-    """A clock the test moves by hand (actors decide with it; nothing sleeps)."""
-
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def events_of(bb: AsyncBlackbird, tenant: str, session_id: str) -> list[object]:

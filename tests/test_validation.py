@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,7 @@ from blackbird import (
 from blackbird._validate import check_metadata
 from blackbird.commands.dispatch import CREATION_GRACE, LocalDispatcher, ask_or_raise
 
+from .clock import Clock
 from .conftest import NatsServer, new_id, serving_http
 
 pytestmark = pytest.mark.anyio
@@ -318,16 +318,6 @@ async def test_a_refused_creation_leaves_the_users_count_as_it_was(host: AsyncBl
         await sm.create_session("u7", tier="free")
     for _ in range(limit):
         await sm.create_session("u8", tier="free")  # u8 lost nothing to the refused creation
-
-
-class Clock:
-    """A clock the test moves by hand (actors decide with it; nothing sleeps)."""
-
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def test_a_creation_still_in_flight_keeps_its_place_and_one_that_never_came_keeps_it_for_a_while(
